@@ -1,0 +1,77 @@
+//! 16550 UART on COM1 (vm-superio), interrupt through an irqfd, output to any writer.
+
+use std::io::Write;
+
+use super::EventFdTrigger;
+use crate::bus::BusDevice;
+use vmm_sys_util::eventfd::EventFd;
+
+pub struct Serial {
+    inner: vm_superio::Serial<EventFdTrigger, vm_superio::serial::NoEvents, Box<dyn Write + Send>>,
+}
+
+impl Serial {
+    /// `irq` is signalled when the UART raises its interrupt (the VMM registers it as an irqfd).
+    pub fn new(irq: EventFd, out: Box<dyn Write + Send>) -> Self {
+        Serial {
+            inner: vm_superio::Serial::new(EventFdTrigger(irq), out),
+        }
+    }
+
+    /// Queue bytes for the guest to read (console input).
+    pub fn enqueue_input(&mut self, bytes: &[u8]) -> usize {
+        self.inner.enqueue_raw_bytes(bytes).unwrap_or(0)
+    }
+}
+
+impl BusDevice for Serial {
+    fn read(&mut self, offset: u64, data: &mut [u8]) {
+        data.fill(0);
+        if let (Ok(off), Some(first)) = (u8::try_from(offset), data.first_mut()) {
+            *first = self.inner.read(off);
+        }
+    }
+
+    fn write(&mut self, offset: u64, data: &[u8]) {
+        let (Ok(off), Some(&value)) = (u8::try_from(offset), data.first()) else {
+            return;
+        };
+        if let Err(e) = self.inner.write(off, value) {
+            // Output errors (a closed stdout, a full disk) must not stop the guest.
+            tracing::debug!("serial write failed: {e:?}");
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::sync::{Arc, Mutex};
+
+    #[derive(Clone, Default)]
+    struct Sink(Arc<Mutex<Vec<u8>>>);
+    impl Write for Sink {
+        fn write(&mut self, b: &[u8]) -> std::io::Result<usize> {
+            self.0.lock().unwrap().extend_from_slice(b);
+            Ok(b.len())
+        }
+        fn flush(&mut self) -> std::io::Result<()> {
+            Ok(())
+        }
+    }
+
+    #[test]
+    fn transmits_bytes_written_to_thr() {
+        let sink = Sink::default();
+        let mut s = Serial::new(EventFd::new(0).unwrap(), Box::new(sink.clone()));
+        for b in b"hi" {
+            s.write(0, &[*b]);
+        }
+        assert_eq!(&*sink.0.lock().unwrap(), b"hi");
+        // Out-of-range offsets are ignored, not a panic.
+        s.write(0x1_0000, &[1]);
+        let mut d = [0u8; 4];
+        s.read(5, &mut d);
+        assert_ne!(d[0] & 0x20, 0, "THR empty bit set in LSR");
+    }
+}

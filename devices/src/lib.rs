@@ -1,0 +1,10 @@
+//! Device models for daxvisor.
+//!
+//! Devices move bytes and requests; they know nothing of leases or KVM. The VMM places them on a [`bus::Bus`]
+//! (port I/O or MMIO) and dispatches vCPU exits to them.
+//!
+//! - [`bus`]: address-range dispatch for port I/O and MMIO exits.
+//! - [`legacy`]: the 16550 serial port and the exit/reset ports that end the VM.
+
+pub mod bus;
+pub mod legacy;

@@ -1,0 +1,10 @@
+//! Wire formats shared by daxvisor and the code that runs inside its guests.
+//!
+//! `no_std`, no allocation, little-endian fixed layouts, so the freestanding test guest, the Linux guest agent
+//! and the VMM all speak exactly the same bytes.
+//!
+//! - [`boot`]: the boot ABI between daxvisor and the freestanding test guest (entry state, boot-info block,
+//!   exit port).
+#![no_std]
+
+pub mod boot;

@@ -1,0 +1,2 @@
+//! daxvisor: a KVM VMM giving guests file-backed persistent memory with layout leases.
+pub mod layout;
