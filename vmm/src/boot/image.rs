@@ -52,7 +52,7 @@ fn elf_has_section(b: &[u8], name: &[u8]) -> Option<bool> {
         return Some(false);
     }
     let sh = |i: usize| shoff.checked_add(i.checked_mul(shentsize)?);
-    let strtab = usize::try_from(u64le(b, sh(shstrndx)? + 0x18)?).ok()?;
+    let strtab = usize::try_from(u64le(b, sh(shstrndx)?.checked_add(0x18)?)?).ok()?;
     for i in 0..shnum {
         let name_off = usize::try_from(u32le(b, sh(i)?)?).ok()?;
         let start = strtab.checked_add(name_off)?;
