@@ -82,6 +82,7 @@ pub(super) fn validate_devices(devices: &[VirtioMmioAcpi]) -> Result<(), AcpiErr
 /// Builds the DSDT; `devices` must have passed [`validate_devices`].
 pub(super) fn build(devices: &[VirtioMmioAcpi]) -> Sdt {
     let mut body = Vec::new();
+    s5(&mut body);
     com1(&mut body);
     i8042(&mut body);
     for (index, d) in devices.iter().enumerate() {
@@ -115,6 +116,13 @@ fn virtio_mmio(index: usize, d: &VirtioMmioAcpi, sink: &mut Vec<u8>) {
     let crs = Name::new("_CRS".into(), &crs);
     let path = format!("_SB_.VR{index:02}");
     Device::new(path.as_str().into(), vec![&hid, &uid, &cca, &crs]).to_aml_bytes(sink);
+}
+
+/// `\_S5_`: soft-off, with the sleep type the sleep control register (devices::legacy::acpi_sleep) acts on.
+fn s5(sink: &mut Vec<u8>) {
+    let typ = daxvisor_devices::legacy::acpi_sleep::S5_SLEEP_TYPE;
+    let package = aml::Package::new(vec![&typ]);
+    Name::new("_S5_".into(), &package).to_aml_bytes(sink);
 }
 
 /// `\_SB.COM1`: the 16550 at 0x3f8 on IRQ 4.

@@ -18,6 +18,8 @@
 //!   controller firmware-absent and only finds it through PNP); VGA not present; MSI not supported and PCIe ASPM
 //!   controls off (there is no PCI bus at all); CMOS RTC not present (nothing answers at ports 0x70/0x71; drop
 //!   this bit if an RTC is ever added).
+//! - SLEEP_CONTROL_REG / SLEEP_STATUS_REG at ports 0x600/0x601 with `_S5_` in the DSDT: the hardware-reduced
+//!   way to power off; without them a guest's `poweroff` halts its CPUs and the VM never ends.
 //! - No FACS: optional on hardware-reduced platforms (it only serves firmware waking vectors and the global
 //!   lock, neither of which exist here).
 //! - Hypervisor Vendor Identity "DAXVISOR" tells the guest who built the tables.
@@ -25,6 +27,8 @@
 use acpi_tables::fadt::{FADTBuilder, Flags};
 use acpi_tables::gas::{AccessSize, AddressSpace, GAS};
 use acpi_tables::Aml;
+
+use daxvisor_devices::legacy::acpi_sleep::SLEEP_CONTROL_PORT;
 
 use super::{OEM_ID, OEM_REVISION};
 
@@ -57,6 +61,21 @@ pub(super) fn build(dsdt_addr: u64) -> Vec<u8> {
         u64::from(RESET_PORT),
     );
     fadt.reset_value = RESET_VALUE;
+    // Hardware-reduced power-off: SLP_TYP/SLP_EN go to the sleep control register (devices::legacy::acpi_sleep).
+    fadt.sleep_control_reg = GAS::new(
+        AddressSpace::SystemIo,
+        8,
+        0,
+        AccessSize::ByteAccess,
+        u64::from(SLEEP_CONTROL_PORT),
+    );
+    fadt.sleep_status_reg = GAS::new(
+        AddressSpace::SystemIo,
+        8,
+        0,
+        AccessSize::ByteAccess,
+        u64::from(SLEEP_CONTROL_PORT + 1),
+    );
     fadt.iapc_boot_arch = (IAPC_LEGACY_DEVICES
         | IAPC_8042
         | IAPC_VGA_NOT_PRESENT
