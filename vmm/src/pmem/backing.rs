@@ -120,6 +120,10 @@ pub struct Backing {
     mmap_flags: libc::c_int,
     dev_dax: Option<DevDaxInfo>,
     host_addr: NonNull<u8>,
+    /// This open created the file (create=on).
+    created: bool,
+    /// This open extended the file from this length (create=on).
+    extended_from: Option<u64>,
 }
 
 // SAFETY: Backing owns its mapping; the raw pointer is only an address handed to KVM and never dereferenced by
@@ -211,6 +215,7 @@ impl Backing {
                 return Err(e);
             }
         };
+        let was_created = created.is_armed();
         created.keep();
 
         let backing = Backing {
@@ -225,6 +230,8 @@ impl Backing {
             mmap_flags: mapping.flags,
             dev_dax,
             host_addr: mapping.addr,
+            created: was_created,
+            extended_from: (size > avail_len && !was_created).then_some(avail_len),
         };
         tracing::info!(
             id = %backing.id,
@@ -310,6 +317,23 @@ impl Backing {
             memory_size: self.size,
             userspace_addr: self.host_addr(),
             readonly: self.readonly,
+        }
+    }
+
+    /// Undo what `create=on` did, for a VM start that failed before the guest ran: unmap, then remove the file
+    /// if this open created it, or give it back its old length if this open extended it.
+    pub fn undo_create(self) {
+        let (path, created, extended_from) = (self.path.clone(), self.created, self.extended_from);
+        let file = self.file.try_clone();
+        drop(self);
+        if created {
+            if let Err(e) = std::fs::remove_file(&path) {
+                tracing::warn!(path = %path.display(), "cannot remove the pmem file created for a failed start: {e}");
+            }
+        } else if let (Some(len), Ok(f)) = (extended_from, file) {
+            if let Err(e) = f.set_len(len) {
+                tracing::warn!(path = %path.display(), "cannot restore the length of the pmem file: {e}");
+            }
         }
     }
 

@@ -5,6 +5,7 @@
 //! - [`request`]: parsing an untrusted descriptor chain into a request.
 //! - [`flush`]: the [`Flush`] trait the VMM's backing implements and the coalescing worker thread.
 //! - [`metrics`]: counters and the latency histogram.
+//! - [`readonly`]: drops and counts guest writes to a `readonly=on` window.
 //!
 //! The device never sees the file: it calls a [`Flush`] object the VMM built for the backing kind (fdatasync
 //! for page-cache files, nothing for MAP_SYNC or device-DAX), so file policy stays in the VMM.
@@ -12,11 +13,13 @@
 pub mod device;
 pub mod flush;
 pub mod metrics;
+pub mod readonly;
 pub mod request;
 
 pub use device::{Pmem, PmemConfig};
 pub use flush::{Flush, FlushPolicy, FlushWorker};
 pub use metrics::{PmemMetrics, PmemMetricsSnapshot};
+pub use readonly::ReadonlyWindow;
 
 /// virtio-pmem device id.
 pub const VIRTIO_ID_PMEM: u32 = 27;
