@@ -76,8 +76,11 @@ where
         status,
     };
 
+    // The response follows the request: never write a status into the first (request) descriptor, even when
+    // the guest marked it writable.
     let status = descs
         .iter()
+        .skip(1)
         .find(|d| d.is_write_only())
         .filter(|d| d.len() >= FIELD_LEN && in_memory(mem, d))
         .map(|d| d.addr());
@@ -208,7 +211,11 @@ mod tests {
         // Wrong direction.
         assert_eq!(
             err(parse_chain(&[d(REQ, 4, W), d(RESP, 4, W)], 0)),
-            (RequestError::RequestWritable, Some(GuestAddress(REQ)))
+            (RequestError::RequestWritable, s)
+        );
+        assert_eq!(
+            err(parse_chain(&[d(REQ, 4, W), d(RESP, 4, 0)], 0)),
+            (RequestError::RequestWritable, None)
         );
         assert_eq!(
             err(parse_chain(&[d(REQ, 4, 0), d(RESP, 4, 0)], 0)),
