@@ -1099,6 +1099,15 @@ mod tests {
         let (r, logs) = logs_of(|| flush.flush());
         assert!(r.is_err(), "the guest gets EIO, the VMM lives");
         assert!(logs.contains("shrank"), "{logs}");
+        // Growing it back does not bring the lost data back: the failure sticks.
+        std::fs::OpenOptions::new()
+            .write(true)
+            .open(&p)
+            .unwrap()
+            .set_len(4 * MIB)
+            .unwrap();
+        assert!(b.check_not_shrunk().is_ok());
+        assert!(flush.flush().is_err());
     }
 
     /// Root bypasses file permissions, so the check runs in a child process of this test binary as nobody.

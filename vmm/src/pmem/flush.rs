@@ -10,7 +10,9 @@
 //! | readonly=on / discard_writes=on | nothing               | the file is never written                         |
 //!
 //! Every flush first checks the file did not shrink under the VM; if it did, the guest gets EIO (its data past
-//! the new end is gone) and the host log says so.
+//! the new end is gone) and the host log says so. Failure is sticky: after a shrink or a failed fdatasync every
+//! later flush fails too, because a later fdatasync that succeeds says nothing about the pages whose writeback
+//! already failed (the kernel reports such an error once) - answering OK would be a lie about durability.
 
 use std::fs::File;
 use std::io;
@@ -48,7 +50,8 @@ pub struct BackingFlush {
     size: u64,
     check_shrink: bool,
     action: FlushAction,
-    shrink_reported: AtomicBool,
+    /// Set by the first shrink or fdatasync error; never cleared.
+    failed: AtomicBool,
 }
 
 impl BackingFlush {
@@ -61,7 +64,7 @@ impl BackingFlush {
             size: b.size(),
             check_shrink: b.dev_dax().is_none(),
             action,
-            shrink_reported: AtomicBool::new(false),
+            failed: AtomicBool::new(false),
         })
     }
 
@@ -72,23 +75,35 @@ impl BackingFlush {
 
 impl Flush for BackingFlush {
     fn flush(&self) -> io::Result<()> {
+        if self.failed.load(Ordering::Acquire) {
+            return Err(io::Error::other(
+                "an earlier flush of this backing failed; durability can no longer be promised",
+            ));
+        }
         if self.check_shrink {
             let len = self.file.metadata()?.len();
             if len < self.size {
-                if !self.shrink_reported.swap(true, Ordering::Relaxed) {
-                    tracing::error!(
-                        path = %self.path.display(),
-                        "pmem backing file shrank to {len} bytes under the running VM (guest sees {}); answering flushes with EIO",
-                        self.size
-                    );
-                }
+                self.failed.store(true, Ordering::Release);
+                tracing::error!(
+                    path = %self.path.display(),
+                    "pmem backing file shrank to {len} bytes under the running VM (guest sees {}); answering flushes with EIO from now on",
+                    self.size
+                );
                 return Err(io::Error::other("backing file shrank under the VM"));
             }
         }
-        match self.action {
+        let result = match self.action {
             // sync_data is fdatasync(2) and retries on EINTR.
             FlushAction::Fdatasync => self.file.sync_data(),
             FlushAction::Nothing => Ok(()),
+        };
+        if let Err(e) = &result {
+            self.failed.store(true, Ordering::Release);
+            tracing::error!(
+                path = %self.path.display(),
+                "fdatasync of pmem backing failed: {e}; answering flushes with EIO from now on"
+            );
         }
+        result
     }
 }
