@@ -7,6 +7,17 @@
 //!
 //! Adding a device is a new model implementing [`VirtioDevice`]; the transport, ioeventfd/irqfd plumbing and
 //! event-loop registration are shared.
+//!
+//! # Registering a device (what `DeviceManager::add_virtio_device` in the VMM does)
+//! 1. `let t = MmioTransport::new(guest_ram.clone(), Box::new(device))?;` (guest RAM only, no pmem windows).
+//! 2. Take a virtio-mmio window `(base, irq)` and `vm.register_irqfd(t.irqfd(), irq)`.
+//! 3. For each `q` in `t.queue_notify_fds()`:
+//!    `vm.register_ioevent(q.fd, &IoEventAddress::Mmio(base + q.offset), q.datamatch)` (datamatch is a `u32`,
+//!    so KVM matches 4-byte writes of the queue index).
+//! 4. `let t = Arc::new(Mutex::new(t));` insert `t.clone()` on the MMIO bus at `[base, base + window)`.
+//! 5. Add `MmioSubscriber::new(t)` to the event loop's `EventManager`; its `init` registers the queue EventFds
+//!    (and any host-side fds of the device). This is done once at VM build time; nothing is re-registered when
+//!    the driver activates or resets the device.
 
 pub mod device;
 pub mod interrupt;
