@@ -81,6 +81,8 @@ pub struct MmioTransport {
     interrupt: Arc<IrqfdInterrupt>,
     queues: Vec<Queue>,
     queue_evts: Vec<EventFd>,
+    /// Ready queues notified before DRIVER_OK, replayed at activation.
+    early_notify: Vec<bool>,
     queue_select: u32,
     device_features_select: u32,
     driver_features_select: u32,
@@ -115,6 +117,7 @@ impl MmioTransport {
             device,
             mem,
             interrupt: Arc::new(IrqfdInterrupt::new().map_err(TransportError::EventFd)?),
+            early_notify: vec![false; queues.len()],
             queues,
             queue_evts,
             queue_select: 0,
@@ -200,6 +203,7 @@ impl MmioTransport {
         for q in &mut self.queues {
             q.reset();
         }
+        self.early_notify.fill(false);
         // Drain notifications the driver sent before the reset so they are not taken for new ones.
         for evt in &self.queue_evts {
             let _ = evt.read();
@@ -282,7 +286,17 @@ impl MmioTransport {
             .device
             .activate(self.mem.clone(), self.interrupt.clone(), queues)
         {
-            Ok(()) => self.activated = true,
+            Ok(()) => {
+                self.activated = true;
+                // Replay kicks that came before DRIVER_OK through the event loop, where queues are processed.
+                for (i, early) in self.early_notify.iter_mut().enumerate() {
+                    if std::mem::take(early) {
+                        if let Err(e) = self.queue_evts[i].write(1) {
+                            tracing::warn!("cannot replay queue {i} notification: {e}");
+                        }
+                    }
+                }
+            }
             Err(e) => self.set_needs_reset(&e),
         }
     }
@@ -292,11 +306,20 @@ impl MmioTransport {
         if self.status & status::DEVICE_NEEDS_RESET != 0 {
             return;
         }
+        let ready = self.queues.get(index).is_some_and(|q| q.ready());
         if !self.activated {
-            self.set_needs_reset(&format_args!("queue {index} notified before DRIVER_OK"));
+            if ready && self.status & status::FEATURES_OK != 0 {
+                // A configured, ready queue kicked just before DRIVER_OK (some drivers fill receive queues in
+                // probe): the device must not consume it yet (virtio 1.2, 2.1.2), so keep it for activation.
+                self.early_notify[index] = true;
+                return;
+            }
+            self.set_needs_reset(&format_args!(
+                "queue {index} notified before it was ready and DRIVER_OK was set"
+            ));
             return;
         }
-        if !self.queues.get(index).is_some_and(|q| q.ready()) {
+        if !ready {
             self.set_needs_reset(&format_args!("queue {index} notified but not ready"));
             return;
         }
@@ -821,6 +844,24 @@ mod tests {
         wr(&mut t, reg::STATUS, 0);
         wr(&mut t, reg::QUEUE_NOTIFY, 99);
         assert_ne!(t.status() & status::DEVICE_NEEDS_RESET, 0);
+
+        // A ready queue kicked between FEATURES_OK and DRIVER_OK is held, then replayed at activation.
+        wr(&mut t, reg::STATUS, 0);
+        negotiate(&mut t, 1 << 32);
+        setup_queue(&mut t, 0, 0x1_0000);
+        t.queue_notified(0);
+        assert_eq!(t.status() & status::DEVICE_NEEDS_RESET, 0);
+        assert_eq!(
+            processed.load(Ordering::SeqCst),
+            1,
+            "not consumed before DRIVER_OK"
+        );
+        wr(&mut t, reg::STATUS, ALL_OK);
+        assert_eq!(
+            t.queue_evts[0].read().unwrap(),
+            1,
+            "replayed through the eventfd"
+        );
 
         let fds = t.queue_notify_fds();
         assert_eq!(fds.len(), 2);
