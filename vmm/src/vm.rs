@@ -184,6 +184,7 @@ pub fn run(config: &VmConfig) -> Result<VmExit, StartError> {
 
     let loop_result = event_loop.run();
     vcpu::stop_all(&state, threads);
+    pmem_regions.iter().for_each(pmem::PmemRegion::log_summary);
     if let Err(e) = loop_result {
         return Ok(VmExit::VmmError(e.to_string()));
     }

@@ -70,6 +70,19 @@ impl PmemRegion {
     pub fn id(&self) -> &str {
         self.backing.id()
     }
+
+    /// One info line with the device's counters (at VM end; the metrics endpoint will export the same).
+    pub fn log_summary(&self) {
+        let m = self.metrics.snapshot();
+        tracing::info!(
+            id = %self.id(),
+            requests = m.requests,
+            syncs = m.syncs,
+            errors = m.errors,
+            readonly_writes_dropped = m.readonly_writes_dropped,
+            "pmem counters"
+        );
+    }
 }
 
 /// Guest physical placement: each window aligned to 2 MiB (or the device-DAX alignment, so the host can map it
