@@ -175,6 +175,13 @@ impl Backing {
         check_type(&path, &meta)?;
 
         let (kind, dev_dax) = detect_kind(&path, &file, &meta, sysfs)?;
+        if dev_dax.is_some() && cfg.discard_writes {
+            // The device-DAX driver only allows shared mappings.
+            return Err(BackingError::DevDax {
+                path,
+                what: "cannot be mapped copy-on-write (discard_writes=on)".into(),
+            });
+        }
         let avail_len = match dev_dax {
             Some(d) => d.size,
             None => meta.len(),
