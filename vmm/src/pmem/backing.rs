@@ -1232,5 +1232,45 @@ mod tests {
         assert!(dev_dax_info(Path::new("/sys"), rdev)
             .unwrap_err()
             .contains("not dax"));
+
+        // The whole open path on a character device that can be mapped shared (/dev/zero), with the fake sysfs
+        // calling it device-DAX: size from sysfs, MAP_SHARED, nothing to flush, no shrink check.
+        let zrdev = std::fs::metadata("/dev/zero").unwrap().rdev();
+        let zdev = sys.path().join("devices/platform/e820/dax1.0");
+        std::fs::create_dir_all(&zdev).unwrap();
+        let (zmaj, zmin) = (libc::major(zrdev), libc::minor(zrdev));
+        std::os::unix::fs::symlink(&zdev, sys.path().join(format!("dev/char/{zmaj}:{zmin}")))
+            .unwrap();
+        std::os::unix::fs::symlink("../../../../bus/dax", zdev.join("subsystem")).unwrap();
+        std::fs::write(zdev.join("size"), "4194304\n").unwrap();
+        std::fs::write(zdev.join("align"), "2097152\n").unwrap();
+        let b =
+            Backing::open_with_sysfs(&cfg(Path::new("/dev/zero"), ""), "dax", sys.path()).unwrap();
+        assert_eq!(b.kind(), BackingKind::DevDax);
+        assert_eq!(b.size(), 4 * MIB);
+        assert_eq!(
+            b.dev_dax(),
+            Some(DevDaxInfo {
+                size: 4 * MIB,
+                align: 2 * MIB
+            })
+        );
+        assert_eq!(b.mmap_flags_str(), "MAP_SHARED");
+        let flush = BackingFlush::new(&b).unwrap();
+        assert_eq!(flush.action(), FlushAction::Nothing);
+        flush.flush().unwrap();
+        let e =
+            Backing::open_with_sysfs(&cfg(Path::new("/dev/zero"), "size=8M"), "dax", sys.path())
+                .err()
+                .unwrap();
+        assert!(e.to_string().contains("larger than the device"), "{e}");
+        let e = Backing::open_with_sysfs(
+            &cfg(Path::new("/dev/zero"), "discard_writes=on"),
+            "dax",
+            sys.path(),
+        )
+        .err()
+        .unwrap();
+        assert!(e.to_string().contains("copy-on-write"), "{e}");
     }
 }
