@@ -68,6 +68,8 @@ pub struct Pmem {
     state: Arc<Mutex<State>>,
     metrics: Arc<PmemMetrics>,
     worker: FlushWorker<PendingFlush>,
+    /// A bad request was already logged at warn level.
+    warned: bool,
 }
 
 impl Pmem {
@@ -106,6 +108,7 @@ impl Pmem {
             state,
             metrics,
             worker,
+            warned: false,
         })
     }
 
@@ -118,9 +121,9 @@ impl Pmem {
         self.config
     }
 
-    fn log_bad(&self, bad: &BadRequest) {
+    fn log_bad(&mut self, bad: &BadRequest) {
         // The first error per device at warn level; a guest repeating it must not flood the host log.
-        if self.metrics.snapshot().errors == 1 {
+        if !std::mem::replace(&mut self.warned, true) {
             tracing::warn!(device = %self.id, "bad pmem request: {} (further ones at debug level)", bad.error);
         } else {
             tracing::debug!(device = %self.id, "bad pmem request: {}", bad.error);
