@@ -31,7 +31,8 @@ fn keep_cargo_var(name: &str) -> bool {
 }
 
 fn main() {
-    let manifest_dir = PathBuf::from(env::var("CARGO_MANIFEST_DIR").expect("cargo sets CARGO_MANIFEST_DIR"));
+    let manifest_dir =
+        PathBuf::from(env::var("CARGO_MANIFEST_DIR").expect("cargo sets CARGO_MANIFEST_DIR"));
     let out_dir = PathBuf::from(env::var("OUT_DIR").expect("cargo sets OUT_DIR"));
     let repo = manifest_dir
         .parent()
@@ -56,10 +57,17 @@ fn main() {
     let target_dir = out_dir.join("testguest-target");
     build_guest(&guest_dir, &target_dir);
 
-    let built = target_dir.join(GUEST_TARGET).join("release").join(GUEST_BIN);
+    let built = target_dir
+        .join(GUEST_TARGET)
+        .join("release")
+        .join(GUEST_BIN);
     let dest = out_dir.join("testguest.elf");
     std::fs::copy(&built, &dest).unwrap_or_else(|e| {
-        panic!("copying the test guest {} to {}: {e}", built.display(), dest.display())
+        panic!(
+            "copying the test guest {} to {}: {e}",
+            built.display(),
+            dest.display()
+        )
     });
 }
 
@@ -67,7 +75,13 @@ fn build_guest(guest_dir: &Path, target_dir: &Path) {
     let cargo = env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
     let mut cmd = Command::new(cargo);
     cmd.current_dir(guest_dir)
-        .args(["build", "--release", "--target", GUEST_TARGET, "--manifest-path"])
+        .args([
+            "build",
+            "--release",
+            "--target",
+            GUEST_TARGET,
+            "--manifest-path",
+        ])
         .arg(guest_dir.join("Cargo.toml"))
         .arg("--target-dir")
         .arg(target_dir);

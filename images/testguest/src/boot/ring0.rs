@@ -17,7 +17,9 @@
 //!
 //! [`MapStatus`]: testguest::bootinfo::MapStatus
 
-use daxvisor_proto::boot::{BOOT_INFO_MAGIC, MAX_MEM_RANGES};
+use core::mem::{offset_of, size_of};
+
+use daxvisor_proto::boot::{BootInfo, MemRange, BOOT_INFO_MAGIC, MAX_MEM_RANGES};
 
 /// Page-table pages available for mappings above 4 GiB: one per GiB mapped, plus one per 512 GiB.
 pub const PT_POOL_PAGES: usize = 128;
@@ -43,17 +45,17 @@ _start:
     mov cr0, rax
 
     mov rax, {magic}
-    cmp qword ptr [r15], rax
+    cmp qword ptr [r15 + {off_magic}], rax
     jne 80f
-    mov ecx, dword ptr [r15 + 16]
+    mov ecx, dword ptr [r15 + {off_num_ranges}]
     cmp ecx, {max_ranges}
     ja 80f
-    lea rsi, [r15 + 32]
+    lea rsi, [r15 + {off_ranges}]
 2:
     test ecx, ecx
     jz 90f
-    mov rax, qword ptr [rsi]
-    mov rdx, qword ptr [rsi + 8]
+    mov rax, qword ptr [rsi + {off_base}]
+    mov rdx, qword ptr [rsi + {off_size}]
     add rdx, rax
     jc 82f
     mov rbx, 0x1fffff
@@ -79,7 +81,7 @@ _start:
     add rax, 0x200000
     jmp 4b
 5:
-    add rsi, 24
+    add rsi, {range_size}
     dec ecx
     jmp 2b
 80:
@@ -211,6 +213,12 @@ testguest_stack_top:
 "#,
     magic = const BOOT_INFO_MAGIC,
     max_ranges = const MAX_MEM_RANGES,
+    off_magic = const offset_of!(BootInfo, magic),
+    off_num_ranges = const offset_of!(BootInfo, num_mem_ranges),
+    off_ranges = const offset_of!(BootInfo, mem_ranges),
+    off_base = const offset_of!(MemRange, base),
+    off_size = const offset_of!(MemRange, size),
+    range_size = const size_of::<MemRange>(),
     pool_pages = const PT_POOL_PAGES,
     stack_size = const STACK_SIZE,
     ring3 = sym super::ring3_entry,
