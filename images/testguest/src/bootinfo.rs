@@ -31,6 +31,28 @@ impl MapStatus {
     }
 }
 
+impl core::fmt::Display for MapStatus {
+    fn fmt(&self, f: &mut core::fmt::Formatter<'_>) -> core::fmt::Result {
+        match *self {
+            MapStatus::Mapped => write!(f, "all memory ranges mapped"),
+            MapStatus::BootInfoRejected => {
+                write!(f, "BootInfo rejected, nothing above 4 GiB mapped")
+            }
+            MapStatus::OutOfPageTables => write!(
+                f,
+                "out of page-table pages: at most about {} GiB above 4 GiB can be mapped",
+                PT_POOL_PAGES
+            ),
+            MapStatus::RangeTooHigh => write!(f, "a memory range wraps or ends above 128 TiB"),
+            MapStatus::Unknown(raw) => write!(f, "unknown ring-0 status {raw}"),
+        }
+    }
+}
+
+/// Page-table pages ring 0 can allocate for ranges above 4 GiB (one page directory per GiB). Must match the
+/// pool in src/boot/ring0.rs, which uses this constant.
+pub const PT_POOL_PAGES: usize = 128;
+
 /// Why the BootInfo is not usable.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum BootInfoError {

@@ -37,7 +37,7 @@
 //! | code | meaning |
 //! |---|---|
 //! | 10 | BootInfo missing or invalid |
-//! | 11 | ring 0 could not map every memory range |
+//! | 11 | ring 0 could not map every memory range (about 128 GiB above 4 GiB at most, below 128 TiB) |
 //! | 12 | bad command line |
 //! | 20 | a virtio-mmio window does not probe as listed |
 //! | 30 | pmem mode but no virtio-pmem device |
@@ -91,7 +91,7 @@ pub fn run(boot_info: u64, map_status: u64) -> u32 {
     match MapStatus::from_raw(map_status) {
         MapStatus::Mapped => {}
         other => {
-            say!("FAIL page tables: {other:?}");
+            say!("FAIL page tables: {other}");
             return code::MAP_FAILED;
         }
     }

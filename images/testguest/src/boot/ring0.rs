@@ -21,8 +21,7 @@ use core::mem::{offset_of, size_of};
 
 use daxvisor_proto::boot::{BootInfo, MemRange, BOOT_INFO_MAGIC, MAX_MEM_RANGES};
 
-/// Page-table pages available for mappings above 4 GiB: one per GiB mapped, plus one per 512 GiB.
-pub const PT_POOL_PAGES: usize = 128;
+use testguest::bootinfo::PT_POOL_PAGES;
 /// Stack of the ring-3 code.
 pub const STACK_SIZE: usize = 256 * 1024;
 
