@@ -31,3 +31,32 @@ impl Deadline {
 pub fn relax() {
     core::hint::spin_loop();
 }
+
+/// PIT input clock, Hz.
+const PIT_HZ: u64 = 1_193_182;
+/// Calibration window: 1/20 s.
+const CALIBRATION_DIVISOR: u64 = 20;
+
+/// Measure the TSC frequency (kHz) against PIT channel 2, as Linux's `pit_calibrate_tsc` does: gate channel 2
+/// on through port 0x61, count down 1/20 s in mode 0, and count TSC ticks until its output goes high. `None` when
+/// there is no PIT behind the ports (the measurement comes out absurd) or it never fires.
+pub fn calibrate_khz() -> Option<u64> {
+    use crate::port::{inb, outb};
+    let latch = PIT_HZ / CALIBRATION_DIVISOR;
+    // Gate channel 2 on, speaker off.
+    outb(0x61, (inb(0x61) & !0x02) | 0x01);
+    // Channel 2, lobyte/hibyte, mode 0 (interrupt on terminal count), binary.
+    outb(0x43, 0xb0);
+    outb(0x42, latch as u8);
+    let t0 = rdtsc();
+    outb(0x42, (latch >> 8) as u8);
+    let deadline = Deadline::after(10 * CYCLES_PER_SECOND_MIN);
+    while inb(0x61) & 0x20 == 0 {
+        if deadline.passed() {
+            return None;
+        }
+    }
+    let khz = (rdtsc() - t0) * CALIBRATION_DIVISOR / 1000;
+    // Below 100 MHz or above 100 GHz: not a real PIT answering.
+    (100_000..100_000_000).contains(&khz).then_some(khz)
+}
