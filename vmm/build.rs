@@ -39,18 +39,19 @@ fn main() {
         .expect("vmm/ is inside the repository")
         .to_path_buf();
     let guest_dir = repo.join("images/testguest");
-    let proto_dir = repo.join("guest-tools/proto");
 
+    // Relative to vmm/ (cargo resolves them against the package directory), so a moved checkout or a target
+    // directory shared by two checkouts watches the right files.
     for path in [
-        guest_dir.join("Cargo.toml"),
-        guest_dir.join("Cargo.lock"),
-        guest_dir.join("build.rs"),
-        guest_dir.join("linker.ld"),
-        guest_dir.join("src"),
-        proto_dir.join("Cargo.toml"),
-        proto_dir.join("src"),
+        "../images/testguest/Cargo.toml",
+        "../images/testguest/Cargo.lock",
+        "../images/testguest/build.rs",
+        "../images/testguest/linker.ld",
+        "../images/testguest/src",
+        "../guest-tools/proto/Cargo.toml",
+        "../guest-tools/proto/src",
     ] {
-        println!("cargo:rerun-if-changed={}", path.display());
+        println!("cargo:rerun-if-changed={path}");
     }
     println!("cargo:rerun-if-changed=build.rs");
 
