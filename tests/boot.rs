@@ -217,3 +217,62 @@ fn guest_reset_and_acpi_power_off_end_the_vm_cleanly() {
         assert_eq!(r.code, Some(0), "{name}: {r:?}");
     }
 }
+
+#[test]
+fn the_default_test_guest_boots_probes_its_devices_and_exits_with_its_status() {
+    let dir = tempfile::tempdir().unwrap();
+    let img = dir.path().join("pmem.img");
+    let pmem = format!("file={},size=2M,create=on", img.display());
+    for (cmdline, status) in [("exit=0", 0), ("exit=23", 23)] {
+        let r = daxvisor(&["run", "--pmem", &pmem, "--cmdline", cmdline]);
+        assert_eq!(r.code, Some(status), "{r:?}");
+        let lines = daxvisor_tests::guest_lines(&r.stdout);
+        assert_eq!(lines.first(), Some(&"hello"), "{}", r.stdout);
+        assert!(
+            lines.contains(&"bootinfo ok: 3 memory ranges, 1 devices, 1 cpus"),
+            "{}",
+            r.stdout
+        );
+        assert!(
+            lines.iter().any(|l| l
+                .starts_with("virtio-mmio 0 base=0xd0000000 irq=5: version 2 device 27 (pmem)")),
+            "{}",
+            r.stdout
+        );
+        assert!(
+            lines.contains(&"probed 1 virtio-mmio devices"),
+            "{}",
+            r.stdout
+        );
+        assert_eq!(
+            lines.last(),
+            Some(&format!("exit {status}").as_str()),
+            "{}",
+            r.stdout
+        );
+    }
+}
+
+#[test]
+fn the_test_guest_with_no_arguments_boots_on_defaults() {
+    let r = daxvisor(&["run"]);
+    assert_eq!(r.code, Some(0), "{r:?}");
+    let lines = daxvisor_tests::guest_lines(&r.stdout);
+    assert_eq!(lines.first(), Some(&"hello"));
+    assert!(
+        lines.contains(&"probed 0 virtio-mmio devices"),
+        "{}",
+        r.stdout
+    );
+}
+
+#[test]
+fn two_vcpus_boot() {
+    let r = daxvisor(&["run", "--cpus", "2", "--cmdline", "exit=4"]);
+    assert_eq!(r.code, Some(4), "{r:?}");
+    assert!(
+        r.stdout.contains("1 devices, 2 cpus") || r.stdout.contains("0 devices, 2 cpus"),
+        "{}",
+        r.stdout
+    );
+}

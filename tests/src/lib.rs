@@ -140,3 +140,27 @@ pub fn assemble_guest(dir: &Path, name: &str, source: &str) -> PathBuf {
 pub fn asm_exit(status: u32) -> String {
     format!("  mov $0x501, %dx\n  mov ${status}, %eax\n  out %eax, %dx\n9: hlt\n  jmp 9b\n")
 }
+
+/// The test guest's pattern word at byte `offset` for `seed` (images/testguest/src/pattern.rs).
+pub fn pattern_word(seed: u32, offset: u64) -> u64 {
+    0xda85_0000_0000_0000 ^ (u64::from(seed) << 32) ^ offset
+}
+
+/// Count the 8-byte words of `bytes[..len]` that are not the test guest's pattern for `seed`.
+pub fn pattern_mismatches(bytes: &[u8], seed: u32, len: usize) -> usize {
+    bytes[..len]
+        .chunks_exact(8)
+        .enumerate()
+        .filter(|(i, w)| {
+            u64::from_le_bytes((*w).try_into().unwrap()) != pattern_word(seed, *i as u64 * 8)
+        })
+        .count()
+}
+
+/// Test guest output lines, with the `daxvisor-testguest: ` prefix removed.
+pub fn guest_lines(stdout: &str) -> Vec<&str> {
+    stdout
+        .lines()
+        .filter_map(|l| l.strip_prefix("daxvisor-testguest: "))
+        .collect()
+}
