@@ -1,6 +1,10 @@
 //! End-to-end: boot guests with the real daxvisor binary on real KVM, and feed it the bad input users do.
 
-use daxvisor_tests::{asm_exit, assemble_guest, daxvisor, daxvisor_bin, run_with_timeout};
+use daxvisor_tests::{
+    asm_exit, assemble_guest, daxvisor, daxvisor_as_nobody, daxvisor_bin, run_with_timeout,
+    share_read_only,
+};
+use std::ffi::OsStr;
 use std::process::Command;
 use std::time::Duration;
 
@@ -107,37 +111,13 @@ fn no_dev_kvm_is_a_clear_error() {
 #[test]
 fn no_permission_on_dev_kvm_is_a_clear_error() {
     // /dev/kvm is root-only (crw-------) on this machine; run as nobody.
-    let bin = daxvisor_bin();
     let dir = tempfile::tempdir().unwrap();
     let elf = assemble_guest(dir.path(), "exit0", &asm_exit(0));
-    std::fs::set_permissions(
-        dir.path(),
-        std::os::unix::fs::PermissionsExt::from_mode(0o755),
-    )
-    .unwrap();
-    std::fs::set_permissions(&elf, std::os::unix::fs::PermissionsExt::from_mode(0o644)).unwrap();
-    let probe = Command::new("setpriv")
-        .args(["--reuid=65534", "--regid=65534", "--clear-groups", "true"])
-        .status();
-    if !probe.is_ok_and(|s| s.success()) {
-        eprintln!("SKIP: cannot switch to an unprivileged user here");
+    share_read_only(dir.path());
+    let args = ["run", "--serial", "none", "--kernel"].map(OsStr::new);
+    let Some(r) = daxvisor_as_nobody(&[&args[..], &[elf.as_os_str()]].concat()) else {
         return;
-    }
-    let r = run_with_timeout(
-        Command::new("setpriv")
-            .args(["--reuid=65534", "--regid=65534", "--clear-groups"])
-            .arg(bin)
-            .args(["run", "--serial", "none", "--kernel"])
-            .arg(&elf),
-        Duration::from_secs(30),
-    );
-    if r.stderr.contains("Permission denied") && r.stderr.contains(bin.to_str().unwrap()) {
-        eprintln!(
-            "SKIP: the unprivileged user cannot execute {}",
-            bin.display()
-        );
-        return;
-    }
+    };
     assert_eq!(r.code, Some(2), "{r:?}");
     let line = one_line_error(&r.stderr);
     assert!(

@@ -4,7 +4,11 @@ use std::io::{BufRead, BufReader};
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
-use daxvisor_tests::{daxvisor, daxvisor_bin, guest_lines, pattern_mismatches, run_with_timeout};
+use daxvisor_tests::{
+    daxvisor, daxvisor_as_nobody, daxvisor_bin, guest_lines, pattern_mismatches, run_with_timeout,
+    share_read_only,
+};
+use std::ffi::OsStr;
 
 const MIB: usize = 1 << 20;
 
@@ -231,25 +235,17 @@ fn no_permission_on_the_backing_file_is_refused() {
     let img = dir.path().join("root-only.img");
     std::fs::write(&img, vec![0u8; 2 * MIB]).unwrap();
     std::fs::set_permissions(&img, std::os::unix::fs::PermissionsExt::from_mode(0o600)).unwrap();
-    std::fs::set_permissions(
-        dir.path(),
-        std::os::unix::fs::PermissionsExt::from_mode(0o755),
-    )
-    .unwrap();
-    let probe = Command::new("setpriv")
-        .args(["--reuid=65534", "--regid=65534", "--clear-groups", "true"])
-        .status();
-    if !probe.is_ok_and(|s| s.success()) {
-        eprintln!("SKIP: cannot switch to an unprivileged user here");
+    share_read_only(dir.path());
+    let pmem = pmem_arg(&img, "");
+    let Some(r) = daxvisor_as_nobody(&["run", "--serial", "none", "--pmem", &pmem].map(OsStr::new))
+    else {
         return;
-    }
-    let r = run_with_timeout(
-        Command::new("setpriv")
-            .args(["--reuid=65534", "--regid=65534", "--clear-groups"])
-            .arg(daxvisor_bin())
-            .args(["run", "--serial", "none", "--pmem", &pmem_arg(&img, "")]),
-        Duration::from_secs(30),
-    );
+    };
     assert_eq!(r.code, Some(2), "{r:?}");
     assert!(r.stderr.contains("Permission denied"), "{}", r.stderr);
+    assert_eq!(
+        std::fs::read(&img).unwrap(),
+        vec![0u8; 2 * MIB],
+        "the refused start changed the file"
+    );
 }

@@ -164,3 +164,33 @@ pub fn guest_lines(stdout: &str) -> Vec<&str> {
         .filter_map(|l| l.strip_prefix("daxvisor-testguest: "))
         .collect()
 }
+
+/// Run `daxvisor <args>` as the unprivileged user `nobody` (root bypasses file permissions, so permission errors
+/// can only be seen this way). `None` when this machine cannot switch users; the caller skips with a message.
+pub fn daxvisor_as_nobody(args: &[&std::ffi::OsStr]) -> Option<RunOutcome> {
+    const AS_NOBODY: [&str; 3] = ["--reuid=65534", "--regid=65534", "--clear-groups"];
+    let probe = Command::new("setpriv").args(AS_NOBODY).arg("true").status();
+    if !probe.is_ok_and(|s| s.success()) {
+        eprintln!("SKIP: cannot switch to an unprivileged user here");
+        return None;
+    }
+    let bin = daxvisor_bin();
+    let r = run_with_timeout(
+        Command::new("setpriv").args(AS_NOBODY).arg(bin).args(args),
+        Duration::from_secs(30),
+    );
+    if r.stderr.contains("Permission denied") && r.stderr.contains(&*bin.to_string_lossy()) {
+        eprintln!(
+            "SKIP: the unprivileged user cannot execute {}",
+            bin.display()
+        );
+        return None;
+    }
+    Some(r)
+}
+
+/// Make a test's temporary directory readable (not writable) by other users, for `daxvisor_as_nobody`.
+pub fn share_read_only(dir: &Path) {
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o755)).expect("chmod test dir");
+}
