@@ -125,7 +125,13 @@ mod tests {
     use crate::mapper::test_files::TestRegion;
     use crate::mapper::{LeaseMode, Mapper, MapperError, RecordingDma};
 
-    fn punch_req(t: &TestRegion, off: u64, len: u64, ms: u64, policy: BreakPolicy) -> ChangeRequest {
+    fn punch_req(
+        t: &TestRegion,
+        off: u64,
+        len: u64,
+        ms: u64,
+        policy: BreakPolicy,
+    ) -> ChangeRequest {
         ChangeRequest {
             deadline: Duration::from_millis(ms),
             policy,
@@ -146,16 +152,30 @@ mod tests {
             let m = t.mapper.clone();
             let a = m.add_owner("a");
             let b = m.add_owner("b");
-            let a1 = m.acquire(a, t.region, 0, 3 * t.page, LeaseMode::Shared).unwrap();
-            let a2 = m.acquire(a, t.region, 5 * t.page, 0, LeaseMode::Shared).unwrap();
-            let b1 = m.acquire(b, t.region, 2 * t.page, t.page, LeaseMode::Shared).unwrap();
-            let _outside = m.acquire(b, t.region, 12 * t.page, t.page, LeaseMode::Shared).unwrap();
+            let a1 = m
+                .acquire(a, t.region, 0, 3 * t.page, LeaseMode::Shared)
+                .unwrap();
+            let a2 = m
+                .acquire(a, t.region, 5 * t.page, 0, LeaseMode::Shared)
+                .unwrap();
+            let b1 = m
+                .acquire(b, t.region, 2 * t.page, t.page, LeaseMode::Shared)
+                .unwrap();
+            let _outside = m
+                .acquire(b, t.region, 12 * t.page, t.page, LeaseMode::Shared)
+                .unwrap();
             let events = t.events.take().unwrap();
             let (m2, region, page) = (m.clone(), t.region, t.page);
             let h = thread::spawn(move || {
                 m2.change(ChangeRequest {
                     deadline: Duration::from_secs(10),
-                    ..ChangeRequest::new(region, LayoutChange::Punch { off: 2 * page, len: 6 * page })
+                    ..ChangeRequest::new(
+                        region,
+                        LayoutChange::Punch {
+                            off: 2 * page,
+                            len: 6 * page,
+                        },
+                    )
                 })
             });
             let mut got = vec![notice(events.recv_timeout(Duration::from_secs(5)).unwrap())];
@@ -164,18 +184,28 @@ mod tests {
             assert_eq!(got[0].owner, a);
             assert_eq!(
                 got[0].leases,
-                vec![(a1, ByteRange::new(2 * t.page, 3 * t.page)), (a2, ByteRange::new(5 * t.page, 8 * t.page))],
+                vec![
+                    (a1, ByteRange::new(2 * t.page, 3 * t.page)),
+                    (a2, ByteRange::new(5 * t.page, 8 * t.page))
+                ],
                 "{}",
                 t.fs
             );
-            assert_eq!((got[1].owner, got[1].leases.clone()), (b, vec![(b1, ByteRange::new(2 * t.page, 3 * t.page))]));
+            assert_eq!(
+                (got[1].owner, got[1].leases.clone()),
+                (b, vec![(b1, ByteRange::new(2 * t.page, 3 * t.page))])
+            );
             assert!(got[0].deadline > std::time::Instant::now());
             assert_eq!(got[0].reason, "punch");
             // Nothing changed while holders still hold; the break shows in introspection.
             m.release(a, a1).unwrap();
             m.release(a, a2).unwrap();
             thread::sleep(Duration::from_millis(100));
-            assert!(!h.is_finished(), "{}: change went ahead with b still holding", t.fs);
+            assert!(
+                !h.is_finished(),
+                "{}: change went ahead with b still holding",
+                t.fs
+            );
             assert_eq!(t.read_file(2 * t.page, 1)[0], t.fill_byte(2 * t.page));
             let s = m.snapshot();
             assert_eq!(s.breaks.len(), 1);
@@ -185,7 +215,12 @@ mod tests {
             let mut notified = report.notified.clone();
             notified.sort();
             assert_eq!(notified, vec![a, b]);
-            assert_eq!(t.read_file(2 * t.page, 1)[0], 0, "{}: punch did not happen", t.fs);
+            assert_eq!(
+                t.read_file(2 * t.page, 1)[0],
+                0,
+                "{}: punch did not happen",
+                t.fs
+            );
             assert!(m.snapshot().breaks.is_empty());
         }
     }
@@ -195,16 +230,25 @@ mod tests {
         let mut t = TestRegion::on_tmp(8);
         let m = t.mapper.clone();
         let a = m.add_owner("a");
-        let l = m.acquire(a, t.region, 0, 2 * t.page, LeaseMode::Shared).unwrap();
+        let l = m
+            .acquire(a, t.region, 0, 2 * t.page, LeaseMode::Shared)
+            .unwrap();
         let events = t.events.take().unwrap();
-        let (m2, req) = (m.clone(), punch_req(&t, 0, t.page, 10_000, BreakPolicy::Fail));
+        let (m2, req) = (
+            m.clone(),
+            punch_req(&t, 0, t.page, 10_000, BreakPolicy::Fail),
+        );
         let h = thread::spawn(move || m2.change(req));
         notice(events.recv_timeout(Duration::from_secs(5)).unwrap());
         for mode in [LeaseMode::Shared, LeaseMode::Exclusive] {
-            assert_eq!(m.acquire(a, t.region, 0, 1, mode).unwrap_err().errno(), libc::EAGAIN);
+            assert_eq!(
+                m.acquire(a, t.region, 0, 1, mode).unwrap_err().errno(),
+                libc::EAGAIN
+            );
         }
         // Disjoint ranges are not affected.
-        m.acquire(a, t.region, t.page, t.page, LeaseMode::Exclusive).unwrap();
+        m.acquire(a, t.region, t.page, t.page, LeaseMode::Exclusive)
+            .unwrap();
         m.release(a, l).unwrap();
         h.join().unwrap().unwrap();
         m.acquire(a, t.region, 0, 1, LeaseMode::Shared).unwrap();
@@ -216,8 +260,14 @@ mod tests {
             let m = &t.mapper;
             let a = m.add_owner("silent");
             m.acquire(a, t.region, 0, 0, LeaseMode::Shared).unwrap();
-            let before = (t.file_size(), t.read_file(0, 8 * t.page as usize), m.snapshot().owners);
-            let e = m.change(punch_req(&t, 0, 4 * t.page, 150, BreakPolicy::Fail)).unwrap_err();
+            let before = (
+                t.file_size(),
+                t.read_file(0, 8 * t.page as usize),
+                m.snapshot().owners,
+            );
+            let e = m
+                .change(punch_req(&t, 0, 4 * t.page, 150, BreakPolicy::Fail))
+                .unwrap_err();
             assert_eq!(e.errno(), libc::ETIMEDOUT, "{}", t.fs);
             assert!(matches!(&e, MapperError::TimedOut { holders, .. } if holders == &vec![a]));
             let e = m
@@ -227,7 +277,16 @@ mod tests {
                 })
                 .unwrap_err();
             assert_eq!(e.errno(), libc::ETIMEDOUT);
-            assert_eq!((t.file_size(), t.read_file(0, 8 * t.page as usize), m.snapshot().owners), before, "{}", t.fs);
+            assert_eq!(
+                (
+                    t.file_size(),
+                    t.read_file(0, 8 * t.page as usize),
+                    m.snapshot().owners
+                ),
+                before,
+                "{}",
+                t.fs
+            );
             assert!(m.snapshot().breaks.is_empty());
             let events = t.events.take().unwrap();
             assert_eq!(events.try_iter().count(), 2, "one notice per attempt");
@@ -245,7 +304,10 @@ mod tests {
     impl BreakNotifier for RevokeWitness {
         fn break_notice(&self, _: &BreakNotice) {}
         fn revoked(&self, n: &RevokeNotice) {
-            self.seen.lock().unwrap().push((n.clone(), self.dma.mappings().len()));
+            self.seen
+                .lock()
+                .unwrap()
+                .push((n.clone(), self.dma.mappings().len()));
         }
     }
 
@@ -253,27 +315,41 @@ mod tests {
     fn revoke_tears_down_dma_first_then_removes_leases_and_tells_the_holder() {
         for t in TestRegion::on_every_fs(8) {
             let dma = Arc::new(RecordingDma::new());
-            let w = Arc::new(RevokeWitness { dma: dma.clone(), seen: Mutex::new(Vec::new()) });
+            let w = Arc::new(RevokeWitness {
+                dma: dma.clone(),
+                seen: Mutex::new(Vec::new()),
+            });
             let m = Mapper::new(w.clone(), Some(dma.clone()));
             let desc = t.mapper.lock().region(t.region).unwrap().desc.clone();
             let r = m.add_region(desc).unwrap();
             let a = m.add_owner("unresponsive");
             let shared = m.acquire(a, r, 0, 2 * t.page, LeaseMode::Shared).unwrap();
-            m.acquire(a, r, 6 * t.page, t.page, LeaseMode::Exclusive).unwrap();
+            m.acquire(a, r, 6 * t.page, t.page, LeaseMode::Exclusive)
+                .unwrap();
             let pin = m.pin(a, r, 6 * t.page, t.page).unwrap();
             assert_eq!(dma.mappings().len(), 1);
             let report = m
                 .change(ChangeRequest {
                     deadline: Duration::from_millis(100),
                     policy: BreakPolicy::Revoke,
-                    ..ChangeRequest::new(r, LayoutChange::Punch { off: 0, len: 2 * t.page })
+                    ..ChangeRequest::new(
+                        r,
+                        LayoutChange::Punch {
+                            off: 0,
+                            len: 2 * t.page,
+                        },
+                    )
                 })
                 .unwrap();
             assert_eq!(report.revoked, vec![a]);
             let seen = w.seen.lock().unwrap();
             assert_eq!(seen.len(), 1);
             let (n, mappings_at_notice) = &seen[0];
-            assert_eq!(*mappings_at_notice, 0, "{}: DMA still mapped when the holder was told", t.fs);
+            assert_eq!(
+                *mappings_at_notice, 0,
+                "{}: DMA still mapped when the holder was told",
+                t.fs
+            );
             assert_eq!(n.leases, vec![(shared, ByteRange::new(0, 2 * t.page))]);
             assert_eq!(n.dma_torn_down, vec![pin]);
             // The change went through; the pin stays (locked, still protecting its range) but without DMA.
@@ -282,7 +358,10 @@ mod tests {
             let o = s.owner(a).unwrap();
             assert_eq!(o.leases.len(), 1);
             assert!(o.pins[0].dma_revoked && o.pins[0].dma.is_none());
-            assert_eq!(m.punch(None, r, 6 * t.page, 1).unwrap_err().errno(), libc::ETXTBSY);
+            assert_eq!(
+                m.punch(None, r, 6 * t.page, 1).unwrap_err().errno(),
+                libc::ETXTBSY
+            );
             m.unpin(a, pin).unwrap();
         }
     }
@@ -293,33 +372,55 @@ mod tests {
         let m = t.mapper.clone();
         let slow = m.add_owner("slow");
         let fast = m.add_owner("fast");
-        let ls = m.acquire(slow, t.region, 0, t.page, LeaseMode::Shared).unwrap();
-        let lf = m.acquire(fast, t.region, 8 * t.page, t.page, LeaseMode::Shared).unwrap();
+        let ls = m
+            .acquire(slow, t.region, 0, t.page, LeaseMode::Shared)
+            .unwrap();
+        let lf = m
+            .acquire(fast, t.region, 8 * t.page, t.page, LeaseMode::Shared)
+            .unwrap();
         let events = t.events.take().unwrap();
         let spawn = |off: u64, len: u64| {
-            let (m2, req) = (m.clone(), punch_req(&t, off, len, 10_000, BreakPolicy::Fail));
+            let (m2, req) = (
+                m.clone(),
+                punch_req(&t, off, len, 10_000, BreakPolicy::Fail),
+            );
             thread::spawn(move || m2.change(req))
         };
         let h_slow = spawn(0, t.page);
-        assert_eq!(notice(events.recv_timeout(Duration::from_secs(5)).unwrap()).owner, slow);
+        assert_eq!(
+            notice(events.recv_timeout(Duration::from_secs(5)).unwrap()).owner,
+            slow
+        );
         let h_fast = spawn(8 * t.page, t.page);
         let n = notice(events.recv_timeout(Duration::from_secs(5)).unwrap());
         assert_eq!(n.owner, fast);
         // A third change overlapping the slow break queues behind it (and sends no notice of its own yet).
         let h_queued = spawn(0, 2 * t.page);
         thread::sleep(Duration::from_millis(100));
-        assert!(matches!(events.try_recv(), Err(std::sync::mpsc::TryRecvError::Empty)));
+        assert!(matches!(
+            events.try_recv(),
+            Err(std::sync::mpsc::TryRecvError::Empty)
+        ));
         m.release(fast, lf).unwrap();
         let r_fast = h_fast.join().unwrap().unwrap();
         assert!(!r_fast.queued_behind_break);
-        assert!(!h_slow.is_finished(), "the disjoint break finished the slow one too");
+        assert!(
+            !h_slow.is_finished(),
+            "the disjoint break finished the slow one too"
+        );
         assert!(!h_queued.is_finished());
         m.release(slow, ls).unwrap();
         h_slow.join().unwrap().unwrap();
         let r_q = h_queued.join().unwrap().unwrap();
         assert!(r_q.queued_behind_break);
-        assert!(r_q.notified.is_empty(), "the lease was gone by the time the queued change ran");
-        assert!(matches!(events.recv_timeout(Duration::from_millis(50)), Err(RecvTimeoutError::Timeout)));
+        assert!(
+            r_q.notified.is_empty(),
+            "the lease was gone by the time the queued change ran"
+        );
+        assert!(matches!(
+            events.recv_timeout(Duration::from_millis(50)),
+            Err(RecvTimeoutError::Timeout)
+        ));
     }
 
     #[test]
@@ -328,11 +429,15 @@ mod tests {
             let m = t.mapper.clone();
             let dead = m.add_owner("vanishing-agent");
             m.acquire(dead, t.region, 0, 0, LeaseMode::Shared).unwrap();
-            m.acquire(dead, t.region, 6 * t.page, t.page, LeaseMode::Exclusive).unwrap();
+            m.acquire(dead, t.region, 6 * t.page, t.page, LeaseMode::Exclusive)
+                .unwrap();
             m.pin(dead, t.region, 6 * t.page, t.page).unwrap();
             let events = t.events.take().unwrap();
             // The pin blocks a whole-file shrink; a punch of the front only needs the shared lease broken.
-            let (m2, req) = (m.clone(), punch_req(&t, 0, 2 * t.page, 30_000, BreakPolicy::Fail));
+            let (m2, req) = (
+                m.clone(),
+                punch_req(&t, 0, 2 * t.page, 30_000, BreakPolicy::Fail),
+            );
             let h = thread::spawn(move || m2.change(req));
             notice(events.recv_timeout(Duration::from_secs(5)).unwrap());
             assert!(!h.is_finished());

@@ -67,7 +67,9 @@ impl VfioContainer {
             return Err(io::Error::last_os_error());
         }
         if v != VFIO_API_VERSION {
-            return Err(io::Error::other(format!("VFIO API version {v}, want {VFIO_API_VERSION}")));
+            return Err(io::Error::other(format!(
+                "VFIO API version {v}, want {VFIO_API_VERSION}"
+            )));
         }
         // SAFETY: VFIO_CHECK_EXTENSION takes an integer argument by value.
         let t1 = unsafe { libc::ioctl(c.fd.as_raw_fd(), VFIO_CHECK_EXTENSION, VFIO_TYPE1V2_IOMMU) };
@@ -88,7 +90,9 @@ impl VfioContainer {
     /// `fd` must be an open fd that nothing else will close.
     pub unsafe fn from_raw_fd(fd: i32) -> Self {
         // SAFETY: forwarded to the caller.
-        VfioContainer { fd: unsafe { OwnedFd::from_raw_fd(fd) } }
+        VfioContainer {
+            fd: unsafe { OwnedFd::from_raw_fd(fd) },
+        }
     }
 }
 
@@ -120,7 +124,10 @@ impl DmaMapper for VfioContainer {
             return Err(io::Error::last_os_error());
         }
         if arg.size != len {
-            return Err(io::Error::other(format!("VFIO unmapped {:#x} of {len:#x} bytes", arg.size)));
+            return Err(io::Error::other(format!(
+                "VFIO unmapped {:#x} of {len:#x} bytes",
+                arg.size
+            )));
         }
         Ok(())
     }
@@ -139,15 +146,26 @@ impl RecordingDma {
 
     /// (iova, vaddr, len) of every live mapping, by iova.
     pub fn mappings(&self) -> Vec<(u64, usize, u64)> {
-        self.maps.lock().unwrap_or_else(|e| e.into_inner()).iter().map(|(i, (v, l))| (*i, *v, *l)).collect()
+        self.maps
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .iter()
+            .map(|(i, (v, l))| (*i, *v, *l))
+            .collect()
     }
 }
 
 impl DmaMapper for RecordingDma {
     fn map(&self, iova: u64, vaddr: usize, len: u64) -> io::Result<()> {
         let mut m = self.maps.lock().unwrap_or_else(|e| e.into_inner());
-        let end = iova.checked_add(len).ok_or_else(|| io::Error::from_raw_os_error(libc::EINVAL))?;
-        if len == 0 || m.range(..end).next_back().is_some_and(|(i, (_, l))| i + l > iova) {
+        let end = iova
+            .checked_add(len)
+            .ok_or_else(|| io::Error::from_raw_os_error(libc::EINVAL))?;
+        if len == 0
+            || m.range(..end)
+                .next_back()
+                .is_some_and(|(i, (_, l))| i + l > iova)
+        {
             return Err(io::Error::from_raw_os_error(libc::EEXIST));
         }
         m.insert(iova, (vaddr, len));
@@ -209,10 +227,19 @@ mod tests {
     fn recording_backend_refuses_overlap_and_unknown_unmap() {
         let d = RecordingDma::new();
         d.map(0x1000, 0xdead000, 0x2000).unwrap();
-        assert_eq!(d.map(0x2000, 0, 0x1000).unwrap_err().raw_os_error(), Some(libc::EEXIST));
-        assert_eq!(d.map(0, 0, 0x1001).unwrap_err().raw_os_error(), Some(libc::EEXIST));
+        assert_eq!(
+            d.map(0x2000, 0, 0x1000).unwrap_err().raw_os_error(),
+            Some(libc::EEXIST)
+        );
+        assert_eq!(
+            d.map(0, 0, 0x1001).unwrap_err().raw_os_error(),
+            Some(libc::EEXIST)
+        );
         d.map(0x3000, 0xbeef000, 0x1000).unwrap();
-        assert_eq!(d.unmap(0x1000, 0x1000).unwrap_err().raw_os_error(), Some(libc::ENOENT));
+        assert_eq!(
+            d.unmap(0x1000, 0x1000).unwrap_err().raw_os_error(),
+            Some(libc::ENOENT)
+        );
         d.unmap(0x1000, 0x2000).unwrap();
         assert_eq!(d.mappings(), vec![(0x3000, 0xbeef000, 0x1000)]);
     }

@@ -40,29 +40,49 @@ pub enum MapperError {
     Invalid(String),
     /// The range cannot be pinned as it is; `prepare` fixes holes, unwritten and shared extents.
     #[error("extent at file offset {file_offset:#x} (+{len:#x}) cannot be pinned: {problem}")]
-    Unpinnable { file_offset: u64, len: u64, problem: ExtentProblem },
+    Unpinnable {
+        file_offset: u64,
+        len: u64,
+        problem: ExtentProblem,
+    },
     /// A lease with pins under it cannot be released.
     #[error("{lease} still has {pins} pin(s) under it")]
     LeaseBusy { lease: LeaseId, pins: usize },
     /// Two DMA mappings cannot overlap in one IOMMU address space (VFIO type1 refuses it, and refuses partial
     /// unmaps, so they cannot be shared either).
     #[error("{range} is already DMA-mapped by {pin} of {owner}")]
-    DmaOverlap { pin: PinId, owner: OwnerId, range: ByteRange },
+    DmaOverlap {
+        pin: PinId,
+        owner: OwnerId,
+        range: ByteRange,
+    },
     /// A region that still has leases or pins cannot be removed.
     #[error("region still has {leases} lease(s) and {pins} pin(s)")]
     RegionBusy { leases: usize, pins: usize },
     /// A layout change over a range another owner pinned or leased exclusively.
     #[error("{range} is held by {holder} ({holder_name}) with a {kind}")]
-    TextBusy { holder: OwnerId, holder_name: String, kind: HoldKind, range: ByteRange },
+    TextBusy {
+        holder: OwnerId,
+        holder_name: String,
+        kind: HoldKind,
+        range: ByteRange,
+    },
     /// A layout change over a range the requester itself pinned or leased exclusively (wins over ETXTBSY).
     #[error("{range} is held by the requester {holder} itself with a {kind}")]
-    Deadlock { holder: OwnerId, kind: HoldKind, range: ByteRange },
+    Deadlock {
+        holder: OwnerId,
+        kind: HoldKind,
+        range: ByteRange,
+    },
     /// A break is in progress on an overlapping range; no new leases there until it ends.
     #[error("a break is in progress on {range}")]
     BreakInProgress { range: ByteRange },
     /// The break deadline passed with policy `fail`: nothing changed, leases kept.
     #[error("break of {range} timed out; not released by {holders:?}")]
-    TimedOut { range: ByteRange, holders: Vec<OwnerId> },
+    TimedOut {
+        range: ByteRange,
+        holders: Vec<OwnerId>,
+    },
     #[error("range out of bounds: {0}")]
     OutOfRange(String),
     /// Device-DAX regions have no file layout: leases, pins-with-leases and layout changes do not apply.
@@ -85,10 +105,12 @@ impl MapperError {
     pub fn errno(&self) -> i32 {
         match self {
             MapperError::NoExclusiveLease { .. } | MapperError::NotOwner { .. } => libc::EPERM,
-            MapperError::NoOwner | MapperError::Invalid(_) | MapperError::Unpinnable { .. } => libc::EINVAL,
-            MapperError::LeaseBusy { .. } | MapperError::RegionBusy { .. } | MapperError::DmaOverlap { .. } => {
-                libc::EBUSY
-            },
+            MapperError::NoOwner | MapperError::Invalid(_) | MapperError::Unpinnable { .. } => {
+                libc::EINVAL
+            }
+            MapperError::LeaseBusy { .. }
+            | MapperError::RegionBusy { .. }
+            | MapperError::DmaOverlap { .. } => libc::EBUSY,
             MapperError::TextBusy { .. } => libc::ETXTBSY,
             MapperError::Deadlock { .. } => libc::EDEADLK,
             MapperError::BreakInProgress { .. } => libc::EAGAIN,
@@ -110,7 +132,10 @@ impl MapperError {
     }
 
     pub(crate) fn last_os(op: &'static str) -> Self {
-        MapperError::Io { op, source: io::Error::last_os_error() }
+        MapperError::Io {
+            op,
+            source: io::Error::last_os_error(),
+        }
     }
 }
 
@@ -142,21 +167,64 @@ mod tests {
         let r = ByteRange::new(0, 4096);
         let o = OwnerId(1);
         let cases: Vec<(MapperError, i32, &str)> = vec![
-            (MapperError::NoExclusiveLease { owner: o, range: r }, libc::EPERM, "EPERM"),
-            (MapperError::NoOwner, libc::EINVAL, "EINVAL"),
-            (MapperError::LeaseBusy { lease: LeaseId(3), pins: 1 }, libc::EBUSY, "EBUSY"),
             (
-                MapperError::TextBusy { holder: o, holder_name: "a".into(), kind: HoldKind::Pin, range: r },
+                MapperError::NoExclusiveLease { owner: o, range: r },
+                libc::EPERM,
+                "EPERM",
+            ),
+            (MapperError::NoOwner, libc::EINVAL, "EINVAL"),
+            (
+                MapperError::LeaseBusy {
+                    lease: LeaseId(3),
+                    pins: 1,
+                },
+                libc::EBUSY,
+                "EBUSY",
+            ),
+            (
+                MapperError::TextBusy {
+                    holder: o,
+                    holder_name: "a".into(),
+                    kind: HoldKind::Pin,
+                    range: r,
+                },
                 libc::ETXTBSY,
                 "ETXTBSY",
             ),
-            (MapperError::Deadlock { holder: o, kind: HoldKind::Pin, range: r }, libc::EDEADLK, "EDEADLK"),
-            (MapperError::BreakInProgress { range: r }, libc::EAGAIN, "EAGAIN"),
-            (MapperError::TimedOut { range: r, holders: vec![o] }, libc::ETIMEDOUT, "ETIMEDOUT"),
+            (
+                MapperError::Deadlock {
+                    holder: o,
+                    kind: HoldKind::Pin,
+                    range: r,
+                },
+                libc::EDEADLK,
+                "EDEADLK",
+            ),
+            (
+                MapperError::BreakInProgress { range: r },
+                libc::EAGAIN,
+                "EAGAIN",
+            ),
+            (
+                MapperError::TimedOut {
+                    range: r,
+                    holders: vec![o],
+                },
+                libc::ETIMEDOUT,
+                "ETIMEDOUT",
+            ),
             (MapperError::OutOfRange("x".into()), libc::ERANGE, "ERANGE"),
-            (MapperError::NotSupported("x".into()), libc::EOPNOTSUPP, "EOPNOTSUPP"),
+            (
+                MapperError::NotSupported("x".into()),
+                libc::EOPNOTSUPP,
+                "EOPNOTSUPP",
+            ),
             (MapperError::NotFound("x".into()), libc::ENOENT, "ENOENT"),
-            (MapperError::io("x", io::Error::from_raw_os_error(libc::ENOSPC)), libc::ENOSPC, "ENOSPC"),
+            (
+                MapperError::io("x", io::Error::from_raw_os_error(libc::ENOSPC)),
+                libc::ENOSPC,
+                "ENOSPC",
+            ),
         ];
         for (e, errno, name) in cases {
             assert_eq!(e.errno(), errno, "{e}");
@@ -172,6 +240,9 @@ mod tests {
             kind: HoldKind::Pin,
             range: ByteRange::new(0x1000, 0x3000),
         };
-        assert_eq!(e.to_string(), "[0x1000, 0x3000) is held by owner:7 (dma-ctx) with a pin");
+        assert_eq!(
+            e.to_string(),
+            "[0x1000, 0x3000) is held by owner:7 (dma-ctx) with a pin"
+        );
     }
 }

@@ -58,7 +58,10 @@ pub struct HostGuard {
 
 impl std::fmt::Debug for HostGuard {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("HostGuard").field("signo", &self.signo).field("tid", &self.tid).finish_non_exhaustive()
+        f.debug_struct("HostGuard")
+            .field("signo", &self.signo)
+            .field("tid", &self.tid)
+            .finish_non_exhaustive()
     }
 }
 
@@ -119,7 +122,9 @@ impl HostGuard {
         let sfd = unsafe { OwnedFd::from_raw_fd(sfd) };
         // SAFETY: gettid has no preconditions.
         let tid = unsafe { libc::gettid() };
-        let deadline = lease_break_time().saturating_sub(Duration::from_secs(1)).min(Duration::from_secs(10));
+        let deadline = lease_break_time()
+            .saturating_sub(Duration::from_secs(1))
+            .min(Duration::from_secs(10));
         Ok(HostGuard {
             mapper,
             sfd,
@@ -145,17 +150,29 @@ impl HostGuard {
     pub fn arm(&self, region: RegionId) -> Result<()> {
         let file = self.mapper.lock().region(region)?.desc.file.clone();
         self.take_lease(&file)?;
-        self.files().insert(file.as_raw_fd(), Guarded { region, file, armed: true });
+        self.files().insert(
+            file.as_raw_fd(),
+            Guarded {
+                region,
+                file,
+                armed: true,
+            },
+        );
         tracing::info!(%region, "host guard armed");
         Ok(())
     }
 
     fn take_lease(&self, file: &File) -> Result<()> {
         let fd = file.as_raw_fd();
-        fcntl(fd, F_SETSIG, self.signo as libc::c_long).map_err(|e| MapperError::io("F_SETSIG", e))?;
-        fcntl(fd, libc::F_SETLEASE, libc::F_WRLCK as libc::c_long).map_err(|e| MapperError::io("F_SETLEASE", e))?;
+        fcntl(fd, F_SETSIG, self.signo as libc::c_long)
+            .map_err(|e| MapperError::io("F_SETSIG", e))?;
+        fcntl(fd, libc::F_SETLEASE, libc::F_WRLCK as libc::c_long)
+            .map_err(|e| MapperError::io("F_SETLEASE", e))?;
         // Setting a lease made the process the signal's owner; send it to this (blocking) thread instead.
-        let own = FOwnerEx { type_: F_OWNER_TID, pid: self.tid };
+        let own = FOwnerEx {
+            type_: F_OWNER_TID,
+            pid: self.tid,
+        };
         // SAFETY: F_SETOWN_EX reads a struct f_owner_ex.
         if unsafe { libc::fcntl(fd, F_SETOWN_EX, &own) } < 0 {
             return Err(MapperError::last_os("F_SETOWN_EX"));
@@ -180,7 +197,11 @@ impl HostGuard {
 
     /// Waits up to `timeout` for the signalfd to become readable.
     pub fn wait(&self, timeout: Duration) -> bool {
-        let mut p = libc::pollfd { fd: self.fd(), events: libc::POLLIN, revents: 0 };
+        let mut p = libc::pollfd {
+            fd: self.fd(),
+            events: libc::POLLIN,
+            revents: 0,
+        };
         let ms = timeout.as_millis().min(i32::MAX as u128) as i32;
         // SAFETY: one valid pollfd.
         unsafe { libc::poll(&mut p, 1, ms) > 0 }
@@ -193,12 +214,19 @@ impl HostGuard {
         let mut info = [0u8; std::mem::size_of::<libc::signalfd_siginfo>()];
         loop {
             // SAFETY: reads one signalfd_siginfo into a buffer of exactly its size.
-            let n = unsafe { libc::read(self.fd(), info.as_mut_ptr() as *mut libc::c_void, info.len()) };
+            let n = unsafe {
+                libc::read(
+                    self.fd(),
+                    info.as_mut_ptr() as *mut libc::c_void,
+                    info.len(),
+                )
+            };
             if n != info.len() as isize {
                 break;
             }
             // SAFETY: the kernel wrote a whole signalfd_siginfo; read it unaligned from the byte buffer.
-            let si: libc::signalfd_siginfo = unsafe { std::ptr::read_unaligned(info.as_ptr() as *const _) };
+            let si: libc::signalfd_siginfo =
+                unsafe { std::ptr::read_unaligned(info.as_ptr() as *const _) };
             fds.push(si.ssi_fd);
         }
         for (fd, g) in self.files().iter() {
@@ -217,8 +245,12 @@ impl HostGuard {
         let mut out = Vec::new();
         for fd in self.breaking_files() {
             let t0 = Instant::now();
-            let Some(region) = self.files().get(&fd).filter(|g| g.armed).map(|g| g.region) else { continue };
-            let deadline = self.deadline.min(lease_break_time().saturating_sub(Duration::from_secs(1)));
+            let Some(region) = self.files().get(&fd).filter(|g| g.armed).map(|g| g.region) else {
+                continue;
+            };
+            let deadline = self
+                .deadline
+                .min(lease_break_time().saturating_sub(Duration::from_secs(1)));
             let req = ChangeRequest {
                 deadline,
                 policy: self.policy,
@@ -233,9 +265,20 @@ impl HostGuard {
             }
             let (notified, revoked, outcome) = match res {
                 Ok(r) => (r.notified, r.revoked, Ok(())),
-                Err(e) => (Vec::new(), Vec::new(), Err(format!("{}: {e}", e.errno_name()))),
+                Err(e) => (
+                    Vec::new(),
+                    Vec::new(),
+                    Err(format!("{}: {e}", e.errno_name())),
+                ),
             };
-            let ev = GuardEvent { region, at: SystemTime::now(), notified, revoked, outcome, answered_in: t0.elapsed() };
+            let ev = GuardEvent {
+                region,
+                at: SystemTime::now(),
+                notified,
+                revoked,
+                outcome,
+                answered_in: t0.elapsed(),
+            };
             tracing::warn!(%region, ?ev.outcome, "foreign open of a backing file: whole-file break");
             self.mapper.lock().guard_events.push(ev.clone());
             out.push(ev);
@@ -253,7 +296,13 @@ mod tests {
     use std::process::{Command, Stdio};
 
     fn spawn_opener(script: &str, path: &std::path::Path) -> std::process::Child {
-        Command::new("sh").arg("-c").arg(script).arg(path).stdout(Stdio::piped()).spawn().unwrap()
+        Command::new("sh")
+            .arg("-c")
+            .arg(script)
+            .arg(path)
+            .stdout(Stdio::piped())
+            .spawn()
+            .unwrap()
     }
 
     #[test]
@@ -263,25 +312,42 @@ mod tests {
         let guard = HostGuard::new(m.clone(), guard_signal()).unwrap();
         guard.arm(t.region).unwrap();
         let holder = m.add_owner("guest-agent");
-        let l = m.acquire(holder, t.region, 4 * t.page, t.page, LeaseMode::Shared).unwrap();
+        let l = m
+            .acquire(holder, t.region, 4 * t.page, t.page, LeaseMode::Shared)
+            .unwrap();
 
         // A real foreign process opens the backing file for reading and reports when open() returned.
         let mut child = spawn_opener("exec 3<\"$0\"; echo opened", &t.path);
-        assert!(guard.wait(Duration::from_secs(10)), "no lease-break signal within 10 s");
+        assert!(
+            guard.wait(Duration::from_secs(10)),
+            "no lease-break signal within 10 s"
+        );
         // The opener is held in open() while the break is being resolved.
         std::thread::sleep(Duration::from_millis(200));
-        assert!(child.try_wait().unwrap().is_none(), "opener got through before the break resolved");
+        assert!(
+            child.try_wait().unwrap().is_none(),
+            "opener got through before the break resolved"
+        );
 
         // The scripted holder gets a whole-file break for exactly its lease's range and releases it late.
         let events = t.events.take().unwrap();
         let (m2, page) = (m.clone(), t.page);
         let h = std::thread::spawn(move || {
             let ev = events.recv_timeout(Duration::from_secs(10)).unwrap();
-            let BreakEvent::Notice(n) = ev else { panic!("{ev:?}") };
+            let BreakEvent::Notice(n) = ev else {
+                panic!("{ev:?}")
+            };
             assert_eq!(n.reason, "host-open");
-            assert_eq!(n.leases, vec![(l, crate::mapper::ByteRange::new(4 * page, 5 * page))]);
+            assert_eq!(
+                n.leases,
+                vec![(l, crate::mapper::ByteRange::new(4 * page, 5 * page))]
+            );
             std::thread::sleep(Duration::from_millis(300));
-            assert_eq!(m2.snapshot().breaks.len(), 1, "break not visible while in progress");
+            assert_eq!(
+                m2.snapshot().breaks.len(),
+                1,
+                "break not visible while in progress"
+            );
             m2.release(n.owner, l).unwrap();
         });
         let evs = guard.service();
@@ -289,18 +355,29 @@ mod tests {
         assert_eq!(evs.len(), 1);
         assert_eq!(evs[0].outcome, Ok(()));
         assert_eq!(evs[0].notified, vec![holder]);
-        assert!(evs[0].answered_in >= Duration::from_millis(300) && evs[0].answered_in < lease_break_time());
+        assert!(
+            evs[0].answered_in >= Duration::from_millis(300)
+                && evs[0].answered_in < lease_break_time()
+        );
 
         let status = child.wait().unwrap();
         assert!(status.success());
         let mut out = String::new();
-        child.stdout.take().unwrap().read_to_string(&mut out).unwrap();
+        child
+            .stdout
+            .take()
+            .unwrap()
+            .read_to_string(&mut out)
+            .unwrap();
         assert_eq!(out.trim(), "opened");
         assert_eq!(m.snapshot().guard_events, evs, "event not in introspection");
         // The opener closed its fd: the guard can take the lease again, and sees the next open too.
         assert_eq!(guard.rearm(), 1);
         let mut child = spawn_opener("exec 3<\"$0\"", &t.path);
-        assert!(guard.wait(Duration::from_secs(10)), "re-armed guard missed the second open");
+        assert!(
+            guard.wait(Duration::from_secs(10)),
+            "re-armed guard missed the second open"
+        );
         assert_eq!(guard.service().len(), 1);
         assert!(child.wait().unwrap().success());
         assert_eq!(m.snapshot().guard_events.len(), 2);
@@ -313,7 +390,8 @@ mod tests {
         let guard = HostGuard::new(m.clone(), guard_signal()).unwrap();
         guard.arm(t.region).unwrap();
         let dma = m.add_owner("dma-ctx");
-        m.acquire(dma, t.region, 0, t.page, LeaseMode::Exclusive).unwrap();
+        m.acquire(dma, t.region, 0, t.page, LeaseMode::Exclusive)
+            .unwrap();
         m.pin(dma, t.region, 0, t.page).unwrap();
         let mut child = spawn_opener("exec 3<\"$0\"; echo opened", &t.path);
         assert!(guard.wait(Duration::from_secs(10)));
@@ -321,7 +399,10 @@ mod tests {
         // Pins are checked first: the whole-file break is ETXTBSY naming the pin's owner. The kernel lets the
         // opener in regardless (it would break our lease itself), so the guard answers at once and reports it.
         let outcome = evs[0].outcome.as_ref().unwrap_err();
-        assert!(outcome.starts_with("ETXTBSY") && outcome.contains(&format!("{dma} (dma-ctx)")), "{outcome}");
+        assert!(
+            outcome.starts_with("ETXTBSY") && outcome.contains(&format!("{dma} (dma-ctx)")),
+            "{outcome}"
+        );
         assert!(child.wait().unwrap().success());
         assert_eq!(m.snapshot().guard_events[0].outcome, evs[0].outcome);
         assert_eq!(m.snapshot().pins().len(), 1, "the pin stays");

@@ -27,15 +27,26 @@ impl OwnedMapping {
         let fd = file.as_raw_fd();
         if want_sync {
             if let Ok(addr) = mmap(fd, offset, len, libc::MAP_SHARED_VALIDATE | libc::MAP_SYNC) {
-                return Ok(OwnedMapping { addr, len, sync: true });
+                return Ok(OwnedMapping {
+                    addr,
+                    len,
+                    sync: true,
+                });
             }
         }
         let addr = mmap(fd, offset, len, libc::MAP_SHARED)?;
-        Ok(OwnedMapping { addr, len, sync: false })
+        Ok(OwnedMapping {
+            addr,
+            len,
+            sync: false,
+        })
     }
 
     pub fn host(&self) -> HostMapping {
-        HostMapping { addr: self.addr, len: self.len }
+        HostMapping {
+            addr: self.addr,
+            len: self.len,
+        }
     }
 
     /// Whether the mapping is MAP_SYNC (stores are durable once flushed from the CPU cache).
@@ -70,9 +81,19 @@ impl OwnedMapping {
 }
 
 fn mmap(fd: i32, offset: u64, len: usize, flags: i32) -> io::Result<usize> {
-    let off = libc::off_t::try_from(offset).map_err(|_| io::Error::from_raw_os_error(libc::EINVAL))?;
+    let off =
+        libc::off_t::try_from(offset).map_err(|_| io::Error::from_raw_os_error(libc::EINVAL))?;
     // SAFETY: a fresh mapping chosen by the kernel (addr NULL); no existing memory is affected.
-    let p = unsafe { libc::mmap(std::ptr::null_mut(), len, libc::PROT_READ | libc::PROT_WRITE, flags, fd, off) };
+    let p = unsafe {
+        libc::mmap(
+            std::ptr::null_mut(),
+            len,
+            libc::PROT_READ | libc::PROT_WRITE,
+            flags,
+            fd,
+            off,
+        )
+    };
     if p == libc::MAP_FAILED {
         return Err(io::Error::last_os_error());
     }

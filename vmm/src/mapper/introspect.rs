@@ -61,11 +61,17 @@ pub struct Snapshot {
 
 impl Snapshot {
     pub fn leases(&self) -> Vec<(OwnerId, LeaseView)> {
-        self.owners.iter().flat_map(|o| o.leases.iter().map(|l| (o.id, l.clone()))).collect()
+        self.owners
+            .iter()
+            .flat_map(|o| o.leases.iter().map(|l| (o.id, l.clone())))
+            .collect()
     }
 
     pub fn pins(&self) -> Vec<(OwnerId, PinView)> {
-        self.owners.iter().flat_map(|o| o.pins.iter().map(|p| (o.id, p.clone()))).collect()
+        self.owners
+            .iter()
+            .flat_map(|o| o.pins.iter().map(|p| (o.id, p.clone())))
+            .collect()
     }
 
     pub fn owner(&self, id: OwnerId) -> Option<&OwnerView> {
@@ -84,7 +90,12 @@ impl Mapper {
                     .leases
                     .iter()
                     .filter_map(|l| {
-                        st.leases.get(l).map(|x| LeaseView { id: *l, region: x.region, range: x.range, mode: x.mode })
+                        st.leases.get(l).map(|x| LeaseView {
+                            id: *l,
+                            region: x.region,
+                            range: x.range,
+                            mode: x.mode,
+                        })
                     })
                     .collect();
                 leases.sort_by_key(|l| l.id);
@@ -104,7 +115,12 @@ impl Mapper {
                     })
                     .collect();
                 pins.sort_by_key(|p| p.id);
-                OwnerView { id: *id, name: o.name.clone(), leases, pins }
+                OwnerView {
+                    id: *id,
+                    name: o.name.clone(),
+                    leases,
+                    pins,
+                }
             })
             .collect();
         owners.sort_by_key(|o| o.id);
@@ -125,7 +141,11 @@ impl Mapper {
             })
             .collect();
         breaks.sort_by_key(|b| b.id);
-        Snapshot { owners, breaks, guard_events: st.guard_events.clone() }
+        Snapshot {
+            owners,
+            breaks,
+            guard_events: st.guard_events.clone(),
+        }
     }
 }
 
@@ -141,24 +161,44 @@ mod tests {
             let a = m.add_owner("agent-a");
             let b = m.add_owner("dma-b");
             let la = m.acquire(a, t.region, 0, 0, LeaseMode::Shared).unwrap();
-            let lb = m.acquire(b, t.region, t.page, 2 * t.page, LeaseMode::Exclusive).unwrap();
+            let lb = m
+                .acquire(b, t.region, t.page, 2 * t.page, LeaseMode::Exclusive)
+                .unwrap();
             let pb = m.pin(b, t.region, t.page + 1, 10).unwrap();
             let s = m.snapshot();
             let va = s.owner(a).unwrap();
             assert_eq!(va.name, "agent-a");
             assert_eq!(
                 va.leases,
-                vec![LeaseView { id: la, region: t.region, range: ByteRange::new(0, OPEN), mode: LeaseMode::Shared }]
+                vec![LeaseView {
+                    id: la,
+                    region: t.region,
+                    range: ByteRange::new(0, OPEN),
+                    mode: LeaseMode::Shared
+                }]
             );
             let vb = s.owner(b).unwrap();
-            assert_eq!(vb.leases[0].range, ByteRange::new(t.page, 3 * t.page), "{}", t.fs);
+            assert_eq!(
+                vb.leases[0].range,
+                ByteRange::new(t.page, 3 * t.page),
+                "{}",
+                t.fs
+            );
             assert_eq!(vb.pins.len(), 1);
             let p = &vb.pins[0];
-            assert_eq!((p.id, p.range, p.lease, p.pending), (pb, ByteRange::new(t.page, 2 * t.page), Some(lb), false));
+            assert_eq!(
+                (p.id, p.range, p.lease, p.pending),
+                (pb, ByteRange::new(t.page, 2 * t.page), Some(lb), false)
+            );
             assert_eq!(p.dma, Some((t.iova + t.page, t.page)));
             // Any ETXTBSY names the holder and the held range.
             match m.punch(Some(a), t.region, 0, 0).unwrap_err() {
-                crate::mapper::MapperError::TextBusy { holder, holder_name, range, .. } => {
+                crate::mapper::MapperError::TextBusy {
+                    holder,
+                    holder_name,
+                    range,
+                    ..
+                } => {
                     assert_eq!((holder, holder_name.as_str(), range), (b, "dma-b", p.range))
                 }
                 e => panic!("{}: {e}", t.fs),

@@ -58,7 +58,13 @@ pub struct ChangeRequest {
 
 impl ChangeRequest {
     pub fn new(region: RegionId, change: LayoutChange) -> Self {
-        ChangeRequest { region, change, requester: None, deadline: DEFAULT_DEADLINE, policy: BreakPolicy::Fail }
+        ChangeRequest {
+            region,
+            change,
+            requester: None,
+            deadline: DEFAULT_DEADLINE,
+            policy: BreakPolicy::Fail,
+        }
     }
 }
 
@@ -77,20 +83,54 @@ pub struct ChangeReport {
 }
 
 impl Mapper {
-    pub fn punch(&self, requester: Option<OwnerId>, region: RegionId, off: u64, len: u64) -> Result<ChangeReport> {
-        self.change(ChangeRequest { requester, ..ChangeRequest::new(region, LayoutChange::Punch { off, len }) })
+    pub fn punch(
+        &self,
+        requester: Option<OwnerId>,
+        region: RegionId,
+        off: u64,
+        len: u64,
+    ) -> Result<ChangeReport> {
+        self.change(ChangeRequest {
+            requester,
+            ..ChangeRequest::new(region, LayoutChange::Punch { off, len })
+        })
     }
 
-    pub fn zero(&self, requester: Option<OwnerId>, region: RegionId, off: u64, len: u64) -> Result<ChangeReport> {
-        self.change(ChangeRequest { requester, ..ChangeRequest::new(region, LayoutChange::Zero { off, len }) })
+    pub fn zero(
+        &self,
+        requester: Option<OwnerId>,
+        region: RegionId,
+        off: u64,
+        len: u64,
+    ) -> Result<ChangeReport> {
+        self.change(ChangeRequest {
+            requester,
+            ..ChangeRequest::new(region, LayoutChange::Zero { off, len })
+        })
     }
 
-    pub fn shrink(&self, requester: Option<OwnerId>, region: RegionId, new_size: u64) -> Result<ChangeReport> {
-        self.change(ChangeRequest { requester, ..ChangeRequest::new(region, LayoutChange::Shrink { new_size }) })
+    pub fn shrink(
+        &self,
+        requester: Option<OwnerId>,
+        region: RegionId,
+        new_size: u64,
+    ) -> Result<ChangeReport> {
+        self.change(ChangeRequest {
+            requester,
+            ..ChangeRequest::new(region, LayoutChange::Shrink { new_size })
+        })
     }
 
-    pub fn grow(&self, requester: Option<OwnerId>, region: RegionId, new_size: u64) -> Result<ChangeReport> {
-        self.change(ChangeRequest { requester, ..ChangeRequest::new(region, LayoutChange::Grow { new_size }) })
+    pub fn grow(
+        &self,
+        requester: Option<OwnerId>,
+        region: RegionId,
+        new_size: u64,
+    ) -> Result<ChangeReport> {
+        self.change(ChangeRequest {
+            requester,
+            ..ChangeRequest::new(region, LayoutChange::Grow { new_size })
+        })
     }
 
     /// Runs one layout change through the checks, breaks and waits, then applies it.
@@ -115,7 +155,12 @@ impl Mapper {
                 st = self.changed.wait(st).unwrap_or_else(|e| e.into_inner());
                 continue;
             }
-            let shared: Vec<LeaseId> = reg.leases.overlapping(range).into_iter().map(LeaseId).collect();
+            let shared: Vec<LeaseId> = reg
+                .leases
+                .overlapping(range)
+                .into_iter()
+                .map(LeaseId)
+                .collect();
             if shared.is_empty() {
                 st.apply(&req)?;
                 tracing::info!(region = %req.region, change = req.change.name(), %range, "layout change applied");
@@ -129,7 +174,13 @@ impl Mapper {
             st.region_mut(req.region)?.breaks.insert(range, bid.0);
             st.breaks.insert(
                 bid,
-                BreakState { region: req.region, range, leases: shared.clone(), deadline, reason: req.change.name() },
+                BreakState {
+                    region: req.region,
+                    range,
+                    leases: shared.clone(),
+                    deadline,
+                    reason: req.change.name(),
+                },
             );
             report.notified.extend(notices.iter().map(|n| n.owner));
             drop(st);
@@ -139,19 +190,29 @@ impl Mapper {
             }
             st = self.lock();
             loop {
-                let remaining: Vec<LeaseId> = shared.iter().copied().filter(|l| st.leases.contains_key(l)).collect();
+                let remaining: Vec<LeaseId> = shared
+                    .iter()
+                    .copied()
+                    .filter(|l| st.leases.contains_key(l))
+                    .collect();
                 if remaining.is_empty() {
                     break;
                 }
                 let now = Instant::now();
                 if now < deadline {
-                    st = self.changed.wait_timeout(st, deadline - now).unwrap_or_else(|e| e.into_inner()).0;
+                    st = self
+                        .changed
+                        .wait_timeout(st, deadline - now)
+                        .unwrap_or_else(|e| e.into_inner())
+                        .0;
                     continue;
                 }
                 match req.policy {
                     BreakPolicy::Fail => {
-                        let mut holders: Vec<OwnerId> =
-                            remaining.iter().filter_map(|l| st.leases.get(l).map(|l| l.owner)).collect();
+                        let mut holders: Vec<OwnerId> = remaining
+                            .iter()
+                            .filter_map(|l| st.leases.get(l).map(|l| l.owner))
+                            .collect();
                         holders.dedup();
                         st.end_break(bid);
                         drop(st);
@@ -160,7 +221,8 @@ impl Mapper {
                         return Err(MapperError::TimedOut { range, holders });
                     }
                     BreakPolicy::Revoke => {
-                        let revoked = st.revoke(bid, req.region, range, &remaining, self.dma.as_deref());
+                        let revoked =
+                            st.revoke(bid, req.region, range, &remaining, self.dma.as_deref());
                         report.revoked.extend(revoked.iter().map(|r| r.owner));
                         drop(st);
                         for r in &revoked {
@@ -189,24 +251,32 @@ impl State {
         match req.change {
             LayoutChange::Punch { off, len } | LayoutChange::Zero { off, len } => {
                 if !fits(off.saturating_add(len)) {
-                    return Err(MapperError::OutOfRange(format!("{off:#x}+{len:#x} past the largest file offset")));
+                    return Err(MapperError::OutOfRange(format!(
+                        "{off:#x}+{len:#x} past the largest file offset"
+                    )));
                 }
                 ByteRange::from_request(off, len)
             }
             LayoutChange::Shrink { new_size } => {
                 let cur = reg.file_size()?;
                 if new_size > cur {
-                    return Err(MapperError::Invalid(format!("shrink to {new_size:#x} above the size {cur:#x}")));
+                    return Err(MapperError::Invalid(format!(
+                        "shrink to {new_size:#x} above the size {cur:#x}"
+                    )));
                 }
                 Ok(ByteRange::for_shrink(new_size))
             }
             LayoutChange::Grow { new_size } => {
                 let cur = reg.file_size()?;
                 if new_size < cur {
-                    return Err(MapperError::Invalid(format!("grow to {new_size:#x} below the size {cur:#x}")));
+                    return Err(MapperError::Invalid(format!(
+                        "grow to {new_size:#x} below the size {cur:#x}"
+                    )));
                 }
                 if !fits(new_size) {
-                    return Err(MapperError::OutOfRange(format!("grow to {new_size:#x} past the largest file size")));
+                    return Err(MapperError::OutOfRange(format!(
+                        "grow to {new_size:#x} past the largest file size"
+                    )));
                 }
                 Ok(ByteRange::for_grow(cur))
             }
@@ -215,7 +285,12 @@ impl State {
     }
 
     /// Pins, then exclusive leases: EDEADLK if the requester holds one (wins), else ETXTBSY naming the holder.
-    pub(super) fn check_holds(&self, region: RegionId, range: ByteRange, requester: Option<OwnerId>) -> Result<()> {
+    pub(super) fn check_holds(
+        &self,
+        region: RegionId,
+        range: ByteRange,
+        requester: Option<OwnerId>,
+    ) -> Result<()> {
         let reg = self.region(region)?;
         let mut first: Option<(OwnerId, ByteRange)> = None;
         let mut own: Option<ByteRange> = None;
@@ -254,10 +329,19 @@ impl State {
         requester: Option<OwnerId>,
     ) -> Result<()> {
         if let (Some(range), Some(holder)) = (own, requester) {
-            return Err(MapperError::Deadlock { holder, kind, range });
+            return Err(MapperError::Deadlock {
+                holder,
+                kind,
+                range,
+            });
         }
         if let Some((holder, range)) = first {
-            return Err(MapperError::TextBusy { holder, holder_name: self.owner_name(holder), kind, range });
+            return Err(MapperError::TextBusy {
+                holder,
+                holder_name: self.owner_name(holder),
+                kind,
+                range,
+            });
         }
         Ok(())
     }
@@ -282,7 +366,14 @@ impl State {
         }
         by_owner
             .into_iter()
-            .map(|(owner, leases)| BreakNotice { break_id: bid, owner, region, leases, deadline, reason })
+            .map(|(owner, leases)| BreakNotice {
+                break_id: bid,
+                owner,
+                region,
+                leases,
+                deadline,
+                reason,
+            })
             .collect()
     }
 
@@ -307,13 +398,20 @@ impl State {
         let mut by_owner: BTreeMap<OwnerId, Vec<(LeaseId, ByteRange)>> = BTreeMap::new();
         for id in remaining {
             if let Some(l) = self.leases.get(id) {
-                by_owner.entry(l.owner).or_default().push((*id, l.range.intersect(&range).unwrap_or(l.range)));
+                by_owner
+                    .entry(l.owner)
+                    .or_default()
+                    .push((*id, l.range.intersect(&range).unwrap_or(l.range)));
             }
         }
         let mut out = Vec::new();
         for (owner, leases) in by_owner {
             let mut torn = Vec::new();
-            let pins: Vec<PinId> = self.owners.get(&owner).map(|o| o.pins.iter().copied().collect()).unwrap_or_default();
+            let pins: Vec<PinId> = self
+                .owners
+                .get(&owner)
+                .map(|o| o.pins.iter().copied().collect())
+                .unwrap_or_default();
             for pid in pins {
                 if let Some(p) = self.pins.get_mut(&pid) {
                     if p.region == region {
@@ -330,7 +428,13 @@ impl State {
             for (l, _) in &leases {
                 self.drop_lease(*l);
             }
-            out.push(RevokeNotice { break_id: bid, owner, region, leases, dma_torn_down: torn });
+            out.push(RevokeNotice {
+                break_id: bid,
+                owner,
+                region,
+                leases,
+                dma_torn_down: torn,
+            });
         }
         out
     }
@@ -342,7 +446,11 @@ impl State {
         let base = reg.desc.file_offset;
         match req.change {
             LayoutChange::Punch { off, len } | LayoutChange::Zero { off, len } => {
-                let len = if len == 0 { reg.file_size()?.saturating_sub(off) } else { len };
+                let len = if len == 0 {
+                    reg.file_size()?.saturating_sub(off)
+                } else {
+                    len
+                };
                 if len == 0 {
                     return Ok(());
                 }
@@ -398,8 +506,10 @@ mod tests {
     use crate::mapper::{Mapper, RegionDesc};
     use crate::pmem::BackingKind;
 
-    /// Everything a refused change must leave as it was.
-    fn state_of(t: &TestRegion) -> (u64, Vec<u8>, crate::mapper::Snapshot, Vec<(u64, usize, u64)>) {
+    /// Everything a refused change must leave as it was: size, bytes, tables, DMA mappings.
+    type Observed = (u64, Vec<u8>, crate::mapper::Snapshot, Vec<(u64, usize, u64)>);
+
+    fn state_of(t: &TestRegion) -> Observed {
         let size = t.file_size();
         (size, t.read_file(0, size as usize), t.mapper.snapshot(), t.dma.mappings())
     }
@@ -409,10 +519,20 @@ mod tests {
         for t in TestRegion::on_every_fs(8) {
             let m = &t.mapper;
             m.punch(None, t.region, t.page, t.page).unwrap();
-            assert_eq!(t.read_file(t.page, t.page as usize), vec![0; t.page as usize], "{}", t.fs);
+            assert_eq!(
+                t.read_file(t.page, t.page as usize),
+                vec![0; t.page as usize],
+                "{}",
+                t.fs
+            );
             assert_eq!(t.read_file(0, 1)[0], t.fill_byte(0));
             m.zero(None, t.region, 3 * t.page, 1).unwrap();
-            assert_eq!(t.read_file(3 * t.page, 2), vec![0, t.fill_byte(3 * t.page)], "{}: zero is exact", t.fs);
+            assert_eq!(
+                t.read_file(3 * t.page, 2),
+                vec![0, t.fill_byte(3 * t.page)],
+                "{}: zero is exact",
+                t.fs
+            );
             m.shrink(None, t.region, 6 * t.page).unwrap();
             assert_eq!(t.file_size(), 6 * t.page);
             m.grow(None, t.region, 10 * t.page).unwrap();
@@ -420,7 +540,12 @@ mod tests {
             assert_eq!(t.read_file(7 * t.page, 1)[0], 0);
             // Punch to EOF (len 0).
             m.punch(None, t.region, 5 * t.page, 0).unwrap();
-            assert_eq!(t.read_file(5 * t.page - 1, 2), vec![t.fill_byte(4 * t.page), 0], "{}", t.fs);
+            assert_eq!(
+                t.read_file(5 * t.page - 1, 2),
+                vec![t.fill_byte(4 * t.page), 0],
+                "{}",
+                t.fs
+            );
             assert_eq!(t.file_size(), 10 * t.page, "punch keeps the size");
         }
     }
@@ -431,33 +556,69 @@ mod tests {
             let m = &t.mapper;
             let a = m.add_owner("a");
             let b = m.add_owner("b");
-            m.acquire(a, t.region, 0, 4 * t.page, LeaseMode::Exclusive).unwrap();
-            m.acquire(b, t.region, 0, 4 * t.page, LeaseMode::Exclusive).unwrap();
+            m.acquire(a, t.region, 0, 4 * t.page, LeaseMode::Exclusive)
+                .unwrap();
+            m.acquire(b, t.region, 0, 4 * t.page, LeaseMode::Exclusive)
+                .unwrap();
             m.pin(a, t.region, t.page, t.page).unwrap();
             m.pin(b, t.region, 2 * t.page, t.page).unwrap();
             let before = state_of(&t);
             for change in [
-                LayoutChange::Punch { off: t.page, len: 2 * t.page },
+                LayoutChange::Punch {
+                    off: t.page,
+                    len: 2 * t.page,
+                },
                 LayoutChange::Zero { off: 0, len: 0 },
-                LayoutChange::Shrink { new_size: t.page + 1 },
+                LayoutChange::Shrink {
+                    new_size: t.page + 1,
+                },
                 // Touches each pinned page by a single byte: the check is page-rounded outward.
-                LayoutChange::Punch { off: 2 * t.page - 1, len: 2 },
+                LayoutChange::Punch {
+                    off: 2 * t.page - 1,
+                    len: 2,
+                },
             ] {
                 // The operator (no owner) gets ETXTBSY naming the first holder.
                 let e = m.change(ChangeRequest::new(t.region, change)).unwrap_err();
                 match &e {
-                    MapperError::TextBusy { holder, kind: HoldKind::Pin, range, .. } => {
-                        assert_eq!((*holder, *range), (a, ByteRange::new(t.page, 2 * t.page)), "{}", t.fs)
+                    MapperError::TextBusy {
+                        holder,
+                        kind: HoldKind::Pin,
+                        range,
+                        ..
+                    } => {
+                        assert_eq!(
+                            (*holder, *range),
+                            (a, ByteRange::new(t.page, 2 * t.page)),
+                            "{}",
+                            t.fs
+                        )
                     }
                     e => panic!("{}: {change:?}: {e}", t.fs),
                 }
                 // Owner b pinned too: EDEADLK wins over ETXTBSY for b even though a also holds the range.
-                let e = m.change(ChangeRequest { requester: Some(b), ..ChangeRequest::new(t.region, change) });
-                assert_eq!(e.unwrap_err().errno(), libc::EDEADLK, "{}: {change:?}", t.fs);
-                assert_eq!(state_of(&t), before, "{}: refused {change:?} changed something", t.fs);
+                let e = m.change(ChangeRequest {
+                    requester: Some(b),
+                    ..ChangeRequest::new(t.region, change)
+                });
+                assert_eq!(
+                    e.unwrap_err().errno(),
+                    libc::EDEADLK,
+                    "{}: {change:?}",
+                    t.fs
+                );
+                assert_eq!(
+                    state_of(&t),
+                    before,
+                    "{}: refused {change:?} changed something",
+                    t.fs
+                );
             }
             // Only a's pin in range: ETXTBSY for b. Pages next to the pins are free to change.
-            assert_eq!(m.punch(Some(b), t.region, t.page, 1).unwrap_err().errno(), libc::ETXTBSY);
+            assert_eq!(
+                m.punch(Some(b), t.region, t.page, 1).unwrap_err().errno(),
+                libc::ETXTBSY
+            );
             // (Past the exclusive leases, which end at page 4.)
             m.punch(None, t.region, 4 * t.page, t.page).unwrap();
             m.shrink(None, t.region, 4 * t.page).unwrap();
@@ -470,17 +631,33 @@ mod tests {
             let m = &t.mapper;
             let a = m.add_owner("a");
             let b = m.add_owner("b");
-            m.acquire(a, t.region, 4 * t.page, 0, LeaseMode::Exclusive).unwrap();
-            m.acquire(b, t.region, 0, t.page, LeaseMode::Shared).unwrap();
+            m.acquire(a, t.region, 4 * t.page, 0, LeaseMode::Exclusive)
+                .unwrap();
+            m.acquire(b, t.region, 0, t.page, LeaseMode::Shared)
+                .unwrap();
             let before = state_of(&t);
             let e = m.punch(None, t.region, 0, 0).unwrap_err();
-            assert!(matches!(e, MapperError::TextBusy { holder, kind: HoldKind::ExclusiveLease, .. } if holder == a));
-            assert_eq!(m.punch(Some(a), t.region, 6 * t.page, 1).unwrap_err().errno(), libc::EDEADLK);
+            assert!(
+                matches!(e, MapperError::TextBusy { holder, kind: HoldKind::ExclusiveLease, .. } if holder == a)
+            );
+            assert_eq!(
+                m.punch(Some(a), t.region, 6 * t.page, 1)
+                    .unwrap_err()
+                    .errno(),
+                libc::EDEADLK
+            );
             // Growing touches the old last block, which the open-ended exclusive lease covers.
-            assert_eq!(m.grow(None, t.region, 16 * t.page).unwrap_err().errno(), libc::ETXTBSY);
+            assert_eq!(
+                m.grow(None, t.region, 16 * t.page).unwrap_err().errno(),
+                libc::ETXTBSY
+            );
             assert_eq!(state_of(&t), before, "{}", t.fs);
             let events = t.events.take().unwrap();
-            assert!(events.try_recv().is_err(), "{}: a holder was notified", t.fs);
+            assert!(
+                events.try_recv().is_err(),
+                "{}: a holder was notified",
+                t.fs
+            );
         }
     }
 
@@ -490,20 +667,36 @@ mod tests {
             let m = &t.mapper;
             let a = m.add_owner("a");
             // A lease entirely past EOF, open-ended: growing into it conflicts.
-            let far = m.acquire(a, t.region, 100 * t.page, 0, LeaseMode::Exclusive).unwrap();
-            assert_eq!(m.grow(None, t.region, 200 * t.page).unwrap_err().errno(), libc::ETXTBSY, "{}", t.fs);
+            let far = m
+                .acquire(a, t.region, 100 * t.page, 0, LeaseMode::Exclusive)
+                .unwrap();
+            assert_eq!(
+                m.grow(None, t.region, 200 * t.page).unwrap_err().errno(),
+                libc::ETXTBSY,
+                "{}",
+                t.fs
+            );
             m.release(a, far).unwrap();
             // A lease on everything but the last page does not conflict with a grow.
-            let l = m.acquire(a, t.region, 0, 7 * t.page, LeaseMode::Exclusive).unwrap();
+            let l = m
+                .acquire(a, t.region, 0, 7 * t.page, LeaseMode::Exclusive)
+                .unwrap();
             m.grow(None, t.region, 9 * t.page).unwrap();
             m.release(a, l).unwrap();
             // The last page of the old size does.
-            m.acquire(a, t.region, 8 * t.page, t.page, LeaseMode::Exclusive).unwrap();
-            assert_eq!(m.grow(None, t.region, 20 * t.page).unwrap_err().errno(), libc::ETXTBSY);
+            m.acquire(a, t.region, 8 * t.page, t.page, LeaseMode::Exclusive)
+                .unwrap();
+            assert_eq!(
+                m.grow(None, t.region, 20 * t.page).unwrap_err().errno(),
+                libc::ETXTBSY
+            );
             assert_eq!(t.file_size(), 9 * t.page);
             // And shrink covers [new size, EOF): the lease at page 8 blocks shrinking below it only.
             m.shrink(None, t.region, 9 * t.page).unwrap();
-            assert_eq!(m.shrink(None, t.region, 8 * t.page).unwrap_err().errno(), libc::ETXTBSY);
+            assert_eq!(
+                m.shrink(None, t.region, 8 * t.page).unwrap_err().errno(),
+                libc::ETXTBSY
+            );
         }
     }
 
@@ -511,13 +704,42 @@ mod tests {
     fn bad_arguments() {
         let t = TestRegion::on_tmp(4);
         let m = &t.mapper;
-        assert_eq!(m.shrink(None, t.region, 5 * t.page).unwrap_err().errno(), libc::EINVAL);
-        assert_eq!(m.grow(None, t.region, t.page).unwrap_err().errno(), libc::EINVAL);
-        assert_eq!(m.punch(None, t.region, u64::MAX - 5, 10).unwrap_err().errno(), libc::ERANGE);
-        assert_eq!(m.punch(None, t.region, i64::MAX as u64, 10).unwrap_err().errno(), libc::ERANGE);
-        assert_eq!(m.grow(None, t.region, u64::MAX).unwrap_err().errno(), libc::ERANGE);
-        assert_eq!(m.punch(Some(OwnerId::NONE), t.region, 0, 1).unwrap_err().errno(), libc::EINVAL);
-        assert_eq!(m.punch(Some(OwnerId(12345)), t.region, 0, 1).unwrap_err().errno(), libc::ENOENT);
+        assert_eq!(
+            m.shrink(None, t.region, 5 * t.page).unwrap_err().errno(),
+            libc::EINVAL
+        );
+        assert_eq!(
+            m.grow(None, t.region, t.page).unwrap_err().errno(),
+            libc::EINVAL
+        );
+        assert_eq!(
+            m.punch(None, t.region, u64::MAX - 5, 10)
+                .unwrap_err()
+                .errno(),
+            libc::ERANGE
+        );
+        assert_eq!(
+            m.punch(None, t.region, i64::MAX as u64, 10)
+                .unwrap_err()
+                .errno(),
+            libc::ERANGE
+        );
+        assert_eq!(
+            m.grow(None, t.region, u64::MAX).unwrap_err().errno(),
+            libc::ERANGE
+        );
+        assert_eq!(
+            m.punch(Some(OwnerId::NONE), t.region, 0, 1)
+                .unwrap_err()
+                .errno(),
+            libc::EINVAL
+        );
+        assert_eq!(
+            m.punch(Some(OwnerId(12345)), t.region, 0, 1)
+                .unwrap_err()
+                .errno(),
+            libc::ENOENT
+        );
         assert_eq!(t.file_size(), 4 * t.page);
     }
 
@@ -539,11 +761,20 @@ mod tests {
             .unwrap();
         let a = m.add_owner("a");
         for mode in [LeaseMode::Shared, LeaseMode::Exclusive] {
-            assert_eq!(m.acquire(a, r, 0, 0, mode).unwrap_err().errno(), libc::EOPNOTSUPP);
+            assert_eq!(
+                m.acquire(a, r, 0, 0, mode).unwrap_err().errno(),
+                libc::EOPNOTSUPP
+            );
         }
-        assert_eq!(m.punch(None, r, 0, t.page).unwrap_err().errno(), libc::EOPNOTSUPP);
+        assert_eq!(
+            m.punch(None, r, 0, t.page).unwrap_err().errno(),
+            libc::EOPNOTSUPP
+        );
         assert_eq!(m.shrink(None, r, 0).unwrap_err().errno(), libc::EOPNOTSUPP);
-        assert_eq!(m.prepare(a, r, 0, 0, &mut |_| {}).unwrap_err().errno(), libc::EOPNOTSUPP);
+        assert_eq!(
+            m.prepare(a, r, 0, 0, &mut |_| {}).unwrap_err().errno(),
+            libc::EOPNOTSUPP
+        );
         assert_eq!(t.file_size(), 4 * t.page);
         // Its layout never changes, so DMA pins need no lease there.
         let p = m.pin(a, r, 0, t.page).unwrap();

@@ -48,7 +48,14 @@ impl Mapper {
     /// Takes a lease on `[off, off+len)` of `region` (rounded out to pages; `len == 0` is open-ended).
     /// EINVAL without owner, ENOENT for an unknown owner or region, EOPNOTSUPP on device-DAX, ERANGE on overflow,
     /// EAGAIN while a break is in progress on an overlapping range.
-    pub fn acquire(&self, owner: OwnerId, region: RegionId, off: u64, len: u64, mode: LeaseMode) -> Result<LeaseId> {
+    pub fn acquire(
+        &self,
+        owner: OwnerId,
+        region: RegionId,
+        off: u64,
+        len: u64,
+        mode: LeaseMode,
+    ) -> Result<LeaseId> {
         let range = ByteRange::from_request(off, len)?;
         let mut st = self.lock();
         st.check_owner(owner)?;
@@ -58,7 +65,15 @@ impl Mapper {
             return Err(MapperError::BreakInProgress { range: b });
         }
         let id = LeaseId(st.next_id());
-        st.insert_lease(id, Lease { owner, region, range, mode });
+        st.insert_lease(
+            id,
+            Lease {
+                owner,
+                region,
+                range,
+                mode,
+            },
+        );
         tracing::debug!(%owner, %id, %range, %mode, "lease acquired");
         Ok(id)
     }
@@ -67,9 +82,15 @@ impl Mapper {
     pub fn release(&self, owner: OwnerId, lease: LeaseId) -> Result<()> {
         let mut st = self.lock();
         st.check_owner(owner)?;
-        let l = st.leases.get(&lease).ok_or_else(|| MapperError::NotFound(format!("{lease}")))?;
+        let l = st
+            .leases
+            .get(&lease)
+            .ok_or_else(|| MapperError::NotFound(format!("{lease}")))?;
         if l.owner != owner {
-            return Err(MapperError::NotOwner { owner, what: lease.to_string() });
+            return Err(MapperError::NotOwner {
+                owner,
+                what: lease.to_string(),
+            });
         }
         let pins = st.pins.values().filter(|p| p.lease == Some(lease)).count();
         if pins > 0 {
@@ -86,7 +107,12 @@ impl Mapper {
     }
 
     /// Who holds leases over `[off, off+len)`: the lookup the operator and the benchmarks use.
-    pub fn lease_holders(&self, region: RegionId, off: u64, len: u64) -> Result<Vec<(LeaseId, OwnerId, LeaseMode)>> {
+    pub fn lease_holders(
+        &self,
+        region: RegionId,
+        off: u64,
+        len: u64,
+    ) -> Result<Vec<(LeaseId, OwnerId, LeaseMode)>> {
         let range = ByteRange::from_request(off, len)?;
         let st = self.lock();
         let reg = st.region(region)?;
@@ -113,8 +139,14 @@ mod tests {
             let b = m.add_owner("b");
             m.acquire(a, t.region, 0, 0, LeaseMode::Exclusive).unwrap();
             m.acquire(b, t.region, 0, 0, LeaseMode::Exclusive).unwrap();
-            m.acquire(b, t.region, t.page, t.page, LeaseMode::Shared).unwrap();
-            assert_eq!(m.lease_holders(t.region, t.page, 1).unwrap().len(), 3, "{}", t.fs);
+            m.acquire(b, t.region, t.page, t.page, LeaseMode::Shared)
+                .unwrap();
+            assert_eq!(
+                m.lease_holders(t.region, t.page, 1).unwrap().len(),
+                3,
+                "{}",
+                t.fs
+            );
         }
     }
 
@@ -124,14 +156,26 @@ mod tests {
         let m = &t.mapper;
         let a = m.add_owner("a");
         let b = m.add_owner("b");
-        let l = m.acquire(a, t.region, 1 << 40, 1 << 20, LeaseMode::Shared).unwrap();
+        let l = m
+            .acquire(a, t.region, 1 << 40, 1 << 20, LeaseMode::Shared)
+            .unwrap();
         assert_eq!(m.release(b, l).unwrap_err().errno(), libc::EPERM);
-        assert_eq!(m.release(OwnerId::NONE, l).unwrap_err().errno(), libc::EINVAL);
+        assert_eq!(
+            m.release(OwnerId::NONE, l).unwrap_err().errno(),
+            libc::EINVAL
+        );
         m.release(a, l).unwrap();
         assert_eq!(m.release(a, l).unwrap_err().errno(), libc::ENOENT);
-        assert_eq!(m.acquire(a, t.region, u64::MAX - 1, 10, LeaseMode::Shared).unwrap_err().errno(), libc::ERANGE);
         assert_eq!(
-            m.acquire(a, crate::mapper::RegionId(999), 0, 1, LeaseMode::Shared).unwrap_err().errno(),
+            m.acquire(a, t.region, u64::MAX - 1, 10, LeaseMode::Shared)
+                .unwrap_err()
+                .errno(),
+            libc::ERANGE
+        );
+        assert_eq!(
+            m.acquire(a, crate::mapper::RegionId(999), 0, 1, LeaseMode::Shared)
+                .unwrap_err()
+                .errno(),
             libc::ENOENT
         );
     }

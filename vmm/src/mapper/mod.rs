@@ -40,7 +40,9 @@ mod test_files;
 use std::collections::HashMap;
 use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 
-pub use breaks::{BreakEvent, BreakId, BreakNotice, BreakNotifier, BreakPolicy, ChannelNotifier, RevokeNotice};
+pub use breaks::{
+    BreakEvent, BreakId, BreakNotice, BreakNotifier, BreakPolicy, ChannelNotifier, RevokeNotice,
+};
 pub use dma::{DmaMapper, RecordingDma, VfioContainer};
 pub use error::{HoldKind, MapperError, Result};
 pub use guard::{GuardEvent, HostGuard};
@@ -92,7 +94,12 @@ impl Mapper {
     /// `notifier` delivers break and revoke notices to holders; `dma` maps pinned ranges for devices (None when
     /// the VM has no DMA-capable passthrough device).
     pub fn new(notifier: Arc<dyn BreakNotifier>, dma: Option<Arc<dyn DmaMapper>>) -> Self {
-        Mapper { state: Arc::default(), changed: Arc::new(Condvar::new()), notifier, dma }
+        Mapper {
+            state: Arc::default(),
+            changed: Arc::new(Condvar::new()),
+            notifier,
+            dma,
+        }
     }
 
     fn lock(&self) -> MutexGuard<'_, State> {
@@ -127,7 +134,10 @@ impl Mapper {
         let mut st = self.lock();
         let reg = st.region(region)?;
         if !reg.leases.is_empty() || !reg.pins.is_empty() || !reg.transients.is_empty() {
-            return Err(MapperError::RegionBusy { leases: reg.leases.len(), pins: reg.pins.len() });
+            return Err(MapperError::RegionBusy {
+                leases: reg.leases.len(),
+                pins: reg.pins.len(),
+            });
         }
         st.regions.remove(&region);
         Ok(())
@@ -144,19 +154,28 @@ impl State {
         if owner == OwnerId::NONE {
             return Err(MapperError::NoOwner);
         }
-        self.owners.get(&owner).ok_or_else(|| MapperError::NotFound(format!("{owner}")))
+        self.owners
+            .get(&owner)
+            .ok_or_else(|| MapperError::NotFound(format!("{owner}")))
     }
 
     fn owner_name(&self, owner: OwnerId) -> String {
-        self.owners.get(&owner).map(|o| o.name.clone()).unwrap_or_default()
+        self.owners
+            .get(&owner)
+            .map(|o| o.name.clone())
+            .unwrap_or_default()
     }
 
     fn region(&self, id: RegionId) -> Result<&Region> {
-        self.regions.get(&id).ok_or_else(|| MapperError::NotFound(format!("{id}")))
+        self.regions
+            .get(&id)
+            .ok_or_else(|| MapperError::NotFound(format!("{id}")))
     }
 
     fn region_mut(&mut self, id: RegionId) -> Result<&mut Region> {
-        self.regions.get_mut(&id).ok_or_else(|| MapperError::NotFound(format!("{id}")))
+        self.regions
+            .get_mut(&id)
+            .ok_or_else(|| MapperError::NotFound(format!("{id}")))
     }
 
     fn insert_lease(&mut self, id: LeaseId, lease: Lease) {
@@ -208,10 +227,16 @@ mod tests {
         let m = &t.mapper;
         let mut desc = m.lock().region(t.region).unwrap().desc.clone();
         desc.size = desc.mapping.unwrap().len as u64 * 2;
-        assert_eq!(m.add_region(desc.clone()).unwrap_err().errno(), libc::EINVAL);
+        assert_eq!(
+            m.add_region(desc.clone()).unwrap_err().errno(),
+            libc::EINVAL
+        );
         desc.mapping = None;
         desc.file_offset = u64::MAX - 1;
-        assert_eq!(m.add_region(desc.clone()).unwrap_err().errno(), libc::ERANGE);
+        assert_eq!(
+            m.add_region(desc.clone()).unwrap_err().errno(),
+            libc::ERANGE
+        );
         desc.file_offset = 0;
         desc.kind = BackingKind::Regular;
         let r = m.add_region(desc).unwrap();

@@ -35,7 +35,14 @@ impl Mapper {
     pub fn add_owner(&self, name: &str) -> OwnerId {
         let mut st = self.lock();
         let id = OwnerId(st.next_id());
-        st.owners.insert(id, Owner { name: name.to_string(), leases: HashSet::new(), pins: HashSet::new() });
+        st.owners.insert(
+            id,
+            Owner {
+                name: name.to_string(),
+                leases: HashSet::new(),
+                pins: HashSet::new(),
+            },
+        );
         tracing::debug!(%id, name, "owner added");
         id
     }
@@ -45,7 +52,10 @@ impl Mapper {
     /// re-evaluates. Works in the middle of a break: the waiting change proceeds.
     pub fn owner_exit(&self, owner: OwnerId) -> Result<()> {
         let mut st = self.lock();
-        let o = st.owners.remove(&owner).ok_or_else(|| MapperError::NotFound(format!("{owner}")))?;
+        let o = st
+            .owners
+            .remove(&owner)
+            .ok_or_else(|| MapperError::NotFound(format!("{owner}")))?;
         for pin in o.pins {
             st.drop_pin(pin, self.dma.as_deref());
         }
@@ -69,19 +79,30 @@ mod tests {
         for t in TestRegion::on_every_fs(8) {
             let m = &t.mapper;
             let o = m.add_owner("agent");
-            let l = m.acquire(o, t.region, 0, 4 * t.page, LeaseMode::Exclusive).unwrap();
+            let l = m
+                .acquire(o, t.region, 0, 4 * t.page, LeaseMode::Exclusive)
+                .unwrap();
             m.pin(o, t.region, 0, t.page).unwrap();
             m.acquire(o, t.region, 0, 0, LeaseMode::Shared).unwrap();
             assert_eq!(t.dma.mappings().len(), 1, "{}", t.fs);
             m.owner_exit(o).unwrap();
             let snap = m.snapshot();
             assert!(snap.owners.is_empty(), "{}: {snap:?}", t.fs);
-            assert!(t.dma.mappings().is_empty(), "{}: DMA mapping left behind", t.fs);
+            assert!(
+                t.dma.mappings().is_empty(),
+                "{}: DMA mapping left behind",
+                t.fs
+            );
             // The change that the pin blocked now succeeds.
             m.punch(None, t.region, 0, t.page).unwrap();
             assert_eq!(m.release(o, l).unwrap_err().errno(), libc::ENOENT);
             assert_eq!(m.owner_exit(o).unwrap_err().errno(), libc::ENOENT);
-            assert_eq!(m.acquire(o, t.region, 0, 1, LeaseMode::Shared).unwrap_err().errno(), libc::ENOENT);
+            assert_eq!(
+                m.acquire(o, t.region, 0, 1, LeaseMode::Shared)
+                    .unwrap_err()
+                    .errno(),
+                libc::ENOENT
+            );
         }
     }
 }

@@ -51,16 +51,21 @@ impl Mapper {
             let size = reg.desc.size;
             let range = ByteRange::within(off, len, size)?;
             let covered = reg.leases.overlapping(range).into_iter().any(|id| {
-                st.leases
-                    .get(&LeaseId(id))
-                    .is_some_and(|l| l.owner == owner && l.mode == LeaseMode::Exclusive && l.range.contains(&range))
+                st.leases.get(&LeaseId(id)).is_some_and(|l| {
+                    l.owner == owner && l.mode == LeaseMode::Exclusive && l.range.contains(&range)
+                })
             });
             if !covered {
                 return Err(MapperError::NoExclusiveLease { owner, range });
             }
             let (file, base) = (reg.desc.file.clone(), reg.desc.file_offset);
             drop(st);
-            (file, base, range, self.transient(region, range.start, range.len())?)
+            (
+                file,
+                base,
+                range,
+                self.transient(region, range.start, range.len())?,
+            )
         };
         let total = range.len();
         let mut report = PrepareReport::default();
@@ -79,11 +84,13 @@ impl Mapper {
             return Ok(report);
         }
 
-        file.sync_data().map_err(|e| MapperError::io("fdatasync", e))?;
+        file.sync_data()
+            .map_err(|e| MapperError::io("fdatasync", e))?;
         let mut pos = start;
         let mut synced_at = u64::MAX;
         while pos < end {
-            let Some((at, len, problem)) = first_problem(fd, pos, end).map_err(|e| MapperError::io("FIEMAP", e))?
+            let Some((at, len, problem)) =
+                first_problem(fd, pos, end).map_err(|e| MapperError::io("FIEMAP", e))?
             else {
                 break;
             };
@@ -99,7 +106,8 @@ impl Mapper {
                 }
                 ExtentProblem::Flags(f) if f.contains(ExtentFlags::DELALLOC) && synced_at != at => {
                     // Writeback allocates it; look at the same offset again afterwards.
-                    file.sync_data().map_err(|e| MapperError::io("fdatasync", e))?;
+                    file.sync_data()
+                        .map_err(|e| MapperError::io("fdatasync", e))?;
                     synced_at = at;
                     continue;
                 }
@@ -108,17 +116,29 @@ impl Mapper {
                     report.unshared += len;
                 }
                 ExtentProblem::Flags(_) => {
-                    return Err(MapperError::Unpinnable { file_offset: at, len, problem });
+                    return Err(MapperError::Unpinnable {
+                        file_offset: at,
+                        len,
+                        problem,
+                    });
                 }
             }
             pos = bad_end;
-            progress(PrepareProgress { done: pos - start, total });
+            progress(PrepareProgress {
+                done: pos - start,
+                total,
+            });
         }
-        file.sync_data().map_err(|e| MapperError::io("fdatasync", e))?;
+        file.sync_data()
+            .map_err(|e| MapperError::io("fdatasync", e))?;
         if let Some((file_offset, len, problem)) =
             first_problem(fd, start, end).map_err(|e| MapperError::io("FIEMAP", e))?
         {
-            return Err(MapperError::Unpinnable { file_offset, len, problem });
+            return Err(MapperError::Unpinnable {
+                file_offset,
+                len,
+                problem,
+            });
         }
         progress(PrepareProgress { done: total, total });
         tracing::info!(%owner, %region, %range, ?report, "range prepared for pinning");
@@ -139,9 +159,13 @@ fn zero_fill(
     let mut p = from;
     while p < to {
         let n = ((to - p) as usize).min(CHUNK);
-        file.write_all_at(&zeros[..n], p).map_err(|e| MapperError::io("pwrite zeros", e))?;
+        file.write_all_at(&zeros[..n], p)
+            .map_err(|e| MapperError::io("pwrite zeros", e))?;
         p += n as u64;
-        progress(PrepareProgress { done: p - start, total });
+        progress(PrepareProgress {
+            done: p - start,
+            total,
+        });
     }
     Ok(())
 }
@@ -185,20 +209,41 @@ mod tests {
         for t in TestRegion::on_every_fs(64) {
             let m = &t.mapper;
             let a = m.add_owner("a");
-            assert_eq!(m.prepare(a, t.region, 0, 0, &mut |_| {}).unwrap_err().errno(), libc::EPERM);
+            assert_eq!(
+                m.prepare(a, t.region, 0, 0, &mut |_| {})
+                    .unwrap_err()
+                    .errno(),
+                libc::EPERM
+            );
             m.acquire(a, t.region, 0, 0, LeaseMode::Exclusive).unwrap();
             t.punch_raw(2 * t.page, 3 * t.page);
             t.punch_raw(8 * t.page, 2 * t.page);
             t.fallocate_raw(8 * t.page, 2 * t.page);
             let _clone = t.is_xfs().then(|| t.reflink_copy());
             if !t.ram_fs {
-                assert_eq!(m.pin(a, t.region, 0, 0).unwrap_err().errno(), libc::EINVAL, "{}", t.fs);
+                assert_eq!(
+                    m.pin(a, t.region, 0, 0).unwrap_err().errno(),
+                    libc::EINVAL,
+                    "{}",
+                    t.fs
+                );
             }
             let mut calls = Vec::new();
-            let r = m.prepare(a, t.region, 0, 0, &mut |p| calls.push(p)).unwrap();
+            let r = m
+                .prepare(a, t.region, 0, 0, &mut |p| calls.push(p))
+                .unwrap();
             let total = 64 * t.page;
-            assert_eq!(calls.last(), Some(&PrepareProgress { done: total, total }), "{}", t.fs);
-            assert!(calls.windows(2).all(|w| w[0].done <= w[1].done), "{}: progress went backwards", t.fs);
+            assert_eq!(
+                calls.last(),
+                Some(&PrepareProgress { done: total, total }),
+                "{}",
+                t.fs
+            );
+            assert!(
+                calls.windows(2).all(|w| w[0].done <= w[1].done),
+                "{}: progress went backwards",
+                t.fs
+            );
             if !t.ram_fs {
                 assert_eq!(r.zeroed, 5 * t.page, "{}", t.fs);
             }
@@ -209,7 +254,12 @@ mod tests {
             assert_eq!(t.read_file(0, 1)[0], t.fill_byte(0), "{}", t.fs);
             assert_eq!(t.read_file(2 * t.page, 1)[0], 0, "{}", t.fs);
             assert_eq!(t.read_file(8 * t.page, 1)[0], 0, "{}", t.fs);
-            assert_eq!(t.read_file(20 * t.page, 1)[0], t.fill_byte(20 * t.page), "{}", t.fs);
+            assert_eq!(
+                t.read_file(20 * t.page, 1)[0],
+                t.fill_byte(20 * t.page),
+                "{}",
+                t.fs
+            );
             m.pin(a, t.region, 0, 0).unwrap();
         }
     }
@@ -225,6 +275,11 @@ mod tests {
         m.prepare(a, t.region, 0, 0, &mut |_| n += 1).unwrap();
         assert!(n >= 4, "only {n} progress reports for 4 MiB");
         m.pin(a, t.region, 0, 0).unwrap();
-        assert_eq!(m.prepare(a, t.region, 0, 2048 * t.page, &mut |_| {}).unwrap_err().errno(), libc::ERANGE);
+        assert_eq!(
+            m.prepare(a, t.region, 0, 2048 * t.page, &mut |_| {})
+                .unwrap_err()
+                .errno(),
+            libc::ERANGE
+        );
     }
 }

@@ -39,9 +39,9 @@ impl ByteRange {
         if len == 0 {
             return Ok(ByteRange::new(start, OPEN_END));
         }
-        let end = off
-            .checked_add(len)
-            .ok_or_else(|| MapperError::OutOfRange(format!("offset {off:#x} + length {len:#x} overflows")))?;
+        let end = off.checked_add(len).ok_or_else(|| {
+            MapperError::OutOfRange(format!("offset {off:#x} + length {len:#x} overflows"))
+        })?;
         let end = match end.checked_add(page - 1) {
             Some(e) => e & !(page - 1),
             None => OPEN_END,
@@ -94,7 +94,9 @@ impl ByteRange {
         let r = ByteRange::from_request(off, len)?;
         let r = if r.is_open() { r.clamp_end(size) } else { r };
         if r.is_empty() || r.end > size {
-            return Err(MapperError::OutOfRange(format!("{r} outside a region of {size:#x} bytes")));
+            return Err(MapperError::OutOfRange(format!(
+                "{r} outside a region of {size:#x} bytes"
+            )));
         }
         Ok(r)
     }
@@ -123,8 +125,14 @@ mod tests {
     fn requests_round_outward_to_pages() {
         let p = page_size();
         assert_eq!(ByteRange::from_request(1, 1).unwrap(), ByteRange::new(0, p));
-        assert_eq!(ByteRange::from_request(p - 1, 2).unwrap(), ByteRange::new(0, 2 * p));
-        assert_eq!(ByteRange::from_request(p, p).unwrap(), ByteRange::new(p, 2 * p));
+        assert_eq!(
+            ByteRange::from_request(p - 1, 2).unwrap(),
+            ByteRange::new(0, 2 * p)
+        );
+        assert_eq!(
+            ByteRange::from_request(p, p).unwrap(),
+            ByteRange::new(p, 2 * p)
+        );
     }
 
     #[test]
@@ -149,10 +157,19 @@ mod tests {
     #[test]
     fn shrink_and_grow_ranges() {
         let p = page_size();
-        assert_eq!(ByteRange::for_shrink(3 * p + 5), ByteRange::new(3 * p, OPEN_END));
-        assert_eq!(ByteRange::for_shrink(3 * p), ByteRange::new(3 * p, OPEN_END));
+        assert_eq!(
+            ByteRange::for_shrink(3 * p + 5),
+            ByteRange::new(3 * p, OPEN_END)
+        );
+        assert_eq!(
+            ByteRange::for_shrink(3 * p),
+            ByteRange::new(3 * p, OPEN_END)
+        );
         // Grow from a size ending mid-page checks that page; from a page-aligned size, the last full page.
-        assert_eq!(ByteRange::for_grow(3 * p + 5), ByteRange::new(3 * p, OPEN_END));
+        assert_eq!(
+            ByteRange::for_grow(3 * p + 5),
+            ByteRange::new(3 * p, OPEN_END)
+        );
         assert_eq!(ByteRange::for_grow(3 * p), ByteRange::new(2 * p, OPEN_END));
         assert_eq!(ByteRange::for_grow(0), ByteRange::new(0, OPEN_END));
     }

@@ -82,7 +82,12 @@ impl Region {
 
     /// Current size of the backing file in region offsets (0 if the file ends before the region starts).
     pub fn file_size(&self) -> Result<u64> {
-        let len = self.desc.file.metadata().map_err(|e| MapperError::io("fstat backing file", e))?.len();
+        let len = self
+            .desc
+            .file
+            .metadata()
+            .map_err(|e| MapperError::io("fstat backing file", e))?
+            .len();
         Ok(len.saturating_sub(self.desc.file_offset))
     }
 }

@@ -36,7 +36,9 @@ fn fs_magic(p: &Path) -> Option<i64> {
 
 /// The XFS reflink=1 mount made by scripts/xfs-loop.sh, if present.
 pub(crate) fn xfs_dir() -> Option<PathBuf> {
-    let dir = PathBuf::from(std::env::var("DAXVISOR_XFS_DIR").unwrap_or_else(|_| "/mnt/daxvisor-xfs".into()));
+    let dir = PathBuf::from(
+        std::env::var("DAXVISOR_XFS_DIR").unwrap_or_else(|_| "/mnt/daxvisor-xfs".into()),
+    );
     if fs_magic(&dir) == Some(XFS_MAGIC) {
         Some(dir)
     } else {
@@ -65,7 +67,10 @@ pub(crate) struct TestRegion {
 
 impl TestRegion {
     pub fn on_every_fs(pages: u64) -> Vec<TestRegion> {
-        let mut v = vec![Self::create(Path::new("/tmp"), pages), Self::create(Path::new("/dev/shm"), pages)];
+        let mut v = vec![
+            Self::create(Path::new("/tmp"), pages),
+            Self::create(Path::new("/dev/shm"), pages),
+        ];
         v.extend(Self::on_xfs(pages));
         v
     }
@@ -79,7 +84,10 @@ impl TestRegion {
     }
 
     pub fn create(base: &Path, pages: u64) -> TestRegion {
-        let dir = tempfile::Builder::new().prefix("daxvisor-mapper-").tempdir_in(base).unwrap();
+        let dir = tempfile::Builder::new()
+            .prefix("daxvisor-mapper-")
+            .tempdir_in(base)
+            .unwrap();
         let magic = fs_magic(base).unwrap_or(0);
         let fs = match magic {
             EXT4_MAGIC => "ext4",
@@ -90,7 +98,13 @@ impl TestRegion {
         let fs = format!("{fs}:{}", base.display());
         let page = page_size();
         let path = dir.path().join("backing.img");
-        let file = OpenOptions::new().read(true).write(true).create(true).truncate(true).open(&path).unwrap();
+        let file = OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create(true)
+            .truncate(true)
+            .open(&path)
+            .unwrap();
         let mut buf = vec![0u8; (pages * page) as usize];
         for (i, b) in buf.iter_mut().enumerate() {
             *b = fill(i as u64, page);
@@ -104,7 +118,11 @@ impl TestRegion {
         let (notifier, events) = ChannelNotifier::new();
         let mapper = Mapper::new(Arc::new(notifier), Some(dma.clone()));
         let ram_fs = magic == TMPFS_MAGIC;
-        let kind = if ram_fs { BackingKind::Memfd } else { BackingKind::Regular };
+        let kind = if ram_fs {
+            BackingKind::Memfd
+        } else {
+            BackingKind::Regular
+        };
         let region = mapper
             .add_region(RegionDesc {
                 file: file.clone(),
@@ -161,7 +179,14 @@ impl TestRegion {
     /// Allocates without writing: unwritten extents on ext4 and XFS.
     pub fn fallocate_raw(&self, off: u64, len: u64) {
         // SAFETY: as above.
-        let rc = unsafe { libc::fallocate(self.file.as_raw_fd(), libc::FALLOC_FL_KEEP_SIZE, off as i64, len as i64) };
+        let rc = unsafe {
+            libc::fallocate(
+                self.file.as_raw_fd(),
+                libc::FALLOC_FL_KEEP_SIZE,
+                off as i64,
+                len as i64,
+            )
+        };
         assert_eq!(rc, 0, "fallocate: {}", std::io::Error::last_os_error());
     }
 

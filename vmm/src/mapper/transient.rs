@@ -31,7 +31,12 @@ impl Mapper {
         let id = st.next_id();
         st.region_mut(region)?.transients.insert(range, id);
         st.transients.insert(id, (region, range));
-        Ok(TransientPin { mapper: self.clone(), id, region, range })
+        Ok(TransientPin {
+            mapper: self.clone(),
+            id,
+            region,
+            range,
+        })
     }
 }
 
@@ -68,12 +73,21 @@ mod tests {
                 r
             });
             // The punch must not complete while the transient pin is held; data is still there.
-            assert!(rx.recv_timeout(Duration::from_millis(300)).is_err(), "{}: punch did not wait", t.fs);
+            assert!(
+                rx.recv_timeout(Duration::from_millis(300)).is_err(),
+                "{}: punch did not wait",
+                t.fs
+            );
             assert_eq!(t.read_file(t.page, 1)[0], t.fill_byte(t.page), "{}", t.fs);
             drop(tp);
             let report = h.join().unwrap().unwrap();
             assert!(report.waited_for_transient, "{}", t.fs);
-            assert_eq!(t.read_file(t.page, 1)[0], 0, "{}: punch did not happen", t.fs);
+            assert_eq!(
+                t.read_file(t.page, 1)[0],
+                0,
+                "{}: punch did not happen",
+                t.fs
+            );
             // A transient pin elsewhere does not hold anything up.
             let _far = t.mapper.transient(t.region, 6 * t.page, t.page).unwrap();
             let r = t.mapper.punch(None, t.region, 0, t.page).unwrap();
