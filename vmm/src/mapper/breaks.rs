@@ -441,6 +441,14 @@ mod tests {
             let h = thread::spawn(move || m2.change(req));
             notice(events.recv_timeout(Duration::from_secs(5)).unwrap());
             assert!(!h.is_finished());
+            // Loads and stores through the mapping are never blocked, in the pinned range or the breaking one,
+            // while a break waits (requirement 4: the mapper never stands between the guest and its memory).
+            let pinned = 6 * t.page as usize;
+            t.map.write(pinned, 0x42);
+            assert_eq!(t.map.read(pinned), 0x42);
+            t.map.write(1, 0x43);
+            assert_eq!(t.map.read(1), 0x43);
+            assert!(!h.is_finished());
             m.owner_exit(dead).unwrap();
             let report = h.join().unwrap().unwrap();
             assert_eq!(report.notified, vec![dead]);

@@ -507,11 +507,21 @@ mod tests {
     use crate::pmem::BackingKind;
 
     /// Everything a refused change must leave as it was: size, bytes, tables, DMA mappings.
-    type Observed = (u64, Vec<u8>, crate::mapper::Snapshot, Vec<(u64, usize, u64)>);
+    type Observed = (
+        u64,
+        Vec<u8>,
+        crate::mapper::Snapshot,
+        Vec<(u64, usize, u64)>,
+    );
 
     fn state_of(t: &TestRegion) -> Observed {
         let size = t.file_size();
-        (size, t.read_file(0, size as usize), t.mapper.snapshot(), t.dma.mappings())
+        (
+            size,
+            t.read_file(0, size as usize),
+            t.mapper.snapshot(),
+            t.dma.mappings(),
+        )
     }
 
     #[test]

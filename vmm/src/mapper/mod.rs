@@ -52,7 +52,7 @@ pub use layout_change::{ChangeReport, ChangeRequest, LayoutChange};
 pub use lease::{LeaseId, LeaseMode};
 pub use owner::OwnerId;
 pub use pin::{ExtentFlags, ExtentProblem, PinId};
-pub use prepare::PrepareProgress;
+pub use prepare::{PrepareProgress, PrepareReport};
 pub use range::{ByteRange, OPEN_END};
 pub use region::{RegionDesc, RegionId};
 pub use transient::TransientPin;

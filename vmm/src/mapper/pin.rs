@@ -754,4 +754,41 @@ mod tests {
         }
         drop(clone);
     }
+
+    #[test]
+    fn a_partly_reflinked_range_names_the_first_shared_extent() {
+        let Some(t) = TestRegion::on_xfs(16) else {
+            return;
+        };
+        let m = &t.mapper;
+        let a = m.add_owner("a");
+        m.acquire(a, t.region, 0, 0, LeaseMode::Exclusive).unwrap();
+        let _clone = t.reflink_range(4 * t.page, 2 * t.page);
+        // The whole region: the error names the first bad extent, [4p, 6p) SHARED.
+        match m.pin(a, t.region, 0, 0) {
+            Err(MapperError::Unpinnable {
+                file_offset,
+                len,
+                problem: ExtentProblem::Flags(f),
+            }) => {
+                assert_eq!((file_offset, len), (4 * t.page, 2 * t.page));
+                assert!(f.contains(ExtentFlags::SHARED), "{f}");
+            }
+            other => panic!("xfs: {other:?}"),
+        }
+        // prepare unshares just that range (no pin ran before it: populating a neighbour can dirty the shared
+        // pages through a large folio, and writeback would unshare them by itself); then it all pins.
+        let r = m
+            .prepare(a, t.region, 4 * t.page, 2 * t.page, &mut |_| {})
+            .unwrap();
+        assert_eq!(
+            r,
+            super::super::prepare::PrepareReport {
+                zeroed: 0,
+                unshared: 2 * t.page
+            }
+        );
+        m.pin(a, t.region, 0, 0).unwrap();
+        assert_eq!(t.read_file(4 * t.page, 1)[0], t.fill_byte(4 * t.page));
+    }
 }

@@ -23,6 +23,16 @@ const TMPFS_MAGIC: i64 = 0x0102_1994;
 const XFS_MAGIC: i64 = 0x5846_5342;
 /// _IOW(0x94, 9, int)
 const FICLONE: libc::c_ulong = 0x4004_9409;
+/// _IOW(0x94, 13, struct file_clone_range)
+const FICLONERANGE: libc::c_ulong = 0x4020_940d;
+
+#[repr(C)]
+struct FileCloneRange {
+    src_fd: i64,
+    src_offset: u64,
+    src_length: u64,
+    dest_offset: u64,
+}
 
 pub(crate) const TEST_IOVA: u64 = 0x1_0000_0000;
 
@@ -202,6 +212,31 @@ impl TestRegion {
         // SAFETY: FICLONE takes the source fd by value.
         let rc = unsafe { libc::ioctl(dst.as_raw_fd(), FICLONE, self.file.as_raw_fd()) };
         assert_eq!(rc, 0, "FICLONE: {}", std::io::Error::last_os_error());
+        dst
+    }
+}
+
+impl TestRegion {
+    /// Reflinks `[off, off+len)` of the backing file into a new file (FICLONERANGE): only that range becomes
+    /// SHARED in the backing file.
+    pub fn reflink_range(&self, off: u64, len: u64) -> File {
+        let dst = OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create(true)
+            .truncate(true)
+            .open(self.path.with_extension("range-clone"))
+            .unwrap();
+        dst.set_len(off + len).unwrap();
+        let arg = FileCloneRange {
+            src_fd: self.file.as_raw_fd() as i64,
+            src_offset: off,
+            src_length: len,
+            dest_offset: off,
+        };
+        // SAFETY: FICLONERANGE reads one struct file_clone_range.
+        let rc = unsafe { libc::ioctl(dst.as_raw_fd(), FICLONERANGE, &arg) };
+        assert_eq!(rc, 0, "FICLONERANGE: {}", std::io::Error::last_os_error());
         dst
     }
 }
