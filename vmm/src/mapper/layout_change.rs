@@ -69,6 +69,8 @@ impl ChangeRequest {
 }
 
 pub const DEFAULT_DEADLINE: Duration = Duration::from_secs(5);
+/// Longest break deadline a request may ask for (an operator typo must not park a change for years).
+pub const MAX_DEADLINE: Duration = Duration::from_secs(24 * 3600);
 
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct ChangeReport {
@@ -135,6 +137,12 @@ impl Mapper {
 
     /// Runs one layout change through the checks, breaks and waits, then applies it.
     pub fn change(&self, req: ChangeRequest) -> Result<ChangeReport> {
+        if req.deadline > MAX_DEADLINE {
+            return Err(MapperError::Invalid(format!(
+                "break deadline {:?} above the maximum {MAX_DEADLINE:?}",
+                req.deadline
+            )));
+        }
         let mut report = ChangeReport::default();
         let mut st = self.lock();
         loop {
@@ -744,6 +752,11 @@ mod tests {
                 .errno(),
             libc::EINVAL
         );
+        let forever = ChangeRequest {
+            deadline: Duration::MAX,
+            ..ChangeRequest::new(t.region, LayoutChange::Punch { off: 0, len: 1 })
+        };
+        assert_eq!(m.change(forever).unwrap_err().errno(), libc::EINVAL);
         assert_eq!(
             m.punch(Some(OwnerId(12345)), t.region, 0, 1)
                 .unwrap_err()

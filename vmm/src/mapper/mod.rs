@@ -33,6 +33,8 @@ pub mod region;
 pub mod transient;
 
 #[cfg(test)]
+mod concurrency_test;
+#[cfg(test)]
 mod model_test;
 #[cfg(test)]
 mod test_files;
