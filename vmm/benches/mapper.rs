@@ -180,6 +180,29 @@ fn raw_index(n: usize) -> (f64, f64, f64) {
     (insert, best, work as f64 / queries as f64)
 }
 
+/// Latency of one dependent random load with a working set of `bytes` (pointer chase over a random cycle):
+/// the hardware ratio that separates a table that fits in cache (1k leases) from one that does not (1M).
+fn load_latency_ns(bytes: usize) -> f64 {
+    let n = bytes / 8;
+    let mut order: Vec<usize> = (0..n).collect();
+    let mut rng = Rng(0xabcdef);
+    for i in (1..n).rev() {
+        order.swap(i, rng.next() as usize % (i + 1));
+    }
+    let mut next = vec![0usize; n];
+    for w in 0..n {
+        next[order[w]] = order[(w + 1) % n];
+    }
+    let loads = 2_000_000;
+    let mut p = 0;
+    let t0 = Instant::now();
+    for _ in 0..loads {
+        p = next[p];
+    }
+    black_box(p);
+    per_op(t0.elapsed(), loads)
+}
+
 fn pin_vs_populate(dir: &str, mib: u64) {
     let size = mib << 20;
     let path = format!("{dir}/daxvisor-bench-pin.img");
@@ -298,6 +321,12 @@ fn main() {
             (*n as f64).log2() / (*n0 as f64).log2()
         );
     }
+    let (small, big) = (load_latency_ns(16 << 10), load_latency_ns(64 << 20));
+    println!(
+        "memory: a dependent random load costs {small:.1} ns in a 16 KiB working set and {big:.1} ns in 64 MiB \
+         ({:.0}x): a 1M-lease table lives in DRAM, a 1k one in L1/L2",
+        big / small
+    );
     if std::env::var("DAXVISOR_BENCH_SKIP_PIN").is_err() {
         let mib = std::env::var("DAXVISOR_BENCH_PIN_MIB")
             .ok()

@@ -419,8 +419,14 @@ mod tests {
         m.zero(None, t.region, t.page, t.page).unwrap();
         m.shrink(None, t.region, 4 * t.page).unwrap();
         m.grow(None, t.region, 8 * t.page).unwrap();
-        assert!(t0.elapsed() < Duration::from_secs(5), "a change waited on our own lease");
-        assert!(!guard.wait(Duration::from_millis(100)), "our own change broke our lease");
+        assert!(
+            t0.elapsed() < Duration::from_secs(5),
+            "a change waited on our own lease"
+        );
+        assert!(
+            !guard.wait(Duration::from_millis(100)),
+            "our own change broke our lease"
+        );
         assert!(guard.service().is_empty());
     }
 
