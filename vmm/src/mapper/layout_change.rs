@@ -514,19 +514,24 @@ mod tests {
     use crate::mapper::{Mapper, RegionDesc};
     use crate::pmem::BackingKind;
 
-    /// Everything a refused change must leave as it was: size, bytes, tables, DMA mappings.
+    /// Everything a refused change must leave as it was: size, bytes, extents (FIEMAP, where the filesystem has
+    /// an extent map), tables, DMA mappings.
     type Observed = (
         u64,
         Vec<u8>,
+        Option<Vec<crate::mapper::pin::Extent>>,
         crate::mapper::Snapshot,
         Vec<(u64, usize, u64)>,
     );
 
     fn state_of(t: &TestRegion) -> Observed {
+        use std::os::fd::AsRawFd;
         let size = t.file_size();
+        let extents = crate::mapper::pin::read_extents(t.file.as_raw_fd(), 0, u64::MAX).ok();
         (
             size,
             t.read_file(0, size as usize),
+            extents,
             t.mapper.snapshot(),
             t.dma.mappings(),
         )

@@ -11,6 +11,14 @@
 //! - The host guard ([`HostGuard`]) turns a foreign open of a backing file into a whole-file break.
 //! - Introspection ([`Mapper::snapshot`]): every lease and pin by owner with byte ranges.
 //!
+//! Wiring (what the VMM does): build one `Mapper` with its `BreakNotifier` (the agent channel turns notices into
+//! protocol messages) and a `DmaMapper` (`VfioContainer` when devices are passed through); `add_region` for each
+//! pmem region with its fd, offset, size, kind and host mapping (IOVA = guest physical address); `add_owner` per
+//! agent connection / DMA context and `owner_exit` when it goes; take `transient` around its own flushes; create
+//! the `HostGuard` on the main thread before spawning threads (so every thread inherits the blocked signal), `arm`
+//! each region whose file it opened alone, and read the guard's fd from the thread that created it, calling
+//! `service` (it blocks while holders answer, up to the capped deadline) and `rearm` on a timer.
+//!
 //! Concurrency: one mutex over the tables and one condvar that every release, unpin, owner exit, break end and
 //! transient-pin drop signals. Nothing waits while holding the mutex (breaks wait on the condvar, notices are
 //! delivered with the mutex released), and slow work (FIEMAP, populate of gigabytes, prepare) runs unlocked with
