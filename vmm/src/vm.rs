@@ -14,10 +14,12 @@ use crate::config::{ConfigError, VmConfig};
 use crate::device_manager::{DeviceError, DeviceManager};
 use crate::event_loop::{EventLoop, EventLoopError};
 use crate::layout;
+use crate::lease_manager::LeaseManager;
 use crate::pmem::{self, PmemError};
 use crate::vstate::cpuid;
 use crate::vstate::vcpu::{self, RunState, StopReason, Vcpu, VcpuError};
 use crate::vstate::vm::{Vm, VmError};
+use std::sync::{Arc, Mutex};
 
 /// Errors before the guest runs: the operator's input or the host environment. Exit code 2.
 #[derive(Debug, thiserror::Error)]
@@ -45,6 +47,8 @@ pub enum StartError {
     EventLoop(#[from] EventLoopError),
     #[error(transparent)]
     Acpi(#[from] acpi::AcpiError),
+    #[error("layout-lease manager: {0}")]
+    Leases(#[from] crate::mapper::MapperError),
     #[error(transparent)]
     Pmem(#[from] PmemError),
 }
@@ -126,6 +130,8 @@ pub fn run(config: &VmConfig) -> Result<VmExit, StartError> {
     let state = RunState::new()?;
     let mut devices = DeviceManager::new(vm.fd(), &config.serial, state.stopper())?;
     let mut event_loop = EventLoop::new(state.clone())?;
+    // Before pmem::attach: its flush workers must inherit the host guard's blocked signal.
+    let leases = LeaseManager::new()?;
     // Kept alive until the VM is gone: dropping a region unmaps its backing.
     let pmem_regions = pmem::attach(
         &config.pmem,
@@ -135,6 +141,10 @@ pub fn run(config: &VmConfig) -> Result<VmExit, StartError> {
         &mut event_loop,
         &mem,
     )?;
+    for region in &pmem_regions {
+        leases.add_pmem_region(region)?;
+    }
+    event_loop.add_subscriber(Arc::new(Mutex::new(leases.subscriber()?)));
     let pmem_windows: Vec<(u64, u64)> = pmem_regions
         .iter()
         .map(|r| (r.guest_addr, r.backing.size()))

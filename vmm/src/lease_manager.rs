@@ -1,0 +1,141 @@
+//! The VM's layout-lease manager: one [`Mapper`] over the VM's pmem regions, and the host guard on the event
+//! loop. While the VM runs, a foreign process that opens or truncates a backing file the VMM opened alone is
+//! seen at once (the kernel breaks the VMM's write lease), handled as a whole-file break, logged and recorded.
+//!
+//! Until the agent channel connects guest holders, break and revoke notices have nobody to go to: they are
+//! logged ([`LogNotifier`]).
+
+use std::os::fd::AsRawFd;
+use std::sync::Arc;
+use std::time::Duration;
+
+use event_manager::{EventOps, Events, MutEventSubscriber};
+use vmm_sys_util::epoll::EventSet;
+use vmm_sys_util::timerfd::TimerFd;
+
+use crate::mapper::{
+    guard, BreakNotice, BreakNotifier, HostGuard, HostMapping, Mapper, MapperError, RegionDesc,
+    RegionId, RevokeNotice,
+};
+use crate::pmem::PmemRegion;
+
+/// How often the guard retries taking its lease on files a foreign open took it from.
+const REARM_INTERVAL: Duration = Duration::from_secs(1);
+
+/// Break notices with no guest channel to carry them: logged.
+pub struct LogNotifier;
+
+impl BreakNotifier for LogNotifier {
+    fn break_notice(&self, n: &BreakNotice) {
+        tracing::warn!(owner = %n.owner, region = %n.region, reason = n.reason, leases = ?n.leases, "break notice");
+    }
+    fn revoked(&self, n: &RevokeNotice) {
+        tracing::warn!(owner = %n.owner, region = %n.region, leases = ?n.leases, dma_torn_down = ?n.dma_torn_down, "leases revoked");
+    }
+}
+
+pub struct LeaseManager {
+    mapper: Mapper,
+    guard: Arc<HostGuard>,
+}
+
+impl LeaseManager {
+    /// Must run on the thread that runs the event loop, before any other thread is spawned: the guard's signal
+    /// is blocked here and every later thread inherits the mask (see mapper/guard.rs).
+    pub fn new() -> Result<Self, MapperError> {
+        let mapper = Mapper::new(Arc::new(LogNotifier), None);
+        let guard = Arc::new(HostGuard::new(mapper.clone(), guard::guard_signal())?);
+        Ok(LeaseManager { mapper, guard })
+    }
+
+    pub fn mapper(&self) -> &Mapper {
+        &self.mapper
+    }
+
+    /// Register a pmem region and, where its layout can change, guard its backing file. A file that is already
+    /// open elsewhere cannot be guarded (the kernel grants a write lease only to a lone opener): warned, not fatal.
+    pub fn add_pmem_region(&self, region: &PmemRegion) -> Result<RegionId, MapperError> {
+        let b = &region.backing;
+        let file = b.file().try_clone().map_err(|e| MapperError::Io {
+            op: "dup backing file",
+            source: e,
+        })?;
+        let id = self.mapper.add_region(RegionDesc {
+            file: Arc::new(file),
+            file_offset: 0,
+            size: b.size(),
+            kind: b.kind(),
+            mapping: Some(HostMapping {
+                addr: b.host_addr() as usize,
+                len: b.size() as usize,
+            }),
+            iova: region.guest_addr,
+        })?;
+        if b.kind().has_layout() {
+            match self.guard.arm(id) {
+                Ok(()) => {
+                    tracing::info!(region = %id, path = %b.path().display(), "host guard armed")
+                }
+                Err(e) => tracing::warn!(
+                    region = %id,
+                    path = %b.path().display(),
+                    error = %e,
+                    "cannot guard the backing file (is it open elsewhere?); foreign opens will not be seen"
+                ),
+            }
+        }
+        Ok(id)
+    }
+
+    /// The event-loop side: the guard's signalfd and its re-arm timer.
+    pub fn subscriber(&self) -> std::io::Result<GuardSubscriber> {
+        let mut timer = TimerFd::new()?;
+        timer.reset(REARM_INTERVAL, Some(REARM_INTERVAL))?;
+        Ok(GuardSubscriber {
+            guard: self.guard.clone(),
+            timer,
+        })
+    }
+}
+
+pub struct GuardSubscriber {
+    guard: Arc<HostGuard>,
+    timer: TimerFd,
+}
+
+impl MutEventSubscriber for GuardSubscriber {
+    fn process(&mut self, events: Events, _ops: &mut EventOps) {
+        if events.fd() == self.timer.as_raw_fd() {
+            let _ = self.timer.wait();
+            self.guard.rearm();
+            return;
+        }
+        for ev in self.guard.service() {
+            match &ev.outcome {
+                Ok(()) => tracing::warn!(
+                    region = %ev.region,
+                    notified = ?ev.notified,
+                    revoked = ?ev.revoked,
+                    answered_in_ms = ev.answered_in.as_millis() as u64,
+                    "host guard: a foreign process opened a backing file; whole-file break done"
+                ),
+                Err(why) => tracing::error!(
+                    region = %ev.region,
+                    answered_in_ms = ev.answered_in.as_millis() as u64,
+                    "host guard: a foreign process opened a backing file while it is held: {why}"
+                ),
+            }
+        }
+    }
+
+    fn init(&mut self, ops: &mut EventOps) {
+        for (fd, what) in [
+            (self.guard.fd(), "guard signalfd"),
+            (self.timer.as_raw_fd(), "guard timer"),
+        ] {
+            if let Err(e) = ops.add(Events::with_data_raw(fd, 0, EventSet::IN)) {
+                tracing::error!("cannot watch the {what}: {e}");
+            }
+        }
+    }
+}
