@@ -1,3 +1,144 @@
-//! Support for the end-to-end tests: where the daxvisor binary is, and how to run it like a user.
+//! Support for the end-to-end tests: find (and build) the real daxvisor binary, run it like a user does with a
+//! hard timeout so no test can hang, and assemble tiny freestanding guests for the fault cases.
+
+use std::io::Read;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output, Stdio};
+use std::sync::OnceLock;
+use std::time::{Duration, Instant};
+
+/// The daxvisor binary from the same target directory and profile as the running test, built on first use
+/// (cargo only builds the binaries of the package under test, and the tests live in their own package).
+pub fn daxvisor_bin() -> &'static Path {
+    static BIN: OnceLock<PathBuf> = OnceLock::new();
+    BIN.get_or_init(|| {
+        let exe = std::env::current_exe().expect("current_exe");
+        // target/<profile>/deps/<test> -> target/<profile>
+        let profile_dir = exe
+            .parent()
+            .and_then(Path::parent)
+            .expect("profile dir")
+            .to_path_buf();
+        let target_dir = profile_dir.parent().expect("target dir");
+        let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
+        let mut cmd = Command::new(cargo);
+        cmd.args([
+            "build",
+            "--quiet",
+            "-p",
+            "daxvisor",
+            "--bins",
+            "--target-dir",
+        ])
+        .arg(target_dir);
+        if profile_dir.file_name().is_some_and(|n| n == "release") {
+            cmd.arg("--release");
+        }
+        cmd.current_dir(env!("CARGO_MANIFEST_DIR"));
+        let status = cmd.status().expect("run cargo build for daxvisor");
+        assert!(status.success(), "building daxvisor failed");
+        profile_dir.join("daxvisor")
+    })
+}
+
+/// What a finished daxvisor run left: exit code (None if killed by a signal), stdout, stderr.
+#[derive(Debug)]
+pub struct RunOutcome {
+    pub code: Option<i32>,
+    pub stdout: String,
+    pub stderr: String,
+}
+
+impl RunOutcome {
+    fn from_output(o: Output) -> Self {
+        RunOutcome {
+            code: o.status.code(),
+            stdout: String::from_utf8_lossy(&o.stdout).into_owned(),
+            stderr: String::from_utf8_lossy(&o.stderr).into_owned(),
+        }
+    }
+}
+
+/// Default hard limit for one VM run in a test. Generous: CI machines are shared.
+pub const RUN_TIMEOUT: Duration = Duration::from_secs(120);
+
+/// Run `daxvisor <args>` to completion (killing it after `RUN_TIMEOUT`).
+pub fn daxvisor(args: &[&str]) -> RunOutcome {
+    run_with_timeout(Command::new(daxvisor_bin()).args(args), RUN_TIMEOUT)
+}
+
+/// Run any command with a hard timeout; a command that outlives it is killed and the test fails loudly.
+pub fn run_with_timeout(cmd: &mut Command, timeout: Duration) -> RunOutcome {
+    let mut child = cmd
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .env(
+            "DAXVISOR_LOG",
+            std::env::var("DAXVISOR_LOG").unwrap_or_else(|_| "info".into()),
+        )
+        .spawn()
+        .unwrap_or_else(|e| panic!("spawn {cmd:?}: {e}"));
+    // Drain pipes on threads so a chatty child never blocks on a full pipe.
+    let mut out = child.stdout.take().expect("stdout");
+    let mut err = child.stderr.take().expect("stderr");
+    let t_out = std::thread::spawn(move || {
+        let mut v = Vec::new();
+        let _ = out.read_to_end(&mut v);
+        v
+    });
+    let t_err = std::thread::spawn(move || {
+        let mut v = Vec::new();
+        let _ = err.read_to_end(&mut v);
+        v
+    });
+    let start = Instant::now();
+    let status = loop {
+        if let Some(s) = child.try_wait().expect("wait") {
+            break s;
+        }
+        if start.elapsed() > timeout {
+            let _ = child.kill();
+            let _ = child.wait();
+            let stdout = String::from_utf8_lossy(&t_out.join().unwrap_or_default()).into_owned();
+            panic!("{cmd:?} did not finish within {timeout:?}; stdout so far:\n{stdout}");
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    };
+    RunOutcome::from_output(Output {
+        status,
+        stdout: t_out.join().unwrap_or_default(),
+        stderr: t_err.join().unwrap_or_default(),
+    })
+}
+
+/// Assemble a tiny freestanding guest (GNU as, AT&T syntax, 64-bit) linked at 1 MiB. It starts in the
+/// daxvisor boot ABI's entry state (long mode, ring 0). Used for the cases the real test guest must never
+/// do: triple faults, emulation failures, pokes at unclaimed ports and MMIO.
+pub fn assemble_guest(dir: &Path, name: &str, source: &str) -> PathBuf {
+    let src = dir.join(format!("{name}.S"));
+    let obj = dir.join(format!("{name}.o"));
+    let elf = dir.join(format!("{name}.elf"));
+    std::fs::write(&src, format!(".globl _start\n.text\n_start:\n{source}\n")).expect("write asm");
+    let ok = Command::new("as")
+        .arg("-o")
+        .arg(&obj)
+        .arg(&src)
+        .status()
+        .is_ok_and(|s| s.success())
+        && Command::new("ld")
+            .args(["-static", "-nostdlib", "-Ttext=0x100000", "-o"])
+            .arg(&elf)
+            .arg(&obj)
+            .status()
+            .is_ok_and(|s| s.success());
+    assert!(ok, "assembling {name} failed (binutils `as` and `ld` are needed; scripts/setup-host.sh installs them)");
+    elf
+}
+
+/// Assembly that writes `status` to the exit port.
+pub fn asm_exit(status: u32) -> String {
+    format!("  mov $0x501, %dx\n  mov ${status}, %eax\n  out %eax, %dx\n9: hlt\n  jmp 9b\n")
+}
 
 pub mod lab;

@@ -1,3 +1,19 @@
 //! daxvisor: a KVM VMM giving guests file-backed persistent memory with layout leases.
+//!
+//! - [`config`]: the validated VM configuration.
+//! - [`vm`]: builds and runs a VM (the order of operations).
+//! - [`layout`]: every guest physical address.
+//! - [`boot`]: kernel images and boot protocols (Linux, the test guest).
+//! - [`vstate`]: KVM VM, CPUID, vCPU threads.
+//! - [`device_manager`]: which device sits where; irqfd/ioeventfd wiring.
+//! - [`event_loop`]: the event-manager loop.
+//! - [`pmem`]: persistent-memory backings.
+
+pub mod boot;
+pub mod config;
+pub mod device_manager;
+pub mod event_loop;
 pub mod layout;
 pub mod pmem;
+pub mod vm;
+pub mod vstate;

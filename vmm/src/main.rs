@@ -1,1 +1,109 @@
-fn main() {}
+//! The `daxvisor` command.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand};
+use daxvisor::config::{CpuidMask, SerialOutput, VmConfig};
+use daxvisor::vm::{self, VmExit};
+
+/// Exit code for anything wrong before the guest runs: bad input, missing /dev/kvm, no permission.
+const EXIT_START_ERROR: u8 = 2;
+/// Exit code when the guest crashes or the VMM fails while it runs.
+const EXIT_RUNTIME_ERROR: u8 = 1;
+
+#[derive(Parser)]
+#[command(
+    name = "daxvisor",
+    version,
+    about = "A KVM VMM that gives guests persistent memory backed by host files"
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Boot a VM and run it until the guest exits; daxvisor exits with the guest's status.
+    ///
+    /// With no --kernel, boots the test guest built into this binary. Exit codes: the status the guest wrote to
+    /// the exit port (0-255); 0 when the guest resets or powers off; 1 when the guest crashes (triple fault,
+    /// emulation failure) or the VMM fails while it runs; 2 when the VM cannot start (bad input, no /dev/kvm).
+    Run(RunArgs),
+}
+
+#[derive(clap::Args)]
+struct RunArgs {
+    /// Kernel: a Linux bzImage or ELF vmlinux, or a freestanding ELF on the daxvisor boot ABI.
+    /// Default: the test guest built into this binary.
+    #[arg(long, value_name = "PATH")]
+    kernel: Option<PathBuf>,
+    /// Kernel command line. Linux default: "console=ttyS0 reboot=k panic=1 ..."; virtio_mmio.device= entries are
+    /// appended. For the test guest it selects its mode (e.g. "exit=3").
+    #[arg(long)]
+    cmdline: Option<String>,
+    /// Initial ramdisk for a Linux kernel.
+    #[arg(long, value_name = "PATH")]
+    initrd: Option<PathBuf>,
+    /// Guest RAM in MiB.
+    #[arg(long, value_name = "MiB", default_value_t = 256)]
+    memory: u64,
+    /// Number of vCPUs.
+    #[arg(long, value_name = "N", default_value_t = 1)]
+    cpus: u8,
+    /// Where the guest's serial console goes: stdout, none, or a file path (appended to).
+    #[arg(long, value_name = "stdout|none|FILE", default_value = "stdout")]
+    serial: SerialOutput,
+    /// Hide CPU features that nested KVM emulators get wrong (CX16, XSAVE and what depends on it).
+    /// auto: only when daxvisor itself runs under a hypervisor.
+    #[arg(long, value_enum, default_value_t = CpuidMask::Auto)]
+    cpuid_mask: CpuidMask,
+}
+
+fn main() -> ExitCode {
+    tracing_subscriber::fmt()
+        .with_writer(std::io::stderr)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_env("DAXVISOR_LOG")
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
+        )
+        .init();
+    let cli = Cli::parse();
+    match cli.command {
+        Command::Run(args) => run(args),
+    }
+}
+
+fn run(args: RunArgs) -> ExitCode {
+    let config = VmConfig {
+        kernel: args.kernel,
+        cmdline: args.cmdline,
+        initrd: args.initrd,
+        memory_mib: args.memory,
+        cpus: args.cpus,
+        serial: args.serial,
+        cpuid_mask: args.cpuid_mask,
+    };
+    match vm::run(&config) {
+        Ok(VmExit::Status(s)) => ExitCode::from((s & 0xff) as u8),
+        Ok(VmExit::Reset) => ExitCode::SUCCESS,
+        Ok(VmExit::Crash {
+            vcpu,
+            reason,
+            detail,
+        }) => {
+            eprintln!("daxvisor: guest crashed on vCPU {vcpu}: {reason}\n{detail}");
+            ExitCode::from(EXIT_RUNTIME_ERROR)
+        }
+        Ok(VmExit::VmmError(e)) => {
+            eprintln!("daxvisor: VM failed: {e}");
+            ExitCode::from(EXIT_RUNTIME_ERROR)
+        }
+        Err(e) => {
+            eprintln!("daxvisor: {e}");
+            ExitCode::from(EXIT_START_ERROR)
+        }
+    }
+}

@@ -1,0 +1,148 @@
+//! Creates the devices, places them on the port-I/O and MMIO buses, and wires their interrupts (irqfd) and
+//! notifications (ioeventfd) into KVM. The one place that knows which device sits where.
+
+use std::fs::OpenOptions;
+use std::io::Write;
+use std::sync::{Arc, Mutex};
+
+use daxvisor_devices::bus::{Bus, BusDevice, BusError};
+use daxvisor_devices::legacy::{ExitPort, Serial, VmExitStatus, I8042};
+use kvm_ioctls::VmFd;
+use vmm_sys_util::eventfd::EventFd;
+
+use crate::config::SerialOutput;
+use crate::layout;
+
+const SERIAL_PORT: u64 = daxvisor_proto::boot::SERIAL_PORT as u64;
+const I8042_PORT: u64 = 0x60;
+const EXIT_PORT: u64 = daxvisor_proto::boot::EXIT_PORT as u64;
+
+#[derive(Debug, thiserror::Error)]
+pub enum DeviceError {
+    #[error("cannot open serial output {path}: {source}")]
+    SerialFile {
+        path: std::path::PathBuf,
+        source: std::io::Error,
+    },
+    #[error("cannot create an eventfd: {0}")]
+    EventFd(std::io::Error),
+    #[error("cannot register an interrupt for {what}: {source}")]
+    Irqfd {
+        what: &'static str,
+        source: kvm_ioctls::Error,
+    },
+    #[error("bus: {0}")]
+    Bus(#[from] BusError),
+    #[error(
+        "no free virtio-mmio slot: at most {} devices",
+        layout::MAX_VIRTIO_DEVICES
+    )]
+    NoVirtioSlot,
+}
+
+/// A virtio-mmio window handed out to a device.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct VirtioSlot {
+    pub base: u64,
+    pub size: u64,
+    pub irq: u32,
+    pub device_id: u32,
+}
+
+pub struct DeviceManager {
+    pub pio: Bus,
+    pub mmio: Bus,
+    pub exit_status: VmExitStatus,
+    pub virtio_slots: Vec<VirtioSlot>,
+}
+
+impl DeviceManager {
+    /// Legacy devices: COM1, the i8042 reset line and the exit port. `exit_evt` is signalled when the guest
+    /// resets or writes an exit status.
+    pub fn new(vm: &VmFd, serial: &SerialOutput, exit_evt: &EventFd) -> Result<Self, DeviceError> {
+        let mut dm = DeviceManager {
+            pio: Bus::new(),
+            mmio: Bus::new(),
+            exit_status: VmExitStatus::new(),
+            virtio_slots: Vec::new(),
+        };
+
+        let out: Box<dyn Write + Send> = match serial {
+            SerialOutput::Stdout => Box::new(std::io::stdout()),
+            SerialOutput::None => Box::new(std::io::sink()),
+            SerialOutput::File(path) => Box::new(
+                OpenOptions::new()
+                    .create(true)
+                    .append(true)
+                    .open(path)
+                    .map_err(|source| DeviceError::SerialFile {
+                        path: path.clone(),
+                        source,
+                    })?,
+            ),
+        };
+        let serial_irq = EventFd::new(libc::EFD_NONBLOCK).map_err(DeviceError::EventFd)?;
+        vm.register_irqfd(&serial_irq, layout::SERIAL_IRQ)
+            .map_err(|source| DeviceError::Irqfd {
+                what: "serial",
+                source,
+            })?;
+        dm.pio.insert(
+            Arc::new(Mutex::new(Serial::new(serial_irq, out))),
+            SERIAL_PORT,
+            8,
+        )?;
+
+        let clone = || exit_evt.try_clone().map_err(DeviceError::EventFd);
+        dm.pio
+            .insert(Arc::new(Mutex::new(I8042::new(clone()?))), I8042_PORT, 5)?;
+        dm.pio.insert(
+            Arc::new(Mutex::new(ExitPort::new(dm.exit_status.clone(), clone()?))),
+            EXIT_PORT,
+            4,
+        )?;
+        Ok(dm)
+    }
+
+    /// Reserve the next virtio-mmio window for a device of type `device_id`.
+    pub fn allocate_virtio_slot(&mut self, device_id: u32) -> Result<VirtioSlot, DeviceError> {
+        let index = self.virtio_slots.len();
+        if index >= layout::MAX_VIRTIO_DEVICES {
+            return Err(DeviceError::NoVirtioSlot);
+        }
+        let (base, irq) = layout::virtio_mmio_slot(index);
+        let slot = VirtioSlot {
+            base,
+            size: layout::VIRTIO_MMIO_SIZE,
+            irq,
+            device_id,
+        };
+        self.virtio_slots.push(slot);
+        Ok(slot)
+    }
+
+    /// Put a device (a virtio-mmio transport) in its window.
+    pub fn insert_mmio(
+        &mut self,
+        device: Arc<Mutex<dyn BusDevice>>,
+        slot: &VirtioSlot,
+    ) -> Result<(), DeviceError> {
+        self.mmio.insert(device, slot.base, slot.size)?;
+        Ok(())
+    }
+
+    /// `virtio_mmio.device=` arguments for kernels that discover devices from the command line.
+    pub fn virtio_cmdline_args(&self) -> String {
+        self.virtio_slots
+            .iter()
+            .map(|s| {
+                format!(
+                    " virtio_mmio.device={}K@{:#x}:{}",
+                    s.size >> 10,
+                    s.base,
+                    s.irq
+                )
+            })
+            .collect()
+    }
+}

@@ -1,0 +1,221 @@
+//! Building and running one VM from a [`VmConfig`]: the order of operations lives here and nowhere else.
+//!
+//! Everything that can be wrong with the operator's input (config, kernel, initrd, /dev/kvm) is checked before
+//! anything is created on the host, so a refused start leaves nothing behind.
+
+use std::path::PathBuf;
+
+use vm_memory::{GuestAddress, GuestMemoryMmap};
+
+use crate::boot::image::{self, ImageKind};
+use crate::boot::{linux, long_mode, testguest, BootEntry, BootError};
+use crate::config::{ConfigError, VmConfig};
+use crate::device_manager::{DeviceError, DeviceManager};
+use crate::event_loop::{EventLoop, EventLoopError};
+use crate::layout;
+use crate::vstate::cpuid;
+use crate::vstate::vcpu::{self, RunState, StopReason, Vcpu, VcpuError};
+use crate::vstate::vm::{Vm, VmError};
+
+/// Errors before the guest runs: the operator's input or the host environment. Exit code 2.
+#[derive(Debug, thiserror::Error)]
+pub enum StartError {
+    #[error(transparent)]
+    Config(#[from] ConfigError),
+    #[error(transparent)]
+    Boot(#[from] BootError),
+    #[error(transparent)]
+    Kvm(#[from] VmError),
+    #[error(transparent)]
+    Vcpu(#[from] VcpuError),
+    #[error(transparent)]
+    Device(#[from] DeviceError),
+    #[error("cannot allocate {mib} MiB of guest memory: {source}")]
+    Memory {
+        mib: u64,
+        source: vm_memory::mmap::FromRangesError,
+    },
+    #[error("cannot read CPUID from KVM: {0}")]
+    Cpuid(kvm_ioctls::Error),
+    #[error("{0}")]
+    Io(#[from] std::io::Error),
+    #[error(transparent)]
+    EventLoop(#[from] EventLoopError),
+}
+
+/// How a VM that ran came to an end.
+#[derive(Debug, PartialEq, Eq)]
+pub enum VmExit {
+    /// The guest wrote this status to the exit port.
+    Status(i32),
+    /// The guest reset or powered off (Linux `reboot`, i8042): a clean end.
+    Reset,
+    /// The guest could not continue.
+    Crash {
+        vcpu: u8,
+        reason: String,
+        detail: String,
+    },
+    /// KVM or the VMM failed while the guest ran.
+    VmmError(String),
+}
+
+/// The kernel the config names, read and classified up front so bad input fails before anything is created.
+enum Kernel {
+    Linux { path: PathBuf, kind: ImageKind },
+    Freestanding(Vec<u8>),
+}
+
+fn resolve_kernel(config: &VmConfig) -> Result<Kernel, StartError> {
+    let Some(path) = &config.kernel else {
+        if testguest::EMBEDDED.is_empty() {
+            return Err(BootError::NoTestGuest.into());
+        }
+        return Ok(Kernel::Freestanding(testguest::EMBEDDED.to_vec()));
+    };
+    let read_err = |source| BootError::ReadKernel {
+        path: path.clone(),
+        source,
+    };
+    if std::fs::metadata(path).map_err(read_err)?.is_dir() {
+        return Err(read_err(std::io::Error::from_raw_os_error(libc::EISDIR)).into());
+    }
+    let bytes = std::fs::read(path).map_err(read_err)?;
+    let kind = image::classify(&bytes).ok_or_else(|| BootError::UnknownFormat {
+        path: path.clone(),
+        magic: bytes.iter().take(4).copied().collect(),
+    })?;
+    Ok(match kind {
+        ImageKind::FreestandingElf => Kernel::Freestanding(bytes),
+        kind => Kernel::Linux {
+            path: path.clone(),
+            kind,
+        },
+    })
+}
+
+/// Build the VM described by `config`, run it to its end, and say how it ended.
+pub fn run(config: &VmConfig) -> Result<VmExit, StartError> {
+    config.validate()?;
+    let kernel = resolve_kernel(config)?;
+    if let Some(initrd) = &config.initrd {
+        std::fs::File::open(initrd).map_err(|source| BootError::ReadInitrd {
+            path: initrd.clone(),
+            source,
+        })?;
+    }
+
+    let mut vm = Vm::new()?;
+    let mem_bytes = config.memory_bytes();
+    let ranges: Vec<(GuestAddress, usize)> = layout::ram_ranges(mem_bytes)
+        .into_iter()
+        .map(|(s, l)| (GuestAddress(s), l as usize))
+        .collect();
+    let mem = GuestMemoryMmap::<()>::from_ranges(&ranges).map_err(|source| StartError::Memory {
+        mib: config.memory_mib,
+        source,
+    })?;
+    vm.register_memory(&mem)?;
+
+    let state = RunState::new()?;
+    let devices = DeviceManager::new(vm.fd(), &config.serial, &state.exit_evt)?;
+    let mut event_loop = EventLoop::new(state.clone())?;
+
+    long_mode::write_tables(&mem).map_err(BootError::from)?;
+    let entry = load_kernel(config, &kernel, &mem, &devices)?;
+
+    let base_cpuid = cpuid::supported(vm.kvm()).map_err(StartError::Cpuid)?;
+    let nested = cpuid::apply_nested_mask(config.cpuid_mask);
+    tracing::info!(
+        nested_cpuid_mask = nested,
+        cpus = config.cpus,
+        memory_mib = config.memory_mib,
+        "starting VM"
+    );
+    vcpu::install_kick_handler()?;
+    let mut vcpus = Vec::new();
+    for index in 0..config.cpus {
+        let mut v = Vcpu::new(
+            vm.fd(),
+            index,
+            devices.pio.clone(),
+            devices.mmio.clone(),
+            state.clone(),
+        )?;
+        v.configure(
+            &cpuid::for_vcpu(&base_cpuid, index, config.cpus, nested),
+            (index == 0).then_some(&entry),
+        )?;
+        vcpus.push(v);
+    }
+    let mut threads = Vec::new();
+    for v in vcpus {
+        threads.push(v.spawn()?);
+    }
+
+    let loop_result = event_loop.run();
+    vcpu::stop_all(&state, threads);
+    if let Err(e) = loop_result {
+        return Ok(VmExit::VmmError(e.to_string()));
+    }
+
+    Ok(match (devices.exit_status.get(), state.reason()) {
+        (Some(status), _) => VmExit::Status(status),
+        (
+            None,
+            Some(StopReason::GuestCrash {
+                vcpu,
+                reason,
+                detail,
+            }),
+        ) => VmExit::Crash {
+            vcpu,
+            reason,
+            detail,
+        },
+        (None, Some(StopReason::VmmError(e))) => VmExit::VmmError(e),
+        (None, Some(StopReason::GuestRequest) | None) => VmExit::Reset,
+    })
+}
+
+fn load_kernel(
+    config: &VmConfig,
+    kernel: &Kernel,
+    mem: &GuestMemoryMmap,
+    devices: &DeviceManager,
+) -> Result<BootEntry, BootError> {
+    match kernel {
+        Kernel::Linux { path, kind } => {
+            let base = config.cmdline.as_deref().unwrap_or(linux::DEFAULT_CMDLINE);
+            let cmdline = format!("{base}{}", devices.virtio_cmdline_args());
+            linux::load(
+                mem,
+                &linux::LinuxBoot {
+                    kernel: path,
+                    kind: *kind,
+                    initrd: config.initrd.as_deref(),
+                    cmdline: &cmdline,
+                    mem_bytes: config.memory_bytes(),
+                },
+            )
+        }
+        Kernel::Freestanding(image) => {
+            let slots: Vec<_> = devices
+                .virtio_slots
+                .iter()
+                .map(|s| (s.base, s.size, s.irq, s.device_id))
+                .collect();
+            testguest::load(
+                mem,
+                image,
+                &testguest::MachineInfo {
+                    mem_bytes: config.memory_bytes(),
+                    cpus: config.cpus,
+                    pmem: &[],
+                    devices: &slots,
+                    cmdline: config.cmdline.as_deref().unwrap_or(""),
+                },
+            )
+        }
+    }
+}

@@ -1,0 +1,5 @@
+//! KVM state: the VM (memory slots, interrupt controllers), CPUID, and vCPU threads.
+
+pub mod cpuid;
+pub mod vcpu;
+pub mod vm;
