@@ -110,10 +110,7 @@ pub fn run_scenario(name: &str, script: &str, opts: &LabOptions) -> Option<LabOu
     let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
     // Shown by libtest when the test fails (or with --nocapture).
     print!("{stderr}{stdout}");
-    println!(
-        "lab: scenario {name} took {:.1}s",
-        elapsed.as_secs_f64()
-    );
+    println!("lab: scenario {name} took {:.1}s", elapsed.as_secs_f64());
 
     let status = out.status.code().unwrap_or(-1);
     let output = between_markers(&stdout, name).unwrap_or_default();

@@ -56,11 +56,8 @@ fn probe_fsdax(path: &Path) -> Result<(), String> {
         if dax { "yes" } else { "no" }
     );
 
-    let map_sync = match Mapping::new(
-        &file,
-        PROBE_LEN,
-        libc::MAP_SHARED_VALIDATE | libc::MAP_SYNC,
-    ) {
+    let map_sync = match Mapping::new(&file, PROBE_LEN, libc::MAP_SHARED_VALIDATE | libc::MAP_SYNC)
+    {
         Ok(map) => {
             map.write(0, PATTERN);
             // With MAP_SYNC the store is durable once it leaves the CPU caches; read(2) sees it at once either way.
@@ -97,10 +94,7 @@ fn probe_devdax(dev: &Path) -> Result<(), String> {
     let sys = Path::new("/sys/bus/dax/devices").join(name);
     let size = read_sysfs_u64(&sys.join("size"))?;
     let align = read_sysfs_u64(&sys.join("align")).unwrap_or(PROBE_LEN as u64);
-    println!(
-        "devdax: {} size={size} align={align}",
-        dev.display()
-    );
+    println!("devdax: {} size={size} align={align}", dev.display());
     if size == 0 {
         return Err(format!("{} has size 0", dev.display()));
     }
