@@ -201,3 +201,19 @@ fn unclaimed_ports_and_mmio_are_ignored() {
     // 42: the unclaimed MMIO read returned all ones, as on real hardware, and the VM kept running.
     assert_eq!(r.code, Some(42), "{r:?}");
 }
+
+#[test]
+fn guest_reset_and_acpi_power_off_end_the_vm_cleanly() {
+    let dir = tempfile::tempdir().unwrap();
+    // i8042 "pulse reset line" (what Linux `reboot` does with reboot=k), then ACPI S5 (Linux `poweroff`).
+    for (name, port, value) in [("reset", 0x64, 0xfe), ("poweroff", 0x600, (5 << 2) | 0x20)] {
+        let src = format!(
+            "  mov ${port}, %dx\n  mov ${value}, %al\n  out %al, %dx\n{}",
+            asm_exit(99)
+        );
+        let elf = assemble_guest(dir.path(), name, &src);
+        let r = daxvisor(&["run", "--kernel", elf.to_str().unwrap()]);
+        // 0, not 99: the VM ended at the reset/power-off, before the guest reached its exit-port write.
+        assert_eq!(r.code, Some(0), "{name}: {r:?}");
+    }
+}

@@ -6,7 +6,10 @@ use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 fn main() {
-    let runs: usize = std::env::var("BOOT_BENCH_RUNS").ok().and_then(|v| v.parse().ok()).unwrap_or(30);
+    let runs: usize = std::env::var("BOOT_BENCH_RUNS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(30);
     let bin = daxvisor_tests::daxvisor_bin();
     let mut first_byte = Vec::with_capacity(runs);
     let mut exit = Vec::with_capacity(runs);
@@ -27,15 +30,27 @@ fn main() {
         let _ = out.read_to_end(&mut rest);
         let status = child.wait().expect("wait");
         let t_exit = start.elapsed();
-        assert!(got == 1 && status.success(), "test guest run failed: {status:?}");
+        assert!(
+            got == 1 && status.success(),
+            "test guest run failed: {status:?}"
+        );
         first_byte.push(t_first);
         exit.push(t_exit);
     }
     let (fb, ex) = (stats(&mut first_byte), stats(&mut exit));
     println!("boot_time runs={runs}");
-    println!("  start -> first serial byte: median {:>8.2?}  p10 {:>8.2?}  p90 {:>8.2?}", fb.0, fb.1, fb.2);
-    println!("  start -> VM exit:           median {:>8.2?}  p10 {:>8.2?}  p90 {:>8.2?}", ex.0, ex.1, ex.2);
-    println!("  first byte / exit (median ratio): {:.2}", fb.0.as_secs_f64() / ex.0.as_secs_f64());
+    println!(
+        "  start -> first serial byte: median {:>8.2?}  p10 {:>8.2?}  p90 {:>8.2?}",
+        fb.0, fb.1, fb.2
+    );
+    println!(
+        "  start -> VM exit:           median {:>8.2?}  p10 {:>8.2?}  p90 {:>8.2?}",
+        ex.0, ex.1, ex.2
+    );
+    println!(
+        "  first byte / exit (median ratio): {:.2}",
+        fb.0.as_secs_f64() / ex.0.as_secs_f64()
+    );
 }
 
 fn stats(v: &mut [Duration]) -> (Duration, Duration, Duration) {

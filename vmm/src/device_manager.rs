@@ -6,7 +6,8 @@ use std::io::Write;
 use std::sync::{Arc, Mutex};
 
 use daxvisor_devices::bus::{Bus, BusDevice, BusError};
-use daxvisor_devices::legacy::{ExitPort, Serial, VmExitStatus, I8042};
+use daxvisor_devices::legacy::acpi_sleep::SLEEP_CONTROL_PORT;
+use daxvisor_devices::legacy::{AcpiSleep, ExitPort, Serial, VmExitStatus, VmStopper, I8042};
 use kvm_ioctls::VmFd;
 use vmm_sys_util::eventfd::EventFd;
 
@@ -57,9 +58,9 @@ pub struct DeviceManager {
 }
 
 impl DeviceManager {
-    /// Legacy devices: COM1, the i8042 reset line and the exit port. `exit_evt` is signalled when the guest
-    /// resets or writes an exit status.
-    pub fn new(vm: &VmFd, serial: &SerialOutput, exit_evt: &EventFd) -> Result<Self, DeviceError> {
+    /// Legacy devices: COM1, the i8042 reset line and the exit port. `stopper` ends the VM when the guest
+    /// resets, powers off or writes an exit status.
+    pub fn new(vm: &VmFd, serial: &SerialOutput, stopper: &VmStopper) -> Result<Self, DeviceError> {
         let mut dm = DeviceManager {
             pio: Bus::new(),
             mmio: Bus::new(),
@@ -93,13 +94,23 @@ impl DeviceManager {
             8,
         )?;
 
-        let clone = || exit_evt.try_clone().map_err(DeviceError::EventFd);
-        dm.pio
-            .insert(Arc::new(Mutex::new(I8042::new(clone()?))), I8042_PORT, 5)?;
         dm.pio.insert(
-            Arc::new(Mutex::new(ExitPort::new(dm.exit_status.clone(), clone()?))),
+            Arc::new(Mutex::new(I8042::new(stopper.clone()))),
+            I8042_PORT,
+            5,
+        )?;
+        dm.pio.insert(
+            Arc::new(Mutex::new(ExitPort::new(
+                dm.exit_status.clone(),
+                stopper.clone(),
+            ))),
             EXIT_PORT,
             4,
+        )?;
+        dm.pio.insert(
+            Arc::new(Mutex::new(AcpiSleep::new(stopper.clone()))),
+            u64::from(SLEEP_CONTROL_PORT),
+            2,
         )?;
         Ok(dm)
     }

@@ -24,13 +24,13 @@ struct ExitWatcher {
 impl MutEventSubscriber for ExitWatcher {
     fn process(&mut self, events: Events, _ops: &mut EventOps) {
         if events.event_set().contains(EventSet::IN) {
-            let _ = self.state.exit_evt.read();
+            let _ = self.state.stopper().eventfd().read();
             self.state.mark_stopping();
         }
     }
 
     fn init(&mut self, ops: &mut EventOps) {
-        if let Err(e) = ops.add(Events::new(&self.state.exit_evt, EventSet::IN)) {
+        if let Err(e) = ops.add(Events::new(self.state.stopper().eventfd(), EventSet::IN)) {
             tracing::error!("cannot watch the exit event: {e}");
         }
     }

@@ -8,7 +8,9 @@
 //! - [`device_manager`]: which device sits where; irqfd/ioeventfd wiring.
 //! - [`event_loop`]: the event-manager loop.
 //! - [`pmem`]: persistent-memory backings.
+//! - [`acpi`]: the guest's ACPI tables (RSDP, XSDT, FADT, MADT, DSDT).
 
+pub mod acpi;
 pub mod boot;
 pub mod config;
 pub mod device_manager;

@@ -7,6 +7,7 @@ use std::path::PathBuf;
 
 use vm_memory::{GuestAddress, GuestMemoryMmap};
 
+use crate::acpi;
 use crate::boot::image::{self, ImageKind};
 use crate::boot::{linux, long_mode, testguest, BootEntry, BootError};
 use crate::config::{ConfigError, VmConfig};
@@ -41,6 +42,8 @@ pub enum StartError {
     Io(#[from] std::io::Error),
     #[error(transparent)]
     EventLoop(#[from] EventLoopError),
+    #[error(transparent)]
+    Acpi(#[from] acpi::AcpiError),
 }
 
 /// How a VM that ran came to an end.
@@ -118,11 +121,21 @@ pub fn run(config: &VmConfig) -> Result<VmExit, StartError> {
     vm.register_memory(&mem)?;
 
     let state = RunState::new()?;
-    let devices = DeviceManager::new(vm.fd(), &config.serial, &state.exit_evt)?;
+    let devices = DeviceManager::new(vm.fd(), &config.serial, state.stopper())?;
     let mut event_loop = EventLoop::new(state.clone())?;
 
     long_mode::write_tables(&mem).map_err(BootError::from)?;
-    let entry = load_kernel(config, &kernel, &mem, &devices)?;
+    let acpi_devices: Vec<acpi::VirtioMmioAcpi> = devices
+        .virtio_slots
+        .iter()
+        .map(|s| acpi::VirtioMmioAcpi {
+            base: s.base,
+            size: s.size,
+            irq: s.irq,
+        })
+        .collect();
+    let rsdp = acpi::create_acpi_tables(&mem, config.cpus, &acpi_devices)?;
+    let entry = load_kernel(config, &kernel, &mem, &devices, rsdp.0)?;
 
     let base_cpuid = cpuid::supported(vm.kvm()).map_err(StartError::Cpuid)?;
     let nested = cpuid::apply_nested_mask(config.cpuid_mask);
@@ -183,6 +196,7 @@ fn load_kernel(
     kernel: &Kernel,
     mem: &GuestMemoryMmap,
     devices: &DeviceManager,
+    rsdp: u64,
 ) -> Result<BootEntry, BootError> {
     match kernel {
         Kernel::Linux { path, kind } => {
@@ -196,6 +210,7 @@ fn load_kernel(
                     initrd: config.initrd.as_deref(),
                     cmdline: &cmdline,
                     mem_bytes: config.memory_bytes(),
+                    rsdp,
                 },
             )
         }

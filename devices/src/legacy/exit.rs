@@ -4,8 +4,8 @@
 use std::sync::atomic::{AtomicI32, Ordering};
 use std::sync::Arc;
 
+use super::VmStopper;
 use crate::bus::BusDevice;
-use vmm_sys_util::eventfd::EventFd;
 
 /// The status the guest asked to exit with; `None` until it writes one.
 #[derive(Clone, Default)]
@@ -33,12 +33,12 @@ impl VmExitStatus {
 
 pub struct ExitPort {
     status: VmExitStatus,
-    exit_evt: EventFd,
+    stopper: VmStopper,
 }
 
 impl ExitPort {
-    pub fn new(status: VmExitStatus, exit_evt: EventFd) -> Self {
-        ExitPort { status, exit_evt }
+    pub fn new(status: VmExitStatus, stopper: VmStopper) -> Self {
+        ExitPort { status, stopper }
     }
 }
 
@@ -55,9 +55,7 @@ impl BusDevice for ExitPort {
         let n = data.len().min(4);
         v[..n].copy_from_slice(&data[..n]);
         self.status.set(i32::from_le_bytes(v));
-        if let Err(e) = self.exit_evt.write(1) {
-            tracing::error!("cannot signal VM exit: {e}");
-        }
+        self.stopper.stop();
     }
 }
 
@@ -68,13 +66,14 @@ mod tests {
     #[test]
     fn first_status_wins_and_signals() {
         let st = VmExitStatus::new();
-        let evt = EventFd::new(libc::EFD_NONBLOCK).unwrap();
-        let mut p = ExitPort::new(st.clone(), evt.try_clone().unwrap());
+        let stopper = VmStopper::new().unwrap();
+        let mut p = ExitPort::new(st.clone(), stopper.clone());
         assert_eq!(st.get(), None);
         p.write(0, &7u32.to_le_bytes());
         p.write(0, &9u32.to_le_bytes());
         assert_eq!(st.get(), Some(7));
-        assert_eq!(evt.read().unwrap(), 2);
+        assert!(stopper.is_stopping());
+        assert_eq!(stopper.eventfd().read().unwrap(), 2);
         p.write(0, &0x1_03u32.to_le_bytes());
         assert_eq!(st.get(), Some(7));
     }

@@ -1,19 +1,18 @@
 //! i8042 keyboard controller, only for its CPU reset line (command 0xFE on port 0x64): Linux's `reboot`
 //! ends the VM through it.
 
-use super::EventFdTrigger;
+use super::VmStopper;
 use crate::bus::BusDevice;
-use vmm_sys_util::eventfd::EventFd;
 
 pub struct I8042 {
-    inner: vm_superio::I8042Device<EventFdTrigger>,
+    inner: vm_superio::I8042Device<VmStopper>,
 }
 
 impl I8042 {
-    /// `reset` is signalled when the guest asks for a CPU reset.
-    pub fn new(reset: EventFd) -> Self {
+    /// `reset` ends the VM when the guest asks for a CPU reset.
+    pub fn new(reset: VmStopper) -> Self {
         I8042 {
-            inner: vm_superio::I8042Device::new(EventFdTrigger(reset)),
+            inner: vm_superio::I8042Device::new(reset),
         }
     }
 }

@@ -1,14 +1,67 @@
-//! Legacy port-I/O devices: the 16550 serial port, the i8042 reset line, and the exit port.
+//! Legacy port-I/O devices: the 16550 serial port, the i8042 reset line, the ACPI sleep (power-off) register and
+//! the exit port.
 
+pub mod acpi_sleep;
 pub mod exit;
 pub mod i8042;
 pub mod serial;
 
+pub use acpi_sleep::AcpiSleep;
 pub use exit::{ExitPort, VmExitStatus};
 pub use i8042::I8042;
 pub use serial::Serial;
 
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+
 use vmm_sys_util::eventfd::EventFd;
+
+/// How a device ends the VM (reset, power-off, exit status). It raises the stop flag that every vCPU checks
+/// after each exit, so the guest runs no further instruction once the request is handled, then wakes the event
+/// loop, which tears the VM down.
+#[derive(Clone)]
+pub struct VmStopper {
+    stopping: Arc<AtomicBool>,
+    evt: Arc<EventFd>,
+}
+
+impl VmStopper {
+    pub fn new() -> std::io::Result<Self> {
+        Ok(VmStopper {
+            stopping: Arc::new(AtomicBool::new(false)),
+            evt: Arc::new(EventFd::new(libc::EFD_NONBLOCK)?),
+        })
+    }
+
+    pub fn stop(&self) {
+        self.stopping.store(true, Ordering::SeqCst);
+        if let Err(e) = self.evt.write(1) {
+            tracing::error!("cannot wake the event loop to stop the VM: {e}");
+        }
+    }
+
+    pub fn is_stopping(&self) -> bool {
+        self.stopping.load(Ordering::SeqCst)
+    }
+
+    /// Raise the flag without waking anyone (the event loop itself, on its way out).
+    pub fn mark_stopping(&self) {
+        self.stopping.store(true, Ordering::SeqCst);
+    }
+
+    /// The eventfd the event loop watches.
+    pub fn eventfd(&self) -> &EventFd {
+        &self.evt
+    }
+}
+
+impl vm_superio::Trigger for VmStopper {
+    type E = std::io::Error;
+    fn trigger(&self) -> std::io::Result<()> {
+        self.stop();
+        Ok(())
+    }
+}
 
 /// vm-superio raises interrupts and reset requests through a `Trigger`; ours writes to an `EventFd`
 /// (an irqfd for interrupts, the VMM's exit event for reset).

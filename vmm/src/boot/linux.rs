@@ -34,6 +34,8 @@ pub struct LinuxBoot<'a> {
     pub initrd: Option<&'a Path>,
     pub cmdline: &'a str,
     pub mem_bytes: u64,
+    /// Where the ACPI RSDP is (Linux would also find it by scanning the BIOS area).
+    pub rsdp: u64,
 }
 
 pub fn load(mem: &GuestMemoryMmap, boot: &LinuxBoot<'_>) -> Result<BootEntry, BootError> {
@@ -81,6 +83,7 @@ pub fn load(mem: &GuestMemoryMmap, boot: &LinuxBoot<'_>) -> Result<BootEntry, Bo
         params.hdr.kernel_alignment = KERNEL_MIN_ALIGNMENT;
     }
     params.hdr.type_of_loader = KERNEL_LOADER_OTHER;
+    params.acpi_rsdp_addr = boot.rsdp;
     params.hdr.cmd_line_ptr = CMDLINE_ADDR as u32;
     params.hdr.cmdline_size = cmdline.len() as u32 + 1;
 

@@ -1,16 +1,15 @@
 //! vCPU threads: configure each vCPU, run it, and dispatch its exits to the port-I/O and MMIO buses.
 //!
 //! A vCPU never decides alone that the VM is over: it records why it stopped in the shared [`RunState`] and
-//! signals the exit event; the event loop then stops every vCPU (by kicking it out of KVM_RUN with a signal).
+//! raises the stop flag (as devices do for reset and power-off; every vCPU checks it after each exit); the event loop then stops every vCPU (by kicking it out of KVM_RUN with a signal).
 
-use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 
 use daxvisor_devices::bus::Bus;
+use daxvisor_devices::legacy::VmStopper;
 use kvm_bindings::{kvm_regs, kvm_sregs, CpuId, KVM_SYSTEM_EVENT_CRASH};
 use kvm_ioctls::{VcpuExit, VcpuFd};
-use vmm_sys_util::eventfd::EventFd;
 use vmm_sys_util::signal::{register_signal_handler, Killable, SIGRTMIN};
 
 use crate::boot::{long_mode, BootEntry};
@@ -54,20 +53,23 @@ pub enum StopReason {
     VmmError(String),
 }
 
-/// Shared between the vCPU threads and the event loop.
+/// Shared between the vCPU threads, the devices that end the VM, and the event loop.
 pub struct RunState {
-    stop: AtomicBool,
-    pub exit_evt: EventFd,
+    stopper: VmStopper,
     reason: Mutex<Option<StopReason>>,
 }
 
 impl RunState {
     pub fn new() -> std::io::Result<Arc<Self>> {
         Ok(Arc::new(RunState {
-            stop: AtomicBool::new(false),
-            exit_evt: EventFd::new(libc::EFD_NONBLOCK)?,
+            stopper: VmStopper::new()?,
             reason: Mutex::new(None),
         }))
+    }
+
+    /// What devices use to end the VM (reset, power-off, exit port).
+    pub fn stopper(&self) -> &VmStopper {
+        &self.stopper
     }
 
     /// Record why the VM stops (the first reason wins) and wake the event loop.
@@ -78,18 +80,15 @@ impl RunState {
                 *r = Some(reason);
             }
         }
-        self.stop.store(true, Ordering::SeqCst);
-        if let Err(e) = self.exit_evt.write(1) {
-            tracing::error!("cannot signal the event loop: {e}");
-        }
+        self.stopper.stop();
     }
 
     pub fn stopping(&self) -> bool {
-        self.stop.load(Ordering::SeqCst)
+        self.stopper.is_stopping()
     }
 
     pub fn mark_stopping(&self) {
-        self.stop.store(true, Ordering::SeqCst);
+        self.stopper.mark_stopping();
     }
 
     pub fn reason(&self) -> Option<StopReason> {
