@@ -183,7 +183,7 @@ fn daxvisor_boots_the_linux_guest_image_to_its_init_in_the_lab() {
 }
 
 #[test]
-#[ignore = "needs virtio-pmem (--pmem), ACPI LNRO0005 devices and guest interrupts in daxvisor"]
+#[ignore = "needs virtio-pmem in daxvisor (`--pmem file=...,size=...`); un-ignore when it lands"]
 fn linux_guest_writes_through_dax_pmem_backed_by_a_lab_fsdax_file() {
     let name = "linux-pmem";
     let token = format!("daxvisor-lab-token-{}", std::process::id());
