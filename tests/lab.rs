@@ -189,7 +189,7 @@ fn linux_guest_writes_through_dax_pmem_backed_by_a_lab_fsdax_file() {
     let token = format!("daxvisor-lab-token-{}", std::process::id());
     let script = linux_session(
         &format!(
-            r#"--pmem file=$LAB_DAX_MNT/vm1.img,size=64M --cmdline "console=ttyS0 reboot=k panic=1 quiet -- echo {token} > hello.txt && sync""#
+            r#"--pmem file=$LAB_DAX_MNT/vm1.img,size=64M,create=on --cmdline "console=ttyS0 reboot=k panic=1 quiet -- echo {token} > hello.txt && sync""#
         ),
         "dvguest: status",
         200,
