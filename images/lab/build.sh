@@ -61,7 +61,9 @@ mkdir -p "$BINS/usr/bin" "$BINS/images/linux"
 if [ "$WITH_CARGO" = 1 ]; then
     lab_log "bins: cargo build --release (static) ($(lab_elapsed))"
     # +crt-static with an explicit --target: static binaries while proc-macros still build for the host.
-    exes="$(cd "$REPO_ROOT" && RUSTFLAGS="-C target-feature=+crt-static" cargo build --release \
+    # CARGO is set when this runs under `cargo test`; CARGO_ENCODED_RUSTFLAGS would override RUSTFLAGS.
+    exes="$(cd "$REPO_ROOT" && env -u CARGO_ENCODED_RUSTFLAGS RUSTFLAGS="-C target-feature=+crt-static" \
+        "${CARGO:-cargo}" build --release \
         --target x86_64-unknown-linux-gnu -p daxvisor -p daxvisor-tests --bins \
         --message-format=json-render-diagnostics |
         grep -o '"executable":"[^"]*"' | sed 's/^"executable":"\(.*\)"$/\1/')" ||

@@ -1,11 +1,14 @@
 #!/usr/bin/env bash
 # Runs one scenario in the DAX lab and returns its exit status.
 #
-# Usage: images/lab/run-scenario.sh SCENARIO.sh [--xfs] [--timeout SECS] [--no-build] [--keep]
+# Usage: images/lab/run-scenario.sh SCENARIO.sh [--xfs] [--timeout SECS] [--file PATH]... [--no-build] [--keep]
+#        images/lab/run-scenario.sh --shell [--xfs] [--file PATH]...
 #   --xfs          the fs-dax mount is XFS with -o dax=always (default: ext4 with -o dax)
-#   --timeout S    hard limit for the whole QEMU run (default 600); QEMU is killed past it
+#   --timeout S    hard limit for the whole QEMU run (default 600; none with --shell); QEMU is killed past it
+#   --file PATH    copy PATH into the lab as /lab/files/NAME (repeatable)
 #   --no-build     use the lab image as built (default: run build.sh first, seconds when nothing changed)
 #   --keep         keep the NVDIMM backing files (printed) instead of deleting them
+#   --shell        no scenario: an interactive shell on the lab console once it is set up (Ctrl-A X quits QEMU)
 #
 # QEMU (TCG, -cpu max: SVM) boots the lab kernel with two emulated NVDIMMs backed by fresh files; the lab's /init
 # makes one fs-dax (mounted at /mnt/dax) and the other device-DAX, loads kvm-amd, then runs SCENARIO.sh with:
@@ -16,21 +19,34 @@
 set -euo pipefail
 source "$(dirname "${BASH_SOURCE[0]}")/lib/common.sh"
 
-SCENARIO= FS=ext4 TIMEOUT=600 BUILD=1 KEEP=0
+SCENARIO= FS=ext4 TIMEOUT= BUILD=1 KEEP=0 SHELL_MODE=0
+FILES=()
 while [ $# -gt 0 ]; do
     case "$1" in
     --xfs) FS=xfs ;;
-    --timeout) TIMEOUT="$2"; shift ;;
+    --timeout) [ $# -ge 2 ] || lab_die "--timeout needs seconds"; TIMEOUT="$2"; shift ;;
+    --file) [ $# -ge 2 ] && [ -f "$2" ] || lab_die "--file needs an existing file"; FILES+=("$2"); shift ;;
     --no-build) BUILD=0 ;;
     --keep) KEEP=1 ;;
-    -h | --help) sed -n '2,16p' "$0"; exit 0 ;;
+    --shell) SHELL_MODE=1 ;;
+    -h | --help) sed -n '2,19p' "$0"; exit 0 ;;
     -*) lab_die "unknown option $1" ;;
     *) [ -z "$SCENARIO" ] || lab_die "one scenario at a time"; SCENARIO="$1" ;;
     esac
     shift
 done
-[ -n "$SCENARIO" ] && [ -f "$SCENARIO" ] || lab_die "usage: run-scenario.sh SCENARIO.sh [--xfs] [--timeout SECS]"
-NAME="$(basename "$SCENARIO" .sh)"
+case "$TIMEOUT" in
+"") TIMEOUT=600 ;;
+*[!0-9]* | 0) lab_die "--timeout takes a positive number of seconds, not '$TIMEOUT'" ;;
+esac
+if [ "$SHELL_MODE" = 1 ]; then
+    [ -z "$SCENARIO" ] || lab_die "--shell takes no scenario"
+    NAME=shell
+else
+    [ -n "$SCENARIO" ] && [ -f "$SCENARIO" ] ||
+        lab_die "usage: run-scenario.sh SCENARIO.sh [--xfs] [--timeout SECS] [--file PATH]... (or --shell)"
+    NAME="$(basename "$SCENARIO" .sh)"
+fi
 
 [ "$BUILD" = 1 ] && "$LAB_DIR/build.sh"
 OUT="$LAB_BUILD/out"
@@ -47,8 +63,13 @@ cleanup() { [ "$KEEP" = 1 ] && lab_log "NVDIMM files kept in $WORK" || rm -rf "$
 trap cleanup EXIT
 
 # The scenario travels as a third initramfs archive appended to the lab's two (the kernel unpacks them in order).
-mkdir -p "$WORK/scenario/lab"
-install -m 0755 "$SCENARIO" "$WORK/scenario/lab/scenario.sh"
+mkdir -p "$WORK/scenario/lab/files"
+if [ -n "$SCENARIO" ]; then
+    install -m 0755 "$SCENARIO" "$WORK/scenario/lab/scenario.sh"
+fi
+for f in "${FILES[@]}"; do
+    cp -L "$f" "$WORK/scenario/lab/files/"
+done
 (cd "$WORK/scenario" && find . | cpio --quiet -o -H newc -R 0:0 | gzip -1 -n) >"$WORK/scenario.cpio.gz"
 cat "$OUT/base.cpio.gz" "$OUT/bins.cpio.gz" "$WORK/scenario.cpio.gz" >"$WORK/initrd.gz"
 
@@ -59,20 +80,29 @@ SCEN_OUT="$LOGS/scenario.out"
 : >"$CONSOLE"
 : >"$SCEN_OUT"
 
+QEMU_ARGS=(
+    -nodefaults -display none -no-reboot
+    -M pc,nvdimm=on -cpu max -smp 1 -m 2G,slots=4,maxmem=8G
+    -object memory-backend-file,id=mem1,share=on,mem-path="$WORK/nvdimm-fsdax",size=$FSDAX_SIZE
+    -device nvdimm,id=nv1,memdev=mem1
+    -object memory-backend-file,id=mem2,share=on,mem-path="$WORK/nvdimm-devdax",size=$DEVDAX_SIZE
+    -device nvdimm,id=nv2,memdev=mem2
+    -kernel "$OUT/vmlinuz" -initrd "$WORK/initrd.gz"
+)
+APPEND="console=ttyS0 quiet panic=-1 lab.fs=$FS lab.fsdax_size=$FSDAX_SIZE lab.devdax_size=$DEVDAX_SIZE"
+
+if [ "$SHELL_MODE" = 1 ]; then
+    lab_log "lab shell: booting ($FS); Ctrl-A X quits QEMU"
+    qemu-system-x86_64 "${QEMU_ARGS[@]}" -append "$APPEND lab.shell=1" \
+        -serial mon:stdio -serial file:"$SCEN_OUT"
+    exit $?
+fi
+
 lab_log "scenario $NAME: booting the lab ($FS, timeout ${TIMEOUT}s); console: $CONSOLE"
 start=$SECONDS
 set +e
-timeout --kill-after=5 "$TIMEOUT" qemu-system-x86_64 \
-    -nodefaults -display none -no-reboot \
-    -M pc,nvdimm=on -cpu max -smp 1 -m 2G,slots=4,maxmem=8G \
-    -object memory-backend-file,id=mem1,share=on,mem-path="$WORK/nvdimm-fsdax",size=$FSDAX_SIZE \
-    -device nvdimm,id=nv1,memdev=mem1 \
-    -object memory-backend-file,id=mem2,share=on,mem-path="$WORK/nvdimm-devdax",size=$DEVDAX_SIZE \
-    -device nvdimm,id=nv2,memdev=mem2 \
-    -kernel "$OUT/vmlinuz" -initrd "$WORK/initrd.gz" \
-    -append "console=ttyS0 quiet panic=-1 lab.fs=$FS lab.fsdax_size=$FSDAX_SIZE lab.devdax_size=$DEVDAX_SIZE" \
-    -serial file:"$CONSOLE" -serial file:"$SCEN_OUT" \
-    </dev/null >"$LOGS/qemu.log" 2>&1
+timeout --kill-after=5 "$TIMEOUT" qemu-system-x86_64 "${QEMU_ARGS[@]}" -append "$APPEND" \
+    -serial file:"$CONSOLE" -serial file:"$SCEN_OUT" </dev/null >"$LOGS/qemu.log" 2>&1
 qemu_rc=$?
 set -e
 took=$((SECONDS - start))

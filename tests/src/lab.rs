@@ -16,6 +16,8 @@ pub struct LabOptions {
     pub xfs: bool,
     /// Hard limit for the whole lab run; QEMU is killed past it and the scenario reports status 124.
     pub timeout: Duration,
+    /// Host files the scenario needs, found in the lab as /lab/files/NAME.
+    pub files: Vec<PathBuf>,
 }
 
 impl Default for LabOptions {
@@ -23,6 +25,7 @@ impl Default for LabOptions {
         LabOptions {
             xfs: false,
             timeout: Duration::from_secs(300),
+            files: Vec::new(),
         }
     }
 }
@@ -100,6 +103,9 @@ pub fn run_scenario(name: &str, script: &str, opts: &LabOptions) -> Option<LabOu
         .arg(opts.timeout.as_secs().max(1).to_string());
     if opts.xfs {
         cmd.arg("--xfs");
+    }
+    for f in &opts.files {
+        cmd.arg("--file").arg(f);
     }
     let started = Instant::now();
     let out = cmd
