@@ -1,6 +1,10 @@
 //! End-to-end: boot guests with the real daxvisor binary on real KVM, and feed it the bad input users do.
 
-use daxvisor_tests::{asm_exit, assemble_guest, daxvisor, daxvisor_bin, run_with_timeout};
+use daxvisor_tests::{
+    asm_exit, assemble_guest, daxvisor, daxvisor_as_nobody, daxvisor_bin, run_with_timeout,
+    share_read_only,
+};
+use std::ffi::OsStr;
 use std::process::Command;
 use std::time::Duration;
 
@@ -107,37 +111,13 @@ fn no_dev_kvm_is_a_clear_error() {
 #[test]
 fn no_permission_on_dev_kvm_is_a_clear_error() {
     // /dev/kvm is root-only (crw-------) on this machine; run as nobody.
-    let bin = daxvisor_bin();
     let dir = tempfile::tempdir().unwrap();
     let elf = assemble_guest(dir.path(), "exit0", &asm_exit(0));
-    std::fs::set_permissions(
-        dir.path(),
-        std::os::unix::fs::PermissionsExt::from_mode(0o755),
-    )
-    .unwrap();
-    std::fs::set_permissions(&elf, std::os::unix::fs::PermissionsExt::from_mode(0o644)).unwrap();
-    let probe = Command::new("setpriv")
-        .args(["--reuid=65534", "--regid=65534", "--clear-groups", "true"])
-        .status();
-    if !probe.is_ok_and(|s| s.success()) {
-        eprintln!("SKIP: cannot switch to an unprivileged user here");
+    share_read_only(dir.path());
+    let args = ["run", "--serial", "none", "--kernel"].map(OsStr::new);
+    let Some(r) = daxvisor_as_nobody(&[&args[..], &[elf.as_os_str()]].concat()) else {
         return;
-    }
-    let r = run_with_timeout(
-        Command::new("setpriv")
-            .args(["--reuid=65534", "--regid=65534", "--clear-groups"])
-            .arg(bin)
-            .args(["run", "--serial", "none", "--kernel"])
-            .arg(&elf),
-        Duration::from_secs(30),
-    );
-    if r.stderr.contains("Permission denied") && r.stderr.contains(bin.to_str().unwrap()) {
-        eprintln!(
-            "SKIP: the unprivileged user cannot execute {}",
-            bin.display()
-        );
-        return;
-    }
+    };
     assert_eq!(r.code, Some(2), "{r:?}");
     let line = one_line_error(&r.stderr);
     assert!(
@@ -216,4 +196,63 @@ fn guest_reset_and_acpi_power_off_end_the_vm_cleanly() {
         // 0, not 99: the VM ended at the reset/power-off, before the guest reached its exit-port write.
         assert_eq!(r.code, Some(0), "{name}: {r:?}");
     }
+}
+
+#[test]
+fn the_default_test_guest_boots_probes_its_devices_and_exits_with_its_status() {
+    let dir = tempfile::tempdir().unwrap();
+    let img = dir.path().join("pmem.img");
+    let pmem = format!("file={},size=2M,create=on", img.display());
+    for (cmdline, status) in [("exit=0", 0), ("exit=23", 23)] {
+        let r = daxvisor(&["run", "--pmem", &pmem, "--cmdline", cmdline]);
+        assert_eq!(r.code, Some(status), "{r:?}");
+        let lines = daxvisor_tests::guest_lines(&r.stdout);
+        assert_eq!(lines.first(), Some(&"hello"), "{}", r.stdout);
+        assert!(
+            lines.contains(&"bootinfo ok: 3 memory ranges, 1 devices, 1 cpus"),
+            "{}",
+            r.stdout
+        );
+        assert!(
+            lines.iter().any(|l| l
+                .starts_with("virtio-mmio 0 base=0xd0000000 irq=5: version 2 device 27 (pmem)")),
+            "{}",
+            r.stdout
+        );
+        assert!(
+            lines.contains(&"probed 1 virtio-mmio devices"),
+            "{}",
+            r.stdout
+        );
+        assert_eq!(
+            lines.last(),
+            Some(&format!("exit {status}").as_str()),
+            "{}",
+            r.stdout
+        );
+    }
+}
+
+#[test]
+fn the_test_guest_with_no_arguments_boots_on_defaults() {
+    let r = daxvisor(&["run"]);
+    assert_eq!(r.code, Some(0), "{r:?}");
+    let lines = daxvisor_tests::guest_lines(&r.stdout);
+    assert_eq!(lines.first(), Some(&"hello"));
+    assert!(
+        lines.contains(&"probed 0 virtio-mmio devices"),
+        "{}",
+        r.stdout
+    );
+}
+
+#[test]
+fn two_vcpus_boot() {
+    let r = daxvisor(&["run", "--cpus", "2", "--cmdline", "exit=4"]);
+    assert_eq!(r.code, Some(4), "{r:?}");
+    assert!(
+        r.stdout.contains("1 devices, 2 cpus") || r.stdout.contains("0 devices, 2 cpus"),
+        "{}",
+        r.stdout
+    );
 }

@@ -5,6 +5,8 @@
 //!
 //! - [`bus`]: address-range dispatch for port I/O and MMIO exits.
 //! - [`legacy`]: the 16550 serial port and the exit/reset ports that end the VM.
+//! - [`virtio`]: the virtio-mmio transport and the virtio device models (pmem).
 
 pub mod bus;
 pub mod legacy;
+pub mod virtio;

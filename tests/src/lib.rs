@@ -141,4 +141,58 @@ pub fn asm_exit(status: u32) -> String {
     format!("  mov $0x501, %dx\n  mov ${status}, %eax\n  out %eax, %dx\n9: hlt\n  jmp 9b\n")
 }
 
+/// The test guest's pattern word at byte `offset` for `seed` (images/testguest/src/pattern.rs).
+pub fn pattern_word(seed: u32, offset: u64) -> u64 {
+    0xda85_0000_0000_0000 ^ (u64::from(seed) << 32) ^ offset
+}
+
+/// Count the 8-byte words of `bytes[..len]` that are not the test guest's pattern for `seed`.
+pub fn pattern_mismatches(bytes: &[u8], seed: u32, len: usize) -> usize {
+    bytes[..len]
+        .chunks_exact(8)
+        .enumerate()
+        .filter(|(i, w)| {
+            u64::from_le_bytes((*w).try_into().unwrap()) != pattern_word(seed, *i as u64 * 8)
+        })
+        .count()
+}
+
+/// Test guest output lines, with the `daxvisor-testguest: ` prefix removed.
+pub fn guest_lines(stdout: &str) -> Vec<&str> {
+    stdout
+        .lines()
+        .filter_map(|l| l.strip_prefix("daxvisor-testguest: "))
+        .collect()
+}
+
+/// Run `daxvisor <args>` as the unprivileged user `nobody` (root bypasses file permissions, so permission errors
+/// can only be seen this way). `None` when this machine cannot switch users; the caller skips with a message.
+pub fn daxvisor_as_nobody(args: &[&std::ffi::OsStr]) -> Option<RunOutcome> {
+    const AS_NOBODY: [&str; 3] = ["--reuid=65534", "--regid=65534", "--clear-groups"];
+    let probe = Command::new("setpriv").args(AS_NOBODY).arg("true").status();
+    if !probe.is_ok_and(|s| s.success()) {
+        eprintln!("SKIP: cannot switch to an unprivileged user here");
+        return None;
+    }
+    let bin = daxvisor_bin();
+    let r = run_with_timeout(
+        Command::new("setpriv").args(AS_NOBODY).arg(bin).args(args),
+        Duration::from_secs(30),
+    );
+    if r.stderr.contains("Permission denied") && r.stderr.contains(&*bin.to_string_lossy()) {
+        eprintln!(
+            "SKIP: the unprivileged user cannot execute {}",
+            bin.display()
+        );
+        return None;
+    }
+    Some(r)
+}
+
+/// Make a test's temporary directory readable (not writable) by other users, for `daxvisor_as_nobody`.
+pub fn share_read_only(dir: &Path) {
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o755)).expect("chmod test dir");
+}
+
 pub mod lab;

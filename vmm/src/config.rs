@@ -45,6 +45,8 @@ pub struct VmConfig {
     pub cpus: u8,
     pub serial: SerialOutput,
     pub cpuid_mask: CpuidMask,
+    /// `--pmem` regions, in order (guest addresses and virtio-mmio windows are assigned in this order).
+    pub pmem: Vec<crate::pmem::PmemConfig>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -94,6 +96,7 @@ mod tests {
             cpus: 1,
             serial: SerialOutput::Stdout,
             cpuid_mask: CpuidMask::Auto,
+            pmem: Vec::new(),
         }
     }
 

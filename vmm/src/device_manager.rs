@@ -8,10 +8,14 @@ use std::sync::{Arc, Mutex};
 use daxvisor_devices::bus::{Bus, BusDevice, BusError};
 use daxvisor_devices::legacy::acpi_sleep::SLEEP_CONTROL_PORT;
 use daxvisor_devices::legacy::{AcpiSleep, ExitPort, Serial, VmExitStatus, VmStopper, I8042};
-use kvm_ioctls::VmFd;
+use daxvisor_devices::virtio::mmio::TransportError;
+use daxvisor_devices::virtio::{MmioSubscriber, MmioTransport, VirtioDevice};
+use kvm_ioctls::{IoEventAddress, VmFd};
+use vm_memory::GuestMemoryMmap;
 use vmm_sys_util::eventfd::EventFd;
 
 use crate::config::SerialOutput;
+use crate::event_loop::Subscriber;
 use crate::layout;
 
 const SERIAL_PORT: u64 = daxvisor_proto::boot::SERIAL_PORT as u64;
@@ -34,6 +38,13 @@ pub enum DeviceError {
     },
     #[error("bus: {0}")]
     Bus(#[from] BusError),
+    #[error("virtio transport: {0}")]
+    Transport(#[from] TransportError),
+    #[error("cannot register a queue notification (ioeventfd) at {addr:#x}: {source}")]
+    Ioevent {
+        addr: u64,
+        source: kvm_ioctls::Error,
+    },
     #[error(
         "no free virtio-mmio slot: at most {} devices",
         layout::MAX_VIRTIO_DEVICES
@@ -140,6 +151,34 @@ impl DeviceManager {
     ) -> Result<(), DeviceError> {
         self.mmio.insert(device, slot.base, slot.size)?;
         Ok(())
+    }
+
+    /// Register a virtio device: a virtio-mmio transport in the next free window, its irqfd on the window's
+    /// IRQ, one ioeventfd per queue on the QueueNotify register (datamatch = queue index). Returns the window
+    /// and the subscriber the caller must add to the [`crate::event_loop::EventLoop`] (queue notifications are
+    /// processed there). `mem` is guest RAM only: devices never dereference pmem windows.
+    pub fn add_virtio_device(
+        &mut self,
+        vm: &VmFd,
+        mem: &GuestMemoryMmap,
+        device: Box<dyn VirtioDevice>,
+    ) -> Result<(VirtioSlot, Subscriber), DeviceError> {
+        let transport = MmioTransport::new(mem.clone(), device)?;
+        let slot = self.allocate_virtio_slot(transport.device_type())?;
+        vm.register_irqfd(transport.irqfd(), slot.irq)
+            .map_err(|source| DeviceError::Irqfd {
+                what: "virtio",
+                source,
+            })?;
+        for q in transport.queue_notify_fds() {
+            let addr = slot.base + q.offset;
+            vm.register_ioevent(q.fd, &IoEventAddress::Mmio(addr), q.datamatch)
+                .map_err(|source| DeviceError::Ioevent { addr, source })?;
+        }
+        let transport = Arc::new(Mutex::new(transport));
+        self.insert_mmio(transport.clone(), &slot)?;
+        let subscriber: Subscriber = Arc::new(Mutex::new(MmioSubscriber::new(transport)));
+        Ok((slot, subscriber))
     }
 
     /// `virtio_mmio.device=` arguments for kernels that discover devices from the command line.

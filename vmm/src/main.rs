@@ -59,6 +59,11 @@ struct RunArgs {
     /// auto: only when daxvisor itself runs under a hypervisor.
     #[arg(long, value_enum, default_value_t = CpuidMask::Auto)]
     cpuid_mask: CpuidMask,
+    /// Persistent memory backed by a host file or device-DAX, as a virtio-pmem device (repeatable):
+    /// file=PATH[,size=SIZE][,readonly=on][,discard_writes=on][,id=NAME][,create=on].
+    /// SIZE defaults to the file's size and must be a multiple of 2 MiB.
+    #[arg(long, value_name = "file=PATH[,...]")]
+    pmem: Vec<daxvisor::pmem::PmemConfig>,
 }
 
 fn main() -> ExitCode {
@@ -85,6 +90,7 @@ fn run(args: RunArgs) -> ExitCode {
         cpus: args.cpus,
         serial: args.serial,
         cpuid_mask: args.cpuid_mask,
+        pmem: args.pmem,
     };
     match vm::run(&config) {
         Ok(VmExit::Status(s)) => ExitCode::from((s & 0xff) as u8),

@@ -14,6 +14,7 @@ use crate::config::{ConfigError, VmConfig};
 use crate::device_manager::{DeviceError, DeviceManager};
 use crate::event_loop::{EventLoop, EventLoopError};
 use crate::layout;
+use crate::pmem::{self, PmemError};
 use crate::vstate::cpuid;
 use crate::vstate::vcpu::{self, RunState, StopReason, Vcpu, VcpuError};
 use crate::vstate::vm::{Vm, VmError};
@@ -44,6 +45,8 @@ pub enum StartError {
     EventLoop(#[from] EventLoopError),
     #[error(transparent)]
     Acpi(#[from] acpi::AcpiError),
+    #[error(transparent)]
+    Pmem(#[from] PmemError),
 }
 
 /// How a VM that ran came to an end.
@@ -121,8 +124,21 @@ pub fn run(config: &VmConfig) -> Result<VmExit, StartError> {
     vm.register_memory(&mem)?;
 
     let state = RunState::new()?;
-    let devices = DeviceManager::new(vm.fd(), &config.serial, state.stopper())?;
+    let mut devices = DeviceManager::new(vm.fd(), &config.serial, state.stopper())?;
     let mut event_loop = EventLoop::new(state.clone())?;
+    // Kept alive until the VM is gone: dropping a region unmaps its backing.
+    let pmem_regions = pmem::attach(
+        &config.pmem,
+        mem_bytes,
+        &mut vm,
+        &mut devices,
+        &mut event_loop,
+        &mem,
+    )?;
+    let pmem_windows: Vec<(u64, u64)> = pmem_regions
+        .iter()
+        .map(|r| (r.guest_addr, r.backing.size()))
+        .collect();
 
     long_mode::write_tables(&mem).map_err(BootError::from)?;
     let acpi_devices: Vec<acpi::VirtioMmioAcpi> = devices
@@ -135,7 +151,7 @@ pub fn run(config: &VmConfig) -> Result<VmExit, StartError> {
         })
         .collect();
     let rsdp = acpi::create_acpi_tables(&mem, config.cpus, &acpi_devices)?;
-    let entry = load_kernel(config, &kernel, &mem, &devices, rsdp.0)?;
+    let entry = load_kernel(config, &kernel, &mem, &devices, &pmem_windows, rsdp.0)?;
 
     let base_cpuid = cpuid::supported(vm.kvm()).map_err(StartError::Cpuid)?;
     let nested = cpuid::apply_nested_mask(config.cpuid_mask);
@@ -168,6 +184,7 @@ pub fn run(config: &VmConfig) -> Result<VmExit, StartError> {
 
     let loop_result = event_loop.run();
     vcpu::stop_all(&state, threads);
+    pmem_regions.iter().for_each(pmem::PmemRegion::log_summary);
     if let Err(e) = loop_result {
         return Ok(VmExit::VmmError(e.to_string()));
     }
@@ -196,6 +213,7 @@ fn load_kernel(
     kernel: &Kernel,
     mem: &GuestMemoryMmap,
     devices: &DeviceManager,
+    pmem_windows: &[(u64, u64)],
     rsdp: u64,
 ) -> Result<BootEntry, BootError> {
     match kernel {
@@ -226,7 +244,7 @@ fn load_kernel(
                 &testguest::MachineInfo {
                     mem_bytes: config.memory_bytes(),
                     cpus: config.cpus,
-                    pmem: &[],
+                    pmem: pmem_windows,
                     devices: &slots,
                     cmdline: config.cmdline.as_deref().unwrap_or(""),
                 },

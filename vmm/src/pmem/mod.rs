@@ -1,5 +1,19 @@
 //! Persistent-memory regions: what backs a guest's pmem device on the host and how it is mapped.
+//!
+//! - [`config`]: the `--pmem` option.
+//! - [`backing`]: open, check, detect the kind, map ([`Backing`]).
+//! - [`attach`]: placing the regions in a VM (memslots, virtio-pmem devices).
+//! - [`flush`]: what a guest flush request does for each kind ([`BackingFlush`]).
+//! - [`kind`]: [`BackingKind`], shared with the mapper.
 
+pub mod attach;
+pub mod backing;
+pub mod config;
+pub mod flush;
 pub mod kind;
 
+pub use attach::{attach, PmemError, PmemRegion};
+pub use backing::{Backing, BackingError, PmemMemslot};
+pub use config::PmemConfig;
+pub use flush::{BackingFlush, FlushAction};
 pub use kind::BackingKind;

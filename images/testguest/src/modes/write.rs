@@ -1,0 +1,66 @@
+//! `pmem=write` and `pmem=write-flush-spin`: write the pattern (crate::pattern), flush, and read it back.
+
+use super::pmem::{byte_count, flush_or_fail};
+use crate::cmdline::Options;
+use crate::exit::code;
+use crate::pattern;
+use crate::say;
+use crate::virtio::pmem::PmemDevice;
+
+/// Write the pattern over `len` bytes from the region start. Volatile stores: the device (the host file) is the
+/// reader, the compiler must not drop or merge them.
+pub fn write_pattern(pmem: &PmemDevice, len: u64, seed: u32) {
+    let base = pmem.start as *mut u64;
+    for i in 0..len / 8 {
+        // SAFETY: the region [start, start + size) is mapped (checked by the caller) and len <= size.
+        unsafe { core::ptr::write_volatile(base.add(i as usize), pattern::word(seed, i * 8)) };
+    }
+}
+
+/// The first offset whose word differs from the pattern, with what was read.
+pub fn verify_pattern(pmem: &PmemDevice, len: u64, seed: u32) -> Option<(u64, u64)> {
+    let base = pmem.start as *const u64;
+    (0..len / 8).find_map(|i| {
+        // SAFETY: as for `write_pattern`.
+        let v = unsafe { core::ptr::read_volatile(base.add(i as usize)) };
+        (v != pattern::word(seed, i * 8)).then_some((i * 8, v))
+    })
+}
+
+fn write(n: usize, pmem: &mut PmemDevice, opts: &Options) -> u64 {
+    let len = byte_count(opts, pmem.size, None);
+    write_pattern(pmem, len, opts.seed);
+    say!("pmem{n} wrote {len} bytes seed {}", opts.seed);
+    len
+}
+
+pub fn write_flush_verify(n: usize, pmem: &mut PmemDevice, opts: &Options) -> u32 {
+    let len = write(n, pmem, opts);
+    if let Err(rc) = flush_or_fail(n, pmem) {
+        return rc;
+    }
+    match verify_pattern(pmem, len, opts.seed) {
+        None => {
+            say!("pmem{n} readback ok");
+            0
+        }
+        Some((off, v)) => {
+            say!(
+                "FAIL pmem{n} readback mismatch at offset {off:#x}: read {v:#018x} expected {:#018x}",
+                pattern::word(opts.seed, off)
+            );
+            code::READBACK_MISMATCH
+        }
+    }
+}
+
+pub fn write_flush(n: usize, pmem: &mut PmemDevice, opts: &Options) -> u32 {
+    write(n, pmem, opts);
+    match flush_or_fail(n, pmem) {
+        Ok(_) => {
+            say!("pmem{n} flush acknowledged");
+            0
+        }
+        Err(rc) => rc,
+    }
+}

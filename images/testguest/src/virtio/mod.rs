@@ -1,0 +1,9 @@
+//! The guest side of virtio over MMIO (virtio 1.x, modern only), polled: no interrupts are used.
+//!
+//! - [`mmio`]: the register window and the probe.
+//! - [`queue`]: a split virtqueue in memory the guest owns.
+//! - [`pmem`]: the virtio-pmem driver (device id 27).
+
+pub mod mmio;
+pub mod pmem;
+pub mod queue;

@@ -1,0 +1,251 @@
+//! End-to-end: virtio-pmem backed by host files, driven by the test guest on real KVM.
+
+use std::io::{BufRead, BufReader};
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use daxvisor_tests::{
+    daxvisor, daxvisor_as_nobody, daxvisor_bin, guest_lines, pattern_mismatches, run_with_timeout,
+    share_read_only,
+};
+use std::ffi::OsStr;
+
+const MIB: usize = 1 << 20;
+
+fn pmem_arg(path: &std::path::Path, extra: &str) -> String {
+    format!("file={}{extra}", path.display())
+}
+
+#[test]
+fn the_pattern_the_guest_writes_is_in_the_host_file() {
+    let dir = tempfile::tempdir().unwrap();
+    let img = dir.path().join("vm.img");
+    let r = daxvisor(&[
+        "run",
+        "--pmem",
+        &pmem_arg(&img, ",size=4M,create=on"),
+        "--cmdline",
+        "pmem=write seed=7",
+    ]);
+    assert_eq!(r.code, Some(0), "{r:?}");
+    let lines = guest_lines(&r.stdout);
+    for want in [
+        "pmem0 wrote 4194304 bytes seed 7",
+        "pmem0 flush ok",
+        "pmem0 readback ok",
+    ] {
+        assert!(lines.contains(&want), "missing {want:?} in:\n{}", r.stdout);
+    }
+    let bytes = std::fs::read(&img).unwrap();
+    assert_eq!(bytes.len(), 4 * MIB);
+    assert_eq!(pattern_mismatches(&bytes, 7, 4 * MIB), 0);
+    assert!(
+        r.stderr.contains("kind=regular"),
+        "backing kind is logged: {}",
+        r.stderr
+    );
+}
+
+#[test]
+fn a_flushed_pattern_survives_sigkill_of_the_vmm() {
+    let dir = tempfile::tempdir().unwrap();
+    let img = dir.path().join("vm.img");
+    let mut child = Command::new(daxvisor_bin())
+        .args([
+            "run",
+            "--pmem",
+            &pmem_arg(&img, ",size=8M,create=on"),
+            "--cmdline",
+            "pmem=write-flush-spin seed=3",
+        ])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let stdout = child.stdout.take().unwrap();
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        for line in BufReader::new(stdout).lines().map_while(Result::ok) {
+            if tx.send(line).is_err() {
+                break;
+            }
+        }
+    });
+    let deadline = Instant::now() + Duration::from_secs(120);
+    let mut acked = false;
+    while Instant::now() < deadline {
+        match rx.recv_timeout(Duration::from_millis(100)) {
+            Ok(l) if l.ends_with("spinning until killed") => break,
+            Ok(l) if l.ends_with("pmem0 flush acknowledged") => acked = true,
+            Ok(_) | Err(std::sync::mpsc::RecvTimeoutError::Timeout) => {}
+            Err(_) => break,
+        }
+    }
+    // SIGKILL: no destructor, no exit handler, no chance for the VMM to sync anything after the ack.
+    child.kill().unwrap();
+    child.wait().unwrap();
+    assert!(acked, "the guest never reported its flush acknowledged");
+    let bytes = std::fs::read(&img).unwrap();
+    assert_eq!(
+        pattern_mismatches(&bytes, 3, 8 * MIB),
+        0,
+        "flushed data lost after SIGKILL"
+    );
+}
+
+#[test]
+fn readonly_and_discard_writes_leave_the_file_byte_for_byte_unchanged() {
+    let dir = tempfile::tempdir().unwrap();
+    let img = dir.path().join("golden.img");
+    let golden: Vec<u8> = (0..2 * MIB).map(|i| (i * 31 % 251) as u8).collect();
+    std::fs::write(&img, &golden).unwrap();
+    for (opt, expect) in [
+        (",readonly=on", "read back unchanged"),
+        (",discard_writes=on", "read back the pattern"),
+    ] {
+        let r = daxvisor(&[
+            "run",
+            "--pmem",
+            &pmem_arg(&img, opt),
+            "--cmdline",
+            "pmem=readonly-write seed=9",
+        ]);
+        assert_eq!(r.code, Some(0), "{opt}: {r:?}");
+        let lines = guest_lines(&r.stdout);
+        assert!(
+            lines.iter().any(|l| l.ends_with(expect)),
+            "{opt}: expected {expect:?}:\n{}",
+            r.stdout
+        );
+        assert!(
+            std::fs::read(&img).unwrap() == golden,
+            "{opt} modified the backing file"
+        );
+    }
+}
+
+#[test]
+fn readonly_writes_are_dropped_and_counted() {
+    let dir = tempfile::tempdir().unwrap();
+    let img = dir.path().join("ro.img");
+    std::fs::write(&img, vec![0u8; 2 * MIB]).unwrap();
+    let r = daxvisor(&[
+        "run",
+        "--pmem",
+        &pmem_arg(&img, ",readonly=on"),
+        "--cmdline",
+        "pmem=readonly-write size=4K",
+    ]);
+    assert_eq!(r.code, Some(0), "{r:?}");
+    // 4 KiB of 8-byte stores = 512 writes, each an MMIO exit on the read-only slot, each dropped.
+    assert!(
+        r.stderr.contains("readonly_writes_dropped=512"),
+        "{}",
+        r.stderr
+    );
+}
+
+#[test]
+fn malformed_requests_leave_the_device_serving() {
+    let dir = tempfile::tempdir().unwrap();
+    let img = dir.path().join("m.img");
+    let r = daxvisor(&[
+        "run",
+        "--pmem",
+        &pmem_arg(&img, ",size=2M,create=on"),
+        "--cmdline",
+        "pmem=malformed",
+    ]);
+    assert_eq!(r.code, Some(0), "{r:?}");
+    let lines = guest_lines(&r.stdout);
+    let cases: Vec<_> = lines
+        .iter()
+        .filter(|l| l.starts_with("pmem0 malformed ") && l.contains("good flush ok"))
+        .collect();
+    assert_eq!(cases.len(), 11, "{}", r.stdout);
+    assert!(
+        lines.contains(&"pmem0 malformed: 11 cases done, device still serving"),
+        "{}",
+        r.stdout
+    );
+}
+
+#[test]
+fn bad_pmem_input_is_refused_before_the_guest_starts_and_changes_nothing() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let small = d.join("small.img");
+    std::fs::write(&small, vec![7u8; 2 * MIB]).unwrap();
+    let empty = d.join("empty.img");
+    std::fs::write(&empty, b"").unwrap();
+    let fifo = d.join("fifo");
+    assert!(Command::new("mkfifo")
+        .arg(&fifo)
+        .status()
+        .unwrap()
+        .success());
+    let odd = d.join("odd.img");
+    std::fs::write(&odd, vec![0u8; 3 * MIB]).unwrap();
+    let cases: Vec<(String, &str)> = vec![
+        (pmem_arg(&d.join("missing.img"), ""), "No such file"),
+        (pmem_arg(d, ""), "directory"),
+        (pmem_arg(&fifo, ""), "FIFO"),
+        (pmem_arg(&empty, ""), "size"),
+        (pmem_arg(&small, ",size=0"), "size"),
+        (pmem_arg(&small, ",size=4M"), "larger than the file"),
+        (pmem_arg(&odd, ""), "2 MiB"),
+        (pmem_arg(&small, ",colour=blue"), "colour"),
+        ("size=2M".to_string(), "file"),
+    ];
+    let before: Vec<_> = std::fs::read_dir(d)
+        .unwrap()
+        .map(|e| e.unwrap().file_name())
+        .collect();
+    for (arg, want) in &cases {
+        let r = run_with_timeout(
+            Command::new(daxvisor_bin()).args(["run", "--serial", "none", "--pmem", arg]),
+            Duration::from_secs(30),
+        );
+        assert_eq!(r.code, Some(2), "--pmem {arg}: {r:?}");
+        // Parse errors come from the command-line parser ("error: ..."), the rest from the VM start.
+        let errors: Vec<&str> = r
+            .stderr
+            .lines()
+            .filter(|l| l.starts_with("daxvisor: ") || l.starts_with("error: "))
+            .collect();
+        assert_eq!(errors.len(), 1, "--pmem {arg}: {}", r.stderr);
+        assert!(
+            errors[0].to_lowercase().contains(&want.to_lowercase()),
+            "--pmem {arg}: {}",
+            errors[0]
+        );
+    }
+    let after: Vec<_> = std::fs::read_dir(d)
+        .unwrap()
+        .map(|e| e.unwrap().file_name())
+        .collect();
+    assert_eq!(before, after, "a refused start created or removed files");
+    assert_eq!(std::fs::read(&small).unwrap(), vec![7u8; 2 * MIB]);
+    assert_eq!(std::fs::metadata(&empty).unwrap().len(), 0);
+}
+
+#[test]
+fn no_permission_on_the_backing_file_is_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let img = dir.path().join("root-only.img");
+    std::fs::write(&img, vec![0u8; 2 * MIB]).unwrap();
+    std::fs::set_permissions(&img, std::os::unix::fs::PermissionsExt::from_mode(0o600)).unwrap();
+    share_read_only(dir.path());
+    let pmem = pmem_arg(&img, "");
+    let Some(r) = daxvisor_as_nobody(&["run", "--serial", "none", "--pmem", &pmem].map(OsStr::new))
+    else {
+        return;
+    };
+    assert_eq!(r.code, Some(2), "{r:?}");
+    assert!(r.stderr.contains("Permission denied"), "{}", r.stderr);
+    assert_eq!(
+        std::fs::read(&img).unwrap(),
+        vec![0u8; 2 * MIB],
+        "the refused start changed the file"
+    );
+}

@@ -1,0 +1,286 @@
+//! `--pmem file=PATH[,size=SIZE][,readonly=on][,discard_writes=on][,id=NAME][,create=on]`.
+//!
+//! Parsing only checks the syntax and combinations; the file itself is checked by [`super::backing`]. Paths
+//! containing a comma are written with the comma doubled (`file=a,,b` is the file `a,b`), as QEMU does.
+
+use std::path::PathBuf;
+use std::str::FromStr;
+
+use crate::layout::MIB;
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct PmemConfig {
+    pub file: PathBuf,
+    /// Guest-visible size; `None` = the file's (or device's) size.
+    pub size: Option<u64>,
+    /// Read-only memslot, file opened read-only; guest writes are dropped and counted.
+    pub readonly: bool,
+    /// Private copy-on-write mapping: the guest may write, the file is never written.
+    pub discard_writes: bool,
+    /// Name in logs, metrics and the API; defaults to `pmemN`.
+    pub id: Option<String>,
+    /// Create the file if missing and extend it to `size` if shorter.
+    pub create: bool,
+}
+
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum PmemConfigError {
+    #[error("--pmem: missing file=PATH")]
+    MissingFile,
+    #[error(
+        "--pmem: unknown key '{0}' (expected file, size, readonly, discard_writes, id, create)"
+    )]
+    UnknownKey(String),
+    #[error("--pmem: '{0}' needs a value ({0}=...)")]
+    MissingValue(String),
+    #[error("--pmem: key '{0}' given twice")]
+    DuplicateKey(String),
+    #[error("--pmem: {key}={value}: {expected}")]
+    BadValue {
+        key: &'static str,
+        value: String,
+        expected: &'static str,
+    },
+    #[error("--pmem: {0} and {1} cannot be combined ({2})")]
+    Conflict(&'static str, &'static str, &'static str),
+}
+
+/// Split on single commas; a doubled comma is a literal comma.
+fn split_options(s: &str) -> Vec<String> {
+    let mut parts = Vec::new();
+    let mut cur = String::new();
+    let mut chars = s.chars().peekable();
+    while let Some(c) = chars.next() {
+        if c == ',' && chars.peek() == Some(&',') {
+            chars.next();
+            cur.push(',');
+        } else if c == ',' {
+            parts.push(std::mem::take(&mut cur));
+        } else {
+            cur.push(c);
+        }
+    }
+    parts.push(cur);
+    parts
+}
+
+fn parse_bool(key: &'static str, value: &str) -> Result<bool, PmemConfigError> {
+    match value {
+        "on" | "true" | "yes" | "1" => Ok(true),
+        "off" | "false" | "no" | "0" => Ok(false),
+        _ => Err(PmemConfigError::BadValue {
+            key,
+            value: value.to_owned(),
+            expected: "expected on or off",
+        }),
+    }
+}
+
+/// Bytes, with an optional binary suffix: `4096`, `512M`, `8G`, `2MiB`, `1T`.
+pub fn parse_size(value: &str) -> Result<u64, PmemConfigError> {
+    let bad = || PmemConfigError::BadValue {
+        key: "size",
+        value: value.to_owned(),
+        expected: "expected a byte count with an optional K, M, G or T suffix (binary), e.g. 8G",
+    };
+    let v = value.trim();
+    let digits_end = v.find(|c: char| !c.is_ascii_digit()).unwrap_or(v.len());
+    let (num, suffix) = v.split_at(digits_end);
+    let num: u64 = num.parse().map_err(|_| bad())?;
+    let shift = match suffix.to_ascii_lowercase().as_str() {
+        "" | "b" => 0,
+        "k" | "kib" => 10,
+        "m" | "mib" => 20,
+        "g" | "gib" => 30,
+        "t" | "tib" => 40,
+        _ => return Err(bad()),
+    };
+    num.checked_mul(1u64 << shift).ok_or_else(bad)
+}
+
+impl FromStr for PmemConfig {
+    type Err = PmemConfigError;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        let mut file = None;
+        let mut size = None;
+        let mut readonly = None;
+        let mut discard_writes = None;
+        let mut id = None;
+        let mut create = None;
+
+        fn set<T>(slot: &mut Option<T>, key: &str, v: T) -> Result<(), PmemConfigError> {
+            if slot.is_some() {
+                return Err(PmemConfigError::DuplicateKey(key.to_owned()));
+            }
+            *slot = Some(v);
+            Ok(())
+        }
+
+        for part in split_options(s) {
+            if part.is_empty() {
+                continue;
+            }
+            let Some((key, value)) = part.split_once('=') else {
+                return Err(match part.as_str() {
+                    "file" | "size" | "readonly" | "discard_writes" | "id" | "create" => {
+                        PmemConfigError::MissingValue(part)
+                    }
+                    _ => PmemConfigError::UnknownKey(part),
+                });
+            };
+            match key {
+                "file" => {
+                    if value.is_empty() {
+                        return Err(PmemConfigError::MissingValue("file".into()));
+                    }
+                    set(&mut file, key, PathBuf::from(value))?
+                }
+                "size" => set(&mut size, key, parse_size(value)?)?,
+                "readonly" => set(&mut readonly, key, parse_bool("readonly", value)?)?,
+                "discard_writes" => set(
+                    &mut discard_writes,
+                    key,
+                    parse_bool("discard_writes", value)?,
+                )?,
+                "create" => set(&mut create, key, parse_bool("create", value)?)?,
+                "id" => {
+                    let ok = !value.is_empty()
+                        && value.len() <= 32
+                        && value
+                            .chars()
+                            .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_');
+                    if !ok {
+                        return Err(PmemConfigError::BadValue {
+                            key: "id",
+                            value: value.to_owned(),
+                            expected: "expected 1-32 characters from A-Z a-z 0-9 - _",
+                        });
+                    }
+                    set(&mut id, key, value.to_owned())?
+                }
+                _ => return Err(PmemConfigError::UnknownKey(key.to_owned())),
+            }
+        }
+
+        let cfg = PmemConfig {
+            file: file.ok_or(PmemConfigError::MissingFile)?,
+            size,
+            readonly: readonly.unwrap_or(false),
+            discard_writes: discard_writes.unwrap_or(false),
+            id,
+            create: create.unwrap_or(false),
+        };
+        if cfg.readonly && cfg.discard_writes {
+            return Err(PmemConfigError::Conflict(
+                "readonly=on",
+                "discard_writes=on",
+                "a read-only region has no writes to discard",
+            ));
+        }
+        if cfg.create && (cfg.readonly || cfg.discard_writes) {
+            return Err(PmemConfigError::Conflict(
+                "create=on",
+                if cfg.readonly {
+                    "readonly=on"
+                } else {
+                    "discard_writes=on"
+                },
+                "create=on writes the file, the other promises it is never written",
+            ));
+        }
+        if cfg.create && cfg.size.is_none() {
+            return Err(PmemConfigError::BadValue {
+                key: "create",
+                value: "on".into(),
+                expected: "create=on needs size=SIZE",
+            });
+        }
+        if cfg.size == Some(0) {
+            return Err(PmemConfigError::BadValue {
+                key: "size",
+                value: "0".into(),
+                expected: "a pmem region cannot be empty",
+            });
+        }
+        Ok(cfg)
+    }
+}
+
+/// Guest windows are 2 MiB granular (see [`super::backing`] for why sizes are not padded).
+pub const SIZE_ALIGN: u64 = 2 * MIB;
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn p(s: &str) -> Result<PmemConfig, PmemConfigError> {
+        s.parse()
+    }
+
+    #[test]
+    fn full_and_minimal_forms() {
+        let c = p("file=/data/vm1.img,size=8G,readonly=on,id=data_1").unwrap();
+        assert_eq!(c.file, PathBuf::from("/data/vm1.img"));
+        assert_eq!(c.size, Some(8 << 30));
+        assert!(c.readonly && !c.discard_writes && !c.create);
+        assert_eq!(c.id.as_deref(), Some("data_1"));
+        let c = p("file=x").unwrap();
+        assert_eq!((c.size, c.readonly, c.id), (None, false, None));
+        let c = p("file=a,,b,discard_writes=on").unwrap();
+        assert_eq!(c.file, PathBuf::from("a,b"));
+        assert!(c.discard_writes);
+        let c = p("file=n,size=4MiB,create=on").unwrap();
+        assert_eq!(c.size, Some(4 << 20));
+        assert!(c.create);
+    }
+
+    #[test]
+    fn sizes() {
+        assert_eq!(parse_size("4096"), Ok(4096));
+        assert_eq!(parse_size("2M"), Ok(2 << 20));
+        assert_eq!(parse_size("2m"), Ok(2 << 20));
+        assert_eq!(parse_size("1T"), Ok(1 << 40));
+        assert!(parse_size("").is_err());
+        assert!(parse_size("12X").is_err());
+        assert!(parse_size("-1").is_err());
+        assert!(parse_size("99999999999T").is_err(), "overflow");
+    }
+
+    #[test]
+    fn errors_name_the_bad_key() {
+        assert_eq!(p("size=2M"), Err(PmemConfigError::MissingFile));
+        assert_eq!(
+            p("file=x,colour=red"),
+            Err(PmemConfigError::UnknownKey("colour".into()))
+        );
+        assert_eq!(
+            p("file=x,readonly"),
+            Err(PmemConfigError::MissingValue("readonly".into()))
+        );
+        assert_eq!(
+            p("file=x,file=y"),
+            Err(PmemConfigError::DuplicateKey("file".into()))
+        );
+        let e = p("file=x,readonly=maybe").unwrap_err();
+        assert!(e.to_string().contains("readonly=maybe"), "{e}");
+        let e = p("file=x,size=0").unwrap_err();
+        assert!(e.to_string().contains("size=0"), "{e}");
+        let e = p("file=x,id=has space").unwrap_err();
+        assert!(e.to_string().contains("id=has space"), "{e}");
+        assert!(matches!(
+            p("file=x,readonly=on,discard_writes=on"),
+            Err(PmemConfigError::Conflict(..))
+        ));
+        assert!(matches!(
+            p("file=x,size=2M,create=on,readonly=on"),
+            Err(PmemConfigError::Conflict(..))
+        ));
+        let e = p("file=x,create=on").unwrap_err();
+        assert!(e.to_string().contains("needs size"), "{e}");
+        assert_eq!(
+            p("file=,size=2M"),
+            Err(PmemConfigError::MissingValue("file".into()))
+        );
+    }
+}

@@ -1,0 +1,109 @@
+//! What "flush" means for each backing: the [`Flush`] object the VMM gives the virtio-pmem device.
+//!
+//! | backing                         | flush does            | why                                               |
+//! |---------------------------------|-----------------------|---------------------------------------------------|
+//! | Regular (page cache)            | fdatasync             | dirty pages and new block mappings reach the disk |
+//! | FsDax, MAP_SHARED fallback      | fdatasync             | data is in pmem, block allocation metadata is not |
+//! | FsDax with MAP_SYNC             | nothing               | metadata is made durable at write-fault time; the guest writes back its own CPU caches before it asks |
+//! | DevDax                          | nothing               | no file system metadata; the guest flushes CPU caches |
+//! | Memfd / tmpfs                   | nothing               | RAM: nothing can be made durable                  |
+//! | readonly=on / discard_writes=on | nothing               | the file is never written                         |
+//!
+//! Every flush first checks the file did not shrink under the VM; if it did, the guest gets EIO (its data past
+//! the new end is gone) and the host log says so. Failure is sticky: after a shrink or a failed fdatasync every
+//! later flush fails too, because a later fdatasync that succeeds says nothing about the pages whose writeback
+//! already failed (the kernel reports such an error once) - answering OK would be a lie about durability.
+
+use std::fs::File;
+use std::io;
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, Ordering};
+
+use daxvisor_devices::virtio::pmem::Flush;
+
+use super::backing::Backing;
+use super::kind::BackingKind;
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum FlushAction {
+    Fdatasync,
+    Nothing,
+}
+
+impl FlushAction {
+    pub fn for_backing(b: &Backing) -> FlushAction {
+        if b.readonly() || b.discard_writes() {
+            return FlushAction::Nothing;
+        }
+        match b.kind() {
+            BackingKind::Regular => FlushAction::Fdatasync,
+            BackingKind::FsDax if !b.map_sync() => FlushAction::Fdatasync,
+            BackingKind::FsDax | BackingKind::DevDax | BackingKind::Memfd => FlushAction::Nothing,
+        }
+    }
+}
+
+pub struct BackingFlush {
+    file: File,
+    path: PathBuf,
+    /// Bytes of the file the guest sees; a file shorter than this lost guest data.
+    size: u64,
+    check_shrink: bool,
+    action: FlushAction,
+    /// Set by the first shrink or fdatasync error; never cleared.
+    failed: AtomicBool,
+}
+
+impl BackingFlush {
+    pub fn new(b: &Backing) -> io::Result<BackingFlush> {
+        let action = FlushAction::for_backing(b);
+        tracing::info!(id = b.id(), ?action, "pmem flush policy");
+        Ok(BackingFlush {
+            file: b.file().try_clone()?,
+            path: b.path().to_owned(),
+            size: b.size(),
+            check_shrink: b.dev_dax().is_none(),
+            action,
+            failed: AtomicBool::new(false),
+        })
+    }
+
+    pub fn action(&self) -> FlushAction {
+        self.action
+    }
+}
+
+impl Flush for BackingFlush {
+    fn flush(&self) -> io::Result<()> {
+        if self.failed.load(Ordering::Acquire) {
+            return Err(io::Error::other(
+                "an earlier flush of this backing failed; durability can no longer be promised",
+            ));
+        }
+        if self.check_shrink {
+            let len = self.file.metadata()?.len();
+            if len < self.size {
+                self.failed.store(true, Ordering::Release);
+                tracing::error!(
+                    path = %self.path.display(),
+                    "pmem backing file shrank to {len} bytes under the running VM (guest sees {}); answering flushes with EIO from now on",
+                    self.size
+                );
+                return Err(io::Error::other("backing file shrank under the VM"));
+            }
+        }
+        let result = match self.action {
+            // sync_data is fdatasync(2) and retries on EINTR.
+            FlushAction::Fdatasync => self.file.sync_data(),
+            FlushAction::Nothing => Ok(()),
+        };
+        if let Err(e) = &result {
+            self.failed.store(true, Ordering::Release);
+            tracing::error!(
+                path = %self.path.display(),
+                "fdatasync of pmem backing failed: {e}; answering flushes with EIO from now on"
+            );
+        }
+        result
+    }
+}
