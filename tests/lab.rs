@@ -39,6 +39,40 @@ fn lab_probe_reports_no_dax_on_this_host() {
     );
 }
 
+/// The pattern check used on the lab's pmem backings accepts the test guest's pattern and rejects one changed word.
+#[test]
+fn lab_probe_pattern_check_finds_a_changed_word() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let file = dir.path().join("pattern.bin");
+    let len = 64 * 1024;
+    let mut bytes: Vec<u8> = (0..len as u64 / 8)
+        .flat_map(|i| daxvisor_tests::pattern_word(5, i * 8).to_le_bytes())
+        .collect();
+    std::fs::write(&file, &bytes).expect("write pattern");
+    let probe = |args: &[&str]| {
+        Command::new(env!("CARGO_BIN_EXE_lab-probe"))
+            .arg("pattern")
+            .arg(&file)
+            .args(args)
+            .output()
+            .expect("run lab-probe")
+    };
+    let good = probe(&["5", &len.to_string()]);
+    assert!(good.status.success(), "{good:?}");
+    let wrong_seed = probe(&["6", &len.to_string()]);
+    assert!(!wrong_seed.status.success(), "{wrong_seed:?}");
+    bytes[4096] ^= 1;
+    std::fs::write(&file, &bytes).expect("write changed pattern");
+    let changed = probe(&["5", &len.to_string()]);
+    assert!(
+        String::from_utf8_lossy(&changed.stdout).contains("mismatched words=1"),
+        "{changed:?}"
+    );
+    assert!(!changed.status.success());
+    let too_long = probe(&["5", &(2 * len).to_string()]);
+    assert!(!too_long.status.success(), "{too_long:?}");
+}
+
 const DAX_SESSION: &str = r#"
 set -e
 echo "fs-dax mount: $(grep " $LAB_DAX_MNT " /proc/mounts)"
@@ -105,7 +139,6 @@ fn xfs_dax_always_file_maps_with_map_sync() {
 }
 
 #[test]
-#[ignore = "needs the test guest built into daxvisor (vmm/build.rs embeds an empty placeholder until it lands)"]
 fn daxvisor_boots_the_test_guest_on_the_labs_kvm() {
     let name = "testguest";
     let script = r#"
@@ -121,6 +154,43 @@ echo "daxvisor exit status: $?"
         out.output.contains("daxvisor exit status: 0"),
         "{}",
         out.output
+    );
+}
+
+/// The test guest writes its pattern through two virtio-pmem devices at once, one backed by a file on the lab's
+/// fs-dax mount and one by its device-DAX; after the VM exits the lab reads the pattern from both backings.
+#[test]
+fn test_guest_writes_through_pmem_on_fsdax_and_devdax_backings() {
+    let name = "testguest-pmem";
+    let script = r#"
+timeout 120 daxvisor run --serial stdout \
+    --pmem "file=$LAB_DAX_MNT/tg.img,size=4M,create=on" --pmem "file=$LAB_DEVDAX,size=4M" \
+    --cmdline "pmem=write seed=7 size=4M" >/tmp/tg.log 2>&1
+rc=$?
+sed 's/\x1b\[[0-9;]*m//g' /tmp/tg.log
+echo "daxvisor exit status: $rc"
+set -e
+lab-probe pattern "$LAB_DAX_MNT/tg.img" 7 4194304
+lab-probe pattern "$LAB_DEVDAX" 7 4194304
+"#;
+    let Some(out) = run_scenario(name, script, &LabOptions::default()) else {
+        return;
+    };
+    assert_ok(name, &out);
+    let o = &out.output;
+    // daxvisor saw what the backings are: fs-dax mapped with MAP_SYNC, and device-DAX.
+    assert!(o.contains("kind=fsdax"), "{o}");
+    assert!(o.contains("MAP_SYNC"), "{o}");
+    assert!(o.contains("kind=devdax"), "{o}");
+    assert!(o.contains("daxvisor exit status: 0"), "{o}");
+    assert!(
+        o.contains("pattern: /mnt/dax/tg.img seed=7 len=4194304 mismatched words=0"),
+        "{o}"
+    );
+    assert!(
+        o.lines().any(|l| l.starts_with("pattern: /dev/dax")
+            && l.ends_with("seed=7 len=4194304 mismatched words=0")),
+        "{o}"
     );
 }
 
@@ -183,7 +253,6 @@ fn daxvisor_boots_the_linux_guest_image_to_its_init_in_the_lab() {
 }
 
 #[test]
-#[ignore = "needs virtio-pmem in daxvisor (`--pmem file=...,size=...`); un-ignore when it lands"]
 fn linux_guest_writes_through_dax_pmem_backed_by_a_lab_fsdax_file() {
     let name = "linux-pmem";
     let token = format!("daxvisor-lab-token-{}", std::process::id());

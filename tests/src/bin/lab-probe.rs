@@ -7,6 +7,9 @@
 //!                            is DAX and the MAP_SYNC mapping works
 //!   lab-probe devdax DEV     print the device's size and alignment from sysfs, map one alignment unit, write and
 //!                            read it back through a second mapping; exit 0 when that works
+//!   lab-probe pattern PATH SEED LEN
+//!                            map the first LEN bytes of PATH (a file or device-DAX) and count the 8-byte words that
+//!                            differ from the test guest's pattern for SEED; exit 0 when none does
 
 use std::ffi::CString;
 use std::fs::{File, OpenOptions};
@@ -25,7 +28,11 @@ fn main() -> ExitCode {
     let result = match args.get(1..).unwrap_or_default() {
         [cmd, path] if cmd == "fsdax" => probe_fsdax(Path::new(path)),
         [cmd, path] if cmd == "devdax" => probe_devdax(Path::new(path)),
-        _ => Err("usage: lab-probe fsdax PATH | lab-probe devdax /dev/daxN.M".to_string()),
+        [cmd, path, seed, len] if cmd == "pattern" => check_pattern(Path::new(path), seed, len),
+        _ => Err(
+            "usage: lab-probe fsdax PATH | lab-probe devdax /dev/daxN.M | lab-probe pattern PATH SEED LEN"
+                .to_string(),
+        ),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
@@ -115,6 +122,55 @@ fn probe_devdax(dev: &Path) -> Result<(), String> {
     }
     println!("devdax: mmap {len} bytes MAP_SHARED: ok (write seen through a second mapping)");
     Ok(())
+}
+
+fn check_pattern(path: &Path, seed: &str, len: &str) -> Result<(), String> {
+    let seed: u32 = parse_number(seed).ok_or_else(|| format!("bad seed {seed:?}"))?;
+    let len: usize = parse_number(len).ok_or_else(|| format!("bad length {len:?}"))?;
+    if len == 0 || !len.is_multiple_of(8) {
+        return Err(format!("length {len} must be a positive multiple of 8"));
+    }
+    let file = OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open(path)
+        .map_err(|e| format!("open {}: {e}", path.display()))?;
+    let meta = file
+        .metadata()
+        .map_err(|e| format!("stat {}: {e}", path.display()))?;
+    // Reading a mapping past the end of a file is SIGBUS, not an error.
+    if meta.is_file() && meta.len() < len as u64 {
+        return Err(format!(
+            "{} holds {} bytes, fewer than {len}",
+            path.display(),
+            meta.len()
+        ));
+    }
+    // A mapping reads files and device-DAX alike (device-DAX has no read(2)).
+    let map = Mapping::new(&file, len, libc::MAP_SHARED)?;
+    let bytes = map.read(0, len);
+    let bad = daxvisor_tests::pattern_mismatches(&bytes, seed, len);
+    println!(
+        "pattern: {} seed={seed} len={len} mismatched words={bad}",
+        path.display()
+    );
+    if bad == 0 {
+        Ok(())
+    } else {
+        Err(format!(
+            "{bad} words of {} differ from the pattern",
+            path.display()
+        ))
+    }
+}
+
+/// Decimal or 0x-prefixed hexadecimal.
+fn parse_number<T: TryFrom<u64>>(s: &str) -> Option<T> {
+    let v = match s.strip_prefix("0x") {
+        Some(hex) => u64::from_str_radix(hex, 16).ok()?,
+        None => s.parse().ok()?,
+    };
+    T::try_from(v).ok()
 }
 
 fn read_sysfs_u64(path: &Path) -> Result<u64, String> {
