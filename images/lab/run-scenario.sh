@@ -58,6 +58,7 @@ command -v qemu-system-x86_64 >/dev/null || lab_die "qemu-system-x86_64 missing:
 # Logs stay after the run (under build/logs); the NVDIMM files live in a fresh temporary directory.
 LOGS="$LAB_BUILD/logs/$NAME.$(date +%Y%m%d-%H%M%S).$$"
 mkdir -p "$LOGS"
+find "$LAB_BUILD/logs" -mindepth 1 -maxdepth 1 -type d -mtime +7 -exec rm -rf {} + 2>/dev/null || true
 WORK="$(mktemp -d "${TMPDIR:-/tmp}/daxlab.XXXXXX")"
 cleanup() { [ "$KEEP" = 1 ] && lab_log "NVDIMM files kept in $WORK" || rm -rf "$WORK"; }
 trap cleanup EXIT
