@@ -8,7 +8,7 @@
 #   e2fsprogs        mkfs.ext4 (host tests and, with its libraries, inside the lab)
 #   xfsprogs         mkfs.xfs (reflink tests on the host; XFS -o dax=always in the lab)
 #   kmod             depmod for the extracted kernel modules
-#   gzip, ca-certificates  compression of initramfs; apt over https where configured
+#   gzip             initramfs compression
 set -euo pipefail
 
 PACKAGES=(qemu-system-x86 busybox-static cpio e2fsprogs xfsprogs kmod gzip)

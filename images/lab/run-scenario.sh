@@ -19,7 +19,7 @@
 set -euo pipefail
 source "$(dirname "${BASH_SOURCE[0]}")/lib/common.sh"
 
-SCENARIO= FS=ext4 TIMEOUT= BUILD=1 KEEP=0 SHELL_MODE=0
+SCENARIO='' FS=ext4 TIMEOUT='' BUILD=1 KEEP=0 SHELL_MODE=0
 FILES=()
 while [ $# -gt 0 ]; do
     case "$1" in
@@ -60,7 +60,9 @@ LOGS="$LAB_BUILD/logs/$NAME.$(date +%Y%m%d-%H%M%S).$$"
 mkdir -p "$LOGS"
 find "$LAB_BUILD/logs" -mindepth 1 -maxdepth 1 -type d -mtime +7 -exec rm -rf {} + 2>/dev/null || true
 WORK="$(mktemp -d "${TMPDIR:-/tmp}/daxlab.XXXXXX")"
-cleanup() { [ "$KEEP" = 1 ] && lab_log "NVDIMM files kept in $WORK" || rm -rf "$WORK"; }
+cleanup() {
+    if [ "$KEEP" = 1 ]; then lab_log "NVDIMM files kept in $WORK"; else rm -rf "$WORK"; fi
+}
 trap cleanup EXIT
 
 # The scenario travels as a third initramfs archive appended to the lab's two (the kernel unpacks them in order).
@@ -81,12 +83,13 @@ SCEN_OUT="$LOGS/scenario.out"
 : >"$CONSOLE"
 : >"$SCEN_OUT"
 
+# shellcheck disable=SC2054 # commas belong to QEMU's option syntax
 QEMU_ARGS=(
     -nodefaults -display none -no-reboot
     -M pc,nvdimm=on -cpu max -smp 1 -m 2G,slots=4,maxmem=8G
-    -object memory-backend-file,id=mem1,share=on,mem-path="$WORK/nvdimm-fsdax",size=$FSDAX_SIZE
+    -object memory-backend-file,id=mem1,share=on,"mem-path=$WORK/nvdimm-fsdax,size=$FSDAX_SIZE"
     -device nvdimm,id=nv1,memdev=mem1
-    -object memory-backend-file,id=mem2,share=on,mem-path="$WORK/nvdimm-devdax",size=$DEVDAX_SIZE
+    -object memory-backend-file,id=mem2,share=on,"mem-path=$WORK/nvdimm-devdax,size=$DEVDAX_SIZE"
     -device nvdimm,id=nv2,memdev=mem2
     -kernel "$OUT/vmlinuz" -initrd "$WORK/initrd.gz"
 )

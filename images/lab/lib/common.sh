@@ -1,7 +1,9 @@
+# shellcheck shell=bash
 # Shared by images/lab/build.sh, images/linux/build.sh and images/lab/run-scenario.sh: logging and paths.
 # Sourced, never run.
 
 LAB_DIR="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+# shellcheck disable=SC2034 # used by the scripts that source this
 REPO_ROOT="$(cd "$LAB_DIR/../.." && pwd)"
 # Everything downloaded or generated lives here (gitignored): .deb cache, extracted kernel, staging trees, images.
 LAB_BUILD="${LAB_BUILD:-$LAB_DIR/build}"
@@ -17,7 +19,7 @@ lab_elapsed() { echo "$((SECONDS))s"; }
 lab_tree_hash() {
     local dir="$1"
     (
-        cd "$dir"
+        cd "$dir" || exit 1
         find . -printf '%p %y %m %l\n' | LC_ALL=C sort
         find . -type f -print0 | LC_ALL=C sort -z | xargs -0 -r sha256sum
     ) | sha256sum | cut -d' ' -f1

@@ -1,3 +1,4 @@
+# shellcheck shell=bash
 # The generic Debian kernel (linux-image-6.1.0-*-amd64, not cloud: cloud lacks NVDIMM, DAX and KVM modules),
 # downloaded once with apt-get download, extracted with dpkg-deb -x, indexed with depmod -b.
 # Sourced after common.sh. Sets KERNEL_VERSION, KERNEL_ROOT (extracted tree), KERNEL_IMAGE (bzImage).

@@ -1,3 +1,4 @@
+# shellcheck shell=bash
 # Filling an initramfs staging tree: busybox with its applet links, dynamically linked host tools with the
 # libraries ldd lists and the loader. Sourced after common.sh.
 
