@@ -194,3 +194,5 @@ pub fn share_read_only(dir: &Path) {
     use std::os::unix::fs::PermissionsExt;
     std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o755)).expect("chmod test dir");
 }
+
+pub mod lab;

@@ -1,0 +1,84 @@
+#!/usr/bin/env bash
+# Builds the DAX lab image from distribution packages and the project's own static binaries:
+#   build/out/vmlinuz        the generic Debian 6.1 kernel (bzImage)
+#   build/out/base.cpio.gz   busybox, kernel modules (NVDIMM, DAX, ext4, XFS, KVM), mkfs tools, the lab's /init
+#   build/out/bins.cpio.gz   the project's static binaries (/usr/bin) and the Linux guest image (/images/linux)
+# run-scenario.sh concatenates the two archives with a small per-scenario one. Downloads are cached under build/;
+# every archive is repacked only when its content changed, so a second build with nothing changed takes seconds.
+#
+# Usage: images/lab/build.sh [--no-cargo]
+#   --no-cargo   leave out the project binaries (the lab itself needs none of them)
+# Environment: CARGO_TARGET_DIR as for cargo; LAB_KERNEL_PACKAGE to pin a kernel package.
+set -euo pipefail
+source "$(dirname "${BASH_SOURCE[0]}")/lib/common.sh"
+source "$LAB_DIR/lib/kernel.sh"
+source "$LAB_DIR/lib/stage.sh"
+
+WITH_CARGO=1
+for a in "$@"; do
+    case "$a" in
+    --no-cargo) WITH_CARGO=0 ;;
+    -h | --help) sed -n '2,12p' "$0"; exit 0 ;;
+    *) lab_die "unknown argument $a" ;;
+    esac
+done
+
+SECONDS=0
+mkdir -p "$LAB_BUILD/out"
+# One build at a time (tests may start several lab runs at once).
+exec 9>"$LAB_BUILD/.lock"
+flock 9
+
+"$REPO_ROOT/scripts/setup-host.sh" >&2
+lab_fetch_kernel
+OUT="$LAB_BUILD/out"
+cp -p "$KERNEL_IMAGE" "$OUT/vmlinuz"
+
+# Modules, in insmod order once dependencies are resolved (shared/background/dax-lab.md).
+LAB_MODULES=(
+    libnvdimm nfit nd_btt nd_pmem device_dax dax_pmem
+    crc16 crc32c_generic mbcache jbd2 ext4 libcrc32c xfs
+    irqbypass kvm ccp kvm_amd
+)
+
+lab_log "base: staging ($(lab_elapsed))"
+BASE="$LAB_BUILD/stage/base"
+rm -rf "$BASE"
+mkdir -p "$BASE"
+lab_stage_busybox "$BASE"
+lab_stage_modules "$BASE" "${LAB_MODULES[@]}"
+lab_stage_dynamic "$BASE" "$(command -v mke2fs)"
+ln -sf mke2fs "$BASE$(dirname "$(command -v mke2fs)")/mkfs.ext4"
+lab_stage_dynamic "$BASE" "$(command -v mkfs.xfs)"
+[ -f /etc/mke2fs.conf ] && cp /etc/mke2fs.conf "$BASE/etc/"
+install -m 0755 "$LAB_DIR/init" "$BASE/init"
+echo "root:x:0:0:root:/root:/bin/sh" >"$BASE/etc/passwd"
+lab_pack_initramfs "$BASE" "$OUT/base.cpio.gz"
+
+BINS="$LAB_BUILD/stage/bins"
+rm -rf "$BINS"
+mkdir -p "$BINS/usr/bin" "$BINS/images/linux"
+if [ "$WITH_CARGO" = 1 ]; then
+    lab_log "bins: cargo build --release (static) ($(lab_elapsed))"
+    # +crt-static with an explicit --target: static binaries while proc-macros still build for the host.
+    # CARGO is set when this runs under `cargo test`; CARGO_ENCODED_RUSTFLAGS would override RUSTFLAGS.
+    exes="$(cd "$REPO_ROOT" && env -u CARGO_ENCODED_RUSTFLAGS RUSTFLAGS="-C target-feature=+crt-static" \
+        "${CARGO:-cargo}" build --release \
+        --target x86_64-unknown-linux-gnu -p daxvisor -p daxvisor-tests --bins \
+        --message-format=json-render-diagnostics |
+        grep -o '"executable":"[^"]*"' | sed 's/^"executable":"\(.*\)"$/\1/')" ||
+        lab_die "cargo build of the project binaries failed"
+    for exe in $exes; do
+        lab_is_static "$exe" || lab_die "$exe is dynamically linked"
+        strip -o "$BINS/usr/bin/$(basename "$exe")" "$exe"
+        lab_log "bins: $(basename "$exe")"
+    done
+fi
+
+lab_log "linux guest image ($(lab_elapsed))"
+KERNEL_VERSION="$KERNEL_VERSION" KERNEL_ROOT="$KERNEL_ROOT" KERNEL_IMAGE="$KERNEL_IMAGE" "$REPO_ROOT/images/linux/build.sh"
+cp -p "$REPO_ROOT/images/linux/build/vmlinuz" "$REPO_ROOT/images/linux/build/initrd.gz" "$BINS/images/linux/"
+lab_pack_initramfs "$BINS" "$OUT/bins.cpio.gz"
+
+echo "$KERNEL_VERSION" >"$OUT/kernel-version"
+lab_log "lab image ready in $OUT ($(lab_elapsed))"

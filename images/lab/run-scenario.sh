@@ -1,0 +1,137 @@
+#!/usr/bin/env bash
+# Runs one scenario in the DAX lab and returns its exit status.
+#
+# Usage: images/lab/run-scenario.sh SCENARIO.sh [--xfs] [--timeout SECS] [--file PATH]... [--no-build] [--keep]
+#        images/lab/run-scenario.sh --shell [--xfs] [--file PATH]...
+#   --xfs          the fs-dax mount is XFS with -o dax=always (default: ext4 with -o dax)
+#   --timeout S    hard limit for the whole QEMU run (default 600; none with --shell); QEMU is killed past it
+#   --file PATH    copy PATH into the lab as /lab/files/NAME (repeatable)
+#   --no-build     use the lab image as built (default: run build.sh first, seconds when nothing changed)
+#   --keep         keep the NVDIMM backing files (printed) instead of deleting them
+#   --shell        no scenario: an interactive shell on the lab console once it is set up (Ctrl-A X quits QEMU)
+#
+# QEMU (TCG, -cpu max: SVM) boots the lab kernel with two emulated NVDIMMs backed by fresh files; the lab's /init
+# makes one fs-dax (mounted at /mnt/dax) and the other device-DAX, loads kvm-amd, then runs SCENARIO.sh with:
+#   LAB_DAX_MNT=/mnt/dax  LAB_FS=ext4|xfs  LAB_PMEM_DEV=/dev/pmemN  LAB_DEVDAX=/dev/daxN.M  LAB_DEVDAX_SIZE=bytes
+#   LAB_LINUX_KERNEL, LAB_LINUX_INITRD (the Linux guest image)  and the project binaries in PATH (/usr/bin).
+# The scenario's output is printed between BEGIN/END lines; the lab console goes to a log whose path is printed.
+# Exit status: the scenario's; 124 when the timeout hit; 125 when the lab failed before or around the scenario.
+set -euo pipefail
+source "$(dirname "${BASH_SOURCE[0]}")/lib/common.sh"
+
+SCENARIO='' FS=ext4 TIMEOUT='' BUILD=1 KEEP=0 SHELL_MODE=0
+FILES=()
+while [ $# -gt 0 ]; do
+    case "$1" in
+    --xfs) FS=xfs ;;
+    --timeout) [ $# -ge 2 ] || lab_die "--timeout needs seconds"; TIMEOUT="$2"; shift ;;
+    --file) [ $# -ge 2 ] && [ -f "$2" ] || lab_die "--file needs an existing file"; FILES+=("$2"); shift ;;
+    --no-build) BUILD=0 ;;
+    --keep) KEEP=1 ;;
+    --shell) SHELL_MODE=1 ;;
+    -h | --help) sed -n '2,19p' "$0"; exit 0 ;;
+    -*) lab_die "unknown option $1" ;;
+    *) [ -z "$SCENARIO" ] || lab_die "one scenario at a time"; SCENARIO="$1" ;;
+    esac
+    shift
+done
+case "$TIMEOUT" in
+"") TIMEOUT=600 ;;
+*[!0-9]* | 0) lab_die "--timeout takes a positive number of seconds, not '$TIMEOUT'" ;;
+esac
+if [ "$SHELL_MODE" = 1 ]; then
+    [ -z "$SCENARIO" ] || lab_die "--shell takes no scenario"
+    NAME=shell
+else
+    [ -n "$SCENARIO" ] && [ -f "$SCENARIO" ] ||
+        lab_die "usage: run-scenario.sh SCENARIO.sh [--xfs] [--timeout SECS] [--file PATH]... (or --shell)"
+    NAME="$(basename "$SCENARIO" .sh)"
+fi
+
+[ "$BUILD" = 1 ] && "$LAB_DIR/build.sh"
+OUT="$LAB_BUILD/out"
+for f in vmlinuz base.cpio.gz bins.cpio.gz; do
+    [ -f "$OUT/$f" ] || lab_die "$OUT/$f missing: run images/lab/build.sh"
+done
+command -v qemu-system-x86_64 >/dev/null || lab_die "qemu-system-x86_64 missing: run scripts/setup-host.sh"
+
+# Logs stay after the run (under build/logs); the NVDIMM files live in a fresh temporary directory.
+LOGS="$LAB_BUILD/logs/$NAME.$(date +%Y%m%d-%H%M%S).$$"
+mkdir -p "$LOGS"
+find "$LAB_BUILD/logs" -mindepth 1 -maxdepth 1 -type d -mtime +7 -exec rm -rf {} + 2>/dev/null || true
+WORK="$(mktemp -d "${TMPDIR:-/tmp}/daxlab.XXXXXX")"
+cleanup() {
+    if [ "$KEEP" = 1 ]; then lab_log "NVDIMM files kept in $WORK"; else rm -rf "$WORK"; fi
+}
+trap cleanup EXIT
+
+# The scenario travels as a third initramfs archive appended to the lab's two (the kernel unpacks them in order).
+mkdir -p "$WORK/scenario/lab/files"
+if [ -n "$SCENARIO" ]; then
+    install -m 0755 "$SCENARIO" "$WORK/scenario/lab/scenario.sh"
+fi
+for f in "${FILES[@]}"; do
+    cp -L "$f" "$WORK/scenario/lab/files/"
+done
+(cd "$WORK/scenario" && find . | cpio --quiet -o -H newc -R 0:0 | gzip -1 -n) >"$WORK/scenario.cpio.gz"
+cat "$OUT/base.cpio.gz" "$OUT/bins.cpio.gz" "$WORK/scenario.cpio.gz" >"$WORK/initrd.gz"
+
+FSDAX_SIZE=$((512 << 20))
+DEVDAX_SIZE=$((256 << 20))
+CONSOLE="$LOGS/console.log"
+SCEN_OUT="$LOGS/scenario.out"
+: >"$CONSOLE"
+: >"$SCEN_OUT"
+
+# shellcheck disable=SC2054 # commas belong to QEMU's option syntax
+QEMU_ARGS=(
+    -nodefaults -display none -no-reboot
+    -M pc,nvdimm=on -cpu max -smp 1 -m 2G,slots=4,maxmem=8G
+    -object memory-backend-file,id=mem1,share=on,"mem-path=$WORK/nvdimm-fsdax,size=$FSDAX_SIZE"
+    -device nvdimm,id=nv1,memdev=mem1
+    -object memory-backend-file,id=mem2,share=on,"mem-path=$WORK/nvdimm-devdax,size=$DEVDAX_SIZE"
+    -device nvdimm,id=nv2,memdev=mem2
+    -kernel "$OUT/vmlinuz" -initrd "$WORK/initrd.gz"
+)
+APPEND="console=ttyS0 quiet panic=-1 lab.fs=$FS lab.fsdax_size=$FSDAX_SIZE lab.devdax_size=$DEVDAX_SIZE"
+
+if [ "$SHELL_MODE" = 1 ]; then
+    lab_log "lab shell: booting ($FS); Ctrl-A X quits QEMU"
+    qemu-system-x86_64 "${QEMU_ARGS[@]}" -append "$APPEND lab.shell=1" \
+        -serial mon:stdio -serial file:"$SCEN_OUT"
+    exit $?
+fi
+
+lab_log "scenario $NAME: booting the lab ($FS, timeout ${TIMEOUT}s); console: $CONSOLE"
+start=$SECONDS
+set +e
+timeout --kill-after=5 "$TIMEOUT" qemu-system-x86_64 "${QEMU_ARGS[@]}" -append "$APPEND" \
+    -serial file:"$CONSOLE" -serial file:"$SCEN_OUT" </dev/null >"$LOGS/qemu.log" 2>&1
+qemu_rc=$?
+set -e
+took=$((SECONDS - start))
+
+# The scenario channel is a serial line: strip the carriage returns the tty adds.
+tr -d '\r' <"$SCEN_OUT" >"$SCEN_OUT.txt"
+status_line="$(grep -a '^LAB-SCENARIO-STATUS: ' "$SCEN_OUT.txt" | tail -n1 || true)"
+
+echo "===== BEGIN scenario $NAME ====="
+grep -a -v '^LAB-SCENARIO-STATUS: ' "$SCEN_OUT.txt" || true
+if [ "$qemu_rc" = 124 ] || [ "$qemu_rc" = 137 ]; then
+    status=124
+    echo "===== END scenario $NAME: TIMEOUT after ${took}s (QEMU killed) ====="
+    echo "lab: last console lines (where it stopped):"
+    tail -n 30 "$CONSOLE" | tr -d '\r' | sed 's/^/  | /'
+elif [ -z "$status_line" ]; then
+    status=125
+    echo "===== END scenario $NAME: NO STATUS (QEMU exited $qemu_rc after ${took}s) ====="
+    echo "lab: last console lines:"
+    tail -n 30 "$CONSOLE" | tr -d '\r' | sed 's/^/  | /'
+    sed 's/^/  qemu: /' "$LOGS/qemu.log"
+else
+    status="${status_line#LAB-SCENARIO-STATUS: }"
+    echo "===== END scenario $NAME: status $status (${took}s) ====="
+fi
+echo "lab console log: $CONSOLE"
+echo "scenario output: $SCEN_OUT.txt"
+exit "$status"

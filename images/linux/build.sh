@@ -1,0 +1,33 @@
+#!/usr/bin/env bash
+# Builds the Linux guest image for guests under daxvisor: the lab's generic Debian 6.1 kernel and a tiny
+# initramfs (busybox, virtio_mmio, virtio_pmem, nd_pmem, virtio_console, ext4, mke2fs) whose /init mounts the
+# virtio-pmem device with DAX and runs a command. Output:
+#   images/linux/build/vmlinuz     bzImage for `daxvisor run --kernel`
+#   images/linux/build/initrd.gz   for `daxvisor run --initrd`
+# The kernel download is shared with the lab (images/lab/build/). Repacks only what changed.
+set -euo pipefail
+source "$(dirname "${BASH_SOURCE[0]}")/../lab/lib/common.sh"
+source "$LAB_DIR/lib/kernel.sh"
+source "$LAB_DIR/lib/stage.sh"
+
+LINUX_DIR="$REPO_ROOT/images/linux"
+OUT="$LINUX_DIR/build"
+mkdir -p "$OUT"
+
+[ -n "${KERNEL_VERSION:-}" ] || lab_fetch_kernel
+cp -p "$KERNEL_IMAGE" "$OUT/vmlinuz"
+
+# virtio_mmio finds the devices daxvisor describes in ACPI (LNRO0005); virtio_pmem makes the nd region that
+# nd_pmem turns into /dev/pmem0; virtio_console carries the agent channel; ext4 needs crc32c from the crypto API.
+GUEST_MODULES=(virtio_mmio virtio_pmem nd_pmem virtio_console crc16 crc32c_generic mbcache jbd2 ext4)
+
+ROOT="$LAB_BUILD/stage/linux-guest"
+rm -rf "$ROOT"
+mkdir -p "$ROOT"
+lab_stage_busybox "$ROOT"
+lab_stage_modules "$ROOT" "${GUEST_MODULES[@]}"
+lab_stage_dynamic "$ROOT" "$(command -v mke2fs)"
+ln -sf mke2fs "$ROOT$(dirname "$(command -v mke2fs)")/mkfs.ext4"
+[ -f /etc/mke2fs.conf ] && cp /etc/mke2fs.conf "$ROOT/etc/"
+install -m 0755 "$LINUX_DIR/init" "$ROOT/init"
+lab_pack_initramfs "$ROOT" "$OUT/initrd.gz"

@@ -1,0 +1,298 @@
+//! The DAX lab: QEMU (TCG) with emulated NVDIMMs and nested SVM, where the host has real fs-dax, device-DAX and
+//! its own /dev/kvm. Each test boots the lab, runs a shell session inside it, and checks what it printed.
+//! (This machine has no DAX and a KVM that emulates guest ring 0: the lab is where those claims are proven.)
+
+use std::process::Command;
+use std::time::Duration;
+
+use daxvisor_tests::lab::{run_scenario, LabOptions, LabOutcome};
+
+fn assert_ok(name: &str, out: &LabOutcome) {
+    assert_eq!(
+        out.status,
+        0,
+        "scenario {name} failed with status {}; its output:\n{}\nlab console log: {}",
+        out.status,
+        out.output,
+        out.log_path.display()
+    );
+}
+
+/// The probe the lab scenarios rely on says "no" where there is no DAX (this host), so its "yes" in the lab means
+/// something.
+#[test]
+fn lab_probe_reports_no_dax_on_this_host() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let file = dir.path().join("not-dax");
+    let out = Command::new(env!("CARGO_BIN_EXE_lab-probe"))
+        .arg("fsdax")
+        .arg(&file)
+        .output()
+        .expect("run lab-probe");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    println!("{stdout}");
+    assert!(!out.status.success(), "lab-probe accepted a non-DAX file");
+    assert!(stdout.contains("STATX_ATTR_DAX=no"), "{stdout}");
+    assert!(
+        stdout.contains("mmap MAP_SHARED_VALIDATE|MAP_SYNC: mmap: Operation not supported"),
+        "{stdout}"
+    );
+}
+
+/// The pattern check used on the lab's pmem backings accepts the test guest's pattern and rejects one changed word.
+#[test]
+fn lab_probe_pattern_check_finds_a_changed_word() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let file = dir.path().join("pattern.bin");
+    let len = 64 * 1024;
+    let mut bytes: Vec<u8> = (0..len as u64 / 8)
+        .flat_map(|i| daxvisor_tests::pattern_word(5, i * 8).to_le_bytes())
+        .collect();
+    std::fs::write(&file, &bytes).expect("write pattern");
+    let probe = |args: &[&str]| {
+        Command::new(env!("CARGO_BIN_EXE_lab-probe"))
+            .arg("pattern")
+            .arg(&file)
+            .args(args)
+            .output()
+            .expect("run lab-probe")
+    };
+    let good = probe(&["5", &len.to_string()]);
+    assert!(good.status.success(), "{good:?}");
+    let wrong_seed = probe(&["6", &len.to_string()]);
+    assert!(!wrong_seed.status.success(), "{wrong_seed:?}");
+    bytes[4096] ^= 1;
+    std::fs::write(&file, &bytes).expect("write changed pattern");
+    let changed = probe(&["5", &len.to_string()]);
+    assert!(
+        String::from_utf8_lossy(&changed.stdout).contains("mismatched words=1"),
+        "{changed:?}"
+    );
+    assert!(!changed.status.success());
+    let too_long = probe(&["5", &(2 * len).to_string()]);
+    assert!(!too_long.status.success(), "{too_long:?}");
+}
+
+const DAX_SESSION: &str = r#"
+set -e
+echo "fs-dax mount: $(grep " $LAB_DAX_MNT " /proc/mounts)"
+lab-probe fsdax "$LAB_DAX_MNT/probe.bin"
+lab-probe devdax "$LAB_DEVDAX"
+ls -l "$LAB_DEVDAX" /dev/kvm
+test -c /dev/kvm && echo "kvm: /dev/kvm is a character device"
+"#;
+
+fn check_dax_session(name: &str, out: &LabOutcome, fs: &str, dax_opt: &str) {
+    assert_ok(name, out);
+    let o = &out.output;
+    let mount = o
+        .lines()
+        .find(|l| l.starts_with("fs-dax mount: "))
+        .unwrap_or_else(|| panic!("no mount line:\n{o}"));
+    assert!(
+        mount.contains(&format!(" {fs} ")) && mount.contains(dax_opt),
+        "expected {fs} with {dax_opt}: {mount}"
+    );
+    assert!(o.contains("STATX_ATTR_DAX=yes"), "{o}");
+    assert!(o.contains("mmap MAP_SHARED_VALIDATE|MAP_SYNC: ok"), "{o}");
+    let devdax = o
+        .lines()
+        .find(|l| l.starts_with("devdax: /dev/dax"))
+        .unwrap_or_else(|| panic!("no devdax line:\n{o}"));
+    let size: u64 = devdax
+        .split_whitespace()
+        .find_map(|w| w.strip_prefix("size="))
+        .and_then(|s| s.parse().ok())
+        .unwrap_or_else(|| panic!("no size in {devdax:?}"));
+    // The lab's device-DAX NVDIMM is 256 MiB; the pfn metadata and alignment take a little of it.
+    assert!(
+        size > 200 << 20 && size <= 256 << 20,
+        "device-DAX size {size} out of range"
+    );
+    assert!(
+        o.contains("devdax: mmap 2097152 bytes MAP_SHARED: ok"),
+        "{o}"
+    );
+    assert!(o.contains("kvm: /dev/kvm is a character device"), "{o}");
+}
+
+#[test]
+fn ext4_dax_file_maps_with_map_sync_and_devdax_and_kvm_exist() {
+    let name = "dax-ext4";
+    let Some(out) = run_scenario(name, DAX_SESSION, &LabOptions::default()) else {
+        return;
+    };
+    check_dax_session(name, &out, "ext4", "dax");
+}
+
+#[test]
+fn xfs_dax_always_file_maps_with_map_sync() {
+    let name = "dax-xfs";
+    let opts = LabOptions {
+        xfs: true,
+        ..LabOptions::default()
+    };
+    let Some(out) = run_scenario(name, DAX_SESSION, &opts) else {
+        return;
+    };
+    check_dax_session(name, &out, "xfs", "dax=always");
+}
+
+#[test]
+fn daxvisor_boots_the_test_guest_on_the_labs_kvm() {
+    let name = "testguest";
+    let script = r#"
+timeout 120 daxvisor run --serial stdout
+echo "daxvisor exit status: $?"
+"#;
+    let Some(out) = run_scenario(name, script, &LabOptions::default()) else {
+        return;
+    };
+    assert_ok(name, &out);
+    assert!(out.output.contains("daxvisor-testguest"), "{}", out.output);
+    assert!(
+        out.output.contains("daxvisor exit status: 0"),
+        "{}",
+        out.output
+    );
+}
+
+/// The test guest writes its pattern through two virtio-pmem devices at once, one backed by a file on the lab's
+/// fs-dax mount and one by its device-DAX; after the VM exits the lab reads the pattern from both backings.
+#[test]
+fn test_guest_writes_through_pmem_on_fsdax_and_devdax_backings() {
+    let name = "testguest-pmem";
+    let script = r#"
+timeout 120 daxvisor run --serial stdout \
+    --pmem "file=$LAB_DAX_MNT/tg.img,size=4M,create=on" --pmem "file=$LAB_DEVDAX,size=4M" \
+    --cmdline "pmem=write seed=7 size=4M" >/tmp/tg.log 2>&1
+rc=$?
+sed 's/\x1b\[[0-9;]*m//g' /tmp/tg.log
+echo "daxvisor exit status: $rc"
+set -e
+lab-probe pattern "$LAB_DAX_MNT/tg.img" 7 4194304
+lab-probe pattern "$LAB_DEVDAX" 7 4194304
+"#;
+    let Some(out) = run_scenario(name, script, &LabOptions::default()) else {
+        return;
+    };
+    assert_ok(name, &out);
+    let o = &out.output;
+    // daxvisor saw what the backings are: fs-dax mapped with MAP_SYNC, and device-DAX.
+    assert!(o.contains("kind=fsdax"), "{o}");
+    assert!(o.contains("MAP_SYNC"), "{o}");
+    assert!(o.contains("kind=devdax"), "{o}");
+    assert!(o.contains("daxvisor exit status: 0"), "{o}");
+    assert!(
+        o.contains("pattern: /mnt/dax/tg.img seed=7 len=4194304 mismatched words=0"),
+        "{o}"
+    );
+    assert!(
+        o.lines().any(|l| l.starts_with("pattern: /dev/dax")
+            && l.ends_with("seed=7 len=4194304 mismatched words=0")),
+        "{o}"
+    );
+}
+
+/// Runs daxvisor in the background on the Linux guest image and stops it at the latest LIMIT seconds after start,
+/// or 3 s after the guest printed STOP_AT (the guest resets by itself when its init is done; a guest that hangs
+/// must not hold the session until the lab's hard timeout).
+fn linux_session(daxvisor_args: &str, stop_at: &str, limit_s: u32, after: &str) -> String {
+    format!(
+        r#"
+start=$(date +%s)
+daxvisor run --kernel "$LAB_LINUX_KERNEL" --initrd "$LAB_LINUX_INITRD" --memory 256 --serial stdout {daxvisor_args} \
+    >/tmp/guest.log 2>&1 &
+pid=$!
+seen=
+while kill -0 $pid 2>/dev/null && [ $(( $(date +%s) - start )) -lt {limit_s} ]; do
+    if [ -z "$seen" ] && grep -q '{stop_at}' /tmp/guest.log; then seen=$(date +%s); fi
+    [ -n "$seen" ] && [ $(( $(date +%s) - seen )) -ge 3 ] && break
+    sleep 1
+done
+if kill -0 $pid 2>/dev/null; then
+    echo "lab: daxvisor still running after $(( $(date +%s) - start ))s: stopped"
+    kill -9 $pid
+fi
+wait $pid
+rc=$?
+sed 's/\x1b\[[0-9;]*m//g' /tmp/guest.log
+echo "lab: daxvisor exit status $rc after $(( $(date +%s) - start ))s"
+{after}
+"#
+    )
+}
+
+#[test]
+fn linux_guest_image_without_pmem_says_so_and_resets() {
+    let name = "linux-no-pmem";
+    let script = linux_session(
+        r#"--cmdline "console=ttyS0 reboot=k panic=1""#,
+        "dvguest: status",
+        150,
+        "",
+    );
+    let Some(out) = run_scenario(name, &script, &LabOptions::default()) else {
+        return;
+    };
+    assert_ok(name, &out);
+    let o = &out.output;
+    assert!(o.contains("dvguest: init reached"), "{o}");
+    // The guest found daxvisor's ACPI tables (the virtio-mmio devices are described there as LNRO0005).
+    assert!(o.contains("ACPI: DSDT"), "{o}");
+    // No --pmem, so no virtio-mmio device: the init says so, then resets the machine, which ends the VM.
+    assert!(
+        o.contains("dvguest: virtio-mmio platform devices: 0"),
+        "{o}"
+    );
+    assert!(o.contains("dvguest: status no-pmem"), "{o}");
+    assert!(o.contains("lab: daxvisor exit status 0"), "{o}");
+}
+
+#[test]
+fn linux_guest_writes_through_dax_pmem_backed_by_a_lab_fsdax_file() {
+    let name = "linux-pmem";
+    let token = format!("daxvisor-lab-token-{}", std::process::id());
+    let script = linux_session(
+        &format!(
+            r#"--pmem file=$LAB_DAX_MNT/vm1.img,size=64M,create=on --cmdline "console=ttyS0 reboot=k panic=1 quiet -- echo {token} > hello.txt && sync""#
+        ),
+        "dvguest: status",
+        200,
+        &format!(
+            r#"
+lab-probe fsdax "$LAB_DAX_MNT/statx-check.bin" | grep STATX_ATTR_DAX
+if grep -q -a '{token}' "$LAB_DAX_MNT/vm1.img"; then echo "lab: backing file holds the guest's bytes"; fi
+"#
+        ),
+    );
+    let opts = LabOptions {
+        timeout: Duration::from_secs(300),
+        ..LabOptions::default()
+    };
+    let Some(out) = run_scenario(name, &script, &opts) else {
+        return;
+    };
+    assert_ok(name, &out);
+    let o = &out.output;
+    assert!(o.contains("dvguest: init reached"), "{o}");
+    // The device was found through ACPI (the VMM's virtio_mmio.device= words land behind `--`, so the kernel
+    // does not use them) and bound to virtio_pmem.
+    assert!(
+        o.lines()
+            .any(|l| l.contains("dvguest: virtio-mmio platform device") && l.contains("LNRO0005")),
+        "{o}"
+    );
+    assert!(o.contains("id 0x001b driver virtio_pmem"), "{o}");
+    assert!(
+        o.contains("(ext4, dax)"),
+        "guest did not mount the pmem device with DAX:\n{o}"
+    );
+    assert!(o.contains("dvguest: status 0"), "{o}");
+    assert!(o.contains("lab: daxvisor exit status 0"), "{o}");
+    assert!(o.contains("STATX_ATTR_DAX=yes"), "{o}");
+    assert!(
+        o.contains("lab: backing file holds the guest's bytes"),
+        "{o}"
+    );
+}
