@@ -16,6 +16,7 @@ pub mod config;
 pub mod device_manager;
 pub mod event_loop;
 pub mod layout;
+pub mod mapper;
 pub mod pmem;
 pub mod vm;
 pub mod vstate;
