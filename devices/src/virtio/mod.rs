@@ -24,6 +24,11 @@ pub mod interrupt;
 pub mod mmio;
 pub mod pmem;
 
+#[cfg(test)]
+mod hostile_guest;
+#[cfg(test)]
+mod mmio_proptest;
+
 pub use device::{ActivateError, QueueError, VirtioDevice};
 pub use interrupt::{InterruptKind, IrqfdInterrupt, VirtioInterrupt};
 pub use mmio::{MmioSubscriber, MmioTransport, QueueNotifyFd};

@@ -16,6 +16,9 @@ pub mod metrics;
 pub mod readonly;
 pub mod request;
 
+#[cfg(test)]
+mod queue_proptest;
+
 pub use device::{Pmem, PmemConfig};
 pub use flush::{Flush, FlushPolicy, FlushWorker};
 pub use metrics::{PmemMetrics, PmemMetricsSnapshot};

@@ -11,11 +11,16 @@ use virtio_queue::desc::split::Descriptor;
 use virtio_queue::DescriptorChain;
 use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend};
 
-use super::VIRTIO_PMEM_REQ_TYPE_FLUSH;
+use super::{QUEUE_SIZE, VIRTIO_PMEM_REQ_TYPE_FLUSH};
 use crate::virtio::GuestMemory;
 
 /// Size of both the request header and the response.
 const FIELD_LEN: u32 = 4;
+
+/// Most descriptors read from one chain. The spec bounds a chain by the queue size (virtio 1.2, 2.7.5.3.1);
+/// virtio-queue enforces that for direct chains but follows an indirect table for up to 65535 entries, so
+/// without this cap 256 heads pointing at one big indirect table cost 16M descriptor reads per notify.
+const MAX_CHAIN: usize = QUEUE_SIZE as usize;
 
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
 pub enum RequestError {
@@ -68,8 +73,11 @@ where
 {
     let head = chain.head_index();
     // The iterator stops by itself after queue-size descriptors (loops), at an out-of-range next index or an
-    // unreadable descriptor; a last descriptor that still says "next" tells us the chain was cut short.
-    let descs: Vec<Descriptor> = chain.collect();
+    // unreadable descriptor; a last descriptor that still says "next" tells us the chain was cut short. One
+    // descriptor past MAX_CHAIN is read only to tell that the chain is too long.
+    let mut descs: Vec<Descriptor> = chain.take(MAX_CHAIN + 1).collect();
+    let too_long = descs.len() > MAX_CHAIN;
+    descs.truncate(MAX_CHAIN);
     let bad = |error, status| BadRequest {
         head,
         error,
@@ -88,7 +96,7 @@ where
     let Some(first) = descs.first() else {
         return Err(bad(RequestError::Empty, None));
     };
-    if descs.last().is_some_and(|d| d.has_next()) {
+    if too_long || descs.last().is_some_and(|d| d.has_next()) {
         return Err(bad(RequestError::Broken, status));
     }
     if first.is_write_only() {
@@ -149,7 +157,9 @@ where
 #[cfg(test)]
 mod tests {
     use super::*;
-    use virtio_bindings::virtio_ring::{VRING_DESC_F_NEXT, VRING_DESC_F_WRITE};
+    use virtio_bindings::virtio_ring::{
+        VRING_DESC_F_INDIRECT, VRING_DESC_F_NEXT, VRING_DESC_F_WRITE,
+    };
     use virtio_queue::desc::RawDescriptor;
     use virtio_queue::mock::MockSplitQueue;
     use virtio_queue::{Queue, QueueOwnedT};
@@ -285,5 +295,42 @@ mod tests {
         // A next index beyond the queue.
         let dangling = [linked(REQ, 4, 0, 200), d(RESP, 4, W)];
         assert_eq!(err(parse_raw(&dangling, 4)).0, RequestError::Broken);
+    }
+
+    /// An indirect table may hold 65535 descriptors; a chain is cut at MAX_CHAIN. Here the chain would be a
+    /// well-formed flush (request, empty readable fillers, response) if it were not longer than the cap.
+    #[test]
+    fn indirect_chain_longer_than_the_queue_size_is_refused() {
+        const TABLE: u64 = 0x4_0000;
+        let chain_with = |fillers: usize| {
+            let m = mem();
+            m.write_obj(0u32, GuestAddress(REQ)).unwrap();
+            let n = fillers + 2;
+            for i in 0..n {
+                let desc = match i {
+                    0 => linked(REQ, 4, 0, 1),
+                    _ if i + 1 == n => d(RESP, 4, W),
+                    _ => linked(REQ, 0, 0, i as u16 + 1),
+                };
+                m.write_obj(desc, GuestAddress(TABLE + 16 * i as u64))
+                    .unwrap();
+            }
+            let vq = MockSplitQueue::new(&m, 16);
+            let indirect = RawDescriptor::from(Descriptor::new(
+                TABLE,
+                16 * n as u32,
+                VRING_DESC_F_INDIRECT as u16,
+                0,
+            ));
+            let chain = vq.build_desc_chain(&[indirect]).unwrap();
+            parse(chain, &m)
+        };
+        assert!(
+            chain_with(MAX_CHAIN - 2).is_ok(),
+            "exactly MAX_CHAIN descriptors"
+        );
+        // One more: the response is past the cap, so there is no place for a status either.
+        assert_eq!(err(chain_with(MAX_CHAIN - 1)), (RequestError::Broken, None));
+        assert_eq!(err(chain_with(4000)).0, RequestError::Broken);
     }
 }
