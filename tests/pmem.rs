@@ -50,41 +50,14 @@ fn the_pattern_the_guest_writes_is_in_the_host_file() {
 fn a_flushed_pattern_survives_sigkill_of_the_vmm() {
     let dir = tempfile::tempdir().unwrap();
     let img = dir.path().join("vm.img");
-    let mut child = Command::new(daxvisor_bin())
-        .args([
-            "run",
-            "--pmem",
-            &pmem_arg(&img, ",size=8M,create=on"),
-            "--cmdline",
-            "pmem=write-flush-spin seed=3",
-        ])
-        .stdout(Stdio::piped())
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap();
-    let stdout = child.stdout.take().unwrap();
-    let (tx, rx) = std::sync::mpsc::channel();
-    std::thread::spawn(move || {
-        for line in BufReader::new(stdout).lines().map_while(Result::ok) {
-            if tx.send(line).is_err() {
-                break;
-            }
-        }
-    });
-    let deadline = Instant::now() + Duration::from_secs(120);
-    let mut acked = false;
-    while Instant::now() < deadline {
-        match rx.recv_timeout(Duration::from_millis(100)) {
-            Ok(l) if l.ends_with("spinning until killed") => break,
-            Ok(l) if l.ends_with("pmem0 flush acknowledged") => acked = true,
-            Ok(_) | Err(std::sync::mpsc::RecvTimeoutError::Timeout) => {}
-            Err(_) => break,
-        }
-    }
+    let (mut child, seen) = spawn_spinning_vm(&img, "size=8M,create=on", "seed=3");
     // SIGKILL: no destructor, no exit handler, no chance for the VMM to sync anything after the ack.
     child.kill().unwrap();
     child.wait().unwrap();
-    assert!(acked, "the guest never reported its flush acknowledged");
+    assert!(
+        seen.iter().any(|l| l.ends_with("pmem0 flush acknowledged")),
+        "no flush ack: {seen:?}"
+    );
     let bytes = std::fs::read(&img).unwrap();
     assert_eq!(
         pattern_mismatches(&bytes, 3, 8 * MIB),
@@ -247,5 +220,69 @@ fn no_permission_on_the_backing_file_is_refused() {
         std::fs::read(&img).unwrap(),
         vec![0u8; 2 * MIB],
         "the refused start changed the file"
+    );
+}
+
+/// Start a VM whose guest writes its pattern, flushes and then spins; return it, with the guest's output lines,
+/// once the guest is spinning.
+fn spawn_spinning_vm(
+    img: &std::path::Path,
+    pmem_opts: &str,
+    guest_opts: &str,
+) -> (std::process::Child, Vec<String>) {
+    let pmem = pmem_arg(img, &format!(",{pmem_opts}"));
+    let cmdline = format!("pmem=write-flush-spin {guest_opts}");
+    let mut child = Command::new(daxvisor_bin())
+        .args(["run", "--pmem", &pmem, "--cmdline", &cmdline])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let stdout = child.stdout.take().unwrap();
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        for line in BufReader::new(stdout).lines().map_while(Result::ok) {
+            if tx.send(line).is_err() {
+                break;
+            }
+        }
+    });
+    let deadline = Instant::now() + Duration::from_secs(120);
+    let mut seen = Vec::new();
+    while Instant::now() < deadline {
+        if let Ok(l) = rx.recv_timeout(Duration::from_millis(100)) {
+            let spinning = l.ends_with("spinning until killed");
+            seen.push(l);
+            if spinning {
+                return (child, seen);
+            }
+        }
+    }
+    let _ = child.kill();
+    let _ = child.wait();
+    panic!("the guest never reached its spin loop: {seen:?}");
+}
+
+#[test]
+fn the_host_guard_sees_a_foreign_open_of_a_running_vms_backing_file() {
+    let dir = tempfile::tempdir().unwrap();
+    let img = dir.path().join("guarded.img");
+    let (mut child, _) = spawn_spinning_vm(&img, "size=2M,create=on", "");
+    // This process is the foreign opener: the kernel holds our open until daxvisor gives its write lease up
+    // (or until lease-break-time passes, if daxvisor never answered).
+    let t0 = Instant::now();
+    let opened = std::fs::File::open(&img);
+    let held_for = t0.elapsed();
+    assert!(opened.is_ok(), "{opened:?}");
+    // Give the guard a moment to log, then stop the VM and read what it said.
+    std::thread::sleep(Duration::from_millis(300));
+    child.kill().unwrap();
+    let out = child.wait_with_output().unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    eprintln!("foreign open held for {held_for:?}");
+    assert!(stderr.contains("host guard armed"), "{stderr}");
+    assert!(
+        stderr.contains("a foreign process opened a backing file; whole-file break done"),
+        "the break was not seen or not handled:\n{stderr}"
     );
 }

@@ -72,16 +72,13 @@ impl LeaseManager {
             iova: region.guest_addr,
         })?;
         if b.kind().has_layout() {
-            match self.guard.arm(id) {
-                Ok(()) => {
-                    tracing::info!(region = %id, path = %b.path().display(), "host guard armed")
-                }
-                Err(e) => tracing::warn!(
+            if let Err(e) = self.guard.arm(id) {
+                tracing::warn!(
                     region = %id,
                     path = %b.path().display(),
                     error = %e,
                     "cannot guard the backing file (is it open elsewhere?); foreign opens will not be seen"
-                ),
+                );
             }
         }
         Ok(id)
