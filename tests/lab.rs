@@ -296,3 +296,40 @@ if grep -q -a '{token}' "$LAB_DAX_MNT/vm1.img"; then echo "lab: backing file hol
         "{o}"
     );
 }
+
+/// The seed's problem, on real fs-dax: a range of a MAP_SYNC-mapped file is pinned through the mapper, and a
+/// punch through the mapper fails with ETXTBSY naming the holder while the mapped data stays intact; the bare
+/// kernel lets the same punch succeed on a mapped, mlocked range and the mapping reads zeros. Device-DAX refuses
+/// layout leases with EOPNOTSUPP.
+#[test]
+fn the_mapper_refuses_a_punch_over_a_pinned_fsdax_range_that_the_bare_kernel_allows() {
+    let name = "mapper-seed";
+    let script = r#"
+daxvisor-mapper-demo "$LAB_DAX_MNT/seed.img" 4
+echo "demo fsdax status: $?"
+daxvisor-mapper-demo "$LAB_DEVDAX"
+echo "demo devdax status: $?"
+"#;
+    let Some(out) = run_scenario(name, script, &LabOptions::default()) else {
+        return;
+    };
+    assert_ok(name, &out);
+    for want in [
+        "backing: fsdax",
+        "map-sync: yes",
+        "mapper-pin: ok",
+        "mapper-punch: ETXTBSY holder=owner:1",
+        "data-intact: yes",
+        "bare-punch: ok",
+        "bare-mapping-zeroed: yes",
+        "demo fsdax status: 0",
+        "devdax: EOPNOTSUPP",
+        "demo devdax status: 0",
+    ] {
+        assert!(
+            out.output.contains(want),
+            "missing {want:?} in:\n{}",
+            out.output
+        );
+    }
+}

@@ -229,7 +229,7 @@ fn load_kernel(
     match kernel {
         Kernel::Linux { path, kind } => {
             let base = config.cmdline.as_deref().unwrap_or(linux::DEFAULT_CMDLINE);
-            let cmdline = format!("{base}{}", devices.virtio_cmdline_args());
+            let cmdline = linux::with_kernel_args(base, &devices.virtio_cmdline_args());
             linux::load(
                 mem,
                 &linux::LinuxBoot {

@@ -28,6 +28,15 @@ const E820_RESERVED: u32 = 2;
 /// The default command line when the operator gives none: a serial console and a reboot that ends the VM.
 pub const DEFAULT_CMDLINE: &str = "console=ttyS0 reboot=k panic=1 i8042.noaux i8042.nomux";
 
+/// Add kernel parameters to an operator's command line. They go before a ` -- ` separator: everything after it
+/// is init's arguments, where a kernel parameter would be lost (and handed to init as a stray word).
+pub fn with_kernel_args(cmdline: &str, args: &str) -> String {
+    match cmdline.split_once(" -- ") {
+        Some((kernel, init)) => format!("{kernel}{args} -- {init}"),
+        None => format!("{cmdline}{args}"),
+    }
+}
+
 pub struct LinuxBoot<'a> {
     pub kernel: &'a Path,
     pub kind: ImageKind,
@@ -165,4 +174,22 @@ fn load_initrd(
     }
     mem.write_slice(&data, GuestAddress(addr))?;
     Ok((addr, size))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::with_kernel_args;
+
+    #[test]
+    fn kernel_args_go_before_inits_arguments() {
+        let a = " virtio_mmio.device=4K@0xd0000000:5";
+        assert_eq!(
+            with_kernel_args("console=ttyS0", a),
+            format!("console=ttyS0{a}")
+        );
+        assert_eq!(
+            with_kernel_args("console=ttyS0 -- sh -c 'echo -- hi'", a),
+            format!("console=ttyS0{a} -- sh -c 'echo -- hi'")
+        );
+    }
 }
