@@ -1,8 +1,7 @@
 //! i8042 keyboard controller, only for its CPU reset line (command 0xFE on port 0x64): Linux's `reboot`
 //! ends the VM through it.
 
-use super::VmStopper;
-use crate::bus::BusDevice;
+use super::{ByteRegisters, VmStopper};
 
 pub struct I8042 {
     inner: vm_superio::I8042Device<VmStopper>,
@@ -17,19 +16,13 @@ impl I8042 {
     }
 }
 
-impl BusDevice for I8042 {
-    fn read(&mut self, offset: u64, data: &mut [u8]) {
-        data.fill(0);
-        if let (Ok(off), Some(first)) = (u8::try_from(offset), data.first_mut()) {
-            *first = self.inner.read(off);
-        }
+impl ByteRegisters for I8042 {
+    fn read_register(&mut self, offset: u8) -> u8 {
+        self.inner.read(offset)
     }
 
-    fn write(&mut self, offset: u64, data: &[u8]) {
-        let (Ok(off), Some(&value)) = (u8::try_from(offset), data.first()) else {
-            return;
-        };
-        if let Err(e) = self.inner.write(off, value) {
+    fn write_register(&mut self, offset: u8, value: u8) {
+        if let Err(e) = self.inner.write(offset, value) {
             tracing::warn!("i8042 reset signal failed: {e}");
         }
     }

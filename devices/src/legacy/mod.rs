@@ -63,6 +63,28 @@ impl vm_superio::Trigger for VmStopper {
     }
 }
 
+/// A device of 8-bit registers at port offsets 0..=255 (the UART, the i8042). Only the first byte of an access
+/// counts; wider reads return the register in the low byte and zeros above.
+pub trait ByteRegisters: Send {
+    fn read_register(&mut self, offset: u8) -> u8;
+    fn write_register(&mut self, offset: u8, value: u8);
+}
+
+impl<T: ByteRegisters> crate::bus::BusDevice for T {
+    fn read(&mut self, offset: u64, data: &mut [u8]) {
+        data.fill(0);
+        if let (Ok(off), Some(first)) = (u8::try_from(offset), data.first_mut()) {
+            *first = self.read_register(off);
+        }
+    }
+
+    fn write(&mut self, offset: u64, data: &[u8]) {
+        if let (Ok(off), Some(&value)) = (u8::try_from(offset), data.first()) {
+            self.write_register(off, value);
+        }
+    }
+}
+
 /// vm-superio raises interrupts and reset requests through a `Trigger`; ours writes to an `EventFd`
 /// (an irqfd for interrupts, the VMM's exit event for reset).
 pub struct EventFdTrigger(pub EventFd);

@@ -2,8 +2,7 @@
 
 use std::io::Write;
 
-use super::EventFdTrigger;
-use crate::bus::BusDevice;
+use super::{ByteRegisters, EventFdTrigger};
 use vmm_sys_util::eventfd::EventFd;
 
 pub struct Serial {
@@ -24,19 +23,13 @@ impl Serial {
     }
 }
 
-impl BusDevice for Serial {
-    fn read(&mut self, offset: u64, data: &mut [u8]) {
-        data.fill(0);
-        if let (Ok(off), Some(first)) = (u8::try_from(offset), data.first_mut()) {
-            *first = self.inner.read(off);
-        }
+impl ByteRegisters for Serial {
+    fn read_register(&mut self, offset: u8) -> u8 {
+        self.inner.read(offset)
     }
 
-    fn write(&mut self, offset: u64, data: &[u8]) {
-        let (Ok(off), Some(&value)) = (u8::try_from(offset), data.first()) else {
-            return;
-        };
-        if let Err(e) = self.inner.write(off, value) {
+    fn write_register(&mut self, offset: u8, value: u8) {
+        if let Err(e) = self.inner.write(offset, value) {
             // Output errors (a closed stdout, a full disk) must not stop the guest.
             tracing::debug!("serial write failed: {e:?}");
         }
@@ -46,6 +39,7 @@ impl BusDevice for Serial {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::bus::BusDevice;
     use std::sync::{Arc, Mutex};
 
     #[derive(Clone, Default)]

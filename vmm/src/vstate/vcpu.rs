@@ -261,44 +261,18 @@ fn handle_exit(index: u8, exit: VcpuExit<'_>, pio: &Bus, mmio: &Bus) -> Option<S
     };
     match exit {
         VcpuExit::IoIn(port, data) => {
-            if !pio.read(u64::from(port), data) {
-                tracing::debug!(
-                    port = format_args!("{port:#x}"),
-                    len = data.len(),
-                    "read from unclaimed port"
-                );
-            }
-            None
+            let claimed = pio.read(u64::from(port), data);
+            log_unclaimed(claimed, "port read", u64::from(port), data.len())
         }
         VcpuExit::IoOut(port, data) => {
-            if !pio.write(u64::from(port), data) {
-                tracing::debug!(
-                    port = format_args!("{port:#x}"),
-                    len = data.len(),
-                    "write to unclaimed port"
-                );
-            }
-            None
+            let claimed = pio.write(u64::from(port), data);
+            log_unclaimed(claimed, "port write", u64::from(port), data.len())
         }
         VcpuExit::MmioRead(addr, data) => {
-            if !mmio.read(addr, data) {
-                tracing::debug!(
-                    addr = format_args!("{addr:#x}"),
-                    len = data.len(),
-                    "read from unclaimed MMIO"
-                );
-            }
-            None
+            log_unclaimed(mmio.read(addr, data), "MMIO read", addr, data.len())
         }
         VcpuExit::MmioWrite(addr, data) => {
-            if !mmio.write(addr, data) {
-                tracing::debug!(
-                    addr = format_args!("{addr:#x}"),
-                    len = data.len(),
-                    "write to unclaimed MMIO"
-                );
-            }
-            None
+            log_unclaimed(mmio.write(addr, data), "MMIO write", addr, data.len())
         }
         // With the in-kernel LAPIC, HLT is handled by KVM; an exit here means nothing to do.
         VcpuExit::Hlt | VcpuExit::Intr | VcpuExit::IrqWindowOpen => None,
@@ -315,6 +289,14 @@ fn handle_exit(index: u8, exit: VcpuExit<'_>, pio: &Bus, mmio: &Bus) -> Option<S
         VcpuExit::SystemEvent(..) => Some(StopReason::GuestRequest),
         other => crash(format!("unexpected vCPU exit {other:?}")),
     }
+}
+
+/// A guest poking space no device claims is not an error (probing does it); it is worth a debug line.
+fn log_unclaimed(claimed: bool, what: &str, addr: u64, len: usize) -> Option<StopReason> {
+    if !claimed {
+        tracing::debug!(addr = format_args!("{addr:#x}"), len, "unclaimed {what}");
+    }
+    None
 }
 
 fn format_registers(r: &kvm_regs, s: &kvm_sregs) -> String {
