@@ -22,44 +22,13 @@ use super::{status, GuestMemory, VirtioDevice, VIRTIO_F_VERSION_1};
 use crate::bus::BusDevice;
 
 /// "virt" little-endian.
-pub const MMIO_MAGIC: u32 = 0x7472_6976;
+pub const MMIO_MAGIC: u32 = daxvisor_proto::virtio_mmio::MAGIC_VALUE;
 /// Modern (virtio 1.x) register layout.
-pub const MMIO_VERSION: u32 = 2;
+pub const MMIO_VERSION: u32 = daxvisor_proto::virtio_mmio::VERSION_MODERN;
 /// "DAXV".
 pub const VENDOR_ID: u32 = u32::from_le_bytes(*b"DAXV");
 
-/// Register offsets (virtio 1.2, table 4.1).
-pub mod reg {
-    pub const MAGIC: u64 = 0x000;
-    pub const VERSION: u64 = 0x004;
-    pub const DEVICE_ID: u64 = 0x008;
-    pub const VENDOR_ID: u64 = 0x00c;
-    pub const DEVICE_FEATURES: u64 = 0x010;
-    pub const DEVICE_FEATURES_SEL: u64 = 0x014;
-    pub const DRIVER_FEATURES: u64 = 0x020;
-    pub const DRIVER_FEATURES_SEL: u64 = 0x024;
-    pub const QUEUE_SEL: u64 = 0x030;
-    pub const QUEUE_NUM_MAX: u64 = 0x034;
-    pub const QUEUE_NUM: u64 = 0x038;
-    pub const QUEUE_READY: u64 = 0x044;
-    pub const QUEUE_NOTIFY: u64 = 0x050;
-    pub const INTERRUPT_STATUS: u64 = 0x060;
-    pub const INTERRUPT_ACK: u64 = 0x064;
-    pub const STATUS: u64 = 0x070;
-    pub const QUEUE_DESC_LOW: u64 = 0x080;
-    pub const QUEUE_DESC_HIGH: u64 = 0x084;
-    pub const QUEUE_DRIVER_LOW: u64 = 0x090;
-    pub const QUEUE_DRIVER_HIGH: u64 = 0x094;
-    pub const QUEUE_DEVICE_LOW: u64 = 0x0a0;
-    pub const QUEUE_DEVICE_HIGH: u64 = 0x0a4;
-    pub const SHM_SEL: u64 = 0x0ac;
-    pub const SHM_LEN_LOW: u64 = 0x0b0;
-    pub const SHM_LEN_HIGH: u64 = 0x0b4;
-    pub const SHM_BASE_LOW: u64 = 0x0b8;
-    pub const SHM_BASE_HIGH: u64 = 0x0bc;
-    pub const CONFIG_GENERATION: u64 = 0x0fc;
-    pub const CONFIG: u64 = 0x100;
-}
+pub use daxvisor_proto::virtio_mmio::reg;
 
 /// Bytes of the MMIO window the transport decodes (registers + up to 0x100 bytes of device config). The
 /// VMM's slots are larger (4 KiB); the rest reads as zero.

@@ -5,6 +5,8 @@
 //!
 //! - [`boot`]: the boot ABI between daxvisor and the freestanding test guest (entry state, boot-info block,
 //!   exit port).
+//! - [`virtio_mmio`]: the virtio-mmio register layout, shared by the device model and the test guest's driver.
 #![no_std]
 
 pub mod boot;
+pub mod virtio_mmio;
