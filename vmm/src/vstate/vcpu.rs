@@ -141,13 +141,7 @@ impl Vcpu {
     /// Set CPUID, MSRs, FPU, LAPIC LINT pins, and (boot vCPU only) the 64-bit entry registers.
     pub fn configure(&mut self, cpuid: &CpuId, entry: Option<&BootEntry>) -> Result<(), VcpuError> {
         let index = self.index;
-        let err = |what| {
-            move |source| VcpuError::Configure {
-                index,
-                what,
-                source,
-            }
-        };
+        let err = |what| configure_error(index, what);
         self.fd.set_cpuid2(cpuid).map_err(err("cpuid"))?;
         let msrs = long_mode::msrs().map_err(|e| VcpuError::Msrs { index, source: e })?;
         self.fd.set_msrs(&msrs).map_err(err("msrs"))?;
@@ -170,14 +164,7 @@ impl Vcpu {
         const APIC_LVT1: usize = 0x360;
         const DELIVERY_EXTINT: u32 = 0x7;
         const DELIVERY_NMI: u32 = 0x4;
-        let index = self.index;
-        let err = |what| {
-            move |source| VcpuError::Configure {
-                index,
-                what,
-                source,
-            }
-        };
+        let err = |what| configure_error(self.index, what);
         let mut lapic = self.fd.get_lapic().map_err(err("get lapic"))?;
         for (reg, mode) in [(APIC_LVT0, DELIVERY_EXTINT), (APIC_LVT1, DELIVERY_NMI)] {
             let bytes: [u8; 4] = lapic.regs[reg..reg + 4]
@@ -288,6 +275,15 @@ fn handle_exit(index: u8, exit: VcpuExit<'_>, pio: &Bus, mmio: &Bus) -> Option<S
         }
         VcpuExit::SystemEvent(..) => Some(StopReason::GuestRequest),
         other => crash(format!("unexpected vCPU exit {other:?}")),
+    }
+}
+
+/// Maps a failed KVM configuration ioctl to the error naming the vCPU and the step.
+fn configure_error(index: u8, what: &'static str) -> impl Fn(kvm_ioctls::Error) -> VcpuError {
+    move |source| VcpuError::Configure {
+        index,
+        what,
+        source,
     }
 }
 
