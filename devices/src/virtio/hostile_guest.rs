@@ -27,6 +27,17 @@ pub const R2_END: u64 = 0x4_1000;
 pub const TOP: u64 = 0xffff_ffff_ffff_e000;
 pub const TOP_END: u64 = 0xffff_ffff_ffff_f000;
 
+/// Case count and shrinking limits shared by the hostile-guest property tests.
+pub fn proptest_config() -> proptest::test_runner::Config {
+    proptest::test_runner::Config {
+        cases: 1024,
+        failure_persistence: None,
+        // A failing case can wait out an answer that never comes; keep shrinking from taking minutes.
+        max_shrink_time: 30_000,
+        ..proptest::test_runner::Config::default()
+    }
+}
+
 pub fn guest_memory() -> GuestMemory {
     GuestMemory::from_ranges(&[
         (GuestAddress(R0), (R1 - R0) as usize),

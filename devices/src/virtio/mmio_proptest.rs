@@ -627,13 +627,7 @@ fn run(ops: Vec<Op>) {
 }
 
 proptest! {
-    #![proptest_config(ProptestConfig {
-        cases: 1024,
-        failure_persistence: None,
-        // A failing case can wait out an answer that never comes; keep shrinking from taking minutes.
-        max_shrink_time: 30_000,
-        ..ProptestConfig::default()
-    })]
+    #![proptest_config(super::hostile_guest::proptest_config())]
 
     #[test]
     fn hostile_driver_never_breaks_the_transport(ops in prop::collection::vec(op(), 1..40)) {

@@ -365,13 +365,7 @@ fn run(case: Case) {
 }
 
 proptest! {
-    #![proptest_config(ProptestConfig {
-        cases: 1024,
-        failure_persistence: None,
-        // A failing case can wait out an answer that never comes; keep shrinking from taking minutes.
-        max_shrink_time: 30_000,
-        ..ProptestConfig::default()
-    })]
+    #![proptest_config(crate::virtio::hostile_guest::proptest_config())]
 
     #[test]
     fn hostile_request_queue_never_breaks_the_device(c in case()) {
