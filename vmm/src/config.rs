@@ -47,6 +47,8 @@ pub struct VmConfig {
     pub cpuid_mask: CpuidMask,
     /// `--pmem` regions, in order (guest addresses and virtio-mmio windows are assigned in this order).
     pub pmem: Vec<crate::pmem::PmemConfig>,
+    /// `--api-socket`: serve the operator API on this Unix socket.
+    pub api_socket: Option<PathBuf>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -97,6 +99,7 @@ mod tests {
             serial: SerialOutput::Stdout,
             cpuid_mask: CpuidMask::Auto,
             pmem: Vec::new(),
+            api_socket: None,
         }
     }
 

@@ -9,9 +9,11 @@
 //! - [`event_loop`]: the event-manager loop.
 //! - [`pmem`]: persistent-memory backings.
 //! - [`mapper`]: the layout-lease library (files, ranges, owners); [`lease_manager`] drives it for a running VM.
+//! - [`api`]: the operator API (REST over a Unix socket, OpenAPI, metrics).
 //! - [`acpi`]: the guest's ACPI tables (RSDP, XSDT, FADT, MADT, DSDT).
 
 pub mod acpi;
+pub mod api;
 pub mod boot;
 pub mod config;
 pub mod device_manager;

@@ -31,6 +31,8 @@ enum Command {
     /// the exit port (0-255); 0 when the guest resets or powers off; 1 when the guest crashes (triple fault,
     /// emulation failure) or the VMM fails while it runs; 2 when the VM cannot start (bad input, no /dev/kvm).
     Run(RunArgs),
+    /// Print the operator API's OpenAPI 3 document (what docs/openapi.json holds).
+    Openapi,
 }
 
 #[derive(clap::Args)]
@@ -64,6 +66,10 @@ struct RunArgs {
     /// SIZE defaults to the file's size and must be a multiple of 2 MiB.
     #[arg(long, value_name = "file=PATH[,...]")]
     pmem: Vec<daxvisor::pmem::PmemConfig>,
+    /// Serve the operator API (HTTP/1.1 + JSON, see docs/operator-api.md) on this Unix socket, mode 0600.
+    /// A stale socket is replaced; one another process serves on is refused. Removed when daxvisor exits.
+    #[arg(long, value_name = "PATH")]
+    api_socket: Option<PathBuf>,
 }
 
 fn main() -> ExitCode {
@@ -78,6 +84,10 @@ fn main() -> ExitCode {
     let cli = Cli::parse();
     match cli.command {
         Command::Run(args) => run(args),
+        Command::Openapi => {
+            print!("{}", daxvisor::api::routes::openapi_text());
+            ExitCode::SUCCESS
+        }
     }
 }
 
@@ -91,6 +101,7 @@ fn run(args: RunArgs) -> ExitCode {
         serial: args.serial,
         cpuid_mask: args.cpuid_mask,
         pmem: args.pmem,
+        api_socket: args.api_socket,
     };
     match vm::run(&config) {
         Ok(VmExit::Status(s)) => ExitCode::from((s & 0xff) as u8),

@@ -8,6 +8,7 @@ use std::path::PathBuf;
 use vm_memory::{GuestAddress, GuestMemoryMmap};
 
 use crate::acpi;
+use crate::api::{ApiContext, ApiServer, RegionHandle, VmConfigView};
 use crate::boot::image::{self, ImageKind};
 use crate::boot::{linux, long_mode, testguest, BootEntry, BootError};
 use crate::config::{ConfigError, VmConfig};
@@ -51,6 +52,8 @@ pub enum StartError {
     Leases(#[from] crate::mapper::MapperError),
     #[error(transparent)]
     Pmem(#[from] PmemError),
+    #[error(transparent)]
+    Api(#[from] crate::api::ApiSocketError),
 }
 
 /// How a VM that ran came to an end.
@@ -141,8 +144,9 @@ pub fn run(config: &VmConfig) -> Result<VmExit, StartError> {
         &mut event_loop,
         &mem,
     )?;
+    let mut region_ids = Vec::new();
     for region in &pmem_regions {
-        leases.add_pmem_region(region)?;
+        region_ids.push(leases.add_pmem_region(region)?);
     }
     event_loop.add_subscriber(Arc::new(Mutex::new(leases.subscriber()?)));
     let pmem_windows: Vec<(u64, u64)> = pmem_regions
@@ -171,6 +175,14 @@ pub fn run(config: &VmConfig) -> Result<VmExit, StartError> {
         memory_mib = config.memory_mib,
         "starting VM"
     );
+    // Dropped when this function returns: the server stops and its socket is removed.
+    let _api = match &config.api_socket {
+        Some(path) => Some(ApiServer::start(
+            path,
+            api_context(config, &leases, &pmem_regions, &region_ids, &state),
+        )?),
+        None => None,
+    };
     vcpu::install_kick_handler()?;
     let mut vcpus = Vec::new();
     for index in 0..config.cpus {
@@ -214,8 +226,50 @@ pub fn run(config: &VmConfig) -> Result<VmExit, StartError> {
             detail,
         },
         (None, Some(StopReason::VmmError(e))) => VmExit::VmmError(e),
-        (None, Some(StopReason::GuestRequest) | None) => VmExit::Reset,
+        (None, Some(StopReason::GuestRequest | StopReason::Operator) | None) => VmExit::Reset,
     })
+}
+
+/// What the operator API works on: the mapper and the regions under the names the operator gave them.
+fn api_context(
+    config: &VmConfig,
+    leases: &LeaseManager,
+    regions: &[pmem::PmemRegion],
+    ids: &[crate::mapper::RegionId],
+    state: &Arc<RunState>,
+) -> Arc<ApiContext> {
+    let handles = regions
+        .iter()
+        .zip(ids)
+        .map(|(r, id)| RegionHandle {
+            name: r.id().to_owned(),
+            region: *id,
+            path: r.backing.path().to_owned(),
+            kind: r.backing.kind(),
+            size: r.backing.size(),
+            guest_addr: r.guest_addr,
+            readonly: r.backing.readonly(),
+            metrics: r.metrics.clone(),
+            rate_limit: r.rate_limit.clone(),
+        })
+        .collect();
+    let view = VmConfigView {
+        kernel: config
+            .kernel
+            .as_ref()
+            .map_or_else(|| "built-in test guest".to_owned(), |k| k.display().to_string()),
+        cmdline: config.cmdline.clone().unwrap_or_default(),
+        memory_mib: config.memory_mib,
+        cpus: config.cpus,
+        pmem: regions.iter().map(|r| r.id().to_owned()).collect(),
+    };
+    let state = state.clone();
+    ApiContext::new(
+        leases.mapper().clone(),
+        handles,
+        view,
+        Box::new(move || state.request_stop(StopReason::Operator)),
+    )
 }
 
 fn load_kernel(

@@ -10,7 +10,7 @@ use std::os::unix::fs::MetadataExt;
 use std::sync::{Arc, Mutex};
 
 use daxvisor_devices::virtio::pmem::{
-    Pmem, PmemConfig as DeviceConfig, PmemMetrics, ReadonlyWindow,
+    FlushRateLimit, Pmem, PmemConfig as DeviceConfig, PmemMetrics, ReadonlyWindow,
 };
 use vm_memory::GuestMemoryMmap;
 
@@ -64,6 +64,8 @@ pub struct PmemRegion {
     pub guest_addr: u64,
     pub slot: VirtioSlot,
     pub metrics: Arc<PmemMetrics>,
+    /// The device's flush rate limiter (the operator API changes it).
+    pub rate_limit: Arc<FlushRateLimit>,
 }
 
 impl PmemRegion {
@@ -210,6 +212,7 @@ fn attach_one(
     )
     .map_err(worker_err)?;
     let metrics = pmem.metrics();
+    let rate_limit = pmem.rate_limit();
     let device_err = |source| PmemError::Device {
         id: id.clone(),
         source,
@@ -242,6 +245,7 @@ fn attach_one(
         guest_addr: gpa,
         slot: vslot,
         metrics,
+        rate_limit,
     })
 }
 

@@ -51,6 +51,8 @@ pub enum StopReason {
     },
     /// KVM itself failed.
     VmmError(String),
+    /// The operator asked for a graceful stop (operator API).
+    Operator,
 }
 
 /// Shared between the vCPU threads, the devices that end the VM, and the event loop.

@@ -11,6 +11,8 @@ use std::io;
 use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use std::thread::JoinHandle;
 
+use super::rate_limit::{Admission, FlushRateLimit};
+
 /// Makes the guest's writes to a region durable. Implemented by the VMM for each backing kind (the device knows
 /// nothing of files): fdatasync for page-cache files, a no-op where stores are already durable (MAP_SYNC on
 /// fs-dax, device-DAX) or nothing can be (memfd, discard_writes).
@@ -32,6 +34,12 @@ pub enum FlushPolicy {
     /// One flush per request, in arrival order.
     PerRequest,
 }
+
+/// A rate limiter in front of the flushes and what to do with each admission (count it).
+pub type Limiter = (
+    Arc<FlushRateLimit>,
+    Box<dyn Fn(u64, Admission) + Send + Sync>,
+);
 
 /// Called on the worker thread with the requests one flush answered and its result.
 pub type Completion<R> = Box<dyn FnMut(Vec<R>, &io::Result<()>) + Send>;
@@ -64,6 +72,18 @@ impl<R: Send + 'static> FlushWorker<R> {
         name: &str,
         flush: Arc<dyn Flush>,
         policy: FlushPolicy,
+        complete: Completion<R>,
+    ) -> io::Result<Self> {
+        Self::spawn_limited(name, flush, policy, None, complete)
+    }
+
+    /// As [`FlushWorker::spawn`], with each batch admitted by `limit` before its flush: a throttled batch waits
+    /// (requests arriving meanwhile join the next batch) and `on_admit` hears what each admission cost.
+    pub fn spawn_limited(
+        name: &str,
+        flush: Arc<dyn Flush>,
+        policy: FlushPolicy,
+        limit: Option<Limiter>,
         mut complete: Completion<R>,
     ) -> io::Result<Self> {
         let shared = Arc::new(Shared {
@@ -78,6 +98,9 @@ impl<R: Send + 'static> FlushWorker<R> {
             .name(name.to_owned())
             .spawn(move || {
                 while let Some(batch) = next_batch(&worker_shared, policy) {
+                    if let Some((limit, on_admit)) = &limit {
+                        on_admit(batch.len() as u64, limit.admit(batch.len() as u64));
+                    }
                     let result = flush.flush();
                     complete(batch, &result);
                 }
