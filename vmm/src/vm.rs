@@ -254,10 +254,10 @@ fn api_context(
         })
         .collect();
     let view = VmConfigView {
-        kernel: config
-            .kernel
-            .as_ref()
-            .map_or_else(|| "built-in test guest".to_owned(), |k| k.display().to_string()),
+        kernel: config.kernel.as_ref().map_or_else(
+            || "built-in test guest".to_owned(),
+            |k| k.display().to_string(),
+        ),
         cmdline: config.cmdline.clone().unwrap_or_default(),
         memory_mib: config.memory_mib,
         cpus: config.cpus,

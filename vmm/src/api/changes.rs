@@ -347,7 +347,10 @@ impl BreakWatch {
             for (lease, owner) in &b.waiting_on {
                 let o = ids::owner_raw(*owner);
                 let entry = self.holders.entry(o).or_insert_with(|| {
-                    let n = snap.owner(*owner).map(|v| v.name.clone()).unwrap_or_default();
+                    let n = snap
+                        .owner(*owner)
+                        .map(|v| v.name.clone())
+                        .unwrap_or_default();
                     (n, Vec::new(), None)
                 });
                 let l = ids::lease_raw(*lease);

@@ -134,7 +134,10 @@ impl ApiContext {
 
     /// Ask the VM to stop; the second and later calls do nothing.
     pub fn stop(&self) {
-        if !self.stopping.swap(true, std::sync::atomic::Ordering::SeqCst) {
+        if !self
+            .stopping
+            .swap(true, std::sync::atomic::Ordering::SeqCst)
+        {
             (self.stop)();
         }
     }

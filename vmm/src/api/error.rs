@@ -79,9 +79,7 @@ impl ApiError {
         let errno = e.errno();
         let status = match errno {
             libc::ENOENT => StatusCode::NOT_FOUND,
-            libc::EINVAL | libc::ERANGE | libc::EOPNOTSUPP | libc::EPERM => {
-                StatusCode::BAD_REQUEST
-            }
+            libc::EINVAL | libc::ERANGE | libc::EOPNOTSUPP | libc::EPERM => StatusCode::BAD_REQUEST,
             libc::ETXTBSY | libc::EDEADLK | libc::EAGAIN | libc::EBUSY | libc::ETIMEDOUT => {
                 StatusCode::CONFLICT
             }

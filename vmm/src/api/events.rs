@@ -81,7 +81,12 @@ impl EventLog {
             errno: e.errno,
             message: e.message,
         };
-        tracing::info!(kind = e.kind, region = ev.region.as_deref().unwrap_or("-"), "{}", ev.message);
+        tracing::info!(
+            kind = e.kind,
+            region = ev.region.as_deref().unwrap_or("-"),
+            "{}",
+            ev.message
+        );
         if st.1.len() == HISTORY {
             st.1.pop_front();
         }

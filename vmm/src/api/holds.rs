@@ -119,8 +119,11 @@ pub async fn breaks(State(ctx): State<Arc<ApiContext>>) -> Json<Vec<BreakView>> 
         snap.breaks
             .iter()
             .map(|b| {
-                let mut waiting: Vec<u64> =
-                    b.waiting_on.iter().map(|(_, o)| ids::owner_raw(*o)).collect();
+                let mut waiting: Vec<u64> = b
+                    .waiting_on
+                    .iter()
+                    .map(|(_, o)| ids::owner_raw(*o))
+                    .collect();
                 waiting.sort_unstable();
                 waiting.dedup();
                 BreakView {

@@ -48,7 +48,12 @@ impl Default for ApiMetrics {
 impl ApiMetrics {
     /// One operator change (punch, zero, break) ended with `outcome` (done, revoked, conflict, timed_out,
     /// error) after `took`.
-    pub fn record_change(&self, change: &'static str, outcome: &'static str, took: std::time::Duration) {
+    pub fn record_change(
+        &self,
+        change: &'static str,
+        outcome: &'static str,
+        took: std::time::Duration,
+    ) {
         self.change_seconds
             .get_or_create(&vec![("change", change.to_owned())])
             .observe(took.as_secs_f64());
@@ -119,22 +124,65 @@ enum Value {
 }
 
 const PER_REGION: &[PerRegion] = &[
-    ("daxvisor_pmem_flush_requests", "Flush requests taken from the queue", |r| Value::Counter(r.flush.requests)),
-    ("daxvisor_pmem_flush_syncs", "Syncs of the backing (each answers a whole batch)", |r| Value::Counter(r.flush.syncs)),
-    ("daxvisor_pmem_flush_errors", "Requests answered with an error or not answerable", |r| Value::Counter(r.flush.errors)),
-    ("daxvisor_pmem_flush_coalesced", "Requests answered by a sync they shared with an earlier request of the batch", |r| {
-        Value::Counter(r.flush.requests.saturating_sub(r.flush.errors).saturating_sub(r.flush.syncs))
+    (
+        "daxvisor_pmem_flush_requests",
+        "Flush requests taken from the queue",
+        |r| Value::Counter(r.flush.requests),
+    ),
+    (
+        "daxvisor_pmem_flush_syncs",
+        "Syncs of the backing (each answers a whole batch)",
+        |r| Value::Counter(r.flush.syncs),
+    ),
+    (
+        "daxvisor_pmem_flush_errors",
+        "Requests answered with an error or not answerable",
+        |r| Value::Counter(r.flush.errors),
+    ),
+    (
+        "daxvisor_pmem_flush_coalesced",
+        "Requests answered by a sync they shared with an earlier request of the batch",
+        |r| {
+            Value::Counter(
+                r.flush
+                    .requests
+                    .saturating_sub(r.flush.errors)
+                    .saturating_sub(r.flush.syncs),
+            )
+        },
+    ),
+    (
+        "daxvisor_pmem_flush_throttled",
+        "Flush requests that waited for the rate limiter",
+        |r| Value::Counter(r.flush.throttled),
+    ),
+    (
+        "daxvisor_pmem_flush_throttle_wait_seconds",
+        "Time flush batches waited for the rate limiter",
+        |r| Value::CounterF(r.flush.throttle_wait_us as f64 / 1e6),
+    ),
+    (
+        "daxvisor_pmem_readonly_writes_dropped",
+        "Guest writes to a read-only region, dropped",
+        |r| Value::Counter(r.flush.readonly_writes_dropped),
+    ),
+    (
+        "daxvisor_guard_events",
+        "Foreign opens of the backing file the host guard saw",
+        |r| Value::Counter(r.guard_events),
+    ),
+    ("daxvisor_leases", "Layout leases on the region", |r| {
+        Value::Gauge(r.leases as i64)
     }),
-    ("daxvisor_pmem_flush_throttled", "Flush requests that waited for the rate limiter", |r| Value::Counter(r.flush.throttled)),
-    ("daxvisor_pmem_flush_throttle_wait_seconds", "Time flush batches waited for the rate limiter", |r| {
-        Value::CounterF(r.flush.throttle_wait_us as f64 / 1e6)
+    ("daxvisor_pins", "Pins on the region", |r| {
+        Value::Gauge(r.pins as i64)
     }),
-    ("daxvisor_pmem_readonly_writes_dropped", "Guest writes to a read-only region, dropped", |r| Value::Counter(r.flush.readonly_writes_dropped)),
-    ("daxvisor_guard_events", "Foreign opens of the backing file the host guard saw", |r| Value::Counter(r.guard_events)),
-    ("daxvisor_leases", "Layout leases on the region", |r| Value::Gauge(r.leases as i64)),
-    ("daxvisor_pins", "Pins on the region", |r| Value::Gauge(r.pins as i64)),
-    ("daxvisor_leased_bytes", "Bytes under layout leases", |r| Value::Gauge(r.bytes_leased as i64)),
-    ("daxvisor_pinned_bytes", "Bytes under pins", |r| Value::Gauge(r.bytes_pinned as i64)),
+    ("daxvisor_leased_bytes", "Bytes under layout leases", |r| {
+        Value::Gauge(r.bytes_leased as i64)
+    }),
+    ("daxvisor_pinned_bytes", "Bytes under pins", |r| {
+        Value::Gauge(r.bytes_pinned as i64)
+    }),
 ];
 
 impl Collector for Sample {
@@ -193,8 +241,16 @@ impl Collector for Sample {
             }
         }
         let gauges: [(&str, &str, i64); 2] = [
-            ("daxvisor_breaks_in_progress", "Breaks waiting for holders", self.breaks_in_progress as i64),
-            ("daxvisor_agent_sessions", "Guest agent sessions open (0 until the agent channel exists)", 0),
+            (
+                "daxvisor_breaks_in_progress",
+                "Breaks waiting for holders",
+                self.breaks_in_progress as i64,
+            ),
+            (
+                "daxvisor_agent_sessions",
+                "Guest agent sessions open (0 until the agent channel exists)",
+                0,
+            ),
         ];
         for (name, help, v) in gauges {
             let enc = encoder.encode_descriptor(name, help, None, MetricType::Gauge)?;

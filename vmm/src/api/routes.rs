@@ -82,7 +82,10 @@ pub fn router(ctx: Arc<ApiContext>) -> axum::Router {
     router
         .fallback(|| async { ApiError::not_found("no such endpoint (see GET /openapi.json)") })
         .method_not_allowed_fallback(|| async {
-            ApiError::new(StatusCode::METHOD_NOT_ALLOWED, "method not allowed on this endpoint")
+            ApiError::new(
+                StatusCode::METHOD_NOT_ALLOWED,
+                "method not allowed on this endpoint",
+            )
         })
         .layer(DefaultBodyLimit::max(MAX_BODY))
         .with_state(ctx)

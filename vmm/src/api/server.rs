@@ -87,8 +87,8 @@ impl Drop for ApiServer {
                 tracing::error!("the API thread panicked");
             }
         }
-        let ours = std::fs::symlink_metadata(&self.path)
-            .is_ok_and(|m| (m.dev(), m.ino()) == self.ident);
+        let ours =
+            std::fs::symlink_metadata(&self.path).is_ok_and(|m| (m.dev(), m.ino()) == self.ident);
         if ours {
             if let Err(e) = std::fs::remove_file(&self.path) {
                 tracing::warn!(socket = %self.path.display(), "cannot remove the API socket: {e}");
@@ -140,10 +140,7 @@ fn tempfile_dir(path: &Path) -> io::Result<PathBuf> {
     };
     for i in 0..100u32 {
         let d = parent.join(format!(".daxvisor-api.{}.{i}", std::process::id()));
-        match std::fs::DirBuilder::new()
-            .mode(0o700)
-            .create(&d)
-        {
+        match std::fs::DirBuilder::new().mode(0o700).create(&d) {
             Ok(()) => return Ok(d),
             Err(e) if e.kind() == io::ErrorKind::AlreadyExists => continue,
             Err(e) => return Err(e),
@@ -193,7 +190,9 @@ fn serve(listener: UnixListener, ctx: Arc<ApiContext>, mut shutdown: watch::Rece
                 }
             };
             if active.load(Ordering::SeqCst) >= MAX_CONNECTIONS {
-                tracing::warn!("operator API: {MAX_CONNECTIONS} connections open; closing a new one");
+                tracing::warn!(
+                    "operator API: {MAX_CONNECTIONS} connections open; closing a new one"
+                );
                 continue;
             }
             active.fetch_add(1, Ordering::SeqCst);

@@ -27,7 +27,12 @@ pub struct VmView {
 #[utoipa::path(get, path = "/vm", tag = "vm", responses((status = 200, body = VmView)))]
 pub async fn get(State(ctx): State<Arc<ApiContext>>) -> Json<VmView> {
     Json(VmView {
-        state: if ctx.stopping() { "stopping" } else { "running" }.to_owned(),
+        state: if ctx.stopping() {
+            "stopping"
+        } else {
+            "running"
+        }
+        .to_owned(),
         uptime_ms: ctx.started.elapsed().as_millis() as u64,
         started_at_ms: ctx
             .started_at

@@ -221,7 +221,10 @@ mod tests {
         assert!(!l.admit(10).throttled);
         // 6 tokens of debt + 1: ~175 ms before the next one goes.
         let a = l.admit(1);
-        assert!(a.throttled && a.waited >= Duration::from_millis(150), "{a:?}");
+        assert!(
+            a.throttled && a.waited >= Duration::from_millis(150),
+            "{a:?}"
+        );
     }
 
     #[test]
