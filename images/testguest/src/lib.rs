@@ -28,6 +28,9 @@
 //!    - `bench`: `pmemK flush ok`, `pmemK bench bytes=B cold_cycles=C warm_cycles=W flush_cycles=F` (TSC cycles
 //!      for the first and second pass of `rep stosq` over B bytes, and for the flush after them).
 //!
+//!    - `flush-flood`: `pmem0 flush ok`, then flushes pmem0 back to back forever, printing
+//!      `pmem0 flood: N flushes answered` after every 100.
+//!
 //!    The pattern is [`pattern::word`]: the u64 at offset `off` is `0xda85_0000_0000_0000 ^ (seed << 32) ^ off`.
 //! 6. Prints `exit N` and exits with N (`exit=N`, default 0) through the exit port.
 //!

@@ -81,6 +81,7 @@ impl PmemRegion {
             requests = m.requests,
             syncs = m.syncs,
             errors = m.errors,
+            throttled = m.throttled,
             readonly_writes_dropped = m.readonly_writes_dropped,
             "pmem counters"
         );

@@ -63,6 +63,8 @@ impl<R> Shared<R> {
 
 pub struct FlushWorker<R: Send + 'static> {
     shared: Arc<Shared<R>>,
+    /// Lifted at shutdown so queued requests are answered at once.
+    limit: Option<Arc<FlushRateLimit>>,
     thread: Option<JoinHandle<()>>,
 }
 
@@ -94,6 +96,7 @@ impl<R: Send + 'static> FlushWorker<R> {
             wake: Condvar::new(),
         });
         let worker_shared = shared.clone();
+        let limit_handle = limit.as_ref().map(|(l, _)| l.clone());
         let thread = std::thread::Builder::new()
             .name(name.to_owned())
             .spawn(move || {
@@ -107,6 +110,7 @@ impl<R: Send + 'static> FlushWorker<R> {
             })?;
         Ok(FlushWorker {
             shared,
+            limit: limit_handle,
             thread: Some(thread),
         })
     }
@@ -138,10 +142,14 @@ fn next_batch<R>(shared: &Shared<R>, policy: FlushPolicy) -> Option<Vec<R>> {
 }
 
 impl<R: Send + 'static> Drop for FlushWorker<R> {
-    /// Requests already queued are still flushed and answered; then the thread ends.
+    /// Requests already queued are still flushed and answered (rate limits are lifted: shutdown never waits on
+    /// a throttle); then the thread ends.
     fn drop(&mut self) {
         self.shared.lock().shutdown = true;
         self.shared.wake.notify_one();
+        if let Some(l) = &self.limit {
+            l.set(super::rate_limit::FlushLimits::default());
+        }
         if let Some(t) = self.thread.take() {
             if t.join().is_err() {
                 tracing::error!("pmem flush worker panicked");
@@ -158,6 +166,7 @@ mod tests {
     use std::os::unix::fs::FileExt;
     use std::sync::atomic::{AtomicU64, Ordering};
     use std::sync::mpsc;
+    use std::time::Duration;
 
     /// A real file and a real fdatasync, instrumented: a logical clock orders request arrivals against sync
     /// starts, and an optional gate holds the first sync so requests provably arrive while it runs.
@@ -337,5 +346,56 @@ mod tests {
         drop(sub);
         let got: Vec<_> = answers.try_iter().map(|a| a.0).collect();
         assert_eq!(got.len(), 2);
+    }
+
+    #[test]
+    fn throttled_requests_wait_are_counted_and_shutdown_lifts_the_limit() {
+        use super::super::rate_limit::{BucketConfig, FlushLimits};
+        let dir = std::env::temp_dir();
+        let file = Arc::new(tempfile::tempfile_in(dir).unwrap());
+        let f2 = file.clone();
+        let flush: Arc<dyn Flush> = Arc::new(move || f2.sync_data());
+        let limit = Arc::new(FlushRateLimit::new(4096));
+        // One flush request per hour after a burst of 2.
+        limit.set(FlushLimits {
+            ops: Some(BucketConfig {
+                size: 2,
+                refill: Duration::from_secs(7200),
+            }),
+            bytes: None,
+        });
+        let throttled = Arc::new(AtomicU64::new(0));
+        let t2 = throttled.clone();
+        let (tx, answers) = mpsc::channel();
+        let worker = FlushWorker::spawn_limited(
+            "test-flush-limited",
+            flush,
+            FlushPolicy::PerRequest,
+            Some((
+                limit,
+                Box::new(move |n, a: Admission| {
+                    if a.throttled {
+                        t2.fetch_add(n, Ordering::SeqCst);
+                    }
+                }),
+            )),
+            Box::new(move |batch: Vec<u32>, res: &io::Result<()>| {
+                assert!(res.is_ok());
+                for id in batch {
+                    tx.send(id).unwrap();
+                }
+            }),
+        )
+        .unwrap();
+        worker.submit([1, 2, 3]);
+        assert_eq!(answers.recv().unwrap(), 1);
+        assert_eq!(answers.recv().unwrap(), 2);
+        // The third waits for a token an hour away: never failed, still pending.
+        assert!(answers.recv_timeout(Duration::from_millis(300)).is_err());
+        let start = std::time::Instant::now();
+        drop(worker);
+        assert_eq!(answers.try_recv().unwrap(), 3);
+        assert!(start.elapsed() < Duration::from_secs(10));
+        assert_eq!(throttled.load(Ordering::SeqCst), 1);
     }
 }
