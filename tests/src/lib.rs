@@ -195,4 +195,5 @@ pub fn share_read_only(dir: &Path) {
     std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o755)).expect("chmod test dir");
 }
 
+pub mod api;
 pub mod lab;

@@ -111,7 +111,7 @@ impl Kind {
 }
 
 /// Punch a range: deallocate it (it reads back as zeros and its blocks return to the filesystem).
-#[utoipa::path(post, path = "/regions/{id}/punch", tag = "changes",
+#[utoipa::path(post, operation_id = "punch", path = "/regions/{id}/punch", tag = "changes",
     params(("id" = String, Path, description = "region id as given to --pmem")),
     request_body = ChangeBody,
     responses((status = 200, body = ChangeResult, description = "the change was applied"),
@@ -127,7 +127,7 @@ pub async fn punch(
 }
 
 /// Zero a range, keeping its blocks allocated.
-#[utoipa::path(post, path = "/regions/{id}/zero", tag = "changes",
+#[utoipa::path(post, operation_id = "zero", path = "/regions/{id}/zero", tag = "changes",
     params(("id" = String, Path, description = "region id as given to --pmem")),
     request_body = ChangeBody,
     responses((status = 200, body = ChangeResult, description = "the change was applied"),
@@ -143,7 +143,7 @@ pub async fn zero(
 }
 
 /// Break (evacuate) a range: every holder is asked to give it back; the file is not changed.
-#[utoipa::path(post, path = "/regions/{id}/break", tag = "changes",
+#[utoipa::path(post, operation_id = "break_range", path = "/regions/{id}/break", tag = "changes",
     params(("id" = String, Path, description = "region id as given to --pmem")),
     request_body = ChangeBody,
     responses((status = 200, body = ChangeResult, description = "every holder released (or was revoked)"),

@@ -112,6 +112,7 @@ impl EventLog {
 
 /// `GET /events` query.
 #[derive(Clone, Debug, Default, Deserialize, utoipa::IntoParams)]
+#[into_params(parameter_in = Query)]
 #[serde(deny_unknown_fields)]
 pub struct EventsQuery {
     /// Only events with a larger `seq`.
@@ -124,7 +125,7 @@ pub struct EventsQuery {
 
 /// The event log as JSON lines (`application/x-ndjson`), one event per line; with `follow=true` the response
 /// stays open (chunked) and every new event is sent as it happens.
-#[utoipa::path(get, path = "/events", tag = "events", params(EventsQuery),
+#[utoipa::path(get, operation_id = "get_events", path = "/events", tag = "events", params(EventsQuery),
     responses((status = 200, content_type = "application/x-ndjson", body = Event,
         description = "one Event per line"),
         (status = 400, body = super::error::ErrorBody)))]

@@ -72,7 +72,7 @@ pub struct BreakView {
 }
 
 /// Every owner with its leases and pins.
-#[utoipa::path(get, path = "/owners", tag = "holds", responses((status = 200, body = [OwnerView])))]
+#[utoipa::path(get, operation_id = "list_owners", path = "/owners", tag = "holds", responses((status = 200, body = [OwnerView])))]
 pub async fn owners(State(ctx): State<Arc<ApiContext>>) -> Json<Vec<OwnerView>> {
     let snap = ctx.mapper.snapshot();
     Json(
@@ -111,7 +111,7 @@ pub async fn owners(State(ctx): State<Arc<ApiContext>>) -> Json<Vec<OwnerView>> 
 }
 
 /// Breaks in progress: range, reason, deadline, who is still holding.
-#[utoipa::path(get, path = "/breaks", tag = "holds", responses((status = 200, body = [BreakView])))]
+#[utoipa::path(get, operation_id = "list_breaks", path = "/breaks", tag = "holds", responses((status = 200, body = [BreakView])))]
 pub async fn breaks(State(ctx): State<Arc<ApiContext>>) -> Json<Vec<BreakView>> {
     let snap = ctx.mapper.snapshot();
     let now = std::time::Instant::now();
@@ -162,7 +162,7 @@ pub struct LeaseBody {
 }
 
 /// Take a lease as the operator.
-#[utoipa::path(post, path = "/leases", tag = "holds", request_body = LeaseBody,
+#[utoipa::path(post, operation_id = "acquire_lease", path = "/leases", tag = "holds", request_body = LeaseBody,
     responses((status = 201, body = LeaseView), (status = 400, body = ErrorBody),
         (status = 404, body = ErrorBody), (status = 409, body = ErrorBody, description = "EAGAIN: a break is in progress there")))]
 pub async fn acquire(
@@ -206,7 +206,7 @@ pub async fn acquire(
 }
 
 /// Release one of the operator's leases.
-#[utoipa::path(delete, path = "/leases/{id}", tag = "holds",
+#[utoipa::path(delete, operation_id = "release_lease", path = "/leases/{id}", tag = "holds",
     params(("id" = u64, Path, description = "lease id")),
     responses((status = 204, description = "released"), (status = 400, body = ErrorBody),
         (status = 404, body = ErrorBody)))]

@@ -268,7 +268,7 @@ impl Collector for Sample {
 }
 
 /// Prometheus metrics.
-#[utoipa::path(get, path = "/metrics", tag = "metrics",
+#[utoipa::path(get, operation_id = "get_metrics", path = "/metrics", tag = "metrics",
     responses((status = 200, content_type = "application/openmetrics-text", body = String,
         description = "Prometheus/OpenMetrics text")))]
 pub async fn get(State(ctx): State<Arc<ApiContext>>) -> Result<Response, ApiError> {

@@ -197,7 +197,7 @@ fn from_view(l: RateLimit) -> Result<FlushLimits, ApiError> {
 }
 
 /// Every pmem region.
-#[utoipa::path(get, path = "/regions", tag = "regions",
+#[utoipa::path(get, operation_id = "list_regions", path = "/regions", tag = "regions",
     responses((status = 200, body = [RegionView])))]
 pub async fn list(State(ctx): State<Arc<ApiContext>>) -> Json<Vec<RegionView>> {
     let snap = ctx.mapper.snapshot();
@@ -205,7 +205,7 @@ pub async fn list(State(ctx): State<Arc<ApiContext>>) -> Json<Vec<RegionView>> {
 }
 
 /// One pmem region.
-#[utoipa::path(get, path = "/regions/{id}", tag = "regions",
+#[utoipa::path(get, operation_id = "get_region", path = "/regions/{id}", tag = "regions",
     params(("id" = String, Path, description = "region id as given to --pmem")),
     responses((status = 200, body = RegionView), (status = 404, body = ErrorBody)))]
 pub async fn get(
@@ -218,7 +218,7 @@ pub async fn get(
 
 /// Set a region's flush rate limits (replacing both buckets; an absent bucket is unlimited). Throttled guest
 /// flushes wait; they are never failed.
-#[utoipa::path(put, path = "/regions/{id}/rate-limit", tag = "regions",
+#[utoipa::path(put, operation_id = "set_rate_limit", path = "/regions/{id}/rate-limit", tag = "regions",
     params(("id" = String, Path, description = "region id as given to --pmem")),
     request_body = RateLimit,
     responses((status = 200, body = RateLimit, description = "the limits now in force"),

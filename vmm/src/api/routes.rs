@@ -70,7 +70,7 @@ pub fn openapi_text() -> String {
 }
 
 /// This document.
-#[utoipa::path(get, path = "/openapi.json", tag = "vm",
+#[utoipa::path(get, operation_id = "get_openapi", path = "/openapi.json", tag = "vm",
     responses((status = 200, description = "the OpenAPI 3 document", content_type = "application/json")))]
 async fn openapi_json() -> Json<&'static utoipa::openapi::OpenApi> {
     Json(openapi())

@@ -24,7 +24,7 @@ pub struct VmView {
 }
 
 /// The VM.
-#[utoipa::path(get, path = "/vm", tag = "vm", responses((status = 200, body = VmView)))]
+#[utoipa::path(get, operation_id = "get_vm", path = "/vm", tag = "vm", responses((status = 200, body = VmView)))]
 pub async fn get(State(ctx): State<Arc<ApiContext>>) -> Json<VmView> {
     Json(VmView {
         state: if ctx.stopping() {
@@ -46,7 +46,7 @@ pub async fn get(State(ctx): State<Arc<ApiContext>>) -> Json<VmView> {
 
 /// Stop the VM gracefully: vCPUs stopped, in-flight flushes answered, daxvisor exits 0. Answered before the
 /// VM is gone (202); the socket disappears when it is.
-#[utoipa::path(post, path = "/vm/stop", tag = "vm",
+#[utoipa::path(post, operation_id = "stop_vm", path = "/vm/stop", tag = "vm",
     responses((status = 202, description = "the VM is stopping")))]
 pub async fn stop(State(ctx): State<Arc<ApiContext>>) -> StatusCode {
     if !ctx.stopping() {
