@@ -1,6 +1,9 @@
 //! End-to-end: the operator API and daxvisor-ctl against the real binary on real KVM, with the test guest and
 //! real files. Each test reads like an operator's session.
 
+// End-to-end tests: helpers fail the calling test with their message.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
 use std::io::{BufRead, BufReader, Write};
 use std::os::unix::fs::{FileTypeExt, PermissionsExt};
 use std::os::unix::net::UnixStream;

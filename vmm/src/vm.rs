@@ -49,7 +49,7 @@ pub enum StartError {
     #[error(transparent)]
     Acpi(#[from] acpi::AcpiError),
     #[error("layout-lease manager: {0}")]
-    Leases(#[from] crate::mapper::MapperError),
+    Leases(#[from] daxvisor_mapper::MapperError),
     #[error(transparent)]
     Pmem(#[from] PmemError),
     #[error(transparent)]
@@ -143,11 +143,8 @@ pub fn run(config: &VmConfig) -> Result<VmExit, StartError> {
         &mut devices,
         &mut event_loop,
         &mem,
+        &leases,
     )?;
-    let mut region_ids = Vec::new();
-    for region in &pmem_regions {
-        region_ids.push(leases.add_pmem_region(region)?);
-    }
     event_loop.add_subscriber(Arc::new(Mutex::new(leases.subscriber()?)));
     let pmem_windows: Vec<(u64, u64)> = pmem_regions
         .iter()
@@ -179,7 +176,7 @@ pub fn run(config: &VmConfig) -> Result<VmExit, StartError> {
     let _api = match &config.api_socket {
         Some(path) => Some(ApiServer::start(
             path,
-            api_context(config, &leases, &pmem_regions, &region_ids, &state),
+            api_context(config, &leases, &pmem_regions, &state),
         )?),
         None => None,
     };
@@ -235,15 +232,13 @@ fn api_context(
     config: &VmConfig,
     leases: &LeaseManager,
     regions: &[pmem::PmemRegion],
-    ids: &[crate::mapper::RegionId],
     state: &Arc<RunState>,
 ) -> Arc<ApiContext> {
     let handles = regions
         .iter()
-        .zip(ids)
-        .map(|(r, id)| RegionHandle {
+        .map(|r| RegionHandle {
             name: r.id().to_owned(),
-            region: *id,
+            region: r.region,
             path: r.backing.path().to_owned(),
             kind: r.backing.kind(),
             size: r.backing.size(),

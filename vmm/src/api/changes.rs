@@ -17,7 +17,7 @@ use super::error::{ApiError, ErrorBody};
 use super::events::NewEvent;
 use super::ids;
 use super::json::ApiJson;
-use crate::mapper::{BreakPolicy, ChangeRequest, LayoutChange};
+use daxvisor_mapper::{BreakPolicy, ChangeRequest, LayoutChange};
 
 /// Longest deadline the API accepts (the mapper's own cap).
 pub const MAX_DEADLINE_MS: u64 = 24 * 3600 * 1000;
@@ -333,7 +333,7 @@ impl BreakWatch {
     fn look(
         &mut self,
         ctx: &ApiContext,
-        region: crate::mapper::RegionId,
+        region: daxvisor_mapper::RegionId,
         (offset, length): (u64, u64),
         name: &str,
     ) {
@@ -345,7 +345,7 @@ impl BreakWatch {
             .filter(|b| b.region == region && b.range.start < end && b.range.end > offset)
         {
             for (lease, owner) in &b.waiting_on {
-                let o = ids::owner_raw(*owner);
+                let o = owner.to_raw();
                 let entry = self.holders.entry(o).or_insert_with(|| {
                     let n = snap
                         .owner(*owner)
@@ -353,7 +353,7 @@ impl BreakWatch {
                         .unwrap_or_default();
                     (n, Vec::new(), None)
                 });
-                let l = ids::lease_raw(*lease);
+                let l = lease.to_raw();
                 if !entry.1.contains(&l) {
                     entry.1.push(l);
                 }
@@ -376,11 +376,7 @@ impl BreakWatch {
         if elapsed >= self.deadline {
             return;
         }
-        let held: Vec<u64> = snap
-            .leases()
-            .iter()
-            .map(|(_, l)| ids::lease_raw(l.id))
-            .collect();
+        let held: Vec<u64> = snap.leases().iter().map(|(_, l)| l.id.to_raw()).collect();
         for (o, (n, leases, released)) in &mut self.holders {
             if released.is_none() && !leases.iter().any(|l| held.contains(l)) {
                 *released = Some(elapsed);
@@ -408,16 +404,16 @@ impl BreakWatch {
         &self,
         ctx: &ApiContext,
         name: &str,
-        notified: &[crate::mapper::OwnerId],
-        revoked: &[crate::mapper::OwnerId],
+        notified: &[daxvisor_mapper::OwnerId],
+        revoked: &[daxvisor_mapper::OwnerId],
     ) -> Vec<HolderOutcome> {
-        let mut owners: Vec<u64> = notified.iter().map(|o| ids::owner_raw(*o)).collect();
+        let mut owners: Vec<u64> = notified.iter().map(|o| o.to_raw()).collect();
         owners.sort_unstable();
         owners.dedup();
         owners
             .into_iter()
             .map(|o| {
-                let was_revoked = revoked.iter().any(|r| ids::owner_raw(*r) == o);
+                let was_revoked = revoked.iter().any(|r| r.to_raw() == o);
                 let (holder_name, released) = self
                     .holders
                     .get(&o)

@@ -12,8 +12,8 @@ use utoipa::ToSchema;
 use super::error::ApiError;
 use super::events::{EventLog, NewEvent};
 use super::metrics::ApiMetrics;
-use crate::mapper::{Mapper, OwnerId, RegionId};
 use crate::pmem::BackingKind;
+use daxvisor_mapper::{Mapper, OwnerId, RegionId};
 
 /// The VM configuration as the operator gave it (what `GET /vm` reports).
 #[derive(Clone, Debug, Serialize, Deserialize, ToSchema, PartialEq, Eq)]
@@ -119,7 +119,7 @@ impl ApiContext {
     pub fn owner_name(&self, owner: u64) -> String {
         self.mapper
             .snapshot()
-            .owner(super::ids::owner_from_raw(owner))
+            .owner(daxvisor_mapper::OwnerId::from_raw(owner))
             .map(|o| o.name.clone())
             .unwrap_or_default()
     }

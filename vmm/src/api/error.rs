@@ -7,7 +7,7 @@ use axum::Json;
 use serde::{Deserialize, Serialize};
 use utoipa::ToSchema;
 
-use crate::mapper::MapperError;
+use daxvisor_mapper::MapperError;
 
 /// Who holds a range against a change.
 #[derive(Clone, Debug, Serialize, Deserialize, ToSchema, PartialEq, Eq)]
@@ -95,7 +95,7 @@ impl ApiError {
                 range,
             } => {
                 err.body.holder = Some(Holder {
-                    owner: super::ids::owner_raw(*holder),
+                    owner: holder.to_raw(),
                     name: holder_name.clone(),
                     kind: kind.to_string(),
                     offset: range.start,
@@ -107,7 +107,7 @@ impl ApiError {
                 kind,
                 range,
             } => {
-                let owner = super::ids::owner_raw(*holder);
+                let owner = holder.to_raw();
                 err.body.holder = Some(Holder {
                     owner,
                     name: name_of(owner),
@@ -117,7 +117,7 @@ impl ApiError {
                 })
             }
             MapperError::TimedOut { holders, .. } => {
-                err.body.holders = holders.iter().map(|h| super::ids::owner_raw(*h)).collect();
+                err.body.holders = holders.iter().map(|h| h.to_raw()).collect();
             }
             _ => {}
         }

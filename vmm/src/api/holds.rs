@@ -16,7 +16,7 @@ use super::error::{ApiError, ErrorBody};
 use super::events::NewEvent;
 use super::ids;
 use super::json::ApiJson;
-use crate::mapper::LeaseMode;
+use daxvisor_mapper::LeaseMode;
 
 #[derive(Clone, Debug, Serialize, Deserialize, ToSchema, PartialEq, Eq)]
 #[serde(deny_unknown_fields)]
@@ -79,13 +79,13 @@ pub async fn owners(State(ctx): State<Arc<ApiContext>>) -> Json<Vec<OwnerView>> 
         snap.owners
             .iter()
             .map(|o| OwnerView {
-                id: ids::owner_raw(o.id),
+                id: o.id.to_raw(),
                 name: o.name.clone(),
                 leases: o
                     .leases
                     .iter()
                     .map(|l| LeaseView {
-                        id: ids::lease_raw(l.id),
+                        id: l.id.to_raw(),
                         region: ctx.region_name(l.region),
                         offset: l.range.start,
                         length: ids::range_len(&l.range),
@@ -96,11 +96,11 @@ pub async fn owners(State(ctx): State<Arc<ApiContext>>) -> Json<Vec<OwnerView>> 
                     .pins
                     .iter()
                     .map(|p| PinView {
-                        id: ids::pin_raw(p.id),
+                        id: p.id.to_raw(),
                         region: ctx.region_name(p.region),
                         offset: p.range.start,
                         length: ids::range_len(&p.range),
-                        lease: p.lease.map(ids::lease_raw),
+                        lease: p.lease.map(daxvisor_mapper::LeaseId::to_raw),
                         pending: p.pending,
                         dma_revoked: p.dma_revoked,
                     })
@@ -119,15 +119,11 @@ pub async fn breaks(State(ctx): State<Arc<ApiContext>>) -> Json<Vec<BreakView>> 
         snap.breaks
             .iter()
             .map(|b| {
-                let mut waiting: Vec<u64> = b
-                    .waiting_on
-                    .iter()
-                    .map(|(_, o)| ids::owner_raw(*o))
-                    .collect();
+                let mut waiting: Vec<u64> = b.waiting_on.iter().map(|(_, o)| o.to_raw()).collect();
                 waiting.sort_unstable();
                 waiting.dedup();
                 BreakView {
-                    id: ids::break_raw(b.id),
+                    id: b.id.to_raw(),
                     region: ctx.region_name(b.region),
                     offset: b.range.start,
                     length: ids::range_len(&b.range),
@@ -185,7 +181,7 @@ pub async fn acquire(
         .owner(op)
         .and_then(|o| o.leases.iter().find(|l| l.id == id))
         .map(|l| LeaseView {
-            id: ids::lease_raw(id),
+            id: id.to_raw(),
             region: body.region.clone(),
             offset: l.range.start,
             length: ids::range_len(&l.range),
@@ -195,7 +191,7 @@ pub async fn acquire(
     ctx.event(NewEvent {
         kind: "lease-acquired",
         region: Some(body.region.clone()),
-        owners: vec![ids::owner_raw(op)],
+        owners: vec![op.to_raw()],
         message: format!(
             "operator took {} lease {} on {} [{:#x}, +{:#x})",
             view.mode, view.id, view.region, view.offset, view.length
@@ -219,7 +215,7 @@ pub async fn release(
         .map_err(|_| ApiError::bad_request(format!("lease id '{id}' is not a number")))?;
     let not_ours = || ApiError::not_found(format!("the operator holds no lease {raw}"));
     let op = ctx.operator_if_any().ok_or_else(not_ours)?;
-    let lease = ids::lease_from_raw(raw);
+    let lease = daxvisor_mapper::LeaseId::from_raw(raw);
     let snap = ctx.mapper.snapshot();
     let held = snap
         .owner(op)
@@ -232,7 +228,7 @@ pub async fn release(
     ctx.event(NewEvent {
         kind: "lease-released",
         region: Some(held),
-        owners: vec![ids::owner_raw(op)],
+        owners: vec![op.to_raw()],
         message: format!("operator released lease {raw}"),
         ..NewEvent::default()
     });

@@ -15,8 +15,8 @@ use super::error::{ApiError, ErrorBody};
 use super::events::NewEvent;
 use super::ids;
 use super::json::ApiJson;
-use crate::mapper::Snapshot;
 use crate::pmem::BackingKind;
+use daxvisor_mapper::Snapshot;
 
 /// One token bucket: `size` tokens, refilled in full every `refill_ms`.
 #[derive(Clone, Copy, Debug, Serialize, Deserialize, ToSchema, PartialEq, Eq)]
@@ -94,17 +94,18 @@ pub struct RegionView {
 pub fn dma_pinnable(kind: BackingKind) -> &'static str {
     match kind {
         BackingKind::DevDax => "yes (device-DAX)",
-        BackingKind::Memfd => "yes (memfd/shmem)",
+        BackingKind::Ram => "yes (memfd/shmem/hugetlbfs)",
         BackingKind::FsDax => "no: the kernel refuses long-term pins of FS-DAX pages",
         BackingKind::Regular => {
             "no since Linux 6.5: writable shared page-cache files cannot be pinned long-term"
         }
+        _ => "unknown backing kind",
     }
 }
 
 /// Holds on a region: (leases, pins, bytes leased, bytes pinned). Open-ended ranges count to the region's end.
 pub fn holds(snap: &Snapshot, r: &RegionHandle) -> (u64, u64, u64, u64) {
-    let len = |range: &crate::mapper::ByteRange| match ids::range_len(range) {
+    let len = |range: &daxvisor_mapper::ByteRange| match ids::range_len(range) {
         0 => r.size.saturating_sub(range.start),
         n => n,
     };
