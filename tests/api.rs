@@ -200,6 +200,27 @@ fn an_operator_holds_punches_and_reclaims_space_and_every_step_is_seen() {
     );
     assert!(vm.ctl_json(&["breaks"]).as_array().unwrap().is_empty());
 
+    // A break (evacuate) asks holders to give a range back without touching the file.
+    vm.ctl_json(&[
+        "lease", "acquire", "data", "--offset", "2M", "--length", "2M", "--mode", "shared",
+    ]);
+    let before_break = allocated(&img);
+    let b = vm.ctl_json(&[
+        "break",
+        "data",
+        "--offset",
+        "2M",
+        "--length",
+        "1M",
+        "--deadline-ms",
+        "200",
+        "--policy",
+        "revoke",
+    ]);
+    assert_eq!(b["change"], "break");
+    assert_eq!(b["holders"][0]["revoked"], true);
+    assert_eq!(allocated(&img), before_break, "a break changed the file");
+
     // The event stream tells the story in order.
     let evs = events(&vm);
     let k = kinds(&evs);
@@ -220,6 +241,11 @@ fn an_operator_holds_punches_and_reclaims_space_and_every_step_is_seen() {
         "change-started",
         "change-done",
         "change-started",
+        "change-done",
+        "lease-acquired",
+        "change-started",
+        "break-started",
+        "holder-revoked",
         "change-done",
     ];
     let mut at = 0;
@@ -243,6 +269,10 @@ fn an_operator_holds_punches_and_reclaims_space_and_every_step_is_seen() {
     // The metrics agree.
     let m = vm.ctl_ok(&["metrics"]);
     for (line, want) in [
+        (
+            r#"daxvisor_change_outcomes_total{change="break",outcome="revoked"}"#,
+            1.0,
+        ),
         (
             r#"daxvisor_change_outcomes_total{change="punch",outcome="conflict"}"#,
             2.0,

@@ -204,12 +204,10 @@ async fn run(
             off: offset,
             len: length,
         },
-        Kind::Break => {
-            return Err(ApiError::new(
-                axum::http::StatusCode::NOT_IMPLEMENTED,
-                "break without a change needs the mapper's evacuate (not in this build)",
-            ))
-        }
+        Kind::Break => LayoutChange::Evacuate {
+            off: offset,
+            len: length,
+        },
     };
     let req = ChangeRequest {
         requester: None,
