@@ -1,5 +1,5 @@
 //! What a pmem device counts. Updated lock-free from the event loop and the flush worker; read as a plain
-//! [`PmemMetricsSnapshot`] (the metrics issue exports it).
+//! [`PmemMetricsSnapshot`] (the operator API can export it).
 
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
