@@ -27,6 +27,7 @@ impl<F: Fn() -> io::Result<()> + Send + Sync> Flush for F {
     }
 }
 
+/// How the worker groups queued requests into flushes.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum FlushPolicy {
     /// One flush answers every request queued before it started.
@@ -61,6 +62,7 @@ impl<R> Shared<R> {
     }
 }
 
+/// The per-device flush thread: runs the [`Flush`] and hands each batch of requests to the completion.
 pub struct FlushWorker<R: Send + 'static> {
     shared: Arc<Shared<R>>,
     /// Lifted at shutdown so queued requests are answered at once.
