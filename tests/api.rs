@@ -265,6 +265,9 @@ fn an_operator_holds_punches_and_reclaims_space_and_every_step_is_seen() {
     assert_eq!(refused[1]["errno"], "ETXTBSY");
     assert_eq!(refused[2]["errno"], "ETIMEDOUT");
     assert!(vm.ctl_ok(&["events"]).contains("holder-revoked"));
+    // The lease manager's own records: every notice and revoke, whoever started the break.
+    assert!(k.iter().any(|x| x == "break-notice"), "{k:?}");
+    assert!(k.iter().any(|x| x == "revoked"), "{k:?}");
 
     // The metrics agree.
     let m = vm.ctl_ok(&["metrics"]);
@@ -317,6 +320,38 @@ fn an_operator_holds_punches_and_reclaims_space_and_every_step_is_seen() {
     assert!(
         stderr.contains("the operator asked the VM to stop"),
         "{stderr}"
+    );
+}
+
+#[test]
+fn a_foreign_open_of_a_backing_file_shows_in_events_regions_and_metrics() {
+    let dir = tempfile::tempdir().unwrap();
+    let (vm, img) = spinning_vm(dir.path());
+    // This process is the foreign opener.
+    let f = std::fs::File::open(&img).unwrap();
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let guard = loop {
+        if let Some(e) = events(&vm).into_iter().find(|e| e["kind"] == "guard") {
+            break e;
+        }
+        assert!(Instant::now() < deadline, "no guard event");
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    drop(f);
+    assert_eq!(guard["region"], "data");
+    assert!(
+        guard["message"]
+            .as_str()
+            .unwrap()
+            .contains("foreign process opened"),
+        "{guard}"
+    );
+    let r = vm.ctl_json(&["regions", "data"]);
+    assert_eq!(r["guard"]["events"], 1);
+    let m = vm.ctl_ok(&["metrics"]);
+    assert_eq!(
+        metric(&m, r#"daxvisor_guard_events_total{region="data"}"#),
+        1.0
     );
 }
 

@@ -5,10 +5,12 @@
 //! whole-file break, logged and recorded.
 //!
 //! Until the agent channel connects guest holders, break and revoke notices have nobody to go to: they are
-//! logged ([`LogNotifier`]).
+//! logged ([`LogNotifier`]). Every notice, revoke and guard event is also recorded in the VM's event log
+//! ([`RecordingNotifier`]), which the operator API serves.
 
+use std::collections::HashMap;
 use std::os::fd::AsRawFd;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use daxvisor_mapper::{
@@ -19,6 +21,7 @@ use event_manager::{EventOps, Events, MutEventSubscriber};
 use vmm_sys_util::epoll::EventSet;
 use vmm_sys_util::timerfd::TimerFd;
 
+use crate::api::events::{EventLog, NewEvent};
 use crate::pmem::flush::FlushFence;
 use crate::pmem::Backing;
 
@@ -37,18 +40,86 @@ impl BreakNotifier for LogNotifier {
     }
 }
 
+/// Region names as the operator gave them, for events.
+type Names = Arc<Mutex<HashMap<RegionId, String>>>;
+
+fn name_of(names: &Names, region: RegionId) -> String {
+    names
+        .lock()
+        .unwrap_or_else(|p| p.into_inner())
+        .get(&region)
+        .cloned()
+        .unwrap_or_else(|| region.to_string())
+}
+
+/// Records every notice in the event log, then hands it to the notifier that delivers it.
+pub struct RecordingNotifier {
+    inner: Arc<dyn BreakNotifier>,
+    events: Arc<EventLog>,
+    names: Names,
+}
+
+impl BreakNotifier for RecordingNotifier {
+    fn break_notice(&self, n: &BreakNotice) {
+        self.events.push(NewEvent {
+            kind: "break-notice",
+            region: Some(name_of(&self.names, n.region)),
+            owners: vec![n.owner.to_raw()],
+            message: format!(
+                "{} asked to release {} lease(s) for a {} by {}",
+                n.owner,
+                n.leases.len(),
+                n.reason,
+                n.break_id
+            ),
+            ..NewEvent::default()
+        });
+        self.inner.break_notice(n);
+    }
+    fn revoked(&self, n: &RevokeNotice) {
+        self.events.push(NewEvent {
+            kind: "revoked",
+            region: Some(name_of(&self.names, n.region)),
+            owners: vec![n.owner.to_raw()],
+            message: format!(
+                "{} lost {} lease(s) at the deadline of {} ({} DMA mapping(s) torn down)",
+                n.owner,
+                n.leases.len(),
+                n.break_id,
+                n.dma_torn_down.len()
+            ),
+            ..NewEvent::default()
+        });
+        self.inner.revoked(n);
+    }
+}
+
 pub struct LeaseManager {
     mapper: Mapper,
     guard: Arc<HostGuard>,
+    events: Arc<EventLog>,
+    names: Names,
 }
 
 impl LeaseManager {
     /// Must run on the thread that runs the event loop, before any other thread is spawned: the guard's signal
     /// is blocked here and every later thread inherits the mask (see the mapper crate's guard module).
-    pub fn new() -> Result<Self, MapperError> {
-        let mapper = Mapper::new(Arc::new(LogNotifier), None);
+    /// Notices and guard events are recorded in `events`.
+    pub fn new(events: Arc<EventLog>) -> Result<Self, MapperError> {
+        let names = Names::default();
+        let notifier = RecordingNotifier {
+            inner: Arc::new(LogNotifier),
+            events: events.clone(),
+            names: names.clone(),
+        };
+        let mapper = Mapper::new(Arc::new(notifier), None);
         let guard = Arc::new(HostGuard::new(mapper.clone(), guard_signal())?);
-        Ok(LeaseManager { mapper, guard })
+        Ok(LeaseManager {
+            mapper,
+            guard,
+            events,
+            names,
+        })
     }
 
     pub fn mapper(&self) -> &Mapper {
@@ -74,6 +145,10 @@ impl LeaseManager {
                 .with_iova(gpa)
                 .with_name(b.id()),
         )?;
+        self.names
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert(id, b.id().to_owned());
         if b.kind().has_layout() {
             if let Err(e) = self.guard.arm(id) {
                 tracing::warn!(
@@ -94,6 +169,8 @@ impl LeaseManager {
         Ok(GuardSubscriber {
             guard: self.guard.clone(),
             timer,
+            events: self.events.clone(),
+            names: self.names.clone(),
         })
     }
 }
@@ -101,6 +178,8 @@ impl LeaseManager {
 pub struct GuardSubscriber {
     guard: Arc<HostGuard>,
     timer: TimerFd,
+    events: Arc<EventLog>,
+    names: Names,
 }
 
 impl MutEventSubscriber for GuardSubscriber {
@@ -111,6 +190,21 @@ impl MutEventSubscriber for GuardSubscriber {
             return;
         }
         for ev in self.guard.service() {
+            self.events.push(NewEvent {
+                kind: "guard",
+                region: Some(name_of(&self.names, ev.region)),
+                owners: ev.notified.iter().map(|o| o.to_raw()).collect(),
+                errno: None,
+                message: match &ev.outcome {
+                    Ok(()) => format!(
+                        "a foreign process opened the backing file; whole-file break done in {} ms ({} notified, {} revoked)",
+                        ev.answered_in.as_millis(),
+                        ev.notified.len(),
+                        ev.revoked.len()
+                    ),
+                    Err(why) => format!("a foreign process opened the backing file while it is held: {why}"),
+                },
+            });
             match &ev.outcome {
                 Ok(()) => tracing::warn!(
                     region = %ev.region,

@@ -134,7 +134,9 @@ pub fn run(config: &VmConfig) -> Result<VmExit, StartError> {
     let mut devices = DeviceManager::new(vm.fd(), &config.serial, state.stopper())?;
     let mut event_loop = EventLoop::new(state.clone())?;
     // Before pmem::attach: its flush workers must inherit the host guard's blocked signal.
-    let leases = LeaseManager::new()?;
+    // The VM's event log: the lease manager records notices and guard events; the operator API serves it.
+    let events = Arc::new(crate::api::events::EventLog::default());
+    let leases = LeaseManager::new(events.clone())?;
     // Kept alive until the VM is gone: dropping a region unmaps its backing.
     let pmem_regions = pmem::attach(
         &config.pmem,
@@ -176,7 +178,7 @@ pub fn run(config: &VmConfig) -> Result<VmExit, StartError> {
     let _api = match &config.api_socket {
         Some(path) => Some(ApiServer::start(
             path,
-            api_context(config, &leases, &pmem_regions, &state),
+            api_context(config, &leases, events.clone(), &pmem_regions, &state),
         )?),
         None => None,
     };
@@ -231,6 +233,7 @@ pub fn run(config: &VmConfig) -> Result<VmExit, StartError> {
 fn api_context(
     config: &VmConfig,
     leases: &LeaseManager,
+    events: Arc<crate::api::events::EventLog>,
     regions: &[pmem::PmemRegion],
     state: &Arc<RunState>,
 ) -> Arc<ApiContext> {
@@ -263,6 +266,7 @@ fn api_context(
         leases.mapper().clone(),
         handles,
         view,
+        events,
         Box::new(move || state.request_stop(StopReason::Operator)),
     )
 }

@@ -51,7 +51,7 @@ pub struct ApiContext {
     pub config: VmConfigView,
     pub started: Instant,
     pub started_at: SystemTime,
-    pub events: EventLog,
+    pub events: Arc<EventLog>,
     pub metrics: ApiMetrics,
     stop: StopFn,
     stopping: std::sync::atomic::AtomicBool,
@@ -66,6 +66,7 @@ impl ApiContext {
         mapper: Mapper,
         regions: Vec<RegionHandle>,
         config: VmConfigView,
+        events: Arc<EventLog>,
         stop: StopFn,
     ) -> Arc<Self> {
         Arc::new(ApiContext {
@@ -74,7 +75,7 @@ impl ApiContext {
             config,
             started: Instant::now(),
             started_at: SystemTime::now(),
-            events: EventLog::default(),
+            events,
             metrics: ApiMetrics::default(),
             stop,
             stopping: std::sync::atomic::AtomicBool::new(false),

@@ -14,9 +14,10 @@ pub const HISTORY: usize = 1024;
 /// Events a slow follower may fall behind by before it is told it lost some.
 const FOLLOW_BUFFER: usize = 256;
 
-/// One thing that happened. `kind` is one of: `api-started`, `lease-acquired`, `lease-released`,
-/// `change-started`, `break-started`, `holder-released`, `change-done`, `change-refused`, `rate-limit-set`,
-/// `guard`, `stop-requested`, `events-lost`.
+/// One thing that happened. `kind` is one of: `api-started`, `lease-acquired`, `lease-released` (the
+/// operator's leases), `change-started`, `break-started`, `holder-released`, `holder-revoked`, `change-done`,
+/// `change-refused` (operator changes), `break-notice`, `revoked` (every break, whoever started it), `guard`
+/// (a foreign open of a backing file), `rate-limit-set`, `stop-requested`, `events-lost` (a slow follower).
 #[derive(Clone, Debug, Serialize, Deserialize, ToSchema, PartialEq, Eq)]
 #[serde(deny_unknown_fields)]
 pub struct Event {

@@ -94,6 +94,7 @@ pub struct FlushRateLimit {
 pub struct Admission {
     /// The batch had to wait for tokens.
     pub throttled: bool,
+    /// How long it waited.
     pub waited: Duration,
 }
 
@@ -123,6 +124,7 @@ impl FlushRateLimit {
         self.changed.notify_all();
     }
 
+    /// The limits in force.
     pub fn limits(&self) -> FlushLimits {
         self.lock().limits
     }
