@@ -663,3 +663,32 @@ fn the_served_openapi_document_is_the_checked_in_one_and_every_path_in_it_is_ser
     assert_eq!(status, 202);
     assert_eq!(vm.wait(Duration::from_secs(30)).0, Some(0));
 }
+
+#[test]
+fn on_a_terminal_daxvisor_ctl_shows_who_still_holds_while_a_break_waits() {
+    let dir = tempfile::tempdir().unwrap();
+    let (vm, _) = spinning_vm(dir.path());
+    let lease = vm.ctl_json(&["lease", "acquire", "data", "--mode", "shared"]);
+    let owner = vm.ctl_json(&["owners"])[0]["id"].as_u64().unwrap();
+    assert_eq!(lease["mode"], "shared");
+    // `script` gives daxvisor-ctl a terminal (util-linux, in every Debian install).
+    let cmd = format!(
+        "{} --api-socket {} punch data --length 1M --deadline-ms 1500",
+        ctl_bin().display(),
+        vm.socket.display()
+    );
+    let out = daxvisor_tests::run_with_timeout(
+        Command::new("script").args(["-qec", &cmd, "/dev/null"]),
+        Duration::from_secs(60),
+    );
+    assert_eq!(out.code, Some(3), "{out:?}");
+    let screen = out.stdout;
+    assert!(
+        screen.contains(&format!(
+            "punch [0x0, 0x100000): waiting on owners [{owner}]"
+        )),
+        "{screen}"
+    );
+    assert!(screen.contains("s left"), "{screen}");
+    assert!(screen.contains("refused: ETIMEDOUT"), "{screen}");
+}
