@@ -692,3 +692,71 @@ fn on_a_terminal_daxvisor_ctl_shows_who_still_holds_while_a_break_waits() {
     assert!(screen.contains("s left"), "{screen}");
     assert!(screen.contains("refused: ETIMEDOUT"), "{screen}");
 }
+
+#[test]
+fn a_holder_that_releases_during_the_break_lets_the_punch_through_and_the_report_says_when() {
+    let dir = tempfile::tempdir().unwrap();
+    let (vm, img) = spinning_vm(dir.path());
+    let full = allocated(&img);
+    let lease = vm.ctl_json(&["lease", "acquire", "data", "--mode", "shared"])["id"]
+        .as_u64()
+        .unwrap()
+        .to_string();
+    let socket = vm.socket.clone();
+    let punch = std::thread::spawn(move || {
+        daxvisor_tests::run_with_timeout(
+            Command::new(ctl_bin())
+                .arg("--api-socket")
+                .arg(&socket)
+                .args([
+                    "--json", "punch", "data", "--offset", "2M", "--length", "2M",
+                ])
+                .args(["--deadline-ms", "30000"]),
+            Duration::from_secs(60),
+        )
+    });
+    // The break shows while it waits; the range takes no new lease meanwhile (EAGAIN).
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let b = loop {
+        let b = vm.ctl_json(&["breaks"]);
+        if !b.as_array().unwrap().is_empty() {
+            break b;
+        }
+        assert!(Instant::now() < deadline, "no break appeared");
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    assert_eq!(b[0]["region"], "data");
+    assert_eq!(b[0]["reason"], "punch");
+    assert!(b[0]["deadline_in_ms"].as_u64().unwrap() > 1000);
+    let again = vm.ctl(&[
+        "lease", "acquire", "data", "--offset", "2M", "--length", "4K", "--mode", "shared",
+    ]);
+    assert_eq!(again.code, Some(3), "{again:?}");
+    assert!(again.stderr.contains("EAGAIN"), "{}", again.stderr);
+    std::thread::sleep(Duration::from_millis(200));
+    assert_eq!(
+        allocated(&img),
+        full,
+        "the punch went ahead while the lease was held"
+    );
+    vm.ctl_ok(&["lease", "release", &lease]);
+    let out = punch.join().unwrap();
+    assert_eq!(out.code, Some(0), "{out:?}");
+    let r: Value = serde_json::from_str(&out.stdout).unwrap();
+    let h = &r["holders"][0];
+    assert_eq!(h["name"], "operator");
+    assert_eq!(h["revoked"], false);
+    assert!(h["released_after_ms"].as_u64().unwrap() >= 200, "{r}");
+    assert!(r["total_ms"].as_u64().unwrap() >= h["released_after_ms"].as_u64().unwrap());
+    assert!(allocated(&img) <= full - 2 * MIB + SLACK);
+    let k = kinds(&events(&vm));
+    for want in [
+        "break-notice",
+        "break-started",
+        "lease-released",
+        "holder-released",
+        "change-done",
+    ] {
+        assert!(k.iter().any(|x| x == want), "no {want}: {k:?}");
+    }
+}

@@ -245,6 +245,9 @@ async fn run(
             }
         }
     };
+    // Releases in the last interval (the change may end right after them); revokes happen at the deadline, where
+    // the watcher no longer counts anything as released.
+    watch.look(&ctx, region, (offset, length), &name);
     let elapsed = start.elapsed();
     let outcome = result.map_err(|e| ApiError::internal(format!("change task failed: {e}")))?;
     let (label, res) = match outcome {
