@@ -536,11 +536,12 @@ fn the_socket_is_exclusive_stale_ones_are_replaced_and_other_files_left_alone() 
     assert!(third.stderr.contains("not a socket"), "{}", third.stderr);
     assert_eq!(std::fs::read(&file).unwrap(), b"data");
     // SIGTERM stops the VM cleanly: exit 0, socket removed.
-    // SAFETY: kill(2) on the child's pid; no memory is involved.
-    assert_eq!(
-        unsafe { libc::kill(vm.child.id() as i32, libc::SIGTERM) },
-        0
-    );
+    let pid = vm.child.id().to_string();
+    assert!(Command::new("kill")
+        .args(["-TERM", &pid])
+        .status()
+        .unwrap()
+        .success());
     let (code, stderr) = vm.wait(Duration::from_secs(30));
     assert_eq!(code, Some(0), "{stderr}");
     assert!(stderr.contains("SIGTERM: stopping the VM"), "{stderr}");
