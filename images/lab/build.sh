@@ -42,8 +42,9 @@ LAB_MODULES=(
     irqbypass kvm ccp kvm_amd
 )
 # Loaded only when the lab runs with an IOMMU (run-scenario.sh --iommu): VFIO with the type1 IOMMU backend and
-# vfio-pci, which the lab's e1000e is bound to.
-LAB_IOMMU_MODULES=(vfio vfio_virqfd vfio_iommu_type1 vfio-pci-core vfio-pci)
+# vfio-pci, which the lab's e1000e is bound to; loop for a page-cache ext4 next to the fs-dax one (the kernel's DMA
+# pinning rules differ between the two).
+LAB_IOMMU_MODULES=(vfio vfio_virqfd vfio_iommu_type1 vfio-pci-core vfio-pci loop)
 
 lab_log "base: staging ($(lab_elapsed))"
 BASE="$LAB_BUILD/stage/base"
