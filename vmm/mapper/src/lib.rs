@@ -64,6 +64,7 @@ mod layout_change;
 mod lease;
 mod owner;
 mod pin;
+mod pinnability;
 mod prepare;
 mod range;
 mod region;
@@ -99,6 +100,7 @@ pub use layout_change::{
     ChangeReport, ChangeRequest, LayoutChange, DEFAULT_DEADLINE, MAX_DEADLINE,
 };
 pub use lease::LeaseMode;
+pub use pinnability::{DmaRule, KernelVersion, PINNABLE_BACKINGS};
 pub use prepare::{PrepareProgress, PrepareReport};
 pub use range::{page_size, ByteRange, OPEN_END};
 pub use region::RegionDesc;

@@ -188,6 +188,12 @@ impl HostMapping {
         self.writable
     }
 
+    /// Whether the mapping is MAP_PRIVATE (written pages are anonymous copies; the file is never written).
+    pub fn is_private(&self) -> bool {
+        // The mapping type is the low two bits; MAP_SHARED_VALIDATE (3) includes MAP_PRIVATE's bit.
+        self.flags & libc::MAP_SHARED_VALIDATE == libc::MAP_PRIVATE
+    }
+
     /// The mmap flags in words, as logged.
     pub fn flags_str(&self) -> String {
         let f = self.flags;
