@@ -4,7 +4,7 @@
 //! Hand-written ioctls, not rust-vmm's `vfio-ioctls`: its 0.10 release matches the workspace's versions (kvm-ioctls
 //! 0.25, vmm-sys-util 0.15, vm-memory 0.18, and it builds without its KVM feature), but it requires vm-memory,
 //! which this crate (no guest memory) does not use, attaches a group to a container only by opening a device of it
-//! through sysfs, and panics in its device's drop when detaching fails. The six ioctls here are all the mapper needs.
+//! through sysfs, and panics in its device's drop when detaching fails. The seven ioctls here are all the mapper needs.
 
 use std::collections::BTreeMap;
 use std::fs::{File, OpenOptions};
