@@ -339,9 +339,9 @@ echo "demo devdax status: $?"
 
 /// DMA pins on real VFIO, in the lab with an IOMMU (q35, intel-iommu, the e1000e bound to vfio-pci): the same
 /// pin (exclusive lease, pin, VFIO_IOMMU_MAP_DMA at the region's IOVA) on four backings. Device-DAX, memfd and (on
-/// the lab's 6.1 kernel) a page-cache file map, and the container then maps the IOVA; fs-dax is refused up front
-/// naming the rule and the backings that work, and the raw MAP_DMA tried once for the record gets the kernel's
-/// own EOPNOTSUPP. A punch over a DMA-mapped range is refused with ETXTBSY naming the DMA owner. Then every way a
+/// the lab's 6.1 kernel) a page-cache file map, and the container then maps the IOVA; fs-dax (mapped MAP_SYNC,
+/// plain MAP_SHARED or MAP_PRIVATE) is refused up front naming the rule and the backings that work, and the raw
+/// MAP_DMA tried once for the record gets the kernel's own EOPNOTSUPP. A punch over a DMA-mapped range is refused with ETXTBSY naming the DMA owner. Then every way a
 /// pin ends removes its IOMMU mapping: unpin, a revoke after a break deadline, owner exit (the container, asked
 /// again, maps nothing at the IOVA).
 #[test]
@@ -352,6 +352,8 @@ echo "kernel=$LAB_KERNEL_VERSION"
 dma-probe "$LAB_VFIO_GROUP" pin devdax "$LAB_DEVDAX" || echo "FAILED devdax"
 dma-probe "$LAB_VFIO_GROUP" pin memfd - || echo "FAILED memfd"
 dma-probe "$LAB_VFIO_GROUP" pin fsdax "$LAB_DAX_MNT/dma.img" || echo "FAILED fsdax"
+dma-probe "$LAB_VFIO_GROUP" pin fsdax-shared "$LAB_DAX_MNT/dma.img" || echo "FAILED fsdax-shared"
+dma-probe "$LAB_VFIO_GROUP" pin fsdax-private "$LAB_DAX_MNT/dma.img" || echo "FAILED fsdax-private"
 dma-probe "$LAB_VFIO_GROUP" pin pagecache "$LAB_PAGECACHE_MNT/dma.img" || echo "FAILED pagecache"
 dma-probe "$LAB_VFIO_GROUP" teardown || echo "FAILED teardown"
 "#;
@@ -384,6 +386,13 @@ dma-probe "$LAB_VFIO_GROUP" teardown || echo "FAILED teardown"
          pages long-term, in any mapping (EOPNOTSUPP); DMA pins work on device-DAX, memfd/shmem",
         "fsdax: refused: container-maps-iova=no recorded=[]",
         "fsdax: raw-map-dma=EOPNOTSUPP",
+        // Any mapping of an FS-DAX file: refused up front, and the kernel says the same.
+        "fsdax-shared: backing=fsdax mapping=MAP_SHARED",
+        "fsdax-shared: pin=EOPNOTSUPP",
+        "fsdax-shared: raw-map-dma=EOPNOTSUPP",
+        "fsdax-private: backing=fsdax mapping=MAP_PRIVATE",
+        "fsdax-private: pin=EOPNOTSUPP",
+        "fsdax-private: raw-map-dma=EOPNOTSUPP",
         "pagecache: backing=regular mapping=MAP_SHARED",
         "pagecache: added: rule=shared-file-writable-before-6.5 dma-pinnable=yes",
         &format!("pagecache: {mapped}"),

@@ -2,8 +2,9 @@
 //! its VFIO backend on the lab's vfio-pci group and prints one line per observation, for tests/lab.rs. Each
 //! region is 4 MiB at IOVA 0x100000000; pins take its first 2 MiB.
 //!
-//!   dma-probe GROUP pin KIND PATH   a region of KIND (devdax, memfd, fsdax, pagecache) over PATH (ignored for
-//!                                   memfd): the region's DMA rule; exclusive lease and pin (MAP_DMA); whether the
+//!   dma-probe GROUP pin KIND PATH   a region of KIND (devdax, memfd, fsdax, fsdax-shared, fsdax-private,
+//!                                   pagecache) over PATH (ignored for memfd; fsdax maps MAP_SYNC, fsdax-shared
+//!                                   plain MAP_SHARED, fsdax-private MAP_PRIVATE): the region's DMA rule; exclusive lease and pin (MAP_DMA); whether the
 //!                                   container maps the IOVA; on a file with a layout, a punch over the pinned
 //!                                   range; unpin and the container again. When the mapper refuses the pin, the
 //!                                   raw VFIO_IOMMU_MAP_DMA of the same range is tried once, for the record.
@@ -41,7 +42,7 @@ fn main() -> ExitCode {
         }
         [group, cmd] if cmd == "teardown" => teardown_scenario(Path::new(group)),
         _ => Err(
-            "usage: dma-probe /dev/vfio/N pin devdax|memfd|fsdax|pagecache PATH | \
+            "usage: dma-probe /dev/vfio/N pin devdax|memfd|fsdax|fsdax-shared|fsdax-private|pagecache PATH | \
                   dma-probe /dev/vfio/N teardown"
                 .into(),
         ),
@@ -71,8 +72,11 @@ fn setup(group: &Path, kind: &str, path: &Path) -> Res<Setup> {
     );
     let file = Arc::new(open_backing(kind, path)?);
     let probed = probe(&file, Path::new("/sys")).map_err(|e| format!("probe {kind}: {e}"))?;
+    // fsdax maps MAP_SHARED_VALIDATE|MAP_SYNC as daxvisor does; fsdax-shared and fsdax-private map the same kind
+    // of file plain MAP_SHARED and MAP_PRIVATE (the kernel refuses FS-DAX pins in every mapping).
     let opts = MapOptions {
-        want_sync: probed.kind == BackingKind::FsDax,
+        want_sync: kind == "fsdax",
+        private: kind == "fsdax-private",
         align: 2 << 20,
         ..MapOptions::default()
     };
@@ -121,7 +125,7 @@ fn open_backing(kind: &str, path: &Path) -> Res<File> {
                 .open(path)
                 .map_err(|e| format!("open {}: {e}", path.display()))
         }
-        "fsdax" | "pagecache" => OpenOptions::new()
+        "fsdax" | "fsdax-shared" | "fsdax-private" | "pagecache" => OpenOptions::new()
             .read(true)
             .write(true)
             .create(true)
