@@ -15,7 +15,9 @@
 //! - a **lease** ([`Mapper::acquire`]) is `Shared` (breakable: the holder gets a [`BreakNotice`] and releases)
 //!   or `Exclusive` (unbreakable: conflicting changes fail at once with ETXTBSY naming the holder);
 //! - a **pin** ([`Mapper::pin`]) needs the owner's exclusive lease and stable extents; it populates, mlocks and
-//!   hands the range to the [`DmaMapper`]. [`Mapper::prepare`] makes a range pinnable;
+//!   hands the range to the [`DmaMapper`]. [`Mapper::prepare`] makes a range pinnable. Every region carries a
+//!   [`DmaRule`]: a DMA pin the kernel will not allow (FS-DAX, a shared page-cache file on Linux >= 6.5) fails
+//!   up front with EOPNOTSUPP naming it;
 //! - a **layout change** ([`Mapper::change`], [`Mapper::punch`], ...) checks pins, then exclusive leases, breaks
 //!   shared leases and waits, waits for in-flight [`TransientPin`]s (the VMM's own I/O), then applies;
 //! - the **host guard** ([`HostGuard`]) turns a foreign open of a backing file into a whole-file break.
