@@ -1,9 +1,10 @@
 //! `prefault=on`: populate a region's host page tables before the guest starts, so the guest's first touch of
 //! a page costs what a later touch does instead of a nested page fault.
 //!
-//! The mapping is populated with `MADV_POPULATE_WRITE` (shared writable mappings: the page cache or DAX blocks
-//! are allocated and mapped writable) or `MADV_POPULATE_READ` (`readonly=on`, and `discard_writes=on`, whose
-//! private copy-on-write pages would otherwise all be copied into anonymous memory), in chunks on a few threads.
+//! The mapping is populated by the mapper's [`HostMapping::populate`](daxvisor_mapper::HostMapping::populate):
+//! `MADV_POPULATE_WRITE` on shared writable mappings (the page cache or DAX blocks are allocated and mapped
+//! writable), `MADV_POPULATE_READ` for `readonly=on` and `discard_writes=on` (whose copy-on-write pages would
+//! otherwise all be copied into anonymous memory), in chunks on a few threads.
 //! A terminal gets a progress bar for large regions; the log gets one line with the time taken.
 //!
 //! A sparse file gets its holes filled. If that fails (a full file system: the kernel reports EFAULT, as it
@@ -17,8 +18,9 @@ use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
+use daxvisor_mapper::BackingKind;
+
 use super::backing::Backing;
-use super::kind::BackingKind;
 
 /// Work unit of one populate call: large enough that the syscall is noise, small enough to spread a few GiB
 /// over the threads and to move the progress bar.
@@ -48,7 +50,7 @@ pub struct Prefaulted {
     pub elapsed: Duration,
 }
 
-/// Which populate a backing gets.
+/// Which populate a backing gets (the mapper decides, from its mapping).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Access {
     Read,
@@ -57,17 +59,10 @@ pub enum Access {
 
 impl Access {
     pub fn of(backing: &Backing) -> Access {
-        if backing.readonly() || backing.discard_writes() {
-            Access::Read
-        } else {
+        if backing.mapping().populates_for_write() {
             Access::Write
-        }
-    }
-
-    fn advice(self) -> libc::c_int {
-        match self {
-            Access::Read => libc::MADV_POPULATE_READ,
-            Access::Write => libc::MADV_POPULATE_WRITE,
+        } else {
+            Access::Read
         }
     }
 
@@ -79,22 +74,12 @@ impl Access {
     }
 }
 
-/// Fault in every page of `[addr, addr + len)` of a mapping the caller owns, without changing its contents.
-pub fn populate(addr: u64, len: u64, access: Access) -> io::Result<()> {
-    let len = usize::try_from(len).map_err(|_| io::Error::from_raw_os_error(libc::EINVAL))?;
-    // A fatal signal interrupts the walk with EINTR; a few retries cover a stray one, a dying process stops.
-    for _ in 0..4 {
-        // SAFETY: madvise on a range of a live mapping the caller owns; MADV_POPULATE_* only faults pages in,
-        // it never changes their contents or the mapping.
-        if unsafe { libc::madvise(addr as *mut libc::c_void, len, access.advice()) } == 0 {
-            return Ok(());
-        }
-        let e = io::Error::last_os_error();
-        if e.raw_os_error() != Some(libc::EINTR) {
-            return Err(e);
-        }
-    }
-    Err(io::Error::from_raw_os_error(libc::EINTR))
+/// Populate `[off, off + len)` of `backing`'s mapping.
+fn populate(backing: &Backing, off: u64, len: u64) -> io::Result<()> {
+    let (Ok(off), Ok(len)) = (usize::try_from(off), usize::try_from(len)) else {
+        return Err(io::Error::from_raw_os_error(libc::EFBIG));
+    };
+    backing.mapping().populate(off, len)
 }
 
 /// Populate all of `backing`'s mapping before the guest starts. On failure, holes this filled are punched again.
@@ -127,7 +112,7 @@ pub fn prefault(backing: &Backing) -> Result<Prefaulted, PrefaultError> {
                     }
                     let off = i * chunk;
                     let len = chunk.min(size - off);
-                    if let Err(e) = populate(backing.host_addr() + off, len, access) {
+                    if let Err(e) = populate(backing, off, len) {
                         stop.store(true, Ordering::Relaxed);
                         let mut slot = first_error.lock().unwrap_or_else(|p| p.into_inner());
                         if slot.as_ref().is_none_or(|(o, _)| off < *o) {
@@ -228,7 +213,7 @@ fn restorable_holes(backing: &Backing) -> Vec<(u64, u64)> {
     if backing.kind() == BackingKind::DevDax || Access::of(backing) == Access::Read {
         return Vec::new();
     }
-    let (holes, complete) = holes(backing.file(), backing.size());
+    let (holes, complete) = daxvisor_mapper::holes(backing.file(), backing.size(), MAX_HOLES);
     if !complete {
         tracing::warn!(
             id = %backing.id(),
@@ -238,55 +223,13 @@ fn restorable_holes(backing: &Backing) -> Vec<(u64, u64)> {
     holes
 }
 
-/// Holes in `[0, size)` by SEEK_HOLE/SEEK_DATA, and whether the list is complete.
-fn holes(file: &File, size: u64) -> (Vec<(u64, u64)>, bool) {
-    let fd = file.as_raw_fd();
-    let seek = |off: u64, whence| -> Option<u64> {
-        let off = libc::off_t::try_from(off).ok()?;
-        // SAFETY: lseek on a valid fd; changes only the descriptor's offset, which nothing here relies on.
-        let r = unsafe { libc::lseek(fd, off, whence) };
-        u64::try_from(r).ok()
-    };
-    let mut out = Vec::new();
-    let mut pos = 0;
-    while pos < size {
-        let Some(hole) = seek(pos, libc::SEEK_HOLE) else {
-            break; // ENXIO past EOF, or a file system without hole reporting: treat as all data.
-        };
-        if hole >= size {
-            break;
-        }
-        let data = seek(hole, libc::SEEK_DATA).unwrap_or(size).min(size);
-        if out.len() == MAX_HOLES {
-            return (out, false);
-        }
-        out.push((hole, data - hole));
-        pos = data;
-    }
-    (out, true)
-}
-
 /// Punch `holes` again (they held no data before the prefault, and no guest has run since).
 fn restore_holes(backing: &Backing, holes: &[(u64, u64)]) {
-    let fd = backing.file().as_raw_fd();
     for &(off, len) in holes {
-        let (Ok(o), Ok(l)) = (libc::off_t::try_from(off), libc::off_t::try_from(len)) else {
-            continue;
-        };
-        // SAFETY: fallocate on a valid fd; the range held no data before this start and the guest never ran.
-        let rc = unsafe {
-            libc::fallocate(
-                fd,
-                libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE,
-                o,
-                l,
-            )
-        };
-        if rc != 0 {
+        if let Err(e) = daxvisor_mapper::punch(backing.file(), off, len) {
             tracing::warn!(
                 id = %backing.id(),
-                "cannot give back the blocks a failed prefault allocated at {off:#x}+{len:#x}: {}",
-                io::Error::last_os_error()
+                "cannot give back the blocks a failed prefault allocated at {off:#x}+{len:#x}: {e}"
             );
             return;
         }
@@ -313,18 +256,6 @@ mod tests {
     fn open(path: &std::path::Path, extra: &str) -> Backing {
         let cfg: PmemConfig = format!("file={}{extra}", path.display()).parse().unwrap();
         Backing::open(&cfg, "t").unwrap()
-    }
-
-    #[test]
-    fn holes_are_found_by_seek() {
-        let dir = tempfile::tempdir_in("/dev/shm").unwrap();
-        let p = dir.path().join("sparse");
-        let f = File::create(&p).unwrap();
-        f.set_len(8 * MIB).unwrap();
-        std::os::unix::fs::FileExt::write_all_at(&f, &[1u8; 4096], 2 * MIB).unwrap();
-        let (h, complete) = holes(&f, 8 * MIB);
-        assert!(complete);
-        assert_eq!(h, vec![(0, 2 * MIB), (2 * MIB + 4096, 6 * MIB - 4096)]);
     }
 
     #[test]
