@@ -14,6 +14,11 @@
 //! dirtied. So each round also times bare fdatasyncs after dirtying d x 4 KiB, and ideal req/s = d / that time.
 //! The strategies and the ideal alternate in short rounds so drift in the disk (other tenants) hits all alike.
 //!
+//! A host that is itself a VM may take a disk's completion interrupt on an idle vCPU only at its next timer tick
+//! (this one: an fdatasync takes ~4 ms with both CPUs idle, ~0.1 ms with one busy), so every figure would depend
+//! on what else the machine runs. FLUSH_BENCH_BUSY=1 keeps one CPU busy with a spinning thread for the whole run,
+//! the same for every case.
+//!
 //! cargo bench -p daxvisor-devices --bench flush [-- SECONDS_PER_CASE] (env FLUSH_BENCH_DIR picks the file system)
 
 // A benchmark program: a failed step aborts the run with its message.
@@ -323,6 +328,17 @@ fn main() {
         "{:>5} {:>12} {:>10} {:>8} {:>9} {:>9} {:>9} {:>9}",
         "depth", "strategy", "req/s", "syncs", "req/sync", "p50 us", "p99 us", "of ideal"
     );
+    let busy = std::env::var("FLUSH_BENCH_BUSY").is_ok_and(|v| v == "1");
+    let spinning = Arc::new(AtomicBool::new(busy));
+    if busy {
+        let spinning = spinning.clone();
+        std::thread::spawn(move || {
+            while spinning.load(Ordering::Relaxed) {
+                std::hint::spin_loop();
+            }
+        });
+        println!("FLUSH_BENCH_BUSY=1: one CPU kept busy by a spinning thread for the whole run");
+    }
     let file = backing_file(dir.as_ref());
     let us = |d: Duration| d.as_secs_f64() * 1e6;
     let mut summary = Vec::new();
@@ -393,4 +409,5 @@ fn main() {
         );
     }
     println!("targets at depth 32: of ideal >= 0.50, p99 no worse than the best peer");
+    spinning.store(false, Ordering::Relaxed);
 }
