@@ -146,7 +146,7 @@ fn vmm_rss(bin: &Path) {
             None => by_name.push((name.to_owned(), m.rss_kib)),
         }
     }
-    by_name.sort_by(|a, b| b.1.cmp(&a.1));
+    by_name.sort_by_key(|(_, kib)| std::cmp::Reverse(*kib));
     for (name, kib) in by_name.iter().take(6) {
         println!("    {kib:>6} KiB  {name}");
     }
