@@ -1,5 +1,5 @@
 //! Introspection: every region, and every lease and pin by owner with byte ranges (the F_LAYOUT RFC's
-//! /proc/<pid>/file_pins listed files only; operators need the ranges), breaks in progress, and what the host
+//! `/proc/<pid>/file_pins` listed files only; operators need the ranges), breaks in progress, and what the host
 //! guard saw. Ranges are relative to the region each hold is on.
 
 use std::time::Instant;

@@ -2,7 +2,7 @@
 //!
 //! - [`config`]: the `--pmem` option.
 //! - [`backing`]: open, check, detect the kind, map ([`Backing`]).
-//! - [`attach`]: placing the regions in a VM (memslots, virtio-pmem devices).
+//! - [`attach`](mod@attach): placing the regions in a VM (memslots, virtio-pmem devices).
 //! - [`prefault`]: `prefault=on`, populating a region before the guest starts.
 //! - [`flush`]: what a guest flush request does for each kind ([`BackingFlush`]).
 //!
