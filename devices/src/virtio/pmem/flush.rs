@@ -367,21 +367,28 @@ mod tests {
         assert_eq!(r.sync.syncs.load(Ordering::SeqCst), 2);
     }
 
-    #[test]
-    fn requesters_that_come_back_after_their_answer_share_one_sync() {
+    /// Eight requests arrive during a held first sync and are answered together by the second; later syncs
+    /// take `slow_us` longer.
+    fn eight_answered_together(slow_us: u64) -> Rig {
         let mut r = rig(FlushPolicy::Coalesce, true);
         r.sub.request(100);
         r.started.recv().unwrap();
         for id in 0..8 {
             r.sub.request(id);
         }
-        // Syncs take 100 ms from now on, which earns the worker its longest wait for returning requesters.
-        r.sync.slow_us.store(100_000, Ordering::SeqCst);
+        r.sync.slow_us.store(slow_us, Ordering::SeqCst);
         drop(r.release.take());
         for _ in 0..9 {
             r.answers.recv().unwrap();
         }
         assert_eq!(r.sync.syncs.load(Ordering::SeqCst), 2);
+        r
+    }
+
+    #[test]
+    fn requesters_that_come_back_after_their_answer_share_one_sync() {
+        // 100 ms syncs earn the worker its longest wait for returning requesters.
+        let r = eight_answered_together(100_000);
         // The eight answered together come back one by one, a little apart (as a guest at depth 8 does): one
         // sync for all.
         for id in 0..8 {
@@ -397,16 +404,7 @@ mod tests {
 
     #[test]
     fn a_request_that_comes_back_alone_is_not_held_for_the_others() {
-        let mut r = rig(FlushPolicy::Coalesce, true);
-        r.sub.request(100);
-        r.started.recv().unwrap();
-        for id in 0..8 {
-            r.sub.request(id);
-        }
-        drop(r.release.take());
-        for _ in 0..9 {
-            r.answers.recv().unwrap();
-        }
+        let r = eight_answered_together(0);
         // Only one of the eight comes back: it is answered once the short wait for the others is over.
         r.sub.request(0);
         let answer = r.answers.recv_timeout(Duration::from_secs(10));
