@@ -93,8 +93,8 @@ pub use dma::{DmaMapper, DmaRange};
 pub use error::{errno_name, Held, HoldKind, MapperError, Missing, Result};
 pub use guard::{guard_signal, lease_break_time, GuardEvent, HostGuard};
 pub use host::{
-    allocate, dev_dax_info, extend, first_problem, fs_kind, probe, punch, read_extents, unshare,
-    zero, BackingKind, DevDaxInfo, Extent, ExtentFlags, ExtentProblem, FileKey, FsKind,
+    allocate, dev_dax_info, extend, first_problem, fs_kind, holes, probe, punch, read_extents,
+    unshare, zero, BackingKind, DevDaxInfo, Extent, ExtentFlags, ExtentProblem, FileKey, FsKind,
     HostMapping, MapOptions, Probe, ProbeError,
 };
 pub use ids::{BreakId, LeaseId, OwnerId, PinId, RegionId};
