@@ -2,6 +2,7 @@
 
 pub mod bench;
 pub mod flood;
+pub mod kernels;
 pub mod malformed;
 pub mod pmem;
 pub mod probe;
