@@ -426,6 +426,19 @@ impl BreakWatch {
                     .get(&o)
                     .map(|(n, _, r)| (n.clone(), *r))
                     .unwrap_or_else(|| (ctx.owner_name(o), None));
+                if !was_revoked && released.is_none() {
+                    // Released before the watcher ever saw the break.
+                    ctx.event(NewEvent {
+                        kind: "holder-released",
+                        region: Some(name.to_owned()),
+                        owners: vec![o],
+                        message: format!(
+                            "owner {o} ({holder_name}) released within {} ms",
+                            self.start.elapsed().as_millis()
+                        ),
+                        ..NewEvent::default()
+                    });
+                }
                 if was_revoked {
                     ctx.event(NewEvent {
                         kind: "holder-revoked",
