@@ -15,8 +15,8 @@ use utoipa::ToSchema;
 use super::context::ApiContext;
 use super::error::{ApiError, ErrorBody};
 use super::events::NewEvent;
-use super::ids;
 use super::json::ApiJson;
+use super::range_len;
 use daxvisor_mapper::{BreakPolicy, ChangeRequest, LayoutChange};
 
 /// Longest deadline the API accepts (the mapper's own cap).
@@ -255,7 +255,7 @@ async fn run(
             let holders = watch.outcomes(&ctx, &name, &report.notified, &report.revoked);
             let (checked_offset, checked_length) = report
                 .range
-                .map_or((offset, length), |r| (r.start, ids::range_len(&r)));
+                .map_or((offset, length), |r| (r.start, range_len(&r)));
             let label = if report.revoked.is_empty() {
                 "done"
             } else {

@@ -99,7 +99,7 @@ impl ApiError {
                     name: holder_name.clone(),
                     kind: kind.to_string(),
                     offset: range.start,
-                    length: super::ids::range_len(range),
+                    length: super::range_len(range),
                 })
             }
             MapperError::Deadlock {
@@ -113,7 +113,7 @@ impl ApiError {
                     name: name_of(owner),
                     kind: kind.to_string(),
                     offset: range.start,
-                    length: super::ids::range_len(range),
+                    length: super::range_len(range),
                 })
             }
             MapperError::TimedOut { holders, .. } => {

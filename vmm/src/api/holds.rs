@@ -14,8 +14,8 @@ use super::changes::window_range;
 use super::context::ApiContext;
 use super::error::{ApiError, ErrorBody};
 use super::events::NewEvent;
-use super::ids;
 use super::json::ApiJson;
+use super::range_len;
 use daxvisor_mapper::LeaseMode;
 
 #[derive(Clone, Debug, Serialize, Deserialize, ToSchema, PartialEq, Eq)]
@@ -88,7 +88,7 @@ pub async fn owners(State(ctx): State<Arc<ApiContext>>) -> Json<Vec<OwnerView>> 
                         id: l.id.to_raw(),
                         region: ctx.region_name(l.region),
                         offset: l.range.start,
-                        length: ids::range_len(&l.range),
+                        length: range_len(&l.range),
                         mode: l.mode.to_string(),
                     })
                     .collect(),
@@ -99,7 +99,7 @@ pub async fn owners(State(ctx): State<Arc<ApiContext>>) -> Json<Vec<OwnerView>> 
                         id: p.id.to_raw(),
                         region: ctx.region_name(p.region),
                         offset: p.range.start,
-                        length: ids::range_len(&p.range),
+                        length: range_len(&p.range),
                         lease: p.lease.map(daxvisor_mapper::LeaseId::to_raw),
                         pending: p.pending,
                         dma_revoked: p.dma_revoked,
@@ -126,7 +126,7 @@ pub async fn breaks(State(ctx): State<Arc<ApiContext>>) -> Json<Vec<BreakView>> 
                     id: b.id.to_raw(),
                     region: ctx.region_name(b.region),
                     offset: b.range.start,
-                    length: ids::range_len(&b.range),
+                    length: range_len(&b.range),
                     reason: b.reason.to_owned(),
                     deadline_in_ms: b.deadline.saturating_duration_since(now).as_millis() as u64,
                     waiting_on: waiting,
@@ -184,7 +184,7 @@ pub async fn acquire(
             id: id.to_raw(),
             region: body.region.clone(),
             offset: l.range.start,
-            length: ids::range_len(&l.range),
+            length: range_len(&l.range),
             mode: l.mode.to_string(),
         })
         .ok_or_else(|| ApiError::internal("the new lease is not in the tables"))?;

@@ -7,14 +7,13 @@
 //! - [`context`]: what requests work on (the mapper, the regions as the operator named them, events, stop).
 //! - One module per resource group: [`vm`], [`regions`] (and flush rate limits), [`holds`] (owners, leases,
 //!   pins, breaks, the operator's own leases), [`changes`] (punch, zero, break), [`events`], [`metrics`].
-//! - [`error`], [`json`]: every refusal is a JSON body naming the problem; [`ids`]: ids on the wire.
+//! - [`error`], [`json`]: every refusal is a JSON body naming the problem.
 
 pub mod changes;
 pub mod context;
 pub mod error;
 pub mod events;
 pub mod holds;
-pub mod ids;
 pub mod json;
 pub mod metrics;
 pub mod regions;
@@ -24,3 +23,12 @@ pub mod vm;
 
 pub use context::{ApiContext, RegionHandle, VmConfigView};
 pub use server::{ApiServer, ApiSocketError};
+
+/// The length the API reports for a range: 0 for an open end ("to the end", as requests say it).
+pub fn range_len(r: &daxvisor_mapper::ByteRange) -> u64 {
+    if r.end == daxvisor_mapper::OPEN_END {
+        0
+    } else {
+        r.end - r.start
+    }
+}

@@ -13,8 +13,8 @@ use utoipa::ToSchema;
 use super::context::{ApiContext, RegionHandle};
 use super::error::{ApiError, ErrorBody};
 use super::events::NewEvent;
-use super::ids;
 use super::json::ApiJson;
+use super::range_len;
 use crate::pmem::BackingKind;
 use daxvisor_mapper::Snapshot;
 
@@ -105,7 +105,7 @@ pub fn dma_pinnable(kind: BackingKind) -> &'static str {
 
 /// Holds on a region: (leases, pins, bytes leased, bytes pinned). Open-ended ranges count to the region's end.
 pub fn holds(snap: &Snapshot, r: &RegionHandle) -> (u64, u64, u64, u64) {
-    let len = |range: &daxvisor_mapper::ByteRange| match ids::range_len(range) {
+    let len = |range: &daxvisor_mapper::ByteRange| match range_len(range) {
         0 => r.size.saturating_sub(range.start),
         n => n,
     };
