@@ -97,8 +97,8 @@ impl Drop for ApiServer {
     }
 }
 
-/// Create the socket at `path` with mode 0600 from the first instant. A stale socket (nobody accepts on it) is replaced; a live one,
-/// or anything that is not a socket, is refused.
+/// Create the socket at `path` with mode 0600 from the first instant. A stale socket (nobody accepts on it) is
+/// replaced; a live one, or anything that is not a socket, is refused.
 fn bind(path: &Path) -> Result<UnixListener, ApiSocketError> {
     let io_err = |op, source| ApiSocketError::Io {
         path: path.to_owned(),
@@ -118,7 +118,7 @@ fn bind(path: &Path) -> Result<UnixListener, ApiSocketError> {
     }
     // Bound in a fresh directory only we can enter, chmod'ed, then renamed into place: nobody can connect
     // before the mode is 0600.
-    let dir = tempfile_dir(path).map_err(|e| io_err("create a private directory", e))?;
+    let dir = private_dir(path).map_err(|e| io_err("create a private directory", e))?;
     let private = dir.join("api.sock");
     let result = (|| {
         let listener = UnixListener::bind(&private).map_err(|e| io_err("bind", e))?;
@@ -133,7 +133,7 @@ fn bind(path: &Path) -> Result<UnixListener, ApiSocketError> {
 }
 
 /// A new directory, mode 0700, next to `path` (a rename must not cross filesystems).
-fn tempfile_dir(path: &Path) -> io::Result<PathBuf> {
+fn private_dir(path: &Path) -> io::Result<PathBuf> {
     let parent = match path.parent() {
         Some(p) if !p.as_os_str().is_empty() => p.to_owned(),
         _ => PathBuf::from("."),
