@@ -10,8 +10,10 @@
 //! - [`pmem`]: persistent-memory backings.
 //! - [`mapper`]: the layout-lease library (files, ranges, owners); [`lease_manager`] drives it for a running VM.
 //! - [`acpi`]: the guest's ACPI tables (RSDP, XSDT, FADT, MADT, DSDT).
+//! - [`agent`]: the agent service between the virtio-console agent port and the mapper.
 
 pub mod acpi;
+pub mod agent;
 pub mod boot;
 pub mod config;
 pub mod device_manager;

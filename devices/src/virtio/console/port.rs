@@ -28,6 +28,8 @@ pub(crate) struct Inbox {
     pub(crate) bytes: VecDeque<u8>,
     /// The guest has the port open: messages are accepted.
     pub(crate) open: bool,
+    /// How many times the guest opened the port: the current opening's number (its session).
+    pub(crate) opens: u64,
 }
 
 pub(crate) struct Shared {
@@ -43,6 +45,7 @@ impl Shared {
             inbox: Mutex::new(Inbox {
                 bytes: VecDeque::new(),
                 open: false,
+                opens: 0,
             }),
             limit,
             wake,
@@ -59,6 +62,9 @@ impl Shared {
     pub(crate) fn set_open(&self, open: bool) {
         let mut inbox = self.lock();
         inbox.open = open;
+        if open {
+            inbox.opens += 1;
+        }
         if !open && !inbox.bytes.is_empty() {
             self.metrics.add_rx_dropped(inbox.bytes.len());
             inbox.bytes = VecDeque::new();
@@ -74,10 +80,26 @@ impl PortSender {
     /// Queues `msg` for the guest, whole or not at all. Returns `false` (and counts the drop) when the guest has
     /// the port closed or the port's buffer has no room for all of it.
     pub fn send(&self, msg: &[u8]) -> bool {
+        self.send_to(None, msg)
+    }
+
+    /// As [`PortSender::send`], but only while the guest's opening number `session` ([`PortSender::session`])
+    /// lasts: an answer for a session the guest already closed never reaches the next one.
+    pub fn send_in_session(&self, session: u64, msg: &[u8]) -> bool {
+        self.send_to(Some(session), msg)
+    }
+
+    /// The number of the guest's current (or last) opening of the port; 0 before the first.
+    pub fn session(&self) -> u64 {
+        self.0.lock().opens
+    }
+
+    fn send_to(&self, session: Option<u64>, msg: &[u8]) -> bool {
         let shared = &self.0;
         {
             let mut inbox = shared.lock();
-            if !inbox.open || inbox.bytes.len() + msg.len() > shared.limit {
+            let other_session = session.is_some_and(|s| s != inbox.opens);
+            if !inbox.open || other_session || inbox.bytes.len() + msg.len() > shared.limit {
                 drop(inbox);
                 shared.metrics.add_rx_dropped(msg.len());
                 return false;

@@ -298,7 +298,12 @@ fn closing_the_port_or_resetting_the_device_ends_the_session() {
         "nothing is queued while the guest has it closed"
     );
     g.send(5, b"written while closed");
+    assert_eq!(tx.session(), 1);
     g.control(1, event::PORT_OPEN, 1);
+    assert_eq!(tx.session(), 2);
+    assert!(!tx.send_in_session(1, b"answer for the old session"));
+    assert!(tx.send_in_session(2, b"answer for this one"));
+    assert_eq!(tx.queued(), 19);
     g.dev.reset();
     assert_eq!(
         g.seen(1),
