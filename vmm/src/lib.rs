@@ -8,7 +8,7 @@
 //! - [`device_manager`]: which device sits where; irqfd/ioeventfd wiring.
 //! - [`event_loop`]: the event-manager loop.
 //! - [`pmem`]: persistent-memory backings.
-//! - [`mapper`]: the layout-lease library (files, ranges, owners); [`lease_manager`] drives it for a running VM.
+//! - [`lease_manager`]: drives the layout-lease library (the `daxvisor-mapper` crate) for a running VM.
 //! - [`acpi`]: the guest's ACPI tables (RSDP, XSDT, FADT, MADT, DSDT).
 //! - [`agent`]: the agent service between the virtio-console agent port and the mapper.
 
@@ -20,7 +20,6 @@ pub mod device_manager;
 pub mod event_loop;
 pub mod layout;
 pub mod lease_manager;
-pub mod mapper;
 pub mod pmem;
 pub mod vm;
 pub mod vstate;

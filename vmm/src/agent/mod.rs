@@ -6,7 +6,7 @@
 //! - [`session`]: one session per opening of the port: hello, owners, requests answered from the mapper.
 //! - [`slow`]: the worker thread for mapper calls that take long (pin, prepare), so they never hold up the
 //!   session's other requests (a release answering a break must not wait behind a gigabyte pin).
-//! - [`notifier`]: the mapper's [`BreakNotifier`](crate::mapper::BreakNotifier) for agent owners: a break or
+//! - [`notifier`]: the mapper's [`BreakNotifier`](daxvisor_mapper::BreakNotifier) for agent owners: a break or
 //!   revoke notice for an owner of the current session becomes a message on the port.
 //!
 //! Threads: the event loop only copies bytes into the port inbox; the `agent` thread decodes and answers; the
@@ -29,8 +29,8 @@ use std::thread::JoinHandle;
 
 use daxvisor_devices::virtio::console::PortSender;
 
-use crate::mapper::{Mapper, RegionId};
 use crate::pmem::BackingKind;
+use daxvisor_mapper::{Mapper, RegionId};
 
 pub use notifier::{AgentNotifier, Routes};
 pub use port::{AgentPort, PortInbox};

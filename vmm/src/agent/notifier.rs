@@ -9,7 +9,7 @@ use std::time::Instant;
 use daxvisor_proto::agent::{self, BreakReason, Message, MAX_FRAME};
 
 use super::session::Outbox;
-use crate::mapper::{BreakNotice, BreakNotifier, OwnerId, RevokeNotice};
+use daxvisor_mapper::{BreakNotice, BreakNotifier, OwnerId, RevokeNotice};
 
 #[derive(Default)]
 struct Inner {
@@ -120,10 +120,10 @@ impl BreakNotifier for AgentNotifier {
         let mut delivered = 0usize;
         for (lease, range) in &n.leases {
             let msg = Message::BreakNotice(agent::BreakNotice {
-                break_id: n.break_id.0,
-                owner: n.owner.0,
-                lease: lease.0,
-                region: n.region.0,
+                break_id: n.break_id.to_raw(),
+                owner: n.owner.to_raw(),
+                lease: lease.to_raw(),
+                region: n.region.to_raw(),
                 offset: range.start,
                 len: range.end.saturating_sub(range.start),
                 deadline_ms,
@@ -143,10 +143,10 @@ impl BreakNotifier for AgentNotifier {
         };
         for (lease, range) in &n.leases {
             let msg = Message::Revoked(agent::Revoked {
-                break_id: n.break_id.0,
-                owner: n.owner.0,
-                lease: lease.0,
-                region: n.region.0,
+                break_id: n.break_id.to_raw(),
+                owner: n.owner.to_raw(),
+                lease: lease.to_raw(),
+                region: n.region.to_raw(),
                 offset: range.start,
                 len: range.end.saturating_sub(range.start),
             });

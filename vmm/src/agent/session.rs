@@ -19,8 +19,8 @@ use super::notifier::Routes;
 use super::port::{PortEvent, PortInbox};
 use super::slow::{SlowJob, SlowKind, SlowWorker};
 use super::RegionEntry;
-use crate::mapper::{self, LeaseId, Mapper, MapperError, OwnerId, PinId};
 use crate::pmem::BackingKind;
+use daxvisor_mapper::{LeaseId, Mapper, MapperError, OwnerId, PinId};
 
 /// Owners one session may have open at once (`ENOMEM` past it).
 pub const MAX_OWNERS_PER_SESSION: usize = 64;
@@ -55,7 +55,9 @@ pub(crate) fn send_frame(
 /// An error reply for a mapper refusal, naming the holder where there is one.
 pub(crate) fn mapper_error(e: &MapperError) -> Message<'static> {
     let holder = match e {
-        MapperError::TextBusy { holder, .. } | MapperError::Deadlock { holder, .. } => holder.0,
+        MapperError::TextBusy { holder, .. } | MapperError::Deadlock { holder, .. } => {
+            holder.to_raw()
+        }
         _ => 0,
     };
     Message::Error(ErrorReply {
@@ -198,7 +200,7 @@ impl Service {
         let r = self
             .regions
             .iter()
-            .find(|r| r.id.0 == region)
+            .find(|r| r.id.to_raw() == region)
             .ok_or(errno::ENOENT)?;
         resolve_range(r, offset, len).map(|(o, l)| (r, o, l))
     }
@@ -230,7 +232,7 @@ impl Service {
             return Some(error(errno::EPROTO));
         }
         let check_owner = |owner: u64| -> Result<OwnerId, u32> {
-            let o = OwnerId(owner);
+            let o = OwnerId::from_raw(owner);
             if s.owners.contains_key(&o) {
                 Ok(o)
             } else {
@@ -263,7 +265,7 @@ impl Service {
                 s.owners.insert(id, 0);
                 self.routes.add_owner(id, s.id);
                 tracing::info!(session = s.id, owner = %id, name, "agent owner opened");
-                Message::OwnerOpened { owner: id.0 }
+                Message::OwnerOpened { owner: id.to_raw() }
             }
             Message::CloseOwner { owner } => match check_owner(owner) {
                 Err(e) => error(e),
@@ -293,8 +295,8 @@ impl Service {
                     Err(e) => return Some(error(e)),
                 };
                 let mode = match a.mode {
-                    LeaseMode::Shared => mapper::LeaseMode::Shared,
-                    LeaseMode::Exclusive => mapper::LeaseMode::Exclusive,
+                    LeaseMode::Shared => daxvisor_mapper::LeaseMode::Shared,
+                    LeaseMode::Exclusive => daxvisor_mapper::LeaseMode::Exclusive,
                 };
                 match m.acquire(owner, entry.id, off, len, mode) {
                     Ok(lease) => {
@@ -303,7 +305,7 @@ impl Service {
                         }
                         tracing::debug!(session = s.id, %owner, %lease, id = %entry.name, off, len, %mode, "agent lease");
                         Message::LeaseGranted(Granted {
-                            id: lease.0,
+                            id: lease.to_raw(),
                             region: r.region,
                             offset: off,
                             len,
@@ -314,7 +316,7 @@ impl Service {
             }
             Message::Release(Handle { owner, id }) => match check_owner(owner) {
                 Err(e) => error(e),
-                Ok(o) => match m.release(o, LeaseId(id)) {
+                Ok(o) => match m.release(o, LeaseId::from_raw(id)) {
                     Ok(()) => {
                         if let Some(n) = s.owners.get_mut(&o) {
                             *n = n.saturating_sub(1);
@@ -326,7 +328,7 @@ impl Service {
             },
             Message::Unpin(Handle { owner, id }) => match check_owner(owner) {
                 Err(e) => error(e),
-                Ok(o) => match m.unpin(o, PinId(id)) {
+                Ok(o) => match m.unpin(o, PinId::from_raw(id)) {
                     Ok(()) => Message::Ok { value: 0 },
                     Err(e) => mapper_error(&e),
                 },
@@ -450,20 +452,22 @@ fn region_info(r: &RegionEntry) -> RegionInfo {
         BackingKind::Regular => region_kind::REGULAR,
         BackingKind::FsDax => region_kind::FS_DAX,
         BackingKind::DevDax => region_kind::DEV_DAX,
-        BackingKind::Memfd => region_kind::RAM,
+        BackingKind::Ram => region_kind::RAM,
+        // A kind this protocol version has no code for.
+        _ => 0,
     };
     let mut flags = 0;
     if r.readonly {
         flags |= region_flags::READONLY;
     }
     // What the host kernel lets a DMA mapper pin long-term (DESIGN.md, "DMA pinnability").
-    if matches!(r.kind, BackingKind::DevDax | BackingKind::Memfd) {
+    if matches!(r.kind, BackingKind::DevDax | BackingKind::Ram) {
         flags |= region_flags::DMA_PINNABLE;
     }
     let mut name = [0u8; NAME_LEN];
     name.copy_from_slice(&agent::name_field(&r.name));
     RegionInfo {
-        region: r.id.0,
+        region: r.id.to_raw(),
         guest_addr: r.guest_addr,
         size: r.size,
         kind,

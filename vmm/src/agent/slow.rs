@@ -9,7 +9,7 @@ use std::time::{Duration, Instant};
 use daxvisor_proto::agent::{Granted, Message, Progress};
 
 use super::session::{mapper_error, send_frame, Outbox};
-use crate::mapper::{Mapper, OwnerId, PrepareProgress, RegionId};
+use daxvisor_mapper::{Mapper, OwnerId, PrepareProgress, RegionId};
 
 /// Slow requests queued per VM before more are refused with `EAGAIN`.
 pub const SLOW_QUEUE: usize = 8;
@@ -70,7 +70,7 @@ fn serve(mapper: &Mapper, out: &dyn Outbox, rx: &Receiver<SlowJob>) {
                 Ok(pin) => {
                     tracing::info!(session = job.session, owner = %job.owner, %pin, region = %job.region, off = job.off, len = job.len, "agent pin");
                     Message::Pinned(Granted {
-                        id: pin.0,
+                        id: pin.to_raw(),
                         region: job.region_wire,
                         offset: job.off,
                         len: job.len,

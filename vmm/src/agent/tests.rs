@@ -14,8 +14,8 @@ use super::notifier::{AgentNotifier, Routes};
 use super::session::{Outbox, Service};
 use super::slow::SlowWorker;
 use super::RegionEntry;
-use crate::mapper::{Mapper, RegionDesc};
 use crate::pmem::BackingKind;
+use daxvisor_mapper::{Mapper, RegionDesc};
 
 const SIZE: u64 = 2 << 20;
 
@@ -75,14 +75,7 @@ fn rig() -> Rig {
     let routes = Routes::new();
     let mapper = Mapper::new(Arc::new(AgentNotifier::new(routes.clone())), None);
     let id = mapper
-        .add_region(RegionDesc {
-            file: Arc::new(file),
-            file_offset: 0,
-            size: SIZE,
-            kind: BackingKind::Regular,
-            mapping: None,
-            iova: 0,
-        })
+        .add_region(RegionDesc::new(Arc::new(file), 0, SIZE, BackingKind::Regular).with_name("pm0"))
         .unwrap();
     let out = Arc::new(Collector::default());
     let slow = SlowWorker::spawn(mapper.clone(), out.clone()).unwrap();
@@ -100,7 +93,7 @@ fn rig() -> Rig {
         mapper,
         svc,
         out,
-        region: id.0,
+        region: id.to_raw(),
         _dir: dir,
     }
 }
@@ -191,7 +184,7 @@ fn shared_lease_gets_a_notice_for_the_punched_range_and_the_release_lets_the_pun
     let lease = r.acquire(owner, 0, 0, LeaseMode::Shared).unwrap();
 
     let mapper = r.mapper.clone();
-    let region = crate::mapper::RegionId(r.region);
+    let region = daxvisor_mapper::RegionId::from_raw(r.region);
     let punch = std::thread::spawn(move || mapper.punch(None, region, 0x10_0000, 0x1_0000));
     let notice = r.out.next(|session, rid, m| match m {
         Message::BreakNotice(n) => {
@@ -224,15 +217,20 @@ fn exclusive_lease_refuses_the_punch_naming_the_guest_owner() {
         .unwrap();
     let err = r
         .mapper
-        .punch(None, crate::mapper::RegionId(r.region), 0, 0x1000)
+        .punch(
+            None,
+            daxvisor_mapper::RegionId::from_raw(r.region),
+            0,
+            0x1000,
+        )
         .unwrap_err();
     match err {
-        crate::mapper::MapperError::TextBusy {
+        daxvisor_mapper::MapperError::TextBusy {
             holder,
             holder_name,
             ..
         } => {
-            assert_eq!(holder.0, owner);
+            assert_eq!(holder.to_raw(), owner);
             assert_eq!(holder_name, "agent:dma");
         }
         e => panic!("expected ETXTBSY, got {e}"),

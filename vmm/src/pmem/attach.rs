@@ -20,6 +20,7 @@ use super::flush::BackingFlush;
 use crate::device_manager::{DeviceError, DeviceManager, VirtioSlot};
 use crate::event_loop::EventLoop;
 use crate::layout;
+use crate::lease_manager::LeaseManager;
 use crate::vstate::vm::{Vm, VmError};
 
 /// Linux with 4-level paging cannot address guest physical memory above 2^46 (64 TiB).
@@ -49,6 +50,12 @@ pub enum PmemError {
         #[source]
         source: DeviceError,
     },
+    #[error("pmem {id}: cannot register with the layout-lease manager: {source}")]
+    Leases {
+        id: String,
+        #[source]
+        source: daxvisor_mapper::MapperError,
+    },
     #[error("pmem {id}: cannot set up the flush worker: {source}")]
     Worker {
         id: String,
@@ -64,6 +71,8 @@ pub struct PmemRegion {
     pub guest_addr: u64,
     pub slot: VirtioSlot,
     pub metrics: Arc<PmemMetrics>,
+    /// The region as the layout-lease manager knows it.
+    pub region: daxvisor_mapper::RegionId,
 }
 
 impl PmemRegion {
@@ -115,6 +124,7 @@ pub fn attach(
     devices: &mut DeviceManager,
     event_loop: &mut EventLoop,
     mem: &GuestMemoryMmap,
+    leases: &LeaseManager,
 ) -> Result<Vec<PmemRegion>, PmemError> {
     let mut backings: Vec<Backing> = Vec::new();
     let result = open_all(configs, &mut backings).and_then(|()| {
@@ -136,7 +146,7 @@ pub fn attach(
     for (backing, gpa) in backings.into_iter().zip(addrs) {
         // From here on the guest may come to rely on the files; nothing is undone (KVM/device errors at this
         // point are host failures, not operator input).
-        let region = attach_one(backing, gpa, vm, devices, event_loop, mem)?;
+        let region = attach_one(backing, gpa, vm, devices, event_loop, mem, leases)?;
         regions.push(region);
     }
     Ok(regions)
@@ -182,6 +192,7 @@ fn attach_one(
     devices: &mut DeviceManager,
     event_loop: &mut EventLoop,
     mem: &GuestMemoryMmap,
+    leases: &LeaseManager,
 ) -> Result<PmemRegion, PmemError> {
     let id = backing.id().to_owned();
     let slot = backing.memslot(gpa);
@@ -199,7 +210,14 @@ fn attach_one(
         id: id.clone(),
         source,
     };
-    let flush = BackingFlush::new(&backing).map_err(worker_err)?;
+    // Registered before the device exists, so every flush batch runs under a transient pin of the region.
+    let region = leases
+        .add_pmem_region(&backing, gpa)
+        .map_err(|source| PmemError::Leases {
+            id: id.clone(),
+            source,
+        })?;
+    let flush = BackingFlush::new(&backing, Some(leases.fence(region))).map_err(worker_err)?;
     let pmem = Pmem::new(
         &id,
         DeviceConfig {
@@ -242,6 +260,7 @@ fn attach_one(
         guest_addr: gpa,
         slot: vslot,
         metrics,
+        region,
     })
 }
 

@@ -4,16 +4,16 @@
 //! - [`backing`]: open, check, detect the kind, map ([`Backing`]).
 //! - [`attach`]: placing the regions in a VM (memslots, virtio-pmem devices).
 //! - [`flush`]: what a guest flush request does for each kind ([`BackingFlush`]).
-//! - [`kind`]: [`BackingKind`], shared with the mapper.
+//!
+//! The backing kind ([`BackingKind`]) and every probe of a host file come from the mapper crate.
 
 pub mod attach;
 pub mod backing;
 pub mod config;
 pub mod flush;
-pub mod kind;
 
 pub use attach::{attach, PmemError, PmemRegion};
 pub use backing::{Backing, BackingError, PmemMemslot};
 pub use config::PmemConfig;
+pub use daxvisor_mapper::BackingKind;
 pub use flush::{BackingFlush, FlushAction};
-pub use kind::BackingKind;
