@@ -4,8 +4,8 @@
 //! backing file the VMM opened alone is seen at once (the kernel breaks the VMM's write lease), handled as a
 //! whole-file break, logged and recorded.
 //!
-//! Until the agent channel connects guest holders, break and revoke notices have nobody to go to: they are
-//! logged ([`LogNotifier`]).
+//! Break and revoke notices go through the notifier the VM gives it: the agent channel's
+//! ([`crate::agent::AgentNotifier`]) for guest owners; [`LogNotifier`] logs them where nothing else listens.
 
 use std::os::fd::AsRawFd;
 use std::sync::Arc;
@@ -46,7 +46,13 @@ impl LeaseManager {
     /// Must run on the thread that runs the event loop, before any other thread is spawned: the guard's signal
     /// is blocked here and every later thread inherits the mask (see the mapper crate's guard module).
     pub fn new() -> Result<Self, MapperError> {
-        let mapper = Mapper::new(Arc::new(LogNotifier), None);
+        Self::with_notifier(Arc::new(LogNotifier))
+    }
+
+    /// As [`LeaseManager::new`], with the notifier that carries break and revoke notices to holders (the agent
+    /// channel's, for a VM that has one).
+    pub fn with_notifier(notifier: Arc<dyn BreakNotifier>) -> Result<Self, MapperError> {
+        let mapper = Mapper::new(notifier, None);
         let guard = Arc::new(HostGuard::new(mapper.clone(), guard_signal())?);
         Ok(LeaseManager { mapper, guard })
     }

@@ -1,6 +1,7 @@
 //! daxvisor: a KVM VMM giving guests file-backed persistent memory with layout leases.
 //!
 //! - [`config`]: the validated VM configuration.
+//! - [`console`]: the virtio-console device (guest console and agent port).
 //! - [`vm`]: builds and runs a VM (the order of operations).
 //! - [`layout`]: every guest physical address.
 //! - [`boot`]: kernel images and boot protocols (Linux, the test guest).
@@ -16,6 +17,7 @@ pub mod acpi;
 pub mod agent;
 pub mod boot;
 pub mod config;
+pub mod console;
 pub mod device_manager;
 pub mod event_loop;
 pub mod layout;

@@ -51,6 +51,8 @@ pub enum StartError {
     Leases(#[from] daxvisor_mapper::MapperError),
     #[error(transparent)]
     Pmem(#[from] PmemError),
+    #[error(transparent)]
+    Console(#[from] crate::console::ConsoleError),
 }
 
 /// How a VM that ran came to an end.
@@ -131,7 +133,9 @@ pub fn run(config: &VmConfig) -> Result<VmExit, StartError> {
     let mut devices = DeviceManager::new(vm.fd(), &config.serial, state.stopper())?;
     let mut event_loop = EventLoop::new(state.clone())?;
     // Before pmem::attach: its flush workers must inherit the host guard's blocked signal.
-    let leases = LeaseManager::new()?;
+    let routes = crate::agent::Routes::new();
+    let leases =
+        LeaseManager::with_notifier(Arc::new(crate::agent::AgentNotifier::new(routes.clone())))?;
     // Kept alive until the VM is gone: dropping a region unmaps its backing.
     let pmem_regions = pmem::attach(
         &config.pmem,
@@ -143,6 +147,22 @@ pub fn run(config: &VmConfig) -> Result<VmExit, StartError> {
         &leases,
     )?;
     event_loop.add_subscriber(Arc::new(Mutex::new(leases.subscriber()?)));
+    // After the pmem devices, so their virtio-mmio windows keep their places.
+    let console = crate::console::attach(
+        &config.console,
+        vm.fd(),
+        &mem,
+        &mut devices,
+        &mut event_loop,
+        crate::console::AgentSetup {
+            mapper: leases.mapper().clone(),
+            regions: pmem_regions
+                .iter()
+                .map(crate::agent::RegionEntry::from)
+                .collect(),
+            routes,
+        },
+    )?;
     let pmem_windows: Vec<(u64, u64)> = pmem_regions
         .iter()
         .map(|r| (r.guest_addr, r.backing.size()))
@@ -192,6 +212,8 @@ pub fn run(config: &VmConfig) -> Result<VmExit, StartError> {
 
     let loop_result = event_loop.run();
     vcpu::stop_all(&state, threads);
+    // The agent session ends with the VM: its owners release everything.
+    drop(console);
     pmem_regions.iter().for_each(pmem::PmemRegion::log_summary);
     if let Err(e) = loop_result {
         return Ok(VmExit::VmmError(e.to_string()));

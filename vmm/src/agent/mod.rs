@@ -53,6 +53,19 @@ pub struct RegionEntry {
     pub readonly: bool,
 }
 
+impl From<&crate::pmem::PmemRegion> for RegionEntry {
+    fn from(r: &crate::pmem::PmemRegion) -> Self {
+        RegionEntry {
+            id: r.region,
+            name: r.id().to_owned(),
+            guest_addr: r.guest_addr,
+            size: r.backing.size(),
+            kind: r.backing.kind(),
+            readonly: r.backing.readonly(),
+        }
+    }
+}
+
 impl Outbox for PortSender {
     fn send(&self, session: u64, frame: &[u8]) -> bool {
         self.send_in_session(session, frame)
