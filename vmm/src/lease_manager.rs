@@ -93,13 +93,26 @@ impl LeaseManager {
         Ok(id)
     }
 
-    /// The event-loop side: the guard's signalfd and its re-arm timer.
+    /// The event-loop side: the guard's signalfd and its re-arm timer. The whole-file breaks themselves run on
+    /// the `host-guard` thread this starts: a break waits for guest holders, whose answers arrive through the
+    /// event loop (the agent port), so it must never wait on it.
     pub fn subscriber(&self) -> std::io::Result<GuardSubscriber> {
         let mut timer = TimerFd::new()?;
         timer.reset(REARM_INTERVAL, Some(REARM_INTERVAL))?;
+        // One pending wake-up is enough: the worker looks at every guarded file each time it runs.
+        let (work, rx) = std::sync::mpsc::sync_channel::<()>(1);
+        let guard = self.guard.clone();
+        std::thread::Builder::new()
+            .name("host-guard".into())
+            .spawn(move || {
+                while rx.recv().is_ok() {
+                    log_guard_events(&guard.service());
+                }
+            })?;
         Ok(GuardSubscriber {
             guard: self.guard.clone(),
             timer,
+            work,
         })
     }
 }
@@ -107,6 +120,41 @@ impl LeaseManager {
 pub struct GuardSubscriber {
     guard: Arc<HostGuard>,
     timer: TimerFd,
+    work: std::sync::mpsc::SyncSender<()>,
+}
+
+/// Reads every queued siginfo from the guard's (non-blocking) signalfd. The kernel directs the lease-break
+/// signal at the event-loop thread, so only this thread can take it off the signalfd; the worker finds the
+/// breaking files by asking each for its lease state.
+fn drain_signalfd(fd: std::os::fd::RawFd) {
+    let mut info = [0u8; std::mem::size_of::<libc::signalfd_siginfo>()];
+    loop {
+        // SAFETY: reads at most `info.len()` bytes into a buffer of that size; `fd` is the guard's signalfd,
+        // which lives as long as the guard this subscriber holds.
+        let n = unsafe { libc::read(fd, info.as_mut_ptr().cast(), info.len()) };
+        if n != info.len() as isize {
+            return;
+        }
+    }
+}
+
+fn log_guard_events(events: &[daxvisor_mapper::GuardEvent]) {
+    for ev in events {
+        match &ev.outcome {
+            Ok(()) => tracing::warn!(
+                region = %ev.region,
+                notified = ?ev.notified,
+                revoked = ?ev.revoked,
+                answered_in_ms = ev.answered_in.as_millis() as u64,
+                "host guard: a foreign process opened a backing file; whole-file break done"
+            ),
+            Err(why) => tracing::error!(
+                region = %ev.region,
+                answered_in_ms = ev.answered_in.as_millis() as u64,
+                "host guard: a foreign process opened a backing file while it is held: {why}"
+            ),
+        }
+    }
 }
 
 impl MutEventSubscriber for GuardSubscriber {
@@ -116,22 +164,9 @@ impl MutEventSubscriber for GuardSubscriber {
             self.guard.rearm();
             return;
         }
-        for ev in self.guard.service() {
-            match &ev.outcome {
-                Ok(()) => tracing::warn!(
-                    region = %ev.region,
-                    notified = ?ev.notified,
-                    revoked = ?ev.revoked,
-                    answered_in_ms = ev.answered_in.as_millis() as u64,
-                    "host guard: a foreign process opened a backing file; whole-file break done"
-                ),
-                Err(why) => tracing::error!(
-                    region = %ev.region,
-                    answered_in_ms = ev.answered_in.as_millis() as u64,
-                    "host guard: a foreign process opened a backing file while it is held: {why}"
-                ),
-            }
-        }
+        drain_signalfd(self.guard.fd());
+        // Full means a wake-up is already pending, which covers this one too.
+        let _ = self.work.try_send(());
     }
 
     fn init(&mut self, ops: &mut EventOps) {
