@@ -46,6 +46,24 @@ pub struct ConsoleHandles {
     pub agent: AgentService,
     /// Sends bytes to the guest's console input.
     pub console_input: PortSender,
+    /// The device's counters.
+    pub metrics: Arc<daxvisor_devices::virtio::console::ConsoleMetrics>,
+}
+
+impl ConsoleHandles {
+    /// One line with the device's counters (at VM end).
+    pub fn log_summary(&self) {
+        let m = self.metrics.snapshot();
+        tracing::info!(
+            tx_bytes = m.tx_bytes,
+            rx_bytes = m.rx_bytes,
+            rx_dropped_messages = m.rx_dropped_messages,
+            rx_dropped_bytes = m.rx_dropped_bytes,
+            tx_truncated_bytes = m.tx_truncated_bytes,
+            bad_control = m.bad_control,
+            "virtio-console counters"
+        );
+    }
 }
 
 /// What the agent service serves: the VM's mapper, its regions as the guest sees them, and the routes its
@@ -99,6 +117,7 @@ pub fn attach(
         return Err(std::io::Error::other("console device without its two ports").into());
     };
     agent_port.set_sender(agent_out.clone());
+    let metrics = console.metrics();
     let (slot, subscriber) = devices.add_virtio_device(vm, mem, Box::new(console))?;
     event_loop.add_subscriber(subscriber);
     let agent = AgentService::start(
@@ -120,6 +139,7 @@ pub fn attach(
     Ok(ConsoleHandles {
         agent,
         console_input,
+        metrics,
     })
 }
 

@@ -213,6 +213,7 @@ pub fn run(config: &VmConfig) -> Result<VmExit, StartError> {
     let loop_result = event_loop.run();
     vcpu::stop_all(&state, threads);
     // The agent session ends with the VM: its owners release everything.
+    console.log_summary();
     drop(console);
     pmem_regions.iter().for_each(pmem::PmemRegion::log_summary);
     if let Err(e) = loop_result {
