@@ -8,6 +8,7 @@
 //! - [`virtio_mmio`]: the virtio-mmio register layout, shared by the device model and the test guest's driver.
 //! - [`agent`]: the agent protocol spoken over the virtio-console port `org.daxvisor.agent.0`.
 #![no_std]
+#![warn(missing_docs)]
 
 #[cfg(test)]
 extern crate std;

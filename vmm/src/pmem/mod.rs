@@ -2,7 +2,7 @@
 //!
 //! - [`config`]: the `--pmem` option.
 //! - [`backing`]: open, check, detect the kind, map ([`Backing`]).
-//! - [`attach`]: placing the regions in a VM (memslots, virtio-pmem devices).
+//! - [`attach`](mod@attach): placing the regions in a VM (memslots, virtio-pmem devices).
 //! - [`flush`]: what a guest flush request does for each kind ([`BackingFlush`]).
 //!
 //! The backing kind ([`BackingKind`]) and every probe of a host file come from the mapper crate.

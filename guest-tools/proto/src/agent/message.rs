@@ -26,26 +26,47 @@ pub const MAX_REGIONS: usize = (MAX_PAYLOAD - REGIONS_HEAD_LEN) / REGION_INFO_LE
 #[repr(u8)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum MsgType {
+    /// Request: version negotiation ([`Hello`]).
     Hello = 0x01,
+    /// Request: the regions the guest may name.
     ListRegions = 0x02,
+    /// Request: register an owner ([`OpenOwner`]).
     OpenOwner = 0x03,
+    /// Request: close an owner, releasing all it holds.
     CloseOwner = 0x04,
+    /// Request: take a lease ([`Acquire`]).
     Acquire = 0x05,
+    /// Request: release a lease ([`Handle`]).
     Release = 0x06,
+    /// Request: pin a range ([`RangeRequest`]).
     Pin = 0x07,
+    /// Request: unpin ([`Handle`]).
     Unpin = 0x08,
+    /// Request: make a range pinnable ([`RangeRequest`]).
     Prepare = 0x09,
+    /// Request: give a range back ([`RangeRequest`]).
     OfferReclaim = 0x0a,
+    /// Request: liveness check (a sequence number).
     Heartbeat = 0x0b,
+    /// Reply: the request failed ([`ErrorReply`]).
     Error = 0x40,
+    /// Reply to hello ([`HelloReply`]).
     HelloReply = 0x41,
+    /// Reply to list regions ([`RegionList`]).
     Regions = 0x42,
+    /// Reply to open owner: the owner id.
     OwnerOpened = 0x43,
+    /// Reply: success with one value.
     Ok = 0x44,
+    /// Reply to acquire ([`Granted`]).
     LeaseGranted = 0x45,
+    /// Reply to pin ([`Granted`]).
     Pinned = 0x46,
+    /// Progress of a prepare ([`Progress`]); not a final reply.
     PrepareProgress = 0x47,
+    /// Notice: release a lease ([`BreakNotice`]).
     BreakNotice = 0x80,
+    /// Notice: a lease was revoked ([`Revoked`]).
     Revoked = 0x81,
 }
 
@@ -258,7 +279,7 @@ pub struct RangeRequest {
     pub len: u64,
 }
 
-/// `Acquire` (request): a layout lease on a range. Answered [`LeaseGranted`].
+/// `Acquire` (request): a layout lease on a range. Answered [`Message::LeaseGranted`].
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Acquire {
     /// Owner, region and range.
@@ -443,12 +464,18 @@ impl PartialEq for RegionList<'_> {
 /// (request: a sequence number; proves the session alive both ways).
 #[derive(Clone, Copy, Debug, PartialEq)]
 pub enum Message<'a> {
+    /// Version negotiation (request).
     Hello(Hello),
+    /// The regions the guest may name (request, no payload).
     ListRegions,
+    /// Registers an owner (request).
     OpenOwner(OpenOwner),
+    /// Closes an owner, releasing all it holds (request).
     CloseOwner {
+        /// The owner.
         owner: u64,
     },
+    /// Takes a lease (request).
     Acquire(Acquire),
     /// Releases a lease (also the answer to a [`BreakNotice`]). `EBUSY` while pins lie under it.
     Release(Handle),
@@ -460,22 +487,36 @@ pub enum Message<'a> {
     Prepare(RangeRequest),
     /// The guest gives a range back: it holds no data there the host must keep; the host may punch it.
     OfferReclaim(RangeRequest),
+    /// Liveness check; answered `Ok` with the same value (request).
     Heartbeat {
+        /// Echoed in the reply.
         seq: u64,
     },
+    /// The request failed (reply).
     Error(ErrorReply),
+    /// Hello accepted (reply).
     HelloReply(HelloReply),
+    /// The region list (reply).
     Regions(RegionList<'a>),
+    /// The new owner's id (reply).
     OwnerOpened {
+        /// The owner id later requests name.
         owner: u64,
     },
+    /// Success (reply).
     Ok {
+        /// 0, or the heartbeat's sequence number.
         value: u64,
     },
+    /// The new lease (reply).
     LeaseGranted(Granted),
+    /// The new pin (reply).
     Pinned(Granted),
+    /// Prepare progress (not a final reply).
     PrepareProgress(Progress),
+    /// Release a lease (notice).
     BreakNotice(BreakNotice),
+    /// A lease was revoked (notice).
     Revoked(Revoked),
 }
 
