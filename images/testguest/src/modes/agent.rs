@@ -215,9 +215,14 @@ impl Client {
             mode,
             flags: 0,
         });
-        match self.call(&msg)? {
-            Reply::Granted(l, len) => Ok((l, len)),
-            r => Err(unexpected("acquire", r)),
+        // EAGAIN while the change that broke the previous lease has not applied yet: ask again.
+        let deadline = Deadline::after(REPLY_TIMEOUT_CYCLES);
+        loop {
+            match self.call(&msg)? {
+                Reply::Granted(l, len) => return Ok((l, len)),
+                Reply::Error(errno::EAGAIN, _) if !deadline.passed() => relax(),
+                r => return Err(unexpected("acquire", r)),
+            }
         }
     }
 
@@ -305,6 +310,9 @@ fn shared(c: &mut Client, opts: &Options) -> Result<(), u32> {
         if i == 0 {
             say!("agent lease {lease} off=0 len={len:#x}");
             say!("agent waiting for a break");
+        } else {
+            // For a host that triggers the next break only once the lease exists again.
+            say!("agent ready {i}");
         }
         let Some(n) = c.notice(Deadline::after(NOTICE_TIMEOUT_CYCLES)) else {
             say!("FAIL agent: no break notice");
