@@ -30,7 +30,10 @@ fn env_num(name: &str, default: usize) -> usize {
         .unwrap_or(default)
 }
 
-fn lines_of(r: impl std::io::Read + Send + 'static) -> Receiver<(Instant, String)> {
+/// Lines of a child's output with the time each arrived.
+type Lines = Receiver<(Instant, String)>;
+
+fn lines_of(r: impl std::io::Read + Send + 'static) -> Lines {
     let (tx, rx) = channel();
     std::thread::spawn(move || {
         for l in BufReader::new(r).lines().map_while(Result::ok) {
@@ -42,7 +45,7 @@ fn lines_of(r: impl std::io::Read + Send + 'static) -> Receiver<(Instant, String
     rx
 }
 
-fn wait_line(rx: &Receiver<(Instant, String)>, what: &str) -> Instant {
+fn wait_line(rx: &Lines, what: &str) -> Instant {
     let deadline = Instant::now() + Duration::from_secs(120);
     while Instant::now() < deadline {
         if let Ok((t, l)) = rx.recv_timeout(Duration::from_millis(100)) {
@@ -55,14 +58,7 @@ fn wait_line(rx: &Receiver<(Instant, String)>, what: &str) -> Instant {
     panic!("no line containing {what:?}");
 }
 
-fn vm(
-    img: &Path,
-    cmdline: &str,
-) -> (
-    Child,
-    Receiver<(Instant, String)>,
-    Receiver<(Instant, String)>,
-) {
+fn vm(img: &Path, cmdline: &str) -> (Child, Lines, Lines) {
     let pmem = format!("file={},size=2M,create=on", img.display());
     let mut child = Command::new(daxvisor_tests::daxvisor_bin())
         .args(["run", "--pmem", &pmem, "--cmdline", cmdline])
