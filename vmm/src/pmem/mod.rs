@@ -3,6 +3,7 @@
 //! - [`config`]: the `--pmem` option.
 //! - [`backing`]: open, check, detect the kind, map ([`Backing`]).
 //! - [`attach`](mod@attach): placing the regions in a VM (memslots, virtio-pmem devices).
+//! - [`prefault`]: `prefault=on`, populating a region before the guest starts.
 //! - [`flush`]: what a guest flush request does for each kind ([`BackingFlush`]).
 //!
 //! The backing kind ([`BackingKind`]) and every probe of a host file come from the mapper crate.
@@ -11,6 +12,7 @@ pub mod attach;
 pub mod backing;
 pub mod config;
 pub mod flush;
+pub mod prefault;
 
 pub use attach::{attach, PmemError, PmemRegion};
 pub use backing::{Backing, BackingError, PmemMemslot};

@@ -3,6 +3,7 @@
 
 pub mod agent;
 pub mod bench;
+pub mod kernels;
 pub mod malformed;
 pub mod pmem;
 pub mod probe;
