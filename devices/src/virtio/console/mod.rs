@@ -16,6 +16,8 @@ pub mod metrics;
 pub mod port;
 
 #[cfg(test)]
+mod queue_proptest;
+#[cfg(test)]
 mod tests;
 
 pub use device::{Console, PortSpec};
