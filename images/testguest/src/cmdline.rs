@@ -220,6 +220,24 @@ mod tests {
     }
 
     #[test]
+    fn agent_options() {
+        let o = parse(b"agent=shared breaks=1000 hold=5 rounds=20").unwrap();
+        assert_eq!(o.agent, Some(AgentMode::Shared));
+        assert_eq!((o.breaks, o.hold_s, o.rounds), (1000, 5, 20));
+        for (m, mode) in [
+            ("hello", AgentMode::Hello),
+            ("exclusive-pin", AgentMode::ExclusivePin),
+            ("hostile", AgentMode::Hostile),
+            ("bench", AgentMode::Bench),
+        ] {
+            let line = format!("agent={m}");
+            assert_eq!(parse(line.as_bytes()).unwrap().agent, Some(mode));
+        }
+        assert!(parse(b"agent=nope").is_err());
+        assert!(parse(b"breaks=0").is_err());
+    }
+
+    #[test]
     fn module_parameters_are_ignored() {
         let o = parse(b"virtio_mmio.device=4K@0xd0000000:5 exit=7").unwrap();
         assert_eq!(o.exit, 7);
