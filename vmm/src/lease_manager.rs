@@ -106,7 +106,10 @@ impl LeaseManager {
             .name("host-guard".into())
             .spawn(move || {
                 while rx.recv().is_ok() {
+                    // Everything armed now, the breaking files included (they are disarmed by `service`).
+                    let armed = guard.rearm();
                     log_guard_events(&guard.service());
+                    rearm_soon(&guard, armed);
                 }
             })?;
         Ok(GuardSubscriber {
@@ -121,6 +124,20 @@ pub struct GuardSubscriber {
     guard: Arc<HostGuard>,
     timer: TimerFd,
     work: std::sync::mpsc::SyncSender<()>,
+}
+
+/// After a foreign open the guard can take its kernel lease back only once the opener closed the file. Most
+/// openers are short (a backup reading a block, a tool checking a header), so try every few milliseconds for a
+/// while before leaving it to the one-second timer: a file is unguarded for as short a time as possible.
+fn rearm_soon(guard: &HostGuard, armed_before: usize) {
+    const TRIES: u32 = 100;
+    const EVERY: Duration = Duration::from_millis(10);
+    for _ in 0..TRIES {
+        if guard.rearm() >= armed_before {
+            return;
+        }
+        std::thread::sleep(EVERY);
+    }
 }
 
 /// Reads every queued siginfo from the guard's (non-blocking) signalfd. The kernel directs the lease-break
