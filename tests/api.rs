@@ -771,3 +771,86 @@ fn a_holder_that_releases_during_the_break_lets_the_punch_through_and_the_report
         assert!(k.iter().any(|x| x == want), "no {want}: {k:?}");
     }
 }
+
+/// With the agent channel: the test guest holds the whole region shared; an operator punch sends it a break
+/// notice, it releases, the punch is done and the file's blocks drop. A guest's exclusive lease with a pin
+/// refuses the punch at once with ETXTBSY naming the guest's owner.
+#[test]
+fn a_guest_holding_a_range_shared_is_asked_releases_and_the_punch_drops_the_blocks() {
+    let dir = tempfile::tempdir().unwrap();
+    let img = dir.path().join("data.img");
+    std::fs::write(&img, vec![0x5au8; 8 * MIB as usize]).unwrap();
+    let arg = format!("file={},id=data", img.display());
+    // breaks=2: the guest re-acquires after the first break and waits, so the VM outlives the punch.
+    let vm = ApiVm::start(
+        dir.path(),
+        &["--pmem", &arg, "--cmdline", "agent=shared breaks=2"],
+        "agent waiting for a break",
+    );
+    let full = allocated(&img);
+    let owners = vm.ctl_json(&["owners"]);
+    let guest = owners
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|o| o["name"] == "agent:testguest")
+        .unwrap_or_else(|| panic!("{owners}"));
+    assert_eq!(guest["leases"][0]["mode"], "shared");
+    let r = vm.ctl_json(&[
+        "punch",
+        "data",
+        "--offset",
+        "1M",
+        "--length",
+        "1M",
+        "--deadline-ms",
+        "20000",
+    ]);
+    let h = &r["holders"][0];
+    assert_eq!(h["name"], "agent:testguest", "{r}");
+    assert_eq!(h["revoked"], false, "{r}");
+    assert!(h["released_after_ms"].is_u64(), "{r}");
+    let after = allocated(&img);
+    assert!(after <= full - MIB + SLACK, "allocated {full} -> {after}");
+    let mut seen = Vec::new();
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while !seen.iter().any(|l: &String| l.contains("agent released")) {
+        assert!(Instant::now() < deadline, "{seen:?}");
+        if let Ok(l) = vm.serial.recv_timeout(Duration::from_millis(100)) {
+            seen.push(l);
+        }
+    }
+    assert!(
+        seen.iter()
+            .any(|l| l.contains("agent notice") && l.contains("reason=punch")),
+        "{seen:?}"
+    );
+    let k = kinds(&events(&vm));
+    for want in ["break-notice", "holder-released", "change-done"] {
+        assert!(k.iter().any(|x| x == want), "no {want}: {k:?}");
+    }
+    vm.ctl_ok(&["stop"]);
+    assert_eq!(vm.wait(Duration::from_secs(30)).0, Some(0));
+}
+
+#[test]
+fn a_guest_pin_refuses_an_operator_punch_naming_the_guest_owner() {
+    let dir = tempfile::tempdir().unwrap();
+    let img = dir.path().join("data.img");
+    std::fs::write(&img, vec![0x5au8; 2 * MIB as usize]).unwrap();
+    let arg = format!("file={},id=data", img.display());
+    let vm = ApiVm::start(
+        dir.path(),
+        &["--pmem", &arg, "--cmdline", "agent=exclusive-pin hold=30"],
+        "agent holding",
+    );
+    let out = vm.ctl(&["punch", "data", "--length", "64K"]);
+    assert_eq!(out.code, Some(3), "{out:?}");
+    assert!(out.stderr.contains("ETXTBSY"), "{}", out.stderr);
+    assert!(
+        out.stderr.contains("(agent:testguest-dma) with a pin"),
+        "{}",
+        out.stderr
+    );
+    assert!(vm.ctl_ok(&["owners"]).contains("pin"));
+}

@@ -243,9 +243,10 @@ fn linux_guest_image_without_pmem_says_so_and_resets() {
     assert!(o.contains("dvguest: init reached"), "{o}");
     // The guest found daxvisor's ACPI tables (the virtio-mmio devices are described there as LNRO0005).
     assert!(o.contains("ACPI: DSDT"), "{o}");
-    // No --pmem, so no virtio-mmio device: the init says so, then resets the machine, which ends the VM.
+    // No --pmem: the only virtio-mmio device is the virtio-console (console and agent port); the init says
+    // there is no pmem, then resets the machine, which ends the VM.
     assert!(
-        o.contains("dvguest: virtio-mmio platform devices: 0"),
+        o.contains("dvguest: virtio-mmio platform devices: 1"),
         "{o}"
     );
     assert!(o.contains("dvguest: status no-pmem"), "{o}");
@@ -411,6 +412,87 @@ dma-probe "$LAB_VFIO_GROUP" teardown || echo "FAILED teardown"
     }
 }
 
+/// The guest agent in the Linux guest image, on a pmem backed by a lab fs-dax file: an application takes a
+/// shared lease through `daxvisor-agent lease`; the lab host opens the backing file for writing (the host guard
+/// turns it into a whole-file break); the agent's hook runs in the guest with the range and the reason, the lease
+/// is released, the host's open proceeds; `daxvisor-agent status` before and after.
+#[test]
+fn linux_guest_agent_answers_a_break_with_its_hook_and_releases_the_lease() {
+    let name = "linux-agent";
+    // The guest's part goes through the kernel command line base64-encoded (the kernel strips double quotes and
+    // the lab's shell would expand `$`): a hook that reports its environment, the CLI, a held lease.
+    let script = r#"
+cat >/tmp/agent-guest.sh <<'GUEST'
+printf '#!/bin/sh\necho "<2>dvguest: hook region=$DAXVISOR_REGION offset=$DAXVISOR_OFFSET length=$DAXVISOR_LENGTH reason=$DAXVISOR_REASON lease=$DAXVISOR_LEASE" >/dev/kmsg\n' >/tmp/hook.sh
+chmod +x /tmp/hook.sh
+sleep 2
+daxvisor-agent regions
+region=$(daxvisor-agent regions --json | grep '"id"' | head -1 | tr -dc 0-9)
+daxvisor-agent lease --region "$region" >/tmp/lease.out 2>&1 &
+sleep 2
+echo status-before
+daxvisor-agent status
+echo '<2>dvguest: lease held' >/dev/kmsg
+i=0
+while [ $i -lt 60 ] && ! grep -q released /tmp/lease.out; do sleep 1; i=$((i + 1)); done
+cat /tmp/lease.out
+echo status-after
+daxvisor-agent status
+GUEST
+guest=$(base64 /tmp/agent-guest.sh | tr -d '\n')
+start=$(date +%s)
+daxvisor run --kernel "$LAB_LINUX_KERNEL" --initrd "$LAB_LINUX_INITRD" --memory 256 --serial stdout \
+    --pmem file=$LAB_DAX_MNT/agent.img,size=64M,create=on \
+    --cmdline "console=ttyS0 reboot=k panic=1 quiet dvagent_hook=/tmp/hook.sh -- echo $guest | base64 -d | sh" \
+    >/tmp/guest.log 2>&1 &
+pid=$!
+opened=
+while kill -0 $pid 2>/dev/null && [ $(( $(date +%s) - start )) -lt 240 ]; do
+    if [ -z "$opened" ] && grep -q 'dvguest: lease held' /tmp/guest.log; then
+        t0=$(date +%s)
+        exec 3<>"$LAB_DAX_MNT/agent.img"
+        exec 3>&-
+        opened=yes
+        echo "lab: foreign open for writing proceeded after $(( $(date +%s) - t0 )) s"
+    fi
+    sleep 1
+done
+if kill -0 $pid 2>/dev/null; then
+    echo "lab: daxvisor still running after $(( $(date +%s) - start ))s: stopped"
+    kill -9 $pid
+fi
+wait $pid
+rc=$?
+sed 's/\x1b\[[0-9;]*m//g' /tmp/guest.log
+echo "lab: daxvisor exit status $rc after $(( $(date +%s) - start ))s"
+"#;
+    let opts = LabOptions {
+        timeout: Duration::from_secs(360),
+        ..LabOptions::default()
+    };
+    let Some(out) = run_scenario(name, script, &opts) else {
+        return;
+    };
+    assert_ok(name, &out);
+    let o = &out.output;
+    assert!(o.contains("dvguest: agent started on /dev/vport"), "{o}");
+    assert!(o.contains("daxvisor-agent: session 1 with daxvisor"), "{o}");
+    assert!(o.contains("lab: foreign open for writing proceeded"), "{o}");
+    // The hook ran with the whole 64 MiB window (a foreign open is a whole-file break) and the reason.
+    assert!(
+        o.contains("dvguest: hook region=1 offset=0 length=67108864 reason=host-open"),
+        "{o}"
+    );
+    assert!(o.contains("released lease"), "{o}");
+    assert!(o.contains("whole-file break done"), "{o}");
+    // status before shows the lease, status after shows none.
+    let before = o.split("status-before").nth(1).unwrap_or_default();
+    let (before, after) = before.split_once("status-after").unwrap_or_default();
+    assert!(before.contains("shared"), "{o}");
+    assert!(!after.contains("shared"), "{o}");
+    assert!(o.contains("dvguest: status 0"), "{o}");
+}
+
 /// The operator API on real fs-dax: daxvisor runs the test guest over a pmem file on the lab's fs-dax mount with
 /// `--api-socket`; `daxvisor-ctl` from the lab host sees the region as fsdax, is refused (ETXTBSY naming the
 /// operator) while the operator holds the range exclusive, then punches 2 MiB: the file's blocks drop and the
@@ -474,6 +556,100 @@ echo "nonzero bytes in the punched range: $(dd if="$img" bs=1M skip=1 count=2 2>
     // stay behind).
     assert!(
         after + 4096 - 128 <= before,
+        "blocks {before} -> {after}:\n{o}"
+    );
+}
+
+/// The operator API with the guest agent, on real fs-dax: the Linux guest writes 0xff over 4 MiB of its pmem
+/// (the raw block device, unmounted), and an application holds that range shared through `daxvisor-agent lease`.
+/// From the lab host, `daxvisor-ctl punch` asks for the range: the agent's hook runs in the guest with the range
+/// and reason `punch`, the lease is released, the punch is done and the fs-dax file's blocks drop; the guest then
+/// reads zeros there.
+#[test]
+fn daxvisor_ctl_punch_asks_the_linux_guest_agent_which_releases_and_reads_zeros_after() {
+    let name = "api-linux-agent";
+    let script = r#"
+cat >/tmp/agent-guest.sh <<'GUEST'
+printf '#!/bin/sh\necho "<2>dvguest: hook region=$DAXVISOR_REGION offset=$DAXVISOR_OFFSET length=$DAXVISOR_LENGTH reason=$DAXVISOR_REASON" >/dev/kmsg\n' >/tmp/hook.sh
+chmod +x /tmp/hook.sh
+cd /
+umount /mnt/pmem 2>/dev/null
+dev=$(ls /dev/pmem* | head -1)
+# From a file, not a pipe: dd would count short reads from a pipe as blocks.
+head -c 4194304 /dev/zero | tr '\000' '\377' >/tmp/ff
+dd if=/tmp/ff of=$dev bs=1M seek=32 2>/dev/null
+sync
+echo "<2>dvguest: nonzero before: $(dd if=$dev bs=1M skip=32 count=4 2>/dev/null | tr -d '\000' | wc -c)" >/dev/kmsg
+sleep 2
+region=$(daxvisor-agent regions --json | grep '"id"' | head -1 | tr -dc 0-9)
+daxvisor-agent lease --region "$region" --offset 33554432 --len 4194304 >/tmp/lease.out 2>&1 &
+sleep 2
+echo '<2>dvguest: lease held' >/dev/kmsg
+i=0
+while [ $i -lt 120 ] && ! grep -q released /tmp/lease.out; do sleep 1; i=$((i + 1)); done
+cat /tmp/lease.out
+sleep 1
+echo 3 >/proc/sys/vm/drop_caches
+echo "<2>dvguest: nonzero after: $(dd if=$dev bs=1M skip=32 count=4 2>/dev/null | tr -d '\000' | wc -c)" >/dev/kmsg
+GUEST
+guest=$(base64 /tmp/agent-guest.sh | tr -d '\n')
+img="$LAB_DAX_MNT/agent-api.img"
+ctl() { daxvisor-ctl --api-socket /tmp/api.sock "$@"; }
+start=$(date +%s)
+daxvisor run --kernel "$LAB_LINUX_KERNEL" --initrd "$LAB_LINUX_INITRD" --memory 256 --serial stdout \
+    --pmem "file=$img,size=64M,create=on,id=data" --api-socket /tmp/api.sock \
+    --cmdline "console=ttyS0 reboot=k panic=1 quiet dvagent_hook=/tmp/hook.sh -- echo $guest | base64 -d | sh" \
+    >/tmp/guest.log 2>&1 &
+pid=$!
+punched=
+while kill -0 $pid 2>/dev/null && [ $(( $(date +%s) - start )) -lt 240 ]; do
+    if [ -z "$punched" ] && grep -q 'dvguest: lease held' /tmp/guest.log; then
+        punched=yes
+        ctl owners
+        stat -c "blocks-before: %b" "$img"
+        ctl punch data --offset 32M --length 4M --deadline-ms 60000
+        echo "punch status: $?"
+        stat -c "blocks-after: %b" "$img"
+    fi
+    sleep 1
+done
+if kill -0 $pid 2>/dev/null; then
+    echo "lab: daxvisor still running after $(( $(date +%s) - start ))s: stopped"
+    kill -9 $pid
+fi
+wait $pid
+rc=$?
+sed 's/\x1b\[[0-9;]*m//g' /tmp/guest.log
+echo "lab: daxvisor exit status $rc after $(( $(date +%s) - start ))s"
+"#;
+    let opts = LabOptions {
+        timeout: Duration::from_secs(360),
+        ..LabOptions::default()
+    };
+    let Some(out) = run_scenario(name, script, &opts) else {
+        return;
+    };
+    assert_ok(name, &out);
+    let o = &out.output;
+    for want in [
+        "dvguest: nonzero before: 4194304",
+        "dvguest: hook region=1 offset=33554432 length=4194304 reason=punch",
+        "released lease",
+        "punch status: 0",
+        "dvguest: nonzero after: 0",
+        "lab: daxvisor exit status 0",
+    ] {
+        assert!(o.contains(want), "missing {want:?} in:\n{o}");
+    }
+    let blocks = |key: &str| -> u64 {
+        o.lines()
+            .find_map(|l| l.strip_prefix(key))
+            .and_then(|v| v.trim().parse().ok())
+            .unwrap_or_else(|| panic!("no {key} in:\n{o}"))
+    };
+    let (before, after) = (blocks("blocks-before:"), blocks("blocks-after:"));
+    assert!(
+        after + 8192 - 128 <= before,
         "blocks {before} -> {after}:\n{o}"
     );
 }

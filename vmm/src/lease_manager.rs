@@ -4,9 +4,10 @@
 //! backing file the VMM opened alone is seen at once (the kernel breaks the VMM's write lease), handled as a
 //! whole-file break, logged and recorded.
 //!
-//! Until the agent channel connects guest holders, break and revoke notices have nobody to go to: they are
-//! logged ([`LogNotifier`]). Every notice, revoke and guard event is also recorded in the VM's event log
-//! ([`RecordingNotifier`]), which the operator API serves.
+//! Break and revoke notices go through the notifier the VM gives it: the agent channel's
+//! ([`crate::agent::AgentNotifier`]) for guest owners; [`LogNotifier`] logs them where nothing else listens.
+//! Every notice, revoke and guard event is also recorded in the VM's event log ([`RecordingNotifier`]), which
+//! the operator API serves.
 
 use std::collections::HashMap;
 use std::os::fd::AsRawFd;
@@ -106,13 +107,22 @@ impl LeaseManager {
     /// is blocked here and every later thread inherits the mask (see the mapper crate's guard module).
     /// Notices and guard events are recorded in `events`.
     pub fn new(events: Arc<EventLog>) -> Result<Self, MapperError> {
+        Self::with_notifier(Arc::new(LogNotifier), events)
+    }
+
+    /// As [`LeaseManager::new`], with the notifier that carries break and revoke notices to holders (the agent
+    /// channel's, for a VM that has one).
+    pub fn with_notifier(
+        notifier: Arc<dyn BreakNotifier>,
+        events: Arc<EventLog>,
+    ) -> Result<Self, MapperError> {
         let names = Names::default();
-        let notifier = RecordingNotifier {
-            inner: Arc::new(LogNotifier),
+        let recording = RecordingNotifier {
+            inner: notifier,
             events: events.clone(),
             names: names.clone(),
         };
-        let mapper = Mapper::new(Arc::new(notifier), None);
+        let mapper = Mapper::new(Arc::new(recording), None);
         let guard = Arc::new(HostGuard::new(mapper.clone(), guard_signal())?);
         Ok(LeaseManager {
             mapper,
@@ -162,15 +172,30 @@ impl LeaseManager {
         Ok(id)
     }
 
-    /// The event-loop side: the guard's signalfd and its re-arm timer.
+    /// The event-loop side: the guard's signalfd and its re-arm timer. The whole-file breaks themselves run on
+    /// the `host-guard` thread this starts: a break waits for guest holders, whose answers arrive through the
+    /// event loop (the agent port), so it must never wait on it.
     pub fn subscriber(&self) -> std::io::Result<GuardSubscriber> {
         let mut timer = TimerFd::new()?;
         timer.reset(REARM_INTERVAL, Some(REARM_INTERVAL))?;
+        // One pending wake-up is enough: the worker looks at every guarded file each time it runs.
+        let (work, rx) = std::sync::mpsc::sync_channel::<()>(1);
+        let guard = self.guard.clone();
+        let (log, names) = (self.events.clone(), self.names.clone());
+        std::thread::Builder::new()
+            .name("host-guard".into())
+            .spawn(move || {
+                while rx.recv().is_ok() {
+                    // Everything armed now, the breaking files included (they are disarmed by `service`).
+                    let armed = guard.rearm();
+                    log_guard_events(&guard.service(), &log, &names);
+                    rearm_soon(&guard, armed);
+                }
+            })?;
         Ok(GuardSubscriber {
             guard: self.guard.clone(),
             timer,
-            events: self.events.clone(),
-            names: self.names.clone(),
+            work,
         })
     }
 }
@@ -178,8 +203,71 @@ impl LeaseManager {
 pub struct GuardSubscriber {
     guard: Arc<HostGuard>,
     timer: TimerFd,
-    events: Arc<EventLog>,
-    names: Names,
+    work: std::sync::mpsc::SyncSender<()>,
+}
+
+/// After a foreign open the guard can take its kernel lease back only once the opener closed the file. Most
+/// openers are short (a backup reading a block, a tool checking a header), so try every few milliseconds for a
+/// while before leaving it to the one-second timer: a file is unguarded for as short a time as possible.
+fn rearm_soon(guard: &HostGuard, armed_before: usize) {
+    const TRIES: u32 = 100;
+    const EVERY: Duration = Duration::from_millis(10);
+    for _ in 0..TRIES {
+        if guard.rearm() >= armed_before {
+            return;
+        }
+        std::thread::sleep(EVERY);
+    }
+}
+
+/// Reads every queued siginfo from the guard's (non-blocking) signalfd. The kernel directs the lease-break
+/// signal at the event-loop thread, so only this thread can take it off the signalfd; the worker finds the
+/// breaking files by asking each for its lease state.
+fn drain_signalfd(fd: std::os::fd::RawFd) {
+    let mut info = [0u8; std::mem::size_of::<libc::signalfd_siginfo>()];
+    loop {
+        // SAFETY: reads at most `info.len()` bytes into a buffer of that size; `fd` is the guard's signalfd,
+        // which lives as long as the guard this subscriber holds.
+        let n = unsafe { libc::read(fd, info.as_mut_ptr().cast(), info.len()) };
+        if n != info.len() as isize {
+            return;
+        }
+    }
+}
+
+/// Logs each guard event and records it in the VM's event log.
+fn log_guard_events(events: &[daxvisor_mapper::GuardEvent], log: &EventLog, names: &Names) {
+    for ev in events {
+        log.push(NewEvent {
+            kind: "guard",
+            region: Some(name_of(names, ev.region)),
+            owners: ev.notified.iter().map(|o| o.to_raw()).collect(),
+            errno: None,
+            message: match &ev.outcome {
+                Ok(()) => format!(
+                    "a foreign process opened the backing file; whole-file break done in {} ms ({} notified, {} revoked)",
+                    ev.answered_in.as_millis(),
+                    ev.notified.len(),
+                    ev.revoked.len()
+                ),
+                Err(why) => format!("a foreign process opened the backing file while it is held: {why}"),
+            },
+        });
+        match &ev.outcome {
+            Ok(()) => tracing::warn!(
+                region = %ev.region,
+                notified = ?ev.notified,
+                revoked = ?ev.revoked,
+                answered_in_ms = ev.answered_in.as_millis() as u64,
+                "host guard: a foreign process opened a backing file; whole-file break done"
+            ),
+            Err(why) => tracing::error!(
+                region = %ev.region,
+                answered_in_ms = ev.answered_in.as_millis() as u64,
+                "host guard: a foreign process opened a backing file while it is held: {why}"
+            ),
+        }
+    }
 }
 
 impl MutEventSubscriber for GuardSubscriber {
@@ -189,37 +277,9 @@ impl MutEventSubscriber for GuardSubscriber {
             self.guard.rearm();
             return;
         }
-        for ev in self.guard.service() {
-            self.events.push(NewEvent {
-                kind: "guard",
-                region: Some(name_of(&self.names, ev.region)),
-                owners: ev.notified.iter().map(|o| o.to_raw()).collect(),
-                errno: None,
-                message: match &ev.outcome {
-                    Ok(()) => format!(
-                        "a foreign process opened the backing file; whole-file break done in {} ms ({} notified, {} revoked)",
-                        ev.answered_in.as_millis(),
-                        ev.notified.len(),
-                        ev.revoked.len()
-                    ),
-                    Err(why) => format!("a foreign process opened the backing file while it is held: {why}"),
-                },
-            });
-            match &ev.outcome {
-                Ok(()) => tracing::warn!(
-                    region = %ev.region,
-                    notified = ?ev.notified,
-                    revoked = ?ev.revoked,
-                    answered_in_ms = ev.answered_in.as_millis() as u64,
-                    "host guard: a foreign process opened a backing file; whole-file break done"
-                ),
-                Err(why) => tracing::error!(
-                    region = %ev.region,
-                    answered_in_ms = ev.answered_in.as_millis() as u64,
-                    "host guard: a foreign process opened a backing file while it is held: {why}"
-                ),
-            }
-        }
+        drain_signalfd(self.guard.fd());
+        // Full means a wake-up is already pending, which covers this one too.
+        let _ = self.work.try_send(());
     }
 
     fn init(&mut self, ops: &mut EventOps) {

@@ -54,6 +54,8 @@ pub enum StartError {
     Pmem(#[from] PmemError),
     #[error(transparent)]
     Api(#[from] crate::api::ApiSocketError),
+    #[error(transparent)]
+    Console(#[from] crate::console::ConsoleError),
 }
 
 /// How a VM that ran came to an end.
@@ -136,7 +138,11 @@ pub fn run(config: &VmConfig) -> Result<VmExit, StartError> {
     // Before pmem::attach: its flush workers must inherit the host guard's blocked signal.
     // The VM's event log: the lease manager records notices and guard events; the operator API serves it.
     let events = Arc::new(crate::api::events::EventLog::default());
-    let leases = LeaseManager::new(events.clone())?;
+    let routes = crate::agent::Routes::new();
+    let leases = LeaseManager::with_notifier(
+        Arc::new(crate::agent::AgentNotifier::new(routes.clone())),
+        events.clone(),
+    )?;
     // Kept alive until the VM is gone: dropping a region unmaps its backing.
     let pmem_regions = pmem::attach(
         &config.pmem,
@@ -148,6 +154,22 @@ pub fn run(config: &VmConfig) -> Result<VmExit, StartError> {
         &leases,
     )?;
     event_loop.add_subscriber(Arc::new(Mutex::new(leases.subscriber()?)));
+    // After the pmem devices, so their virtio-mmio windows keep their places.
+    let console = crate::console::attach(
+        &config.console,
+        vm.fd(),
+        &mem,
+        &mut devices,
+        &mut event_loop,
+        crate::console::AgentSetup {
+            mapper: leases.mapper().clone(),
+            regions: pmem_regions
+                .iter()
+                .map(crate::agent::RegionEntry::from)
+                .collect(),
+            routes,
+        },
+    )?;
     let pmem_windows: Vec<(u64, u64)> = pmem_regions
         .iter()
         .map(|r| (r.guest_addr, r.backing.size()))
@@ -205,6 +227,9 @@ pub fn run(config: &VmConfig) -> Result<VmExit, StartError> {
 
     let loop_result = event_loop.run();
     vcpu::stop_all(&state, threads);
+    // The agent session ends with the VM: its owners release everything.
+    console.log_summary();
+    drop(console);
     pmem_regions.iter().for_each(pmem::PmemRegion::log_summary);
     if let Err(e) = loop_result {
         return Ok(VmExit::VmmError(e.to_string()));
