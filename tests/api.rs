@@ -305,7 +305,7 @@ fn an_operator_holds_punches_and_reclaims_space_and_every_step_is_seen() {
     }
     assert!(metric(&m, r#"daxvisor_pmem_flush_requests_total{region="data"}"#) >= 1.0);
     assert_eq!(metric(&m, r#"daxvisor_leases{region="data"}"#), 0.0);
-    assert_eq!(metric(&m, "daxvisor_agent_sessions"), 0.0);
+    assert_eq!(metric(&m, "daxvisor_agent_sessions "), 0.0);
     assert!(
         m.contains(r#"daxvisor_pmem_flush_latency_seconds_bucket{le="+Inf",region="data"}"#),
         "{m}"
@@ -829,6 +829,10 @@ fn a_guest_holding_a_range_shared_is_asked_releases_and_the_punch_drops_the_bloc
     for want in ["break-notice", "holder-released", "change-done"] {
         assert!(k.iter().any(|x| x == want), "no {want}: {k:?}");
     }
+    let m = vm.ctl_ok(&["metrics"]);
+    assert_eq!(metric(&m, "daxvisor_agent_sessions "), 1.0);
+    assert_eq!(metric(&m, "daxvisor_agent_sessions_started_total"), 1.0);
+    assert_eq!(metric(&m, "daxvisor_agent_frames_rejected_total"), 0.0);
     vm.ctl_ok(&["stop"]);
     assert_eq!(vm.wait(Duration::from_secs(30)).0, Some(0));
 }

@@ -139,6 +139,7 @@ pub fn run(config: &VmConfig) -> Result<VmExit, StartError> {
     // The VM's event log: the lease manager records notices and guard events; the operator API serves it.
     let events = Arc::new(crate::api::events::EventLog::default());
     let routes = crate::agent::Routes::new();
+    let agent_counters = Arc::new(crate::agent::AgentCounters::default());
     let leases = LeaseManager::with_notifier(
         Arc::new(crate::agent::AgentNotifier::new(routes.clone())),
         events.clone(),
@@ -168,6 +169,7 @@ pub fn run(config: &VmConfig) -> Result<VmExit, StartError> {
                 .map(crate::agent::RegionEntry::from)
                 .collect(),
             routes,
+            counters: agent_counters.clone(),
         },
     )?;
     let pmem_windows: Vec<(u64, u64)> = pmem_regions
@@ -200,7 +202,14 @@ pub fn run(config: &VmConfig) -> Result<VmExit, StartError> {
     let _api = match &config.api_socket {
         Some(path) => Some(ApiServer::start(
             path,
-            api_context(config, &leases, events.clone(), &pmem_regions, &state),
+            api_context(
+                config,
+                &leases,
+                events.clone(),
+                agent_counters.clone(),
+                &pmem_regions,
+                &state,
+            ),
         )?),
         None => None,
     };
@@ -259,6 +268,7 @@ fn api_context(
     config: &VmConfig,
     leases: &LeaseManager,
     events: Arc<crate::api::events::EventLog>,
+    agent: Arc<crate::agent::AgentCounters>,
     regions: &[pmem::PmemRegion],
     state: &Arc<RunState>,
 ) -> Arc<ApiContext> {
@@ -292,6 +302,7 @@ fn api_context(
         handles,
         view,
         events,
+        agent,
         Box::new(move || state.request_stop(StopReason::Operator)),
     )
 }

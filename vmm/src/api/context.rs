@@ -53,6 +53,8 @@ pub struct ApiContext {
     pub started_at: SystemTime,
     pub events: Arc<EventLog>,
     pub metrics: ApiMetrics,
+    /// The agent service's counters.
+    pub agent: Arc<crate::agent::AgentCounters>,
     stop: StopFn,
     stopping: std::sync::atomic::AtomicBool,
     operator: Mutex<Option<OwnerId>>,
@@ -67,6 +69,7 @@ impl ApiContext {
         regions: Vec<RegionHandle>,
         config: VmConfigView,
         events: Arc<EventLog>,
+        agent: Arc<crate::agent::AgentCounters>,
         stop: StopFn,
     ) -> Arc<Self> {
         Arc::new(ApiContext {
@@ -77,6 +80,7 @@ impl ApiContext {
             started_at: SystemTime::now(),
             events,
             metrics: ApiMetrics::default(),
+            agent,
             stop,
             stopping: std::sync::atomic::AtomicBool::new(false),
             operator: Mutex::new(None),

@@ -1,7 +1,7 @@
 //! `GET /metrics`: Prometheus text (prometheus-client). Per region: flush requests, syncs, errors, coalescing,
 //! the flush latency histogram, rate-limiter throttles, leases and pins and the bytes under them, guard events.
-//! Operator changes: their duration histogram and outcomes. Agent sessions and rejected frames read 0 until the
-//! agent channel counts them.
+//! Operator changes: their duration histogram and outcomes. The guest agent channel: sessions and rejected
+//! frames.
 
 use std::sync::Arc;
 
@@ -71,6 +71,9 @@ impl ApiMetrics {
 struct Sample {
     regions: Vec<RegionSample>,
     breaks_in_progress: u64,
+    agent_sessions: u64,
+    agent_sessions_total: u64,
+    agent_frames_rejected: u64,
 }
 
 #[derive(Debug)]
@@ -107,9 +110,13 @@ impl Sample {
                 }
             })
             .collect();
+        let load = |c: &std::sync::atomic::AtomicU64| c.load(std::sync::atomic::Ordering::Relaxed);
         Sample {
             regions,
             breaks_in_progress: snap.breaks.len() as u64,
+            agent_sessions: load(&ctx.agent.sessions_open),
+            agent_sessions_total: load(&ctx.agent.sessions_total),
+            agent_frames_rejected: load(&ctx.agent.frames_rejected),
         }
     }
 }
@@ -248,21 +255,30 @@ impl Collector for Sample {
             ),
             (
                 "daxvisor_agent_sessions",
-                "Guest agent sessions open (0 until the agent channel exists)",
-                0,
+                "Guest agent sessions open",
+                self.agent_sessions as i64,
             ),
         ];
         for (name, help, v) in gauges {
             let enc = encoder.encode_descriptor(name, help, None, MetricType::Gauge)?;
             ConstGauge::new(v).encode(enc)?;
         }
-        let enc = encoder.encode_descriptor(
-            "daxvisor_agent_frames_rejected",
-            "Malformed agent frames rejected (0 until the agent channel exists)",
-            None,
-            MetricType::Counter,
-        )?;
-        ConstCounter::new(0u64).encode(enc)?;
+        let counters: [(&str, &str, u64); 2] = [
+            (
+                "daxvisor_agent_sessions_started",
+                "Guest agent sessions started",
+                self.agent_sessions_total,
+            ),
+            (
+                "daxvisor_agent_frames_rejected",
+                "Malformed agent frames answered with an error and skipped",
+                self.agent_frames_rejected,
+            ),
+        ];
+        for (name, help, v) in counters {
+            let enc = encoder.encode_descriptor(name, help, None, MetricType::Counter)?;
+            ConstCounter::new(v).encode(enc)?;
+        }
         Ok(())
     }
 }
