@@ -8,6 +8,8 @@
 //! - [`device_manager`]: which device sits where; irqfd/ioeventfd wiring.
 //! - [`event_loop`]: the event-manager loop.
 //! - [`pmem`]: persistent-memory backings.
+//! - [`host_files`]: kernel, initrd and serial files; the undo list of a refused start.
+//! - [`signals`]: SIGINT/SIGTERM stop the VM cleanly.
 //! - [`mapper`]: the layout-lease library (files, ranges, owners); [`lease_manager`] drives it for a running VM.
 //! - [`acpi`]: the guest's ACPI tables (RSDP, XSDT, FADT, MADT, DSDT).
 
@@ -16,9 +18,11 @@ pub mod boot;
 pub mod config;
 pub mod device_manager;
 pub mod event_loop;
+pub mod host_files;
 pub mod layout;
 pub mod lease_manager;
 pub mod mapper;
 pub mod pmem;
+pub mod signals;
 pub mod vm;
 pub mod vstate;

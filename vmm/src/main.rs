@@ -29,7 +29,8 @@ enum Command {
     ///
     /// With no --kernel, boots the test guest built into this binary. Exit codes: the status the guest wrote to
     /// the exit port (0-255); 0 when the guest resets or powers off; 1 when the guest crashes (triple fault,
-    /// emulation failure) or the VMM fails while it runs; 2 when the VM cannot start (bad input, no /dev/kvm).
+    /// emulation failure) or the VMM fails while it runs; 2 when the VM cannot start (bad input, no /dev/kvm);
+    /// 128+N after SIGINT/SIGTERM (N) stopped the VM cleanly; 3 when a second signal forced an immediate exit.
     Run(RunArgs),
 }
 
@@ -103,6 +104,7 @@ fn run(args: RunArgs) -> ExitCode {
             eprintln!("daxvisor: guest crashed on vCPU {vcpu}: {reason}\n{detail}");
             ExitCode::from(EXIT_RUNTIME_ERROR)
         }
+        Ok(VmExit::Signal(signal)) => ExitCode::from(daxvisor::signals::exit_status_for(signal)),
         Ok(VmExit::VmmError(e)) => {
             eprintln!("daxvisor: VM failed: {e}");
             ExitCode::from(EXIT_RUNTIME_ERROR)

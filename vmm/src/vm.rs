@@ -1,7 +1,9 @@
 //! Building and running one VM from a [`VmConfig`]: the order of operations lives here and nowhere else.
 //!
 //! Everything that can be wrong with the operator's input (config, kernel, initrd, /dev/kvm) is checked before
-//! anything is created on the host, so a refused start leaves nothing behind.
+//! anything is created on the host. What later steps create or extend (the serial file, `create=on` backings)
+//! is recorded in a [`StartUndo`] that puts it back if any step before the guest runs fails, so a refused start
+//! leaves nothing behind.
 
 use std::path::PathBuf;
 
@@ -10,12 +12,16 @@ use vm_memory::{GuestAddress, GuestMemoryMmap};
 use crate::acpi;
 use crate::boot::image::{self, ImageKind};
 use crate::boot::{linux, long_mode, testguest, BootEntry, BootError};
+use crate::config::SerialOutput;
 use crate::config::{ConfigError, VmConfig};
 use crate::device_manager::{DeviceError, DeviceManager};
 use crate::event_loop::{EventLoop, EventLoopError};
+use crate::host_files::{self, HostFileError, StartUndo};
 use crate::layout;
 use crate::lease_manager::LeaseManager;
+use crate::pmem::fault::FaultMap;
 use crate::pmem::{self, PmemError};
+use crate::signals::StopSignals;
 use crate::vstate::cpuid;
 use crate::vstate::vcpu::{self, RunState, StopReason, Vcpu, VcpuError};
 use crate::vstate::vm::{Vm, VmError};
@@ -51,6 +57,10 @@ pub enum StartError {
     Leases(#[from] crate::mapper::MapperError),
     #[error(transparent)]
     Pmem(#[from] PmemError),
+    #[error(transparent)]
+    HostFile(#[from] HostFileError),
+    #[error("cannot watch SIGINT/SIGTERM: {0}")]
+    Signals(std::io::Error),
 }
 
 /// How a VM that ran came to an end.
@@ -68,6 +78,8 @@ pub enum VmExit {
     },
     /// KVM or the VMM failed while the guest ran.
     VmmError(String),
+    /// SIGINT or SIGTERM (the number) stopped the VM; the stop was clean.
+    Signal(i32),
 }
 
 /// The kernel the config names, read and classified up front so bad input fails before anything is created.
@@ -76,6 +88,9 @@ enum Kernel {
     Freestanding(Vec<u8>),
 }
 
+/// Largest freestanding ELF read into memory (the test guest is a few hundred KiB).
+const FREESTANDING_MAX: u64 = 64 << 20;
+
 fn resolve_kernel(config: &VmConfig) -> Result<Kernel, StartError> {
     let Some(path) = &config.kernel else {
         if testguest::EMBEDDED.is_empty() {
@@ -83,20 +98,22 @@ fn resolve_kernel(config: &VmConfig) -> Result<Kernel, StartError> {
         }
         return Ok(Kernel::Freestanding(testguest::EMBEDDED.to_vec()));
     };
-    let read_err = |source| BootError::ReadKernel {
-        path: path.clone(),
-        source,
+    let mut file = host_files::open_regular(path, "--kernel")?;
+    let Some(kind) = image::classify_file(&file) else {
+        let magic = host_files::read_head(&mut file, 4).unwrap_or_default();
+        return Err(BootError::UnknownFormat {
+            path: path.clone(),
+            magic,
+        }
+        .into());
     };
-    if std::fs::metadata(path).map_err(read_err)?.is_dir() {
-        return Err(read_err(std::io::Error::from_raw_os_error(libc::EISDIR)).into());
-    }
-    let bytes = std::fs::read(path).map_err(read_err)?;
-    let kind = image::classify(&bytes).ok_or_else(|| BootError::UnknownFormat {
-        path: path.clone(),
-        magic: bytes.iter().take(4).copied().collect(),
-    })?;
     Ok(match kind {
-        ImageKind::FreestandingElf => Kernel::Freestanding(bytes),
+        ImageKind::FreestandingElf => Kernel::Freestanding(host_files::read_bounded(
+            &mut file,
+            path,
+            "--kernel",
+            FREESTANDING_MAX,
+        )?),
         kind => Kernel::Linux {
             path: path.clone(),
             kind,
@@ -109,11 +126,10 @@ pub fn run(config: &VmConfig) -> Result<VmExit, StartError> {
     config.validate()?;
     let kernel = resolve_kernel(config)?;
     if let Some(initrd) = &config.initrd {
-        std::fs::File::open(initrd).map_err(|source| BootError::ReadInitrd {
-            path: initrd.clone(),
-            source,
-        })?;
+        host_files::open_regular(initrd, "--initrd")?;
     }
+    // Declared first so it is dropped last: after the regions are unmapped and the VM is gone.
+    let mut undo = StartUndo::new();
 
     let mut vm = Vm::new()?;
     let mem_bytes = config.memory_bytes();
@@ -128,7 +144,12 @@ pub fn run(config: &VmConfig) -> Result<VmExit, StartError> {
     vm.register_memory(&mem)?;
 
     let state = RunState::new()?;
-    let mut devices = DeviceManager::new(vm.fd(), &config.serial, state.stopper())?;
+    let serial_out: Box<dyn std::io::Write + Send> = match &config.serial {
+        SerialOutput::Stdout => Box::new(std::io::stdout()),
+        SerialOutput::None => Box::new(std::io::sink()),
+        SerialOutput::File(path) => Box::new(host_files::open_serial_file(path, &mut undo)?),
+    };
+    let mut devices = DeviceManager::new(vm.fd(), serial_out, state.stopper())?;
     let mut event_loop = EventLoop::new(state.clone())?;
     // Before pmem::attach: its flush workers must inherit the host guard's blocked signal.
     let leases = LeaseManager::new()?;
@@ -140,7 +161,9 @@ pub fn run(config: &VmConfig) -> Result<VmExit, StartError> {
         &mut devices,
         &mut event_loop,
         &mem,
+        &mut undo,
     )?;
+    let faults = FaultMap::new(&pmem_regions)?;
     for region in &pmem_regions {
         leases.add_pmem_region(region)?;
     }
@@ -187,19 +210,33 @@ pub fn run(config: &VmConfig) -> Result<VmExit, StartError> {
         )?;
         vcpus.push(v);
     }
+    let signals = StopSignals::install(state.clone()).map_err(StartError::Signals)?;
     let mut threads = Vec::new();
     for v in vcpus {
         threads.push(v.spawn()?);
     }
+    undo.commit();
 
     let loop_result = event_loop.run();
     vcpu::stop_all(&state, threads);
+    // The devices own the flush workers: dropping them answers every flush still queued.
+    drop(event_loop);
+    drop(devices.mmio);
+    pmem_regions.iter().for_each(pmem::PmemRegion::final_sync);
     pmem_regions.iter().for_each(pmem::PmemRegion::log_summary);
+    drop(signals);
     if let Err(e) = loop_result {
         return Ok(VmExit::VmmError(e.to_string()));
     }
 
     Ok(match (devices.exit_status.get(), state.reason()) {
+        (_, Some(StopReason::Signal(signal))) => VmExit::Signal(signal),
+        (None, Some(StopReason::MemoryFault { vcpu, gpa })) => VmExit::VmmError(format!(
+            "KVM_RUN on vCPU {vcpu}: Bad address (EFAULT): {}",
+            faults
+                .explain(gpa)
+                .unwrap_or_else(|| "the guest touched memory the host cannot provide".into())
+        )),
         (Some(status), _) => VmExit::Status(status),
         (
             None,

@@ -4,11 +4,15 @@
 //! - [`backing`]: open, check, detect the kind, map ([`Backing`]).
 //! - [`attach`]: placing the regions in a VM (memslots, virtio-pmem devices).
 //! - [`flush`]: what a guest flush request does for each kind ([`BackingFlush`]).
+//! - [`file_lock`]: the OFD lock that gives the VM exclusive use of each backing file.
+//! - [`fault`]: naming the region, file and offset behind a KVM_RUN EFAULT.
 //! - [`kind`]: [`BackingKind`], shared with the mapper.
 
 pub mod attach;
 pub mod backing;
 pub mod config;
+pub mod fault;
+pub mod file_lock;
 pub mod flush;
 pub mod kind;
 
