@@ -296,6 +296,14 @@ fn load_kernel(
                     cmdline: config.cmdline.as_deref().unwrap_or(""),
                 },
             )
+            .map_err(|e| match (e, &config.kernel) {
+                // Name the operator's file, not the built-in guest.
+                (BootError::Load { source, .. }, Some(path)) => BootError::Load {
+                    path: path.clone(),
+                    source,
+                },
+                (e, _) => e,
+            })
         }
     }
 }
