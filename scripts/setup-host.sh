@@ -9,9 +9,10 @@
 #   xfsprogs         mkfs.xfs (reflink tests on the host; XFS -o dax=always in the lab)
 #   kmod             depmod for the extracted kernel modules
 #   gzip             initramfs compression
+#   acpica-tools     iasl and acpiexec: the ACPI table round-trip tests
 set -euo pipefail
 
-PACKAGES=(qemu-system-x86 busybox-static cpio e2fsprogs xfsprogs kmod gzip)
+PACKAGES=(qemu-system-x86 busybox-static cpio e2fsprogs xfsprogs kmod gzip acpica-tools)
 
 missing=()
 for p in "${PACKAGES[@]}"; do

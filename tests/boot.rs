@@ -1,5 +1,8 @@
 //! End-to-end: boot guests with the real daxvisor binary on real KVM, and feed it the bad input users do.
 
+// End-to-end tests: helpers fail the calling test with their message.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
 use daxvisor_tests::{
     asm_exit, assemble_guest, daxvisor, daxvisor_as_nobody, daxvisor_bin, run_with_timeout,
     share_read_only,
@@ -93,7 +96,9 @@ fn no_dev_kvm_is_a_clear_error() {
     );
     let probe = Command::new("unshare").args(["--mount", "true"]).status();
     if !probe.is_ok_and(|s| s.success()) {
-        eprintln!("SKIP: unshare --mount is not permitted here; cannot hide /dev/kvm");
+        daxvisor_tests::missing_prerequisite(
+            "unshare --mount is not permitted here; cannot hide /dev/kvm",
+        );
         return;
     }
     let r = run_with_timeout(

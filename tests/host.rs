@@ -2,6 +2,9 @@
 //! at once, a second daxvisor cannot take a running VM's file, SIGTERM stops the VM cleanly, and a backing file
 //! that shrinks or fills its file system ends the VM with the region, file and offset named.
 
+// End-to-end tests: helpers fail the calling test with their message.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
 use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::Duration;

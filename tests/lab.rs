@@ -2,6 +2,9 @@
 //! its own /dev/kvm. Each test boots the lab, runs a shell session inside it, and checks what it printed.
 //! (This machine has no DAX and a KVM that emulates guest ring 0: the lab is where those claims are proven.)
 
+// End-to-end tests: helpers fail the calling test with their message.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
 use std::process::Command;
 use std::time::Duration;
 

@@ -1,5 +1,8 @@
 //! End-to-end: virtio-pmem backed by host files, driven by the test guest on real KVM.
 
+// End-to-end tests: helpers fail the calling test with their message.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
 use std::io::{BufRead, BufReader};
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};

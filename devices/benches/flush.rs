@@ -6,6 +6,9 @@
 //!
 //! cargo bench -p daxvisor-devices --bench flush [-- SECONDS_PER_CASE] (env FLUSH_BENCH_DIR picks the file system)
 
+// A benchmark program: a failed step aborts the run with its message.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
 use std::fs::File;
 use std::os::unix::fs::FileExt;
 use std::sync::atomic::{AtomicBool, Ordering};

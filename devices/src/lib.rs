@@ -7,6 +7,8 @@
 //! - [`legacy`]: the 16550 serial port and the exit/reset ports that end the VM.
 //! - [`virtio`]: the virtio-mmio transport and the virtio device models (pmem).
 
+#![forbid(unsafe_code)]
+
 pub mod bus;
 pub mod legacy;
 pub mod virtio;

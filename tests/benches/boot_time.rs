@@ -1,6 +1,9 @@
 //! Benchmark: wall time from `daxvisor run` start to the test guest's first serial byte and to VM exit,
 //! medians (and spread) over repeated runs of the real binary. Run: `cargo bench -p daxvisor-tests --bench boot_time`.
 
+// A benchmark program: a failed step aborts the run with its message.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
 use std::io::Read;
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};

@@ -88,7 +88,7 @@ fn qemu_present() -> bool {
 /// (the reason is printed); the caller then returns without asserting anything.
 pub fn run_scenario(name: &str, script: &str, opts: &LabOptions) -> Option<LabOutcome> {
     if let Err(why) = lab_ready() {
-        println!("SKIP lab scenario {name}: {why}");
+        crate::missing_prerequisite(&format!("lab scenario {name}: {why}"));
         return None;
     }
     let dir = tempfile::tempdir().expect("temporary directory for the scenario script");

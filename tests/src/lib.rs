@@ -1,6 +1,9 @@
 //! Support for the end-to-end tests: find (and build) the real daxvisor binary, run it like a user does with a
 //! hard timeout so no test can hang, and assemble tiny freestanding guests for the fault cases.
 
+// Test support: a failed step fails the test that called it, with its message.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
 use std::io::Read;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output, Stdio};
@@ -165,13 +168,23 @@ pub fn guest_lines(stdout: &str) -> Vec<&str> {
         .collect()
 }
 
+/// A test's prerequisite is missing on this machine. Under `CI=true` that is a failure (CI installs everything
+/// the tests need: a skip there would hide a missing install step); elsewhere the test says SKIP and why.
+pub fn missing_prerequisite(what: &str) {
+    assert!(
+        std::env::var("CI").as_deref() != Ok("true"),
+        "prerequisite missing under CI=true: {what}"
+    );
+    eprintln!("SKIP: {what}");
+}
+
 /// Run `daxvisor <args>` as the unprivileged user `nobody` (root bypasses file permissions, so permission errors
 /// can only be seen this way). `None` when this machine cannot switch users; the caller skips with a message.
 pub fn daxvisor_as_nobody(args: &[&std::ffi::OsStr]) -> Option<RunOutcome> {
     const AS_NOBODY: [&str; 3] = ["--reuid=65534", "--regid=65534", "--clear-groups"];
     let probe = Command::new("setpriv").args(AS_NOBODY).arg("true").status();
     if !probe.is_ok_and(|s| s.success()) {
-        eprintln!("SKIP: cannot switch to an unprivileged user here");
+        missing_prerequisite("cannot switch to an unprivileged user here (setpriv)");
         return None;
     }
     let bin = daxvisor_bin();
@@ -180,10 +193,10 @@ pub fn daxvisor_as_nobody(args: &[&std::ffi::OsStr]) -> Option<RunOutcome> {
         Duration::from_secs(30),
     );
     if r.stderr.contains("Permission denied") && r.stderr.contains(&*bin.to_string_lossy()) {
-        eprintln!(
-            "SKIP: the unprivileged user cannot execute {}",
+        missing_prerequisite(&format!(
+            "the unprivileged user cannot execute {}",
             bin.display()
-        );
+        ));
         return None;
     }
     Some(r)
@@ -275,11 +288,8 @@ impl RunningVm {
     pub fn signal(&self, signal: libc::c_int) {
         let pid = libc::pid_t::try_from(self.child.id()).expect("pid");
         // SAFETY: kill(2) on the pid of our own child, which has not been reaped yet.
-        assert_eq!(
-            unsafe { libc::kill(pid, signal) },
-            0,
-            "kill({pid}, {signal})"
-        );
+        let rc = unsafe { libc::kill(pid, signal) };
+        assert_eq!(rc, 0, "kill({pid}, {signal})");
     }
 
     /// Wait (at most `timeout`) for the VMM to end on its own; kill it and panic if it does not.

@@ -9,6 +9,9 @@
 //! cargo bench -p daxvisor --bench pmem_bandwidth [-- MIB [RUNS]]
 //! env DAXVISOR_TESTGUEST=ELF boots that test guest instead of the one embedded in daxvisor.
 
+// A benchmark program: a failed step aborts the run with its message.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
 use std::path::Path;
 use std::process::Command;
 use std::time::{Duration, Instant};

@@ -1,6 +1,8 @@
 //! The VM's layout-lease manager: one [`Mapper`] over the VM's pmem regions, and the host guard on the event
-//! loop. While the VM runs, a foreign process that opens or truncates a backing file the VMM opened alone is
-//! seen at once (the kernel breaks the VMM's write lease), handled as a whole-file break, logged and recorded.
+//! loop. Every region is registered before its device is built, so the device's flushes run under transient
+//! pins (a punch waits for a flush in flight). While the VM runs, a foreign process that opens or truncates a
+//! backing file the VMM opened alone is seen at once (the kernel breaks the VMM's write lease), handled as a
+//! whole-file break, logged and recorded.
 //!
 //! Until the agent channel connects guest holders, break and revoke notices have nobody to go to: they are
 //! logged ([`LogNotifier`]).
@@ -9,15 +11,16 @@ use std::os::fd::AsRawFd;
 use std::sync::Arc;
 use std::time::Duration;
 
+use daxvisor_mapper::{
+    guard_signal, BreakNotice, BreakNotifier, HostGuard, Mapper, MapperError, RegionDesc, RegionId,
+    RevokeNotice,
+};
 use event_manager::{EventOps, Events, MutEventSubscriber};
 use vmm_sys_util::epoll::EventSet;
 use vmm_sys_util::timerfd::TimerFd;
 
-use crate::mapper::{
-    guard, BreakNotice, BreakNotifier, HostGuard, HostMapping, Mapper, MapperError, RegionDesc,
-    RegionId, RevokeNotice,
-};
-use crate::pmem::PmemRegion;
+use crate::pmem::flush::FlushFence;
+use crate::pmem::Backing;
 
 /// How often the guard retries taking its lease on files a foreign open took it from.
 const REARM_INTERVAL: Duration = Duration::from_secs(1);
@@ -41,10 +44,10 @@ pub struct LeaseManager {
 
 impl LeaseManager {
     /// Must run on the thread that runs the event loop, before any other thread is spawned: the guard's signal
-    /// is blocked here and every later thread inherits the mask (see mapper/guard.rs).
+    /// is blocked here and every later thread inherits the mask (see the mapper crate's guard module).
     pub fn new() -> Result<Self, MapperError> {
         let mapper = Mapper::new(Arc::new(LogNotifier), None);
-        let guard = Arc::new(HostGuard::new(mapper.clone(), guard::guard_signal())?);
+        let guard = Arc::new(HostGuard::new(mapper.clone(), guard_signal())?);
         Ok(LeaseManager { mapper, guard })
     }
 
@@ -52,29 +55,29 @@ impl LeaseManager {
         &self.mapper
     }
 
-    /// Register a pmem region and, where its layout can change, guard its backing file. A file that is already
-    /// open elsewhere cannot be guarded (the kernel grants a write lease only to a lone opener): warned, not fatal.
-    pub fn add_pmem_region(&self, region: &PmemRegion) -> Result<RegionId, MapperError> {
-        let b = &region.backing;
+    /// What a pmem device's flush worker holds around each flush batch.
+    pub fn fence(&self, region: RegionId) -> FlushFence {
+        FlushFence::new(self.mapper.clone(), region)
+    }
+
+    /// Register a pmem backing mapped at guest address `gpa` and, where its layout can change, guard its file.
+    /// A file that is already open elsewhere cannot be guarded (the kernel grants a write lease only to a lone
+    /// opener): warned, not fatal.
+    pub fn add_pmem_region(&self, b: &Backing, gpa: u64) -> Result<RegionId, MapperError> {
         let file = b.file().try_clone().map_err(|e| MapperError::Io {
             op: "dup backing file",
             source: e,
         })?;
-        let id = self.mapper.add_region(RegionDesc {
-            file: Arc::new(file),
-            file_offset: 0,
-            size: b.size(),
-            kind: b.kind(),
-            mapping: Some(HostMapping {
-                addr: b.host_addr() as usize,
-                len: b.size() as usize,
-            }),
-            iova: region.guest_addr,
-        })?;
+        let id = self.mapper.add_region(
+            RegionDesc::new(Arc::new(file), 0, b.size(), b.kind())
+                .with_mapping(b.mapping().clone())
+                .with_iova(gpa)
+                .with_name(b.id()),
+        )?;
         if b.kind().has_layout() {
             if let Err(e) = self.guard.arm(id) {
                 tracing::warn!(
-                    region = %id,
+                    id = b.id(),
                     path = %b.path().display(),
                     error = %e,
                     "cannot guard the backing file (is it open elsewhere?); foreign opens will not be seen"

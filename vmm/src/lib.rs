@@ -10,7 +10,7 @@
 //! - [`pmem`]: persistent-memory backings.
 //! - [`host_files`]: kernel, initrd and serial files; the undo list of a refused start.
 //! - [`signals`]: SIGINT/SIGTERM stop the VM cleanly.
-//! - [`mapper`]: the layout-lease library (files, ranges, owners); [`lease_manager`] drives it for a running VM.
+//! - [`lease_manager`]: drives the layout-lease library (the `daxvisor-mapper` crate) for a running VM.
 //! - [`acpi`]: the guest's ACPI tables (RSDP, XSDT, FADT, MADT, DSDT).
 
 pub mod acpi;
@@ -21,7 +21,6 @@ pub mod event_loop;
 pub mod host_files;
 pub mod layout;
 pub mod lease_manager;
-pub mod mapper;
 pub mod pmem;
 pub mod signals;
 pub mod vm;

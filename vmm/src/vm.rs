@@ -54,7 +54,7 @@ pub enum StartError {
     #[error(transparent)]
     Acpi(#[from] acpi::AcpiError),
     #[error("layout-lease manager: {0}")]
-    Leases(#[from] crate::mapper::MapperError),
+    Leases(#[from] daxvisor_mapper::MapperError),
     #[error(transparent)]
     Pmem(#[from] PmemError),
     #[error(transparent)]
@@ -161,12 +161,10 @@ pub fn run(config: &VmConfig) -> Result<VmExit, StartError> {
         &mut devices,
         &mut event_loop,
         &mem,
-        &mut undo,
+        &leases,
     )?;
+    pmem::attach::record_undo(&pmem_regions, &mut undo)?;
     let faults = FaultMap::new(&pmem_regions)?;
-    for region in &pmem_regions {
-        leases.add_pmem_region(region)?;
-    }
     event_loop.add_subscriber(Arc::new(Mutex::new(leases.subscriber()?)));
     let pmem_windows: Vec<(u64, u64)> = pmem_regions
         .iter()

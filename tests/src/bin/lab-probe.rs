@@ -11,6 +11,9 @@
 //!                            map the first LEN bytes of PATH (a file or device-DAX) and count the 8-byte words that
 //!                            differ from the test guest's pattern for SEED; exit 0 when none does
 
+// Test support: a failed step fails the test that called it, with its message.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
 use std::ffi::CString;
 use std::fs::{File, OpenOptions};
 use std::io::Read;

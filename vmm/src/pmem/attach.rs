@@ -22,6 +22,7 @@ use crate::device_manager::{DeviceError, DeviceManager, VirtioSlot};
 use crate::event_loop::EventLoop;
 use crate::host_files::StartUndo;
 use crate::layout;
+use crate::lease_manager::LeaseManager;
 use crate::vstate::vm::{Vm, VmError};
 
 /// Linux with 4-level paging cannot address guest physical memory above 2^46 (64 TiB).
@@ -51,6 +52,12 @@ pub enum PmemError {
         #[source]
         source: DeviceError,
     },
+    #[error("pmem {id}: cannot register with the layout-lease manager: {source}")]
+    Leases {
+        id: String,
+        #[source]
+        source: daxvisor_mapper::MapperError,
+    },
     #[error("pmem {id}: cannot set up the flush worker: {source}")]
     Worker {
         id: String,
@@ -66,6 +73,8 @@ pub struct PmemRegion {
     pub guest_addr: u64,
     pub slot: VirtioSlot,
     pub metrics: Arc<PmemMetrics>,
+    /// The region as the layout-lease manager knows it.
+    pub region: daxvisor_mapper::RegionId,
 }
 
 impl PmemRegion {
@@ -123,8 +132,8 @@ pub fn place(mem_bytes: u64, sizes_aligns: &[(u64, u64)]) -> Result<Vec<u64>, Pm
     Ok(out)
 }
 
-/// Attach every configured region. `mem` is guest RAM (the devices' view; pmem windows are not in it). What
-/// `create=on` did is recorded in `undo`, for a start that fails later.
+/// Attach every configured region. `mem` is guest RAM (the devices' view; pmem windows are not in it). If any
+/// fails, what `create=on` did is undone; after success, [`record_undo`] hands that job to the start's undo list.
 pub fn attach(
     configs: &[PmemConfig],
     mem_bytes: u64,
@@ -132,7 +141,7 @@ pub fn attach(
     devices: &mut DeviceManager,
     event_loop: &mut EventLoop,
     mem: &GuestMemoryMmap,
-    undo: &mut StartUndo,
+    leases: &LeaseManager,
 ) -> Result<Vec<PmemRegion>, PmemError> {
     let mut backings: Vec<Backing> = Vec::new();
     let result = open_all(configs, &mut backings).and_then(|()| {
@@ -150,33 +159,47 @@ pub fn attach(
         }
     };
 
-    for b in &backings {
-        record_undo(b, undo)?;
-    }
-    let mut regions = Vec::new();
-    for (backing, gpa) in backings.into_iter().zip(addrs) {
-        let (slot, metrics) = attach_one(&backing, gpa, vm, devices, event_loop, mem)?;
+    let mut regions: Vec<PmemRegion> = Vec::new();
+    let mut pending = backings.into_iter().zip(addrs);
+    while let Some((backing, gpa)) = pending.next() {
+        let (slot, metrics, region) =
+            match attach_one(&backing, gpa, vm, devices, event_loop, mem, leases) {
+                Ok(r) => r,
+                Err(e) => {
+                    let all = regions.into_iter().map(|r| r.backing);
+                    undo_opened(
+                        all.chain([backing])
+                            .chain(pending.map(|(b, _)| b))
+                            .collect(),
+                    );
+                    return Err(e);
+                }
+            };
         regions.push(PmemRegion {
             backing,
             guest_addr: gpa,
             slot,
             metrics,
+            region,
         });
     }
     Ok(regions)
 }
 
-/// Record in `undo` what `create=on` did to this backing's file.
-fn record_undo(b: &Backing, undo: &mut StartUndo) -> Result<(), PmemError> {
-    if b.created() {
-        undo.remove_on_failure(b.path());
-    } else if let Some(len) = b.extended_from() {
-        let file = b.file().try_clone().map_err(|source| BackingError::Io {
-            path: b.path().to_owned(),
-            what: "duplicate its descriptor",
-            source,
-        })?;
-        undo.truncate_on_failure(file, b.path(), len);
+/// Record in `undo` what `create=on` did to the regions' files, for a start that fails after they were attached
+/// (a bad kernel, a command line too long).
+pub fn record_undo(regions: &[PmemRegion], undo: &mut StartUndo) -> Result<(), PmemError> {
+    for b in regions.iter().map(|r| &r.backing) {
+        if b.created() {
+            undo.remove_on_failure(b.path());
+        } else if let Some(len) = b.extended_from() {
+            let file = b.file().try_clone().map_err(|source| BackingError::Io {
+                path: b.path().to_owned(),
+                what: "duplicate its descriptor",
+                source,
+            })?;
+            undo.truncate_on_failure(file, b.path(), len);
+        }
     }
     Ok(())
 }
@@ -227,7 +250,8 @@ fn attach_one(
     devices: &mut DeviceManager,
     event_loop: &mut EventLoop,
     mem: &GuestMemoryMmap,
-) -> Result<(VirtioSlot, Arc<PmemMetrics>), PmemError> {
+    leases: &LeaseManager,
+) -> Result<(VirtioSlot, Arc<PmemMetrics>, daxvisor_mapper::RegionId), PmemError> {
     let id = backing.id().to_owned();
     let slot = backing.memslot(gpa);
     vm.add_slot(
@@ -244,7 +268,14 @@ fn attach_one(
         id: id.clone(),
         source,
     };
-    let flush = BackingFlush::new(backing).map_err(worker_err)?;
+    // Registered before the device exists, so every flush batch runs under a transient pin of the region.
+    let region = leases
+        .add_pmem_region(backing, gpa)
+        .map_err(|source| PmemError::Leases {
+            id: id.clone(),
+            source,
+        })?;
+    let flush = BackingFlush::new(backing, Some(leases.fence(region))).map_err(worker_err)?;
     let pmem = Pmem::new(
         &id,
         DeviceConfig {
@@ -282,7 +313,7 @@ fn attach_one(
         irq = vslot.irq,
         "pmem region attached"
     );
-    Ok((vslot, metrics))
+    Ok((vslot, metrics, region))
 }
 
 #[cfg(test)]

@@ -15,11 +15,13 @@
 //! that every guest-visible byte is a byte of the file. `create=on` extends a short file to a valid size.
 //!
 //! ## Kinds and mapping flags
+//! The kind comes from the mapper crate's probe (`daxvisor_mapper::probe`), the one place that knows host
+//! files; the mapping from its `HostMapping`:
 //! | kind    | detected by                                   | mapping                                        |
 //! |---------|-----------------------------------------------|------------------------------------------------|
 //! | DevDax  | char device whose sysfs subsystem is `dax`    | MAP_SHARED (device-DAX is synchronous already)  |
 //! | FsDax   | statx STATX_ATTR_DAX                          | MAP_SHARED_VALIDATE\|MAP_SYNC, else MAP_SHARED with a warning |
-//! | Memfd   | fstatfs TMPFS_MAGIC (tmpfs, /dev/shm, memfd)  | MAP_SHARED                                      |
+//! | Ram     | fstatfs tmpfs or hugetlbfs (/dev/shm, memfd)  | MAP_SHARED                                      |
 //! | Regular | anything else                                 | MAP_SHARED                                      |
 //! `discard_writes=on` maps MAP_PRIVATE (the file is opened read-only, so it cannot be written even by
 //! mistake); `readonly=on` maps PROT_READ and opens read-only.
@@ -33,13 +35,13 @@
 
 use std::fs::{File, Metadata, OpenOptions};
 use std::io;
-use std::os::fd::AsRawFd;
-use std::os::unix::fs::{FileTypeExt, MetadataExt, OpenOptionsExt};
+use std::os::unix::fs::{FileTypeExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
-use std::ptr::NonNull;
+use std::sync::Arc;
+
+use daxvisor_mapper::{probe, BackingKind, DevDaxInfo, HostMapping, MapOptions, ProbeError};
 
 use super::config::{PmemConfig, SIZE_ALIGN};
-use super::kind::BackingKind;
 
 #[derive(Debug, thiserror::Error)]
 pub enum BackingError {
@@ -100,13 +102,6 @@ pub enum BackingError {
     },
 }
 
-/// Device-DAX geometry from sysfs.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub struct DevDaxInfo {
-    pub size: u64,
-    pub align: u64,
-}
-
 /// What KVM needs for the region's memslot.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct PmemMemslot {
@@ -126,21 +121,13 @@ pub struct Backing {
     size: u64,
     readonly: bool,
     discard_writes: bool,
-    map_sync: bool,
-    mmap_flags: libc::c_int,
     dev_dax: Option<DevDaxInfo>,
-    host_addr: NonNull<u8>,
+    mapping: Arc<HostMapping>,
     /// This open created the file (create=on).
     created: bool,
     /// This open extended the file from this length (create=on).
     extended_from: Option<u64>,
 }
-
-// SAFETY: Backing owns its mapping; the raw pointer is only an address handed to KVM and never dereferenced by
-// the VMM. Moving or sharing the owner between threads does not create aliasing Rust references.
-unsafe impl Send for Backing {}
-// SAFETY: see above; all methods take &self and only read plain fields.
-unsafe impl Sync for Backing {}
 
 impl Backing {
     /// Open, check and map the backing of `cfg`. `id` names it in logs.
@@ -186,7 +173,21 @@ impl Backing {
         })?;
         check_type(&path, &meta)?;
 
-        let (kind, dev_dax) = detect_kind(&path, &file, &meta, sysfs)?;
+        let probed = probe(&file, sysfs).map_err(|e| match e {
+            ProbeError::NotDevDax(what) => BackingError::DevDax {
+                path: path.clone(),
+                what,
+            },
+            ProbeError::Stat(source) => BackingError::Stat {
+                path: path.clone(),
+                source,
+            },
+            other => BackingError::Stat {
+                path: path.clone(),
+                source: io::Error::other(other.to_string()),
+            },
+        })?;
+        let (kind, dev_dax) = (probed.kind, probed.dev_dax);
         if dev_dax.is_some() && cfg.discard_writes {
             // The device-DAX driver only allows shared mappings.
             return Err(BackingError::DevDax {
@@ -205,27 +206,23 @@ impl Backing {
 
         if size > avail_len {
             // create=on, regular file: reserve the blocks now so a guest write cannot hit ENOSPC later.
-            extend(&file, avail_len, size).map_err(|e| BackingError::Io {
+            daxvisor_mapper::extend(&file, avail_len, size).map_err(|e| BackingError::Io {
                 path: path.clone(),
                 what: "extend the file",
                 source: e,
             })?;
         }
-        let prot = if cfg.readonly {
-            libc::PROT_READ
-        } else {
-            libc::PROT_READ | libc::PROT_WRITE
+        let opts = MapOptions {
+            writable: !cfg.readonly,
+            private: cfg.discard_writes,
+            want_sync: kind == BackingKind::FsDax && !cfg.readonly && !cfg.discard_writes,
+            align: dev_dax.map_or(SIZE_ALIGN, |d| d.align.max(SIZE_ALIGN)),
         };
-        let want_sync = kind == BackingKind::FsDax && !cfg.readonly && !cfg.discard_writes;
-        let align = dev_dax.map_or(SIZE_ALIGN, |d| d.align.max(SIZE_ALIGN));
-        let mapping =
-            map(&file, size, prot, cfg.discard_writes, want_sync, align, id).map_err(|e| {
-                BackingError::Io {
-                    path: path.clone(),
-                    what: "mmap it",
-                    source: e,
-                }
-            });
+        let mapping = HostMapping::map(&file, 0, size, opts).map_err(|e| BackingError::Io {
+            path: path.clone(),
+            what: "mmap it",
+            source: e,
+        });
         let mapping = match mapping {
             Ok(m) => m,
             Err(e) => {
@@ -247,10 +244,8 @@ impl Backing {
             size,
             readonly: cfg.readonly,
             discard_writes: cfg.discard_writes,
-            map_sync: mapping.map_sync,
-            mmap_flags: mapping.flags,
             dev_dax,
-            host_addr: mapping.addr,
+            mapping: Arc::new(mapping),
             created: was_created,
             extended_from: (size > avail_len && !was_created).then_some(avail_len),
         };
@@ -259,7 +254,7 @@ impl Backing {
             path = %backing.path.display(),
             kind = %backing.kind,
             size = backing.size,
-            flags = %backing.mmap_flags_str(),
+            flags = %backing.mapping.flags_str(),
             prot = if backing.readonly { "PROT_READ" } else { "PROT_READ|PROT_WRITE" },
             host_addr = format_args!("{:#x}", backing.host_addr()),
             "pmem backing mapped"
@@ -299,7 +294,12 @@ impl Backing {
 
     /// Whether the mapping is MAP_SYNC (fs-dax and the kernel agreed).
     pub fn map_sync(&self) -> bool {
-        self.map_sync
+        self.mapping.is_sync()
+    }
+
+    /// The host mapping of the whole region (the mapper keeps a reference for pins).
+    pub fn mapping(&self) -> &Arc<HostMapping> {
+        &self.mapping
     }
 
     pub fn dev_dax(&self) -> Option<DevDaxInfo> {
@@ -308,27 +308,12 @@ impl Backing {
 
     /// Host virtual address of the mapping, 2 MiB aligned (device-DAX: its alignment).
     pub fn host_addr(&self) -> u64 {
-        self.host_addr.as_ptr() as u64
+        self.mapping.addr() as u64
     }
 
     /// The mmap flags in words, as logged.
     pub fn mmap_flags_str(&self) -> String {
-        let f = self.mmap_flags;
-        let mut parts = Vec::new();
-        if f & libc::MAP_SHARED_VALIDATE == libc::MAP_SHARED_VALIDATE {
-            parts.push("MAP_SHARED_VALIDATE");
-        } else if f & libc::MAP_SHARED != 0 {
-            parts.push("MAP_SHARED");
-        } else if f & libc::MAP_PRIVATE != 0 {
-            parts.push("MAP_PRIVATE");
-        }
-        if f & libc::MAP_SYNC != 0 {
-            parts.push("MAP_SYNC");
-        }
-        if f & libc::MAP_NORESERVE != 0 {
-            parts.push("MAP_NORESERVE");
-        }
-        parts.join("|")
+        self.mapping.flags_str()
     }
 
     /// The KVM memslot for this region at `guest_phys_addr` (2 MiB aligned, from `layout::pmem_start`).
@@ -382,17 +367,6 @@ impl Backing {
             )));
         }
         Ok(())
-    }
-}
-
-impl Drop for Backing {
-    fn drop(&mut self) {
-        // SAFETY: host_addr/size is exactly the mapping `map` created and this object owns; nothing uses it after
-        // the owner is dropped (the VMM removes the memslot first).
-        let rc = unsafe { libc::munmap(self.host_addr.as_ptr().cast(), self.size as usize) };
-        if rc != 0 {
-            tracing::warn!(id = %self.id, "munmap of pmem region failed: {}", io::Error::last_os_error());
-        }
     }
 }
 
@@ -555,245 +529,14 @@ fn check_size(
     Ok(())
 }
 
-/// Kind of an opened backing.
-fn detect_kind(
-    path: &Path,
-    file: &File,
-    meta: &Metadata,
-    sysfs: &Path,
-) -> Result<(BackingKind, Option<DevDaxInfo>), BackingError> {
-    if meta.file_type().is_char_device() {
-        let info = dev_dax_info(sysfs, meta.rdev()).map_err(|what| BackingError::DevDax {
-            path: path.to_owned(),
-            what,
-        })?;
-        return Ok((BackingKind::DevDax, Some(info)));
-    }
-    if is_dax_file(file) {
-        return Ok((BackingKind::FsDax, None));
-    }
-    if is_tmpfs(file) {
-        return Ok((BackingKind::Memfd, None));
-    }
-    Ok((BackingKind::Regular, None))
-}
-
-/// statx reports STATX_ATTR_DAX for files whose page cache is bypassed (fs-dax).
-pub fn is_dax_file(file: &File) -> bool {
-    // SAFETY: statx writes into the zeroed struct we pass; the empty path with AT_EMPTY_PATH refers to the fd.
-    let mut stx: libc::statx = unsafe { std::mem::zeroed() };
-    let empty = c"";
-    // SAFETY: valid fd, valid NUL-terminated path, valid out pointer.
-    let rc = unsafe {
-        libc::statx(
-            file.as_raw_fd(),
-            empty.as_ptr(),
-            libc::AT_EMPTY_PATH,
-            libc::STATX_BASIC_STATS,
-            &mut stx,
-        )
-    };
-    let dax = libc::STATX_ATTR_DAX as u64;
-    rc == 0 && stx.stx_attributes_mask & dax != 0 && stx.stx_attributes & dax != 0
-}
-
-fn is_tmpfs(file: &File) -> bool {
-    // SAFETY: fstatfs fills the zeroed struct for a valid fd.
-    let mut sfs: libc::statfs = unsafe { std::mem::zeroed() };
-    // SAFETY: as above.
-    let rc = unsafe { libc::fstatfs(file.as_raw_fd(), &mut sfs) };
-    rc == 0 && sfs.f_type == libc::TMPFS_MAGIC
-}
-
-/// Size and alignment of the device-DAX instance with device number `rdev`, from
-/// `<sysfs>/dev/char/MAJ:MIN/{subsystem,size,align}` (falling back to `<sysfs>/bus/dax/devices/NAME/`).
-pub fn dev_dax_info(sysfs: &Path, rdev: u64) -> Result<DevDaxInfo, String> {
-    let (maj, min) = (libc::major(rdev), libc::minor(rdev));
-    let dev_dir = sysfs.join(format!("dev/char/{maj}:{min}"));
-    let subsystem = std::fs::read_link(dev_dir.join("subsystem")).map_err(|_| {
-        format!("character device {maj}:{min} is not device-DAX (no sysfs subsystem)")
-    })?;
-    if subsystem.file_name().is_none_or(|n| n != "dax") {
-        return Err(format!(
-            "character device {maj}:{min} belongs to '{}', not dax",
-            subsystem
-                .file_name()
-                .map(|n| n.to_string_lossy().into_owned())
-                .unwrap_or_default()
-        ));
-    }
-    let name = std::fs::canonicalize(&dev_dir)
-        .ok()
-        .and_then(|p| p.file_name().map(|n| n.to_owned()));
-    let read_u64 = |attr: &str| -> Option<u64> {
-        let candidates = std::iter::once(dev_dir.join(attr)).chain(
-            name.iter()
-                .map(|n| sysfs.join("bus/dax/devices").join(n).join(attr)),
-        );
-        candidates
-            .filter_map(|p| std::fs::read_to_string(p).ok())
-            .find_map(|s| {
-                let s = s.trim();
-                match s.strip_prefix("0x") {
-                    Some(hex) => u64::from_str_radix(hex, 16).ok(),
-                    None => s.parse().ok(),
-                }
-            })
-    };
-    let size = read_u64("size").ok_or_else(|| format!("{maj}:{min}: no readable sysfs size"))?;
-    // Kernels before 5.10 have no align attribute; device-DAX then always used 2 MiB.
-    let align = read_u64("align").unwrap_or(SIZE_ALIGN);
-    if align == 0 || !align.is_power_of_two() {
-        return Err(format!("{maj}:{min}: bad sysfs align {align}"));
-    }
-    Ok(DevDaxInfo { size, align })
-}
-
-/// Grow a regular file to `new_len`, allocating the new blocks (no holes a guest write could find full).
-fn extend(file: &File, old_len: u64, new_len: u64) -> io::Result<()> {
-    let (Ok(off), Ok(len)) = (
-        libc::off_t::try_from(old_len),
-        libc::off_t::try_from(new_len - old_len),
-    ) else {
-        return Err(io::Error::from_raw_os_error(libc::EFBIG));
-    };
-    // SAFETY: plain syscall on a valid fd.
-    let rc = unsafe { libc::fallocate(file.as_raw_fd(), 0, off, len) };
-    if rc == 0 {
-        return Ok(());
-    }
-    let e = io::Error::last_os_error();
-    if e.raw_os_error() == Some(libc::EOPNOTSUPP) {
-        return file.set_len(new_len);
-    }
-    // fallocate may have allocated part of the range before failing (ENOSPC): put the length back.
-    let _ = file.set_len(old_len);
-    Err(e)
-}
-
-struct Mapping {
-    addr: NonNull<u8>,
-    flags: libc::c_int,
-    map_sync: bool,
-}
-
-/// Map `size` bytes of `file` at a host address aligned to `align`.
-///
-/// `want_sync` asks for MAP_SHARED_VALIDATE|MAP_SYNC and falls back to MAP_SHARED with a warning when the
-/// kernel refuses it (EOPNOTSUPP: not DAX; EINVAL: kernel without MAP_SYNC).
-fn map(
-    file: &File,
-    size: u64,
-    prot: libc::c_int,
-    private: bool,
-    want_sync: bool,
-    align: u64,
-    id: &str,
-) -> io::Result<Mapping> {
-    let len = usize::try_from(size).map_err(|_| io::Error::from_raw_os_error(libc::EFBIG))?;
-    let align = usize::try_from(align).map_err(|_| io::Error::from_raw_os_error(libc::EINVAL))?;
-    let reserve_len = len
-        .checked_add(align)
-        .ok_or_else(|| io::Error::from_raw_os_error(libc::ENOMEM))?;
-    // Reserve address space with room to align, then place the file mapping inside it.
-    // SAFETY: anonymous PROT_NONE reservation at a kernel-chosen address; touches no existing mapping.
-    let reserve = unsafe {
-        libc::mmap(
-            std::ptr::null_mut(),
-            reserve_len,
-            libc::PROT_NONE,
-            libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | libc::MAP_NORESERVE,
-            -1,
-            0,
-        )
-    };
-    if reserve == libc::MAP_FAILED {
-        return Err(io::Error::last_os_error());
-    }
-    let start = reserve as usize;
-    let aligned = start.div_ceil(align) * align;
-    let unmap = |addr: usize, len: usize| {
-        if len > 0 {
-            // SAFETY: the range lies inside our own reservation.
-            unsafe { libc::munmap(addr as *mut libc::c_void, len) };
-        }
-    };
-    let map_fixed = |flags: libc::c_int| {
-        // SAFETY: MAP_FIXED over [aligned, aligned+len), which is inside our reservation and used by nothing else.
-        let p = unsafe {
-            libc::mmap(
-                aligned as *mut libc::c_void,
-                len,
-                prot,
-                flags | libc::MAP_FIXED,
-                file.as_raw_fd(),
-                0,
-            )
-        };
-        if p == libc::MAP_FAILED {
-            Err(io::Error::last_os_error())
-        } else {
-            Ok(())
-        }
-    };
-
-    let mut result = Err(io::Error::from_raw_os_error(libc::EINVAL));
-    let mut flags = 0;
-    let mut map_sync = false;
-    if want_sync {
-        flags = libc::MAP_SHARED_VALIDATE | libc::MAP_SYNC;
-        result = map_fixed(flags);
-        match &result {
-            Ok(()) => map_sync = true,
-            Err(e)
-                if matches!(
-                    e.raw_os_error(),
-                    Some(libc::EOPNOTSUPP) | Some(libc::EINVAL)
-                ) =>
-            {
-                tracing::warn!(
-                    id,
-                    "MAP_SYNC refused ({e}); falling back to MAP_SHARED: durability now needs fdatasync on every flush"
-                );
-            }
-            Err(_) => {}
-        }
-    }
-    if !map_sync {
-        flags = if private {
-            libc::MAP_PRIVATE | libc::MAP_NORESERVE
-        } else {
-            libc::MAP_SHARED
-        };
-        result = map_fixed(flags);
-    }
-    // Give back the alignment slack on both sides (and everything on failure).
-    match result {
-        Ok(()) => {
-            unmap(start, aligned - start);
-            unmap(aligned + len, start + reserve_len - (aligned + len));
-            let addr = NonNull::new(aligned as *mut u8)
-                .ok_or_else(|| io::Error::from_raw_os_error(libc::ENOMEM))?;
-            Ok(Mapping {
-                addr,
-                flags,
-                map_sync,
-            })
-        }
-        Err(e) => {
-            unmap(start, reserve_len);
-            Err(e)
-        }
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
     use crate::pmem::flush::{BackingFlush, FlushAction};
     use daxvisor_devices::virtio::pmem::Flush;
+    use daxvisor_mapper::dev_dax_info;
     use std::io::Write;
-    use std::os::unix::fs::{FileExt, PermissionsExt};
+    use std::os::unix::fs::{FileExt, MetadataExt, PermissionsExt};
     use std::process::Command;
     use std::sync::{Arc, Mutex};
     use std::time::SystemTime;
@@ -866,7 +609,6 @@ mod tests {
         let p = file_of(dir, "vm.img", 4 * MIB);
         let (b, logs) = logs_of(|| Backing::open(&cfg(&p, "id=t"), "t").unwrap());
         assert_eq!(b.kind(), BackingKind::Regular);
-        assert!(!is_dax_file(b.file()));
         assert_eq!(b.size(), 4 * MIB);
         assert_eq!(b.host_addr() % (2 * MIB), 0, "2 MiB aligned host address");
         assert_eq!(b.mmap_flags_str(), "MAP_SHARED");
@@ -875,7 +617,7 @@ mod tests {
             "{logs}"
         );
         write_mapped(&b, 3 * MIB, b"guest data");
-        let flush = BackingFlush::new(&b).unwrap();
+        let flush = BackingFlush::new(&b, None).unwrap();
         assert_eq!(flush.action(), FlushAction::Fdatasync);
         flush.flush().unwrap();
         let mut buf = [0u8; 10];
@@ -887,25 +629,25 @@ mod tests {
 
         // MAP_SYNC: this file system is not DAX, so the kernel refuses and we fall back, loudly.
         let (m, logs) = logs_of(|| {
-            map(
+            HostMapping::map(
                 b.file(),
+                0,
                 2 * MIB,
-                libc::PROT_READ,
-                false,
-                true,
-                2 * MIB,
-                "sync-probe",
+                MapOptions {
+                    writable: false,
+                    private: false,
+                    want_sync: true,
+                    align: 2 * MIB,
+                },
             )
         });
         let m = m.unwrap();
-        assert!(!m.map_sync);
-        assert_eq!(m.flags, libc::MAP_SHARED);
+        assert!(!m.is_sync());
+        assert_eq!(m.flags_str(), "MAP_SHARED");
         assert!(
             logs.contains("WARN") && logs.contains("MAP_SYNC refused"),
             "{logs}"
         );
-        // SAFETY: unmapping the probe mapping created just above.
-        unsafe { libc::munmap(m.addr.as_ptr().cast(), 2 * MIB as usize) };
     }
 
     #[test]
@@ -993,9 +735,9 @@ mod tests {
         let dir = tempfile::tempdir_in("/dev/shm").unwrap();
         let p = file_of(dir.path(), "shm.img", 2 * MIB);
         let b = Backing::open(&cfg(&p, ""), "shm").unwrap();
-        assert_eq!(b.kind(), BackingKind::Memfd);
+        assert_eq!(b.kind(), BackingKind::Ram);
         assert_eq!(
-            BackingFlush::new(&b).unwrap().action(),
+            BackingFlush::new(&b, None).unwrap().action(),
             FlushAction::Nothing
         );
 
@@ -1007,7 +749,7 @@ mod tests {
         memfd.set_len(2 * MIB).unwrap();
         let path = PathBuf::from(format!("/proc/self/fd/{fd}"));
         let b = Backing::open(&cfg(&path, ""), "memfd").unwrap();
-        assert_eq!(b.kind(), BackingKind::Memfd);
+        assert_eq!(b.kind(), BackingKind::Ram);
         write_mapped(&b, 0, b"shared");
         let mut buf = [0u8; 6];
         memfd.read_exact_at(&mut buf, 0).unwrap();
@@ -1027,7 +769,7 @@ mod tests {
         assert!(ro.memslot(4 << 30).readonly);
         assert_eq!(mapped(&ro, 100, 3), vec![7, 7, 7]);
         assert_eq!(
-            BackingFlush::new(&ro).unwrap().action(),
+            BackingFlush::new(&ro, None).unwrap().action(),
             FlushAction::Nothing
         );
 
@@ -1136,7 +878,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let p = file_of(dir.path(), "shrink.img", 4 * MIB);
         let b = Backing::open(&cfg(&p, ""), "shrink").unwrap();
-        let flush = BackingFlush::new(&b).unwrap();
+        let flush = BackingFlush::new(&b, None).unwrap();
         flush.flush().unwrap();
         // Someone else truncates the file under the VM.
         std::fs::OpenOptions::new()
@@ -1299,7 +1041,7 @@ mod tests {
             })
         );
         assert_eq!(b.mmap_flags_str(), "MAP_SHARED");
-        let flush = BackingFlush::new(&b).unwrap();
+        let flush = BackingFlush::new(&b, None).unwrap();
         assert_eq!(flush.action(), FlushAction::Nothing);
         flush.flush().unwrap();
         let e =

@@ -6,7 +6,7 @@
 //! | FsDax, MAP_SHARED fallback      | fdatasync             | data is in pmem, block allocation metadata is not |
 //! | FsDax with MAP_SYNC             | nothing               | metadata is made durable at write-fault time; the guest writes back its own CPU caches before it asks |
 //! | DevDax                          | nothing               | no file system metadata; the guest flushes CPU caches |
-//! | Memfd / tmpfs                   | nothing               | RAM: nothing can be made durable                  |
+//! | Ram (tmpfs, memfd, hugetlbfs)   | nothing               | RAM: nothing can be made durable                  |
 //! | readonly=on / discard_writes=on | nothing               | the file is never written                         |
 //!
 //! Every flush first checks the file did not shrink under the VM; if it did, the guest gets EIO (its data past
@@ -20,9 +20,10 @@ use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, Ordering};
 
 use daxvisor_devices::virtio::pmem::Flush;
+use daxvisor_mapper::{Mapper, RegionId};
 
 use super::backing::Backing;
-use super::kind::BackingKind;
+use daxvisor_mapper::BackingKind;
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum FlushAction {
@@ -38,12 +39,27 @@ impl FlushAction {
         match b.kind() {
             BackingKind::Regular => FlushAction::Fdatasync,
             BackingKind::FsDax if !b.map_sync() => FlushAction::Fdatasync,
-            BackingKind::FsDax | BackingKind::DevDax | BackingKind::Memfd => FlushAction::Nothing,
+            BackingKind::FsDax | BackingKind::DevDax | BackingKind::Ram => FlushAction::Nothing,
+            _ => FlushAction::Fdatasync,
         }
     }
 }
 
+/// The layout-lease manager's hold on the region while a flush runs: a transient pin over the whole window, so
+/// a punch or shrink waits for the flush in flight instead of racing it.
+pub struct FlushFence {
+    mapper: Mapper,
+    region: RegionId,
+}
+
+impl FlushFence {
+    pub fn new(mapper: Mapper, region: RegionId) -> Self {
+        FlushFence { mapper, region }
+    }
+}
+
 pub struct BackingFlush {
+    fence: Option<FlushFence>,
     file: File,
     path: PathBuf,
     /// Bytes of the file the guest sees; a file shorter than this lost guest data.
@@ -55,10 +71,11 @@ pub struct BackingFlush {
 }
 
 impl BackingFlush {
-    pub fn new(b: &Backing) -> io::Result<BackingFlush> {
+    pub fn new(b: &Backing, fence: Option<FlushFence>) -> io::Result<BackingFlush> {
         let action = FlushAction::for_backing(b);
         tracing::info!(id = b.id(), ?action, "pmem flush policy");
         Ok(BackingFlush {
+            fence,
             file: b.file().try_clone()?,
             path: b.path().to_owned(),
             size: b.size(),
@@ -75,6 +92,14 @@ impl BackingFlush {
 
 impl Flush for BackingFlush {
     fn flush(&self) -> io::Result<()> {
+        let _transient = match &self.fence {
+            Some(f) => Some(
+                f.mapper
+                    .transient(f.region, 0, 0)
+                    .map_err(|e| io::Error::other(e.to_string()))?,
+            ),
+            None => None,
+        };
         if self.failed.load(Ordering::Acquire) {
             return Err(io::Error::other(
                 "an earlier flush of this backing failed; durability can no longer be promised",

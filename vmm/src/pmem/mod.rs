@@ -6,7 +6,8 @@
 //! - [`flush`]: what a guest flush request does for each kind ([`BackingFlush`]).
 //! - [`file_lock`]: the OFD lock that gives the VM exclusive use of each backing file.
 //! - [`fault`]: naming the region, file and offset behind a KVM_RUN EFAULT.
-//! - [`kind`]: [`BackingKind`], shared with the mapper.
+//!
+//! The backing kind ([`BackingKind`]) and every probe of a host file come from the mapper crate.
 
 pub mod attach;
 pub mod backing;
@@ -14,10 +15,9 @@ pub mod config;
 pub mod fault;
 pub mod file_lock;
 pub mod flush;
-pub mod kind;
 
 pub use attach::{attach, PmemError, PmemRegion};
 pub use backing::{Backing, BackingError, PmemMemslot};
 pub use config::PmemConfig;
+pub use daxvisor_mapper::BackingKind;
 pub use flush::{BackingFlush, FlushAction};
-pub use kind::BackingKind;

@@ -18,20 +18,23 @@ use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime};
 
-use super::breaks::BreakPolicy;
-use super::error::{MapperError, Result};
-use super::layout_change::{ChangeRequest, LayoutChange};
-use super::owner::OwnerId;
-use super::region::RegionId;
-use super::Mapper;
+use crate::breaks::BreakPolicy;
+use crate::error::{MapperError, Result};
+use crate::host::FileKey;
+use crate::ids::{OwnerId, RegionId};
+use crate::layout_change::{ChangeRequest, LayoutChange};
+use crate::Mapper;
 
 /// What the host guard saw and did about it.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct GuardEvent {
+    /// The region whose file was opened (the first one armed on that file).
     pub region: RegionId,
+    /// When.
     pub at: SystemTime,
     /// Shared holders that got a whole-file break notice.
     pub notified: Vec<OwnerId>,
+    /// Holders whose leases were revoked at the deadline.
     pub revoked: Vec<OwnerId>,
     /// `Ok` when every holder answered; otherwise the errno name and message (ETXTBSY names the pin holder).
     pub outcome: std::result::Result<(), String>,
@@ -41,10 +44,12 @@ pub struct GuardEvent {
 
 struct Guarded {
     region: RegionId,
+    key: FileKey,
     file: Arc<File>,
     armed: bool,
 }
 
+/// Watches backing files for foreign opens (see the module docs).
 pub struct HostGuard {
     mapper: Mapper,
     sfd: OwnedFd,
@@ -53,6 +58,7 @@ pub struct HostGuard {
     files: Mutex<HashMap<RawFd, Guarded>>,
     /// Deadline and policy for the whole-file break (the deadline is capped below lease-break-time).
     pub deadline: Duration,
+    /// What happens to holders that do not answer in time.
     pub policy: BreakPolicy,
 }
 
@@ -108,7 +114,7 @@ impl HostGuard {
         let sfd = unsafe {
             libc::sigemptyset(&mut set);
             if libc::sigaddset(&mut set, signo) < 0 {
-                return Err(MapperError::Invalid(format!("signal {signo}")));
+                return Err(MapperError::BadSignal(signo));
             }
             if libc::pthread_sigmask(libc::SIG_BLOCK, &set, std::ptr::null_mut()) != 0 {
                 return Err(MapperError::last_os("pthread_sigmask"));
@@ -145,15 +151,23 @@ impl HostGuard {
         self.files.lock().unwrap_or_else(|e| e.into_inner())
     }
 
-    /// Takes the kernel write lease on the region's backing file. EAGAIN if another open exists (the VMM did
-    /// not open it alone): the guard cannot protect that file.
+    /// Takes the kernel write lease on the region's backing file (once per file). EAGAIN if another open
+    /// exists (the VMM did not open it alone): the guard cannot protect that file.
     pub fn arm(&self, region: RegionId) -> Result<()> {
-        let file = self.mapper.lock().region(region)?.desc.file.clone();
+        let (file, key) = {
+            let st = self.mapper.lock();
+            let reg = st.region(region)?;
+            (reg.desc.file.clone(), reg.key)
+        };
+        if self.files().values().any(|g| g.key == key) {
+            return Ok(());
+        }
         self.take_lease(&file)?;
         self.files().insert(
             file.as_raw_fd(),
             Guarded {
                 region,
+                key,
                 file,
                 armed: true,
             },
@@ -290,8 +304,10 @@ impl HostGuard {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::mapper::test_files::TestRegion;
-    use crate::mapper::{BreakEvent, LeaseMode};
+    use crate::test_files::TestRegion;
+    #[allow(unused_imports)]
+    use crate::*;
+    use crate::{BreakEvent, LeaseMode};
     use std::io::Read;
     use std::process::{Command, Stdio};
 
@@ -340,7 +356,7 @@ mod tests {
             assert_eq!(n.reason, "host-open");
             assert_eq!(
                 n.leases,
-                vec![(l, crate::mapper::ByteRange::new(4 * page, 5 * page))]
+                vec![(l, crate::ByteRange::new(4 * page, 5 * page))]
             );
             std::thread::sleep(Duration::from_millis(300));
             assert_eq!(

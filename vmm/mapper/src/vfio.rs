@@ -1,19 +1,12 @@
-//! DMA mappers: where a pin hands its range to a device. `VfioContainer` issues the real VFIO type1 IOMMU ioctls
-//! (VFIO_IOMMU_MAP_DMA / VFIO_IOMMU_UNMAP_DMA) on a container fd; `RecordingDma` is an in-process backend that
-//! records IOVA mappings so tests (and VMs without passthrough devices) can see exactly what a device could reach.
+//! The VFIO type1 IOMMU backend: VFIO_IOMMU_MAP_DMA / VFIO_IOMMU_UNMAP_DMA on a container fd the VMM set up.
+//! Hand-written ioctls: the rust-vmm vfio crates pull in vm-memory and KVM types this crate must not depend on.
 
-use std::collections::BTreeMap;
 use std::fs::{File, OpenOptions};
 use std::io;
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
 use std::path::Path;
-use std::sync::Mutex;
 
-/// Maps host virtual ranges at IOVAs for a device, and tears them down.
-pub trait DmaMapper: Send + Sync {
-    fn map(&self, iova: u64, vaddr: usize, len: u64) -> io::Result<()>;
-    fn unmap(&self, iova: u64, len: u64) -> io::Result<()>;
-}
+use crate::dma::{DmaMapper, DmaRange};
 
 // linux/vfio.h: VFIO_TYPE = ';', VFIO_BASE = 100.
 const VFIO_TYPE: u32 = b';' as u32;
@@ -21,13 +14,13 @@ const VFIO_BASE: u32 = 100;
 const fn vfio_io(nr: u32) -> libc::c_ulong {
     ((VFIO_TYPE << 8) | (VFIO_BASE + nr)) as libc::c_ulong
 }
-pub const VFIO_GET_API_VERSION: libc::c_ulong = vfio_io(0);
-pub const VFIO_CHECK_EXTENSION: libc::c_ulong = vfio_io(1);
-pub const VFIO_IOMMU_MAP_DMA: libc::c_ulong = vfio_io(13);
-pub const VFIO_IOMMU_UNMAP_DMA: libc::c_ulong = vfio_io(14);
-pub const VFIO_API_VERSION: i32 = 0;
-pub const VFIO_TYPE1_IOMMU: libc::c_ulong = 1;
-pub const VFIO_TYPE1V2_IOMMU: libc::c_ulong = 3;
+pub(crate) const VFIO_GET_API_VERSION: libc::c_ulong = vfio_io(0);
+pub(crate) const VFIO_CHECK_EXTENSION: libc::c_ulong = vfio_io(1);
+pub(crate) const VFIO_IOMMU_MAP_DMA: libc::c_ulong = vfio_io(13);
+pub(crate) const VFIO_IOMMU_UNMAP_DMA: libc::c_ulong = vfio_io(14);
+pub(crate) const VFIO_API_VERSION: i32 = 0;
+pub(crate) const VFIO_TYPE1_IOMMU: libc::c_ulong = 1;
+pub(crate) const VFIO_TYPE1V2_IOMMU: libc::c_ulong = 3;
 const VFIO_DMA_MAP_FLAG_READ: u32 = 1 << 0;
 const VFIO_DMA_MAP_FLAG_WRITE: u32 = 1 << 1;
 
@@ -97,7 +90,8 @@ impl VfioContainer {
 }
 
 impl DmaMapper for VfioContainer {
-    fn map(&self, iova: u64, vaddr: usize, len: u64) -> io::Result<()> {
+    fn map(&self, iova: u64, range: DmaRange<'_>) -> io::Result<()> {
+        let (vaddr, len) = (range.vaddr(), range.len());
         let arg = VfioIommuType1DmaMap {
             argsz: std::mem::size_of::<VfioIommuType1DmaMap>() as u32,
             flags: VFIO_DMA_MAP_FLAG_READ | VFIO_DMA_MAP_FLAG_WRITE,
@@ -133,60 +127,11 @@ impl DmaMapper for VfioContainer {
     }
 }
 
-/// Records IOVA -> (vaddr, len) mappings in process, refusing overlaps like an IOMMU would.
-#[derive(Debug, Default)]
-pub struct RecordingDma {
-    maps: Mutex<BTreeMap<u64, (usize, u64)>>,
-}
-
-impl RecordingDma {
-    pub fn new() -> Self {
-        Self::default()
-    }
-
-    /// (iova, vaddr, len) of every live mapping, by iova.
-    pub fn mappings(&self) -> Vec<(u64, usize, u64)> {
-        self.maps
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .iter()
-            .map(|(i, (v, l))| (*i, *v, *l))
-            .collect()
-    }
-}
-
-impl DmaMapper for RecordingDma {
-    fn map(&self, iova: u64, vaddr: usize, len: u64) -> io::Result<()> {
-        let mut m = self.maps.lock().unwrap_or_else(|e| e.into_inner());
-        let end = iova
-            .checked_add(len)
-            .ok_or_else(|| io::Error::from_raw_os_error(libc::EINVAL))?;
-        if len == 0
-            || m.range(..end)
-                .next_back()
-                .is_some_and(|(i, (_, l))| i + l > iova)
-        {
-            return Err(io::Error::from_raw_os_error(libc::EEXIST));
-        }
-        m.insert(iova, (vaddr, len));
-        Ok(())
-    }
-
-    fn unmap(&self, iova: u64, len: u64) -> io::Result<()> {
-        let mut m = self.maps.lock().unwrap_or_else(|e| e.into_inner());
-        match m.get(&iova) {
-            Some((_, l)) if *l == len => {
-                m.remove(&iova);
-                Ok(())
-            }
-            _ => Err(io::Error::from_raw_os_error(libc::ENOENT)),
-        }
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
+    #[allow(unused_imports)]
+    use crate::*;
 
     #[test]
     fn vfio_ioctl_numbers_match_linux_vfio_h() {
@@ -216,31 +161,12 @@ mod tests {
         // /dev/null is a character device without VFIO ioctls: both version check and DMA ioctls fail.
         assert!(VfioContainer::open(Path::new("/dev/null")).is_err());
         let c = VfioContainer::from_file(File::open("/dev/null").unwrap());
-        let buf = vec![0u8; 4096];
-        let e = c.map(0x1000, buf.as_ptr() as usize, 4096).unwrap_err();
+        let f = tempfile::tempfile().unwrap();
+        f.set_len(4096).unwrap();
+        let m = crate::HostMapping::map(&f, 0, 4096, crate::MapOptions::default()).unwrap();
+        let e = c.map(0x1000, DmaRange::new(&m, 0, 4096)).unwrap_err();
         assert_eq!(e.raw_os_error(), Some(libc::ENOTTY));
         let e = c.unmap(0x1000, 4096).unwrap_err();
         assert_eq!(e.raw_os_error(), Some(libc::ENOTTY));
-    }
-
-    #[test]
-    fn recording_backend_refuses_overlap_and_unknown_unmap() {
-        let d = RecordingDma::new();
-        d.map(0x1000, 0xdead000, 0x2000).unwrap();
-        assert_eq!(
-            d.map(0x2000, 0, 0x1000).unwrap_err().raw_os_error(),
-            Some(libc::EEXIST)
-        );
-        assert_eq!(
-            d.map(0, 0, 0x1001).unwrap_err().raw_os_error(),
-            Some(libc::EEXIST)
-        );
-        d.map(0x3000, 0xbeef000, 0x1000).unwrap();
-        assert_eq!(
-            d.unmap(0x1000, 0x1000).unwrap_err().raw_os_error(),
-            Some(libc::ENOENT)
-        );
-        d.unmap(0x1000, 0x2000).unwrap();
-        assert_eq!(d.mappings(), vec![(0x3000, 0xbeef000, 0x1000)]);
     }
 }

@@ -1,10 +1,13 @@
 //! Transient pins: the VMM's own short I/O on a range (a flush in progress, a prepare writing zeros). A layout
-//! change over the range waits for them instead of failing (Jan Kara: short-term pins make truncate wait).
+//! change over the range waits for them instead of failing (short-term pins make truncate wait). Ordering keeps
+//! both sides moving: a change breaks leases first (a holder may flush while it releases), then waits for the
+//! transient pins in flight; from then until it has applied, new transient pins on its range queue behind it,
+//! so a busy flusher cannot starve it, and no transient pin ever waits on a guest's answer.
 
-use super::error::Result;
-use super::range::ByteRange;
-use super::region::RegionId;
-use super::Mapper;
+use crate::error::Result;
+use crate::ids::RegionId;
+use crate::range::ByteRange;
+use crate::Mapper;
 
 /// Held for the duration of the I/O; dropping it lets waiting changes proceed.
 #[derive(Debug)]
@@ -12,52 +15,56 @@ use super::Mapper;
 pub struct TransientPin {
     mapper: Mapper,
     id: u64,
-    region: RegionId,
     range: ByteRange,
 }
 
 impl TransientPin {
+    /// The region-relative range it covers.
     pub fn range(&self) -> ByteRange {
         self.range
     }
 }
 
 impl Mapper {
-    /// Marks `[off, off+len)` busy with short I/O. Works on every backing kind and never waits.
+    /// Marks `[off, off+len)` of `region` busy with short I/O (`len == 0`: the whole window from `off`). Works
+    /// on every backing kind. Waits only while a change that has finished its breaks drains the range.
     pub fn transient(&self, region: RegionId, off: u64, len: u64) -> Result<TransientPin> {
-        let range = ByteRange::from_request(off, len)?;
         let mut st = self.lock();
-        st.region(region)?;
-        let id = st.next_id();
-        st.region_mut(region)?.transients.insert(range, id);
-        st.transients.insert(id, (region, range));
-        Ok(TransientPin {
-            mapper: self.clone(),
-            id,
-            region,
-            range,
-        })
+        loop {
+            let reg = st.region(region)?;
+            let range = reg.request(off, len)?;
+            let file_range = reg.to_file(range);
+            let key = reg.key;
+            if st.holds(reg)?.draining.any_overlap(file_range) {
+                st = self.wait(st);
+                continue;
+            }
+            let id = st.next_id();
+            st.insert_transient(id, key, file_range);
+            return Ok(TransientPin {
+                mapper: self.clone(),
+                id,
+                range,
+            });
+        }
     }
 }
 
 impl Drop for TransientPin {
     fn drop(&mut self) {
-        let mut st = self.mapper.lock();
-        st.transients.remove(&self.id);
-        if let Some(r) = st.regions.get_mut(&self.region) {
-            r.transients.remove(self.range, self.id);
-        }
-        drop(st);
+        self.mapper.lock().drop_transient(self.id);
         self.mapper.changed.notify_all();
     }
 }
 
 #[cfg(test)]
 mod tests {
+    #[allow(unused_imports)]
+    use crate::*;
     use std::sync::mpsc;
     use std::time::Duration;
 
-    use crate::mapper::test_files::TestRegion;
+    use crate::test_files::TestRegion;
 
     #[test]
     fn a_change_waits_for_a_transient_pin_then_proceeds() {

@@ -2,29 +2,13 @@
 //! operator). Every lease and pin has exactly one owner; when the owner goes away, everything it holds goes.
 
 use std::collections::HashSet;
-use std::fmt;
 
-use super::error::{MapperError, Result};
-use super::lease::LeaseId;
-use super::pin::PinId;
-use super::Mapper;
-
-/// `OwnerId::NONE` (0) is "no owner": requests carrying it are refused with EINVAL.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
-pub struct OwnerId(pub u64);
-
-impl OwnerId {
-    pub const NONE: OwnerId = OwnerId(0);
-}
-
-impl fmt::Display for OwnerId {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "owner:{}", self.0)
-    }
-}
+use crate::error::{MapperError, Missing, Result};
+use crate::ids::{LeaseId, OwnerId, PinId};
+use crate::Mapper;
 
 #[derive(Debug)]
-pub(super) struct Owner {
+pub(crate) struct Owner {
     pub name: String,
     pub leases: HashSet<LeaseId>,
     pub pins: HashSet<PinId>,
@@ -34,7 +18,7 @@ impl Mapper {
     /// Registers an owner; `name` is what introspection and ETXTBSY errors show.
     pub fn add_owner(&self, name: &str) -> OwnerId {
         let mut st = self.lock();
-        let id = OwnerId(st.next_id());
+        let id = OwnerId::from_raw(st.next_id());
         st.owners.insert(
             id,
             Owner {
@@ -55,7 +39,7 @@ impl Mapper {
         let o = st
             .owners
             .remove(&owner)
-            .ok_or_else(|| MapperError::NotFound(format!("{owner}")))?;
+            .ok_or(MapperError::NotFound(Missing::Owner(owner)))?;
         for pin in o.pins {
             st.drop_pin(pin, self.dma.as_deref());
         }
@@ -71,8 +55,10 @@ impl Mapper {
 
 #[cfg(test)]
 mod tests {
-    use crate::mapper::lease::LeaseMode;
-    use crate::mapper::test_files::TestRegion;
+    use crate::test_files::TestRegion;
+    use crate::LeaseMode;
+    #[allow(unused_imports)]
+    use crate::*;
 
     #[test]
     fn owner_exit_releases_everything_and_unknown_owners_are_enoent() {

@@ -7,308 +7,49 @@
 //! The pin is recorded (pending) before the slow part runs unlocked, so a layout change racing with it already
 //! sees ETXTBSY and a release of its lease sees EBUSY.
 //!
-//! tmpfs has no extent map (FIEMAP is not supported there): its pages are RAM, allocated by populate and kept
-//! resident by mlock, so the FIEMAP step is skipped for it. Device-DAX has no file layout at all: pins there need
+//! RAM filesystems (tmpfs, hugetlbfs) have no extent map: their pages are RAM, allocated by populate and kept
+//! resident by mlock, so the FIEMAP step is skipped there. Device-DAX has no file layout at all: pins there need
 //! no lease and no FIEMAP.
 
-use std::fmt;
-use std::io;
-use std::os::fd::{AsRawFd, RawFd};
+use std::fs::File;
+use std::ops::ControlFlow;
+use std::os::fd::AsRawFd;
+use std::sync::Arc;
 
-use crate::pmem::BackingKind;
-
-use super::dma::DmaMapper;
-use super::error::{MapperError, Result};
-use super::lease::{LeaseId, LeaseMode};
-use super::owner::OwnerId;
-use super::range::ByteRange;
-use super::region::RegionId;
-use super::Mapper;
-
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
-pub struct PinId(pub u64);
-
-impl fmt::Display for PinId {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "pin:{}", self.0)
-    }
-}
-
-/// FIEMAP extent flags (linux/fiemap.h).
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
-pub struct ExtentFlags(pub u32);
-
-impl ExtentFlags {
-    pub const LAST: u32 = 0x1;
-    pub const UNKNOWN: u32 = 0x2;
-    pub const DELALLOC: u32 = 0x4;
-    pub const ENCODED: u32 = 0x8;
-    pub const DATA_ENCRYPTED: u32 = 0x80;
-    pub const NOT_ALIGNED: u32 = 0x100;
-    pub const DATA_INLINE: u32 = 0x200;
-    pub const DATA_TAIL: u32 = 0x400;
-    pub const UNWRITTEN: u32 = 0x800;
-    pub const MERGED: u32 = 0x1000;
-    pub const SHARED: u32 = 0x2000;
-
-    /// Flags that make an extent unpinnable: its blocks may move, be shared, or not exist yet.
-    pub const REFUSED: u32 = Self::UNKNOWN
-        | Self::DELALLOC
-        | Self::ENCODED
-        | Self::DATA_ENCRYPTED
-        | Self::NOT_ALIGNED
-        | Self::DATA_INLINE
-        | Self::DATA_TAIL
-        | Self::UNWRITTEN
-        | Self::SHARED;
-
-    const NAMES: [(u32, &'static str); 11] = [
-        (Self::LAST, "LAST"),
-        (Self::UNKNOWN, "UNKNOWN"),
-        (Self::DELALLOC, "DELALLOC"),
-        (Self::ENCODED, "ENCODED"),
-        (Self::DATA_ENCRYPTED, "DATA_ENCRYPTED"),
-        (Self::NOT_ALIGNED, "NOT_ALIGNED"),
-        (Self::DATA_INLINE, "DATA_INLINE"),
-        (Self::DATA_TAIL, "DATA_TAIL"),
-        (Self::UNWRITTEN, "UNWRITTEN"),
-        (Self::MERGED, "MERGED"),
-        (Self::SHARED, "SHARED"),
-    ];
-
-    pub fn contains(&self, flag: u32) -> bool {
-        self.0 & flag != 0
-    }
-}
-
-impl fmt::Display for ExtentFlags {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        let mut first = true;
-        let mut rest = self.0;
-        for (bit, name) in Self::NAMES {
-            if self.0 & bit != 0 {
-                if !first {
-                    f.write_str("|")?;
-                }
-                f.write_str(name)?;
-                first = false;
-                rest &= !bit;
-            }
-        }
-        if rest != 0 || first {
-            if !first {
-                f.write_str("|")?;
-            }
-            write!(f, "{rest:#x}")?;
-        }
-        Ok(())
-    }
-}
-
-/// Why an extent cannot be pinned.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum ExtentProblem {
-    /// No extent: a gap between extents, or past the last one.
-    Hole,
-    /// An extent whose flags include a refused one.
-    Flags(ExtentFlags),
-}
-
-impl fmt::Display for ExtentProblem {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        match self {
-            ExtentProblem::Hole => f.write_str("hole"),
-            ExtentProblem::Flags(fl) => write!(f, "flags {fl}"),
-        }
-    }
-}
-
-/// One FIEMAP extent, file offsets.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub struct Extent {
-    pub logical: u64,
-    pub physical: u64,
-    pub length: u64,
-    pub flags: ExtentFlags,
-}
-
-#[repr(C)]
-#[derive(Clone, Copy, Default)]
-struct FiemapHeader {
-    fm_start: u64,
-    fm_length: u64,
-    fm_flags: u32,
-    fm_mapped_extents: u32,
-    fm_extent_count: u32,
-    fm_reserved: u32,
-}
-
-#[repr(C)]
-#[derive(Clone, Copy, Default)]
-struct FiemapExtent {
-    fe_logical: u64,
-    fe_physical: u64,
-    fe_length: u64,
-    fe_reserved64: [u64; 2],
-    fe_flags: u32,
-    fe_reserved: [u32; 3],
-}
-
-#[repr(C)]
-struct FiemapBuf {
-    hdr: FiemapHeader,
-    ext: [FiemapExtent; EXTENTS_PER_CALL],
-}
-
-const EXTENTS_PER_CALL: usize = 128;
-/// _IOWR('f', 11, struct fiemap): struct fiemap is 32 bytes.
-pub const FS_IOC_FIEMAP: libc::c_ulong = 0xC020_660B;
-const TMPFS_MAGIC: i64 = 0x0102_1994;
-const HUGETLBFS_MAGIC: i64 = 0x9584_58f6;
-
-/// The extents FIEMAP reports for `[start, end)` of the file (not syncing first: delalloc shows as such).
-pub fn read_extents(fd: RawFd, start: u64, end: u64) -> io::Result<Vec<Extent>> {
-    let mut out = Vec::new();
-    let mut pos = start;
-    while pos < end {
-        let mut buf = Box::new(FiemapBuf {
-            hdr: FiemapHeader {
-                fm_start: pos,
-                fm_length: end - pos,
-                fm_extent_count: EXTENTS_PER_CALL as u32,
-                ..Default::default()
-            },
-            ext: [FiemapExtent::default(); EXTENTS_PER_CALL],
-        });
-        // SAFETY: FS_IOC_FIEMAP reads the header and writes at most fm_extent_count extents into `buf`, which
-        // has room for exactly that many.
-        let rc = unsafe { libc::ioctl(fd, FS_IOC_FIEMAP, &mut *buf as *mut FiemapBuf) };
-        if rc < 0 {
-            return Err(io::Error::last_os_error());
-        }
-        let n = (buf.hdr.fm_mapped_extents as usize).min(EXTENTS_PER_CALL);
-        if n == 0 {
-            break;
-        }
-        let mut last = false;
-        for e in &buf.ext[..n] {
-            let ext = Extent {
-                logical: e.fe_logical,
-                physical: e.fe_physical,
-                length: e.fe_length,
-                flags: ExtentFlags(e.fe_flags),
-            };
-            last |= ext.flags.contains(ExtentFlags::LAST);
-            pos = pos.max(ext.logical.saturating_add(ext.length));
-            out.push(ext);
-        }
-        if last {
-            break;
-        }
-    }
-    Ok(out)
-}
-
-/// The first reason `[start, end)` of the file cannot be pinned: `(file offset, length, problem)`.
-pub fn first_problem(
-    fd: RawFd,
-    start: u64,
-    end: u64,
-) -> io::Result<Option<(u64, u64, ExtentProblem)>> {
-    let mut pos = start;
-    for e in read_extents(fd, start, end)? {
-        let e_end = e.logical.saturating_add(e.length);
-        if e_end <= pos {
-            continue;
-        }
-        if e.logical > pos {
-            return Ok(Some((pos, e.logical.min(end) - pos, ExtentProblem::Hole)));
-        }
-        if e.flags.0 & ExtentFlags::REFUSED != 0 {
-            return Ok(Some((
-                pos,
-                e_end.min(end) - pos,
-                ExtentProblem::Flags(e.flags),
-            )));
-        }
-        pos = e_end;
-        if pos >= end {
-            return Ok(None);
-        }
-    }
-    Ok((pos < end).then_some((pos, end - pos, ExtentProblem::Hole)))
-}
-
-/// Whether the file lives on a RAM filesystem without an extent map (tmpfs, hugetlbfs).
-pub fn is_ram_fs(fd: RawFd) -> io::Result<bool> {
-    // SAFETY: statfs is plain data; fstatfs writes only into it.
-    let mut s: libc::statfs = unsafe { std::mem::zeroed() };
-    // SAFETY: valid fd and a valid out-pointer.
-    if unsafe { libc::fstatfs(fd, &mut s) } < 0 {
-        return Err(io::Error::last_os_error());
-    }
-    let t = s.f_type as i64;
-    Ok(t == TMPFS_MAGIC || t == HUGETLBFS_MAGIC)
-}
-
-/// Faults every page of `[addr, addr+len)` in writable (allocating backing pages) without touching the data.
-pub fn populate_write(addr: usize, len: usize) -> io::Result<()> {
-    // SAFETY: madvise on a range of a mapping the caller owns; MADV_POPULATE_WRITE does not change contents.
-    if unsafe { libc::madvise(addr as *mut libc::c_void, len, libc::MADV_POPULATE_WRITE) } < 0 {
-        return Err(io::Error::last_os_error());
-    }
-    Ok(())
-}
-
-pub fn mlock(addr: usize, len: usize) -> io::Result<()> {
-    // SAFETY: mlock only changes residency of the caller's mapping.
-    if unsafe { libc::mlock(addr as *const libc::c_void, len) } < 0 {
-        return Err(io::Error::last_os_error());
-    }
-    Ok(())
-}
-
-/// MLOCK_ONFAULT (linux/mman.h); the libc crate exports it for Android only.
-const MLOCK_ONFAULT: libc::c_uint = 1;
-
-/// Locks `[addr, addr+len)` and faults it in writable in one pass: mlock2(MLOCK_ONFAULT) marks the range locked
-/// without walking it, and MADV_POPULATE_WRITE then faults every page, each locked as it is mapped. A plain
-/// mlock after populate would walk a gigabyte of pages a second time. Falls back to populate + mlock.
-pub fn populate_and_lock(addr: usize, len: usize) -> io::Result<()> {
-    // SAFETY: mlock2 only changes residency flags of the caller's mapping.
-    if unsafe { libc::mlock2(addr as *const libc::c_void, len, MLOCK_ONFAULT) } < 0 {
-        populate_write(addr, len)?;
-        return mlock(addr, len);
-    }
-    if let Err(e) = populate_write(addr, len) {
-        munlock(addr, len);
-        return Err(e);
-    }
-    Ok(())
-}
-
-pub fn munlock(addr: usize, len: usize) {
-    // SAFETY: as mlock; failure (range already unmapped) leaves nothing to undo.
-    unsafe { libc::munlock(addr as *const libc::c_void, len) };
-}
+use crate::dma::{DmaMapper, DmaRange};
+use crate::error::{Held, MapperError, Missing, Result};
+use crate::host::{first_problem, fs_kind, BackingKind, FileKey, FsKind, HostMapping};
+use crate::ids::{LeaseId, OwnerId, PinId, RegionId};
+use crate::lease::LeaseMode;
+use crate::range::ByteRange;
+use crate::Mapper;
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub(super) enum PinState {
+pub(crate) enum PinState {
     /// Recorded, validation/populate/mlock/DMA map in progress.
     Pending,
     Active,
 }
 
+/// The resident, locked part of a mapping a pin keeps (the mapping stays alive as long as the pin).
 #[derive(Debug)]
-pub(super) struct Pin {
+pub(crate) struct Locked {
+    mapping: Arc<HostMapping>,
+    off: usize,
+    len: usize,
+}
+
+#[derive(Debug)]
+pub(crate) struct Pin {
     pub owner: OwnerId,
     pub region: RegionId,
+    pub key: FileKey,
+    /// File offsets.
     pub range: ByteRange,
     /// The exclusive lease covering it (none on device-DAX).
     pub lease: Option<LeaseId>,
     pub state: PinState,
-    /// mlocked host range.
-    pub locked: Option<(usize, usize)>,
+    pub locked: Option<Locked>,
     /// DMA mapping (iova, len).
     pub dma: Option<(u64, u64)>,
     /// Set when a revoke tore the DMA mapping down while the pin stayed.
@@ -323,31 +64,39 @@ impl Pin {
                 tracing::error!(iova, len, error = %e, "DMA unmap failed");
             }
         }
-        if let Some((addr, len)) = self.locked {
-            munlock(addr, len);
+        if let Some(l) = &self.locked {
+            l.mapping.unlock(l.off, l.len);
         }
     }
 }
 
 struct PinPlan {
-    fd: RawFd,
+    file: Arc<File>,
+    fs: Option<FsKind>,
     file_range: ByteRange,
-    check_extents: bool,
-    host: (usize, usize),
+    mapping: Arc<HostMapping>,
+    /// Offset and length in the mapping.
+    off: usize,
+    len: usize,
     iova: u64,
 }
 
 impl Mapper {
-    /// Pins `[off, off+len)` of `region` (rounded out to pages; `len == 0` means to the end of the region).
+    /// Pins `[off, off+len)` of `region` (rounded out to pages; `len == 0`: to the end of the window).
     pub fn pin(&self, owner: OwnerId, region: RegionId, off: u64, len: u64) -> Result<PinId> {
         let (id, plan) = self.claim_pin(owner, region, off, len)?;
         match self.pin_unlocked(&plan) {
             Ok(dma) => {
+                let locked = Locked {
+                    mapping: plan.mapping.clone(),
+                    off: plan.off,
+                    len: plan.len,
+                };
                 let mut st = self.lock();
                 match st.pins.get_mut(&id) {
                     Some(p) => {
                         p.state = PinState::Active;
-                        p.locked = Some(plan.host);
+                        p.locked = Some(locked);
                         p.dma = dma;
                         tracing::debug!(%owner, %id, range = %p.range, "pinned");
                         Ok(id)
@@ -355,18 +104,13 @@ impl Mapper {
                     None => {
                         // The owner exited while we were pinning: undo and report it gone.
                         drop(st);
-                        let p = Pin {
-                            owner,
-                            region,
-                            range: plan.file_range,
-                            lease: None,
-                            state: PinState::Active,
-                            locked: Some(plan.host),
-                            dma,
-                            dma_revoked: false,
-                        };
-                        p.teardown(self.dma.as_deref());
-                        Err(MapperError::NotFound(format!("{owner}")))
+                        if let (Some((iova, len)), Some(d)) = (dma, &self.dma) {
+                            if let Err(e) = d.unmap(iova, len) {
+                                tracing::error!(iova, len, error = %e, "DMA unmap failed");
+                            }
+                        }
+                        plan.mapping.unlock(plan.off, plan.len);
+                        Err(MapperError::NotFound(Missing::Owner(owner)))
                     }
                 }
             }
@@ -392,19 +136,24 @@ impl Mapper {
         let mut st = self.lock();
         st.check_owner(owner)?;
         let reg = st.region(region)?;
+        let holds = st.holds(reg)?;
         let desc = &reg.desc;
-        let mapping = desc
-            .mapping
-            .ok_or_else(|| MapperError::Invalid(format!("{region} has no host mapping to pin")))?;
-        let range = ByteRange::within(off, len, desc.size)?;
+        let mapping = desc.mapping.clone().ok_or(MapperError::NoMapping(region))?;
+        let range = reg.request(off, len)?;
+        let file_range = reg.to_file(range);
         if self.dma.is_some() {
             let mut clash = None;
-            reg.pins.for_each_overlap(range, |r, id| {
-                clash = st.pins.get(&PinId(id)).map(|p| (PinId(id), p.owner, r));
-                std::ops::ControlFlow::Break(())
+            holds.pins.for_each_overlap(file_range, |r, id| {
+                let id = PinId::from_raw(id);
+                clash = st.pins.get(&id).map(|p| (id, p.owner, r));
+                ControlFlow::Break(())
             });
-            if let Some((pin, owner, range)) = clash {
-                return Err(MapperError::DmaOverlap { pin, owner, range });
+            if let Some((pin, owner, r)) = clash {
+                return Err(MapperError::DmaOverlap {
+                    pin,
+                    owner,
+                    range: reg.to_region(r).unwrap_or(range),
+                });
             }
         }
         let devdax = desc.kind == BackingKind::DevDax;
@@ -412,42 +161,43 @@ impl Mapper {
             None
         } else {
             let mut covering = None;
-            reg.leases.for_each_overlap(range, |r, id| {
-                if r.contains(&range) {
-                    if let Some(l) = st.leases.get(&LeaseId(id)) {
+            holds.leases.for_each_overlap(file_range, |r, id| {
+                let id = LeaseId::from_raw(id);
+                if r.contains(&file_range) {
+                    if let Some(l) = st.leases.get(&id) {
                         if l.owner == owner && l.mode == LeaseMode::Exclusive {
-                            covering = Some(LeaseId(id));
-                            return std::ops::ControlFlow::Break(());
+                            covering = Some(id);
+                            return ControlFlow::Break(());
                         }
                     }
                 }
-                std::ops::ControlFlow::Continue(())
+                ControlFlow::Continue(())
             });
             Some(covering.ok_or(MapperError::NoExclusiveLease { owner, range })?)
         };
-        let check_extents = !devdax
-            && !is_ram_fs(desc.file.as_raw_fd()).map_err(|e| MapperError::io("fstatfs", e))?;
+        let fs = if devdax {
+            None
+        } else {
+            Some(fs_kind(desc.file.as_ref()).map_err(|e| MapperError::io("fstatfs", e))?)
+        };
         let plan = PinPlan {
-            fd: desc.file.as_raw_fd(),
-            file_range: ByteRange::new(
-                desc.file_offset + range.start,
-                desc.file_offset + range.end,
-            ),
-            check_extents,
-            host: (mapping.addr + range.start as usize, range.len() as usize),
+            file: desc.file.clone(),
+            fs,
+            file_range,
+            mapping,
+            off: range.start as usize,
+            len: range.len() as usize,
             iova: desc.iova + range.start,
         };
-        let id = PinId(st.next_id());
-        st.region_mut(region)?.pins.insert(range, id.0);
-        if let Some(o) = st.owners.get_mut(&owner) {
-            o.pins.insert(id);
-        }
-        st.pins.insert(
+        let key = reg.key;
+        let id = PinId::from_raw(st.next_id());
+        st.insert_pin(
             id,
             Pin {
                 owner,
                 region,
-                range,
+                key,
+                range: file_range,
                 lease,
                 state: PinState::Pending,
                 locked: None,
@@ -460,30 +210,33 @@ impl Mapper {
 
     /// Validate extents, populate, mlock, DMA map; undoes its own steps on failure.
     fn pin_unlocked(&self, plan: &PinPlan) -> Result<Option<(u64, u64)>> {
-        if plan.check_extents {
+        if let Some(fs) = plan.fs.filter(|fs| !fs.is_ram()) {
             let r = plan.file_range;
-            match first_problem(plan.fd, r.start, r.end) {
+            match first_problem(plan.file.as_raw_fd(), r.start, r.end) {
                 Ok(None) => {}
                 Ok(Some((file_offset, len, problem))) => {
-                    return Err(MapperError::Unpinnable { file_offset, len, problem });
+                    return Err(MapperError::Unpinnable {
+                        file_offset,
+                        len,
+                        problem,
+                    });
                 }
                 Err(e) if e.raw_os_error() == Some(libc::EOPNOTSUPP) => {
-                    return Err(MapperError::NotSupported(
-                        "the backing filesystem has no FIEMAP: extents cannot be validated for a pin".into(),
-                    ))
+                    return Err(MapperError::NoExtentMap { fs })
                 }
                 Err(e) => return Err(MapperError::io("FIEMAP", e)),
             }
         }
-        let (addr, len) = plan.host;
-        populate_and_lock(addr, len)
+        plan.mapping
+            .lock(plan.off, plan.len)
             .map_err(|e| MapperError::io("MADV_POPULATE_WRITE + mlock", e))?;
         if let Some(d) = &self.dma {
-            if let Err(e) = d.map(plan.iova, addr, len as u64) {
-                munlock(addr, len);
+            let range = DmaRange::new(&plan.mapping, plan.off, plan.len);
+            if let Err(e) = d.map(plan.iova, range) {
+                plan.mapping.unlock(plan.off, plan.len);
                 return Err(MapperError::io("DMA map", e));
             }
-            return Ok(Some((plan.iova, len as u64)));
+            return Ok(Some((plan.iova, plan.len as u64)));
         }
         Ok(None)
     }
@@ -495,27 +248,50 @@ impl Mapper {
         let p = st
             .pins
             .get(&pin)
-            .ok_or_else(|| MapperError::NotFound(format!("{pin}")))?;
+            .ok_or(MapperError::NotFound(Missing::Pin(pin)))?;
         if p.owner != owner {
             return Err(MapperError::NotOwner {
                 owner,
-                what: pin.to_string(),
+                what: Held::Pin(pin),
             });
         }
         if p.state == PinState::Pending {
-            return Err(MapperError::NotFound(format!("{pin} (still being set up)")));
+            return Err(MapperError::NotFound(Missing::Pin(pin)));
         }
         st.drop_pin(pin, self.dma.as_deref());
         drop(st);
         self.changed.notify_all();
         Ok(())
     }
+
+    /// Who pins `[off, off+len)` of `region`, from any region of the same file.
+    pub fn pin_holders(
+        &self,
+        region: RegionId,
+        off: u64,
+        len: u64,
+    ) -> Result<Vec<(PinId, OwnerId)>> {
+        let st = self.lock();
+        let reg = st.region(region)?;
+        let range = reg.to_file(reg.request(off, len)?);
+        let mut out = Vec::new();
+        st.holds(reg)?.pins.for_each_overlap(range, |_, id| {
+            let id = PinId::from_raw(id);
+            if let Some(p) = st.pins.get(&id) {
+                out.push((id, p.owner));
+            }
+            ControlFlow::Continue(())
+        });
+        Ok(out)
+    }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::mapper::test_files::{mincore_resident, TestRegion};
+    use crate::test_files::{mincore_resident, TestRegion};
+    #[allow(unused_imports)]
+    use crate::*;
 
     /// VmLck of this process, in KiB.
     fn locked_kib() -> u64 {
@@ -528,13 +304,13 @@ mod tests {
     fn populate_and_lock_locks_and_faults_every_page() {
         let t = TestRegion::on_tmp(64);
         let before = locked_kib();
-        populate_and_lock(t.map.host().addr, 64 * t.page as usize).unwrap();
-        assert!(mincore_resident(t.map.host().addr, 64 * t.page as usize));
+        t.map.lock(0, 64 * t.page as usize).unwrap();
+        assert!(mincore_resident(t.map.addr(), 64 * t.page as usize));
         assert!(
             locked_kib() >= before + 64 * t.page / 1024,
             "VmLck did not grow by the range"
         );
-        munlock(t.map.host().addr, 64 * t.page as usize);
+        t.map.unlock(0, 64 * t.page as usize);
     }
 
     #[test]
@@ -590,15 +366,11 @@ mod tests {
             let p = m.pin(a, t.region, 0, t.page).unwrap();
             assert_eq!(m.snapshot().pins().len(), 1);
             // Pinned pages are resident, locked, and mapped for DMA at region iova + offset.
-            assert!(
-                mincore_resident(t.map.host().addr, t.page as usize),
-                "{}",
-                t.fs
-            );
+            assert!(mincore_resident(t.map.addr(), t.page as usize), "{}", t.fs);
             assert!(locked_kib() >= t.page / 1024, "{}: nothing mlocked", t.fs);
             assert_eq!(
                 t.dma.mappings(),
-                vec![(t.iova, t.map.host().addr, t.page)],
+                vec![(t.iova, t.map.addr(), t.page)],
                 "{}",
                 t.fs
             );

@@ -6,35 +6,37 @@
 //! layout change can run meanwhile) and the range is held by a transient pin while it works. Progress is
 //! reported per chunk: gigabyte ranges take a while.
 
-use std::io;
 use std::os::fd::AsRawFd;
 use std::os::unix::fs::FileExt;
 
-use super::error::{MapperError, Result};
-use super::lease::{LeaseId, LeaseMode};
-use super::owner::OwnerId;
-use super::pin::{first_problem, is_ram_fs, ExtentFlags, ExtentProblem};
-use super::range::ByteRange;
-use super::region::RegionId;
-use super::Mapper;
+use crate::error::{MapperError, Result};
+use crate::host::{self, first_problem, fs_kind, ExtentFlags, ExtentProblem};
+use crate::ids::{LeaseId, OwnerId, RegionId};
+use crate::lease::LeaseMode;
+use crate::Mapper;
 
+/// How far a prepare has got.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct PrepareProgress {
     /// Bytes of the range handled so far.
     pub done: u64,
+    /// Bytes in the range.
     pub total: u64,
 }
 
+/// What a prepare did.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct PrepareReport {
+    /// Bytes of holes and unwritten extents written with zeros.
     pub zeroed: u64,
+    /// Bytes of shared extents unshared.
     pub unshared: u64,
 }
 
 const CHUNK: usize = 1 << 20;
 
 impl Mapper {
-    /// Makes `[off, off+len)` of `region` pinnable (`len == 0`: to the end of the region).
+    /// Makes `[off, off+len)` of `region` pinnable (`len == 0`: to the end of the window).
     pub fn prepare(
         &self,
         owner: OwnerId,
@@ -43,42 +45,43 @@ impl Mapper {
         len: u64,
         progress: &mut dyn FnMut(PrepareProgress),
     ) -> Result<PrepareReport> {
-        let (file, base, range, _transient) = {
+        let (file, file_range, _transient) = {
             let st = self.lock();
             st.check_owner(owner)?;
             let reg = st.region(region)?;
             reg.require_layout()?;
-            let size = reg.desc.size;
-            let range = ByteRange::within(off, len, size)?;
-            let covered = reg.leases.overlapping(range).into_iter().any(|id| {
-                st.leases.get(&LeaseId(id)).is_some_and(|l| {
-                    l.owner == owner && l.mode == LeaseMode::Exclusive && l.range.contains(&range)
-                })
-            });
+            let range = reg.request(off, len)?;
+            let file_range = reg.to_file(range);
+            let covered = st
+                .holds(reg)?
+                .leases
+                .overlapping(file_range)
+                .into_iter()
+                .any(|id| {
+                    st.leases.get(&LeaseId::from_raw(id)).is_some_and(|l| {
+                        l.owner == owner
+                            && l.mode == LeaseMode::Exclusive
+                            && l.range.contains(&file_range)
+                    })
+                });
             if !covered {
                 return Err(MapperError::NoExclusiveLease { owner, range });
             }
-            let (file, base) = (reg.desc.file.clone(), reg.desc.file_offset);
+            let file = reg.desc.file.clone();
             drop(st);
-            (
-                file,
-                base,
-                range,
-                self.transient(region, range.start, range.len())?,
-            )
+            (file, file_range, self.transient(region, off, len)?)
         };
-        let total = range.len();
+        let total = file_range.len();
         let mut report = PrepareReport::default();
-        let start = base + range.start;
-        let end = base + range.end;
+        let (start, end) = (file_range.start, file_range.end);
         let fd = file.as_raw_fd();
 
-        if is_ram_fs(fd).map_err(|e| MapperError::io("fstatfs", e))? {
+        if fs_kind(file.as_ref())
+            .map_err(|e| MapperError::io("fstatfs", e))?
+            .is_ram()
+        {
             // RAM filesystems have no extent map: allocating the pages is all there is.
-            // SAFETY: fallocate on the region's own fd, within checked offsets.
-            if unsafe { libc::fallocate(fd, 0, start as libc::off_t, total as libc::off_t) } < 0 {
-                return Err(MapperError::last_os("fallocate"));
-            }
+            host::allocate(&file, start, total).map_err(|e| MapperError::io("fallocate", e))?;
             report.zeroed = total;
             progress(PrepareProgress { done: total, total });
             return Ok(report);
@@ -112,7 +115,7 @@ impl Mapper {
                     continue;
                 }
                 ExtentProblem::Flags(f) if f.contains(ExtentFlags::SHARED) => {
-                    unshare(&file, at, bad_end).map_err(|e| MapperError::io("unshare", e))?;
+                    host::unshare(&file, at, bad_end).map_err(|e| MapperError::io("unshare", e))?;
                     report.unshared += len;
                 }
                 ExtentProblem::Flags(_) => {
@@ -141,7 +144,7 @@ impl Mapper {
             });
         }
         progress(PrepareProgress { done: total, total });
-        tracing::info!(%owner, %region, %range, ?report, "range prepared for pinning");
+        tracing::info!(%owner, %region, range = %file_range, ?report, "range prepared for pinning");
         Ok(report)
     }
 }
@@ -170,39 +173,12 @@ fn zero_fill(
     Ok(())
 }
 
-/// Gives `[from, to)` blocks of its own: FALLOC_FL_UNSHARE_RANGE, else rewrite the same bytes (copy on write).
-fn unshare(file: &std::fs::File, from: u64, to: u64) -> io::Result<()> {
-    // SAFETY: fallocate on the region's own fd.
-    let rc = unsafe {
-        libc::fallocate(
-            file.as_raw_fd(),
-            libc::FALLOC_FL_UNSHARE_RANGE | libc::FALLOC_FL_KEEP_SIZE,
-            from as libc::off_t,
-            (to - from) as libc::off_t,
-        )
-    };
-    if rc == 0 {
-        return Ok(());
-    }
-    let e = io::Error::last_os_error();
-    if e.raw_os_error() != Some(libc::EOPNOTSUPP) {
-        return Err(e);
-    }
-    let mut buf = vec![0u8; CHUNK];
-    let mut p = from;
-    while p < to {
-        let n = ((to - p) as usize).min(CHUNK);
-        file.read_exact_at(&mut buf[..n], p)?;
-        file.write_all_at(&buf[..n], p)?;
-        p += n as u64;
-    }
-    Ok(())
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::mapper::test_files::TestRegion;
+    use crate::test_files::TestRegion;
+    #[allow(unused_imports)]
+    use crate::*;
 
     #[test]
     fn prepare_makes_holes_unwritten_and_shared_pinnable_keeping_data() {

@@ -1,6 +1,8 @@
 //! Diagnostic for the DAX lab: the seed scenario of the layout-lease debate, on a real file.
 //!
-//! Usage: daxvisor-mapper-demo <file-on-fsdax-mount | /dev/daxX.Y> [size-MiB, default 4]
+//! Usage: daxvisor-mapper-demo [--force] <file-on-fsdax-mount | /dev/daxX.Y> [size-MiB, default 4]
+//!
+//! The file is created; an existing file is refused unless `--force` is given (its contents are overwritten).
 //!
 //! For a file: maps it MAP_SHARED_VALIDATE|MAP_SYNC when the filesystem allows it (fs-dax), takes an exclusive
 //! lease on the first half, prepares and pins it through the mapper, writes a marker through the mapping, asks
@@ -10,38 +12,27 @@
 //! EOPNOTSUPP. Prints one `key: value` line per fact and exits 0 only if every fact is the expected one.
 
 use std::fs::OpenOptions;
-use std::os::fd::AsRawFd;
 use std::os::unix::fs::{FileExt, FileTypeExt};
+use std::path::Path;
 use std::process::ExitCode;
 use std::sync::Arc;
 
-use daxvisor::mapper::pin::{mlock, populate_write};
-use daxvisor::mapper::{
-    ChannelNotifier, LeaseMode, Mapper, MapperError, OwnedMapping, RecordingDma, RegionDesc,
+use daxvisor_mapper::{
+    probe, BackingKind, ChannelNotifier, HostMapping, LeaseMode, MapOptions, Mapper, MapperError,
+    RecordingDma, RegionDesc,
 };
-use daxvisor::pmem::BackingKind;
 
-const STATX_ATTR_DAX: u64 = 0x0020_0000;
 const MARK_PINNED: u8 = 0xa5;
 const MARK_BARE: u8 = 0xb6;
+const USAGE: &str = "usage: daxvisor-mapper-demo [--force] <file-on-fsdax-mount | /dev/daxX.Y> [size-MiB, default 4]
 
-fn is_dax_file(f: &std::fs::File) -> bool {
-    // SAFETY: statx is plain data; statx() writes only into it.
-    let mut sx: libc::statx = unsafe { std::mem::zeroed() };
-    // SAFETY: valid fd, empty path with AT_EMPTY_PATH, valid out-pointer.
-    let rc = unsafe {
-        libc::statx(
-            f.as_raw_fd(),
-            c"".as_ptr(),
-            libc::AT_EMPTY_PATH,
-            libc::STATX_BASIC_STATS,
-            &mut sx,
-        )
-    };
-    rc == 0
-        && sx.stx_attributes_mask & STATX_ATTR_DAX != 0
-        && sx.stx_attributes & STATX_ATTR_DAX != 0
-}
+Shows, on a real file, what the mapper adds over the bare kernel: a range pinned through the mapper cannot be
+punched (ETXTBSY naming the holder, data intact), while a bare fallocate punches a mapped, mlocked range and
+the mapping reads zeros. On a device-DAX node, layout leases and changes are refused (EOPNOTSUPP).
+
+The file is created and filled; an existing regular file is refused unless --force is given (it is then
+overwritten). Prints one `key: value` line per fact; exits 0 when every fact is the expected one, 1 when one
+is not, 2 on bad usage.";
 
 fn errno_line(r: Result<impl std::fmt::Debug, MapperError>) -> String {
     match r {
@@ -58,14 +49,12 @@ fn devdax(path: &str) -> Result<bool, String> {
         .map_err(|e| format!("open {path}: {e}"))?;
     let m = Mapper::new(Arc::new(ChannelNotifier::new().0), None);
     let region = m
-        .add_region(RegionDesc {
-            file: Arc::new(f),
-            file_offset: 0,
-            size: 2 << 20,
-            kind: BackingKind::DevDax,
-            mapping: None,
-            iova: 0,
-        })
+        .add_region(RegionDesc::new(
+            Arc::new(f),
+            0,
+            2 << 20,
+            BackingKind::DevDax,
+        ))
         .map_err(|e| e.to_string())?;
     let owner = m.add_owner("owner");
     let lease = errno_line(m.acquire(owner, region, 0, 0, LeaseMode::Exclusive));
@@ -75,27 +64,35 @@ fn devdax(path: &str) -> Result<bool, String> {
     Ok(lease == "EOPNOTSUPP" && punch == "EOPNOTSUPP")
 }
 
-fn file(path: &str, mib: u64) -> Result<bool, String> {
+fn file(path: &str, mib: u64, force: bool) -> Result<bool, String> {
     let size = mib << 20;
     let half = size / 2;
     let f = OpenOptions::new()
         .read(true)
         .write(true)
         .create(true)
+        .create_new(!force)
         .truncate(false)
         .open(path)
-        .map_err(|e| format!("open {path}: {e}"))?;
+        .map_err(|e| match e.kind() {
+            std::io::ErrorKind::AlreadyExists => {
+                format!("{path} exists: give --force to overwrite it")
+            }
+            _ => format!("open {path}: {e}"),
+        })?;
     // Real data everywhere, so the bare punch has something to destroy.
     f.write_all_at(&vec![0x11u8; size as usize], 0)
         .map_err(|e| format!("write: {e}"))?;
     f.set_len(size).map_err(|e| format!("set_len: {e}"))?;
     f.sync_all().map_err(|e| format!("fsync: {e}"))?;
-    let kind = if is_dax_file(&f) {
-        BackingKind::FsDax
-    } else {
-        BackingKind::Regular
+    let kind = probe(&f, Path::new("/sys"))
+        .map_err(|e| format!("probe: {e}"))?
+        .kind;
+    let opts = MapOptions {
+        want_sync: kind == BackingKind::FsDax,
+        ..MapOptions::default()
     };
-    let map = OwnedMapping::new(&f, 0, size as usize, true).map_err(|e| format!("mmap: {e}"))?;
+    let map = Arc::new(HostMapping::map(&f, 0, size, opts).map_err(|e| format!("mmap: {e}"))?);
     println!("backing: {kind}");
     println!("map-sync: {}", if map.is_sync() { "yes" } else { "no" });
     let f = Arc::new(f);
@@ -106,14 +103,7 @@ fn file(path: &str, mib: u64) -> Result<bool, String> {
     );
     let owner = m.add_owner("dma-context");
     let region = m
-        .add_region(RegionDesc {
-            file: f.clone(),
-            file_offset: 0,
-            size,
-            kind,
-            mapping: Some(map.host()),
-            iova: 0,
-        })
+        .add_region(RegionDesc::new(f.clone(), 0, size, kind).with_mapping(map.clone()))
         .map_err(|e| e.to_string())?;
     m.acquire(owner, region, 0, half, LeaseMode::Exclusive)
         .map_err(|e| e.to_string())?;
@@ -130,7 +120,7 @@ fn file(path: &str, mib: u64) -> Result<bool, String> {
         }
     };
     for i in (0..half as usize).step_by(4096) {
-        map.write(i, MARK_PINNED);
+        let _ = map.write(i, MARK_PINNED);
     }
     let punch = m.punch(None, region, 0, half);
     let punch_ok = match &punch {
@@ -152,38 +142,27 @@ fn file(path: &str, mib: u64) -> Result<bool, String> {
     }
     let intact = (0..half as usize)
         .step_by(4096)
-        .all(|i| map.read(i) == MARK_PINNED);
+        .all(|i| map.read(i) == Some(MARK_PINNED));
     println!("data-intact: {}", if intact { "yes" } else { "no" });
 
     // The bare kernel on the second half: mapped, populated, mlocked, marked; fallocate punches it anyway.
-    let (b_addr, b_len) = (map.host().addr + half as usize, half as usize);
-    populate_write(b_addr, b_len).map_err(|e| format!("populate: {e}"))?;
-    let locked = mlock(b_addr, b_len).is_ok();
+    let locked = map.lock(half as usize, half as usize).is_ok();
     println!("bare-mlock: {}", if locked { "ok" } else { "failed" });
     for i in (half as usize..size as usize).step_by(4096) {
-        map.write(i, MARK_BARE);
+        let _ = map.write(i, MARK_BARE);
     }
-    // SAFETY: fallocate on our own fd over the second half.
-    let rc = unsafe {
-        libc::fallocate(
-            f.as_raw_fd(),
-            libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE,
-            half as libc::off_t,
-            half as libc::off_t,
-        )
-    };
-    let bare_ok = rc == 0;
+    let bare = daxvisor_mapper::punch(&f, half, half);
+    let bare_ok = bare.is_ok();
     println!(
         "bare-punch: {}",
-        if bare_ok {
-            "ok".to_string()
-        } else {
-            std::io::Error::last_os_error().to_string()
+        match bare {
+            Ok(()) => "ok".to_string(),
+            Err(e) => e.to_string(),
         }
     );
     let zeroed = (half as usize..size as usize)
         .step_by(4096)
-        .all(|i| map.read(i) == 0);
+        .all(|i| map.read(i) == Some(0));
     println!("bare-mapping-zeroed: {}", if zeroed { "yes" } else { "no" });
 
     m.owner_exit(owner).map_err(|e| e.to_string())?;
@@ -191,14 +170,22 @@ fn file(path: &str, mib: u64) -> Result<bool, String> {
 }
 
 fn main() -> ExitCode {
-    let args: Vec<String> = std::env::args().collect();
-    let Some(path) = args.get(1) else {
-        eprintln!(
-            "usage: daxvisor-mapper-demo <file-on-fsdax-mount | /dev/daxX.Y> [size-MiB, default 4]"
-        );
+    let mut args: Vec<String> = std::env::args().skip(1).collect();
+    if args.iter().any(|a| a == "--help" || a == "-h") {
+        println!("{USAGE}");
+        return ExitCode::SUCCESS;
+    }
+    let force = args.iter().any(|a| a == "--force");
+    args.retain(|a| a != "--force");
+    if let Some(bad) = args.iter().find(|a| a.starts_with('-')) {
+        eprintln!("unknown option {bad}\n{USAGE}");
+        return ExitCode::from(2);
+    }
+    let Some(path) = args.first() else {
+        eprintln!("{USAGE}");
         return ExitCode::from(2);
     };
-    let mib = match args.get(2).map(|s| s.parse::<u64>()) {
+    let mib = match args.get(1).map(|s| s.parse::<u64>()) {
         None => 4,
         Some(Ok(n)) if n >= 2 && n % 2 == 0 && n <= 1 << 20 => n,
         Some(_) => {
@@ -212,7 +199,7 @@ fn main() -> ExitCode {
     let r = if is_chr {
         devdax(path)
     } else {
-        file(path, mib)
+        file(path, mib, force)
     };
     match r {
         Ok(true) => {

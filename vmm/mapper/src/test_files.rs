@@ -1,6 +1,7 @@
 //! Real backing files for the mapper's unit tests, on each filesystem this machine offers: /tmp (ext4 here),
 //! /dev/shm (tmpfs) and an XFS reflink=1 loop mount made by scripts/xfs-loop.sh (skipped with a message when
-//! it is not mounted). Files start fully written and synced (no delalloc), every page filled with its own byte.
+//! it is not mounted; under `CI=true` its absence fails the test instead: CI installs it). Files start fully
+//! written and synced (no delalloc), every page filled with its own byte.
 
 use std::fs::{File, OpenOptions};
 use std::os::fd::AsRawFd;
@@ -9,14 +10,10 @@ use std::path::{Path, PathBuf};
 use std::sync::mpsc::Receiver;
 use std::sync::Arc;
 
-use crate::pmem::BackingKind;
-
-use super::breaks::{BreakEvent, ChannelNotifier};
-use super::dma::RecordingDma;
-use super::host_mapping::OwnedMapping;
-use super::range::page_size;
-use super::region::{RegionDesc, RegionId};
-use super::Mapper;
+use crate::{
+    page_size, BackingKind, BreakEvent, ChannelNotifier, HostMapping, MapOptions, Mapper,
+    RecordingDma, RegionDesc, RegionId,
+};
 
 const EXT4_MAGIC: i64 = 0xEF53;
 const TMPFS_MAGIC: i64 = 0x0102_1994;
@@ -52,6 +49,11 @@ pub(crate) fn xfs_dir() -> Option<PathBuf> {
     if fs_magic(&dir) == Some(XFS_MAGIC) {
         Some(dir)
     } else {
+        assert!(
+            std::env::var("CI").as_deref() != Ok("true"),
+            "no XFS mount at {} under CI=true: scripts/xfs-loop.sh must run first",
+            dir.display()
+        );
         eprintln!(
             "SKIP xfs: no XFS mount at {} (run scripts/xfs-loop.sh as root; needs loop devices)",
             dir.display()
@@ -66,7 +68,7 @@ pub(crate) struct TestRegion {
     pub _dir: tempfile::TempDir,
     pub path: PathBuf,
     pub file: Arc<File>,
-    pub map: OwnedMapping,
+    pub map: Arc<HostMapping>,
     pub mapper: Mapper,
     pub region: RegionId,
     pub page: u64,
@@ -123,25 +125,22 @@ impl TestRegion {
         file.sync_all().unwrap();
         let file = Arc::new(file);
         let size = pages * page;
-        let map = OwnedMapping::new(&*file, 0, size as usize, false).unwrap();
+        let map = Arc::new(HostMapping::map(&file, 0, size, MapOptions::default()).unwrap());
         let dma = Arc::new(RecordingDma::new());
         let (notifier, events) = ChannelNotifier::new();
         let mapper = Mapper::new(Arc::new(notifier), Some(dma.clone()));
         let ram_fs = magic == TMPFS_MAGIC;
         let kind = if ram_fs {
-            BackingKind::Memfd
+            BackingKind::Ram
         } else {
             BackingKind::Regular
         };
         let region = mapper
-            .add_region(RegionDesc {
-                file: file.clone(),
-                file_offset: 0,
-                size,
-                kind,
-                mapping: Some(map.host()),
-                iova: TEST_IOVA,
-            })
+            .add_region(
+                RegionDesc::new(file.clone(), 0, size, kind)
+                    .with_mapping(map.clone())
+                    .with_iova(TEST_IOVA),
+            )
             .unwrap();
         TestRegion {
             fs,
@@ -157,6 +156,25 @@ impl TestRegion {
             dma,
             events: Some(events),
         }
+    }
+
+    /// Adds a second region on the same file: the window of `pages` pages at page `at`, mapped, at its own
+    /// IOVA (past the first region's).
+    pub fn add_window(&self, at: u64, pages: u64) -> RegionId {
+        let kind = if self.ram_fs {
+            BackingKind::Ram
+        } else {
+            BackingKind::Regular
+        };
+        let (off, len) = (at * self.page, pages * self.page);
+        let map = HostMapping::map(&self.file, off, len, MapOptions::default()).unwrap();
+        self.mapper
+            .add_region(
+                RegionDesc::new(self.file.clone(), off, len, kind)
+                    .with_mapping(Arc::new(map))
+                    .with_iova(TEST_IOVA + (1 << 30) + off),
+            )
+            .unwrap()
     }
 
     pub fn fill_byte(&self, off: u64) -> u8 {

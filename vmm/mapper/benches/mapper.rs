@@ -1,4 +1,4 @@
-//! Mapper benchmarks (harness = false; `cargo bench -p daxvisor --bench mapper`):
+//! Mapper benchmarks (harness = false; `cargo bench -p daxvisor-mapper --bench mapper`):
 //! 1. lease table: acquire, lookup and break fan-out cost at 1k, 100k and 1M leases on one region, with the
 //!    growth ratios against 1k printed next to the log2 ratio an O(log n + k) structure should show;
 //! 2. pin of a 1 GiB range (FIEMAP validate + MADV_POPULATE_WRITE + mlock) against bare MADV_POPULATE_WRITE on
@@ -7,18 +7,19 @@
 //! Env: DAXVISOR_BENCH_DIR (where the 1 GiB file goes, default /tmp), DAXVISOR_BENCH_PIN_MIB (default 1024),
 //! DAXVISOR_BENCH_SKIP_PIN=1, DAXVISOR_BENCH_MAX_LEASES (default 1000000).
 
+// A benchmark program: a failed step aborts the run with its message.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
 use std::fs::{File, OpenOptions};
 use std::hint::black_box;
 use std::os::unix::fs::FileExt;
 use std::sync::{Arc, Mutex, OnceLock};
 use std::time::{Duration, Instant};
 
-use daxvisor::mapper::pin::populate_write;
-use daxvisor::mapper::{
-    BreakNotice, BreakNotifier, LeaseMode, Mapper, OwnedMapping, OwnerId, RegionDesc, RegionId,
-    RevokeNotice,
+use daxvisor_mapper::{
+    BackingKind, BreakNotice, BreakNotifier, HostMapping, LeaseMode, MapOptions, Mapper, OwnerId,
+    RegionDesc, RegionId, RevokeNotice,
 };
-use daxvisor::pmem::BackingKind;
 
 /// Answers every break at once by releasing the leases, from inside the notifier (the mapper calls notifiers
 /// with its lock released, so this is allowed): the benchmark then measures the mapper's fan-out, not a holder.
@@ -69,14 +70,12 @@ fn lease_table(n: usize, file: &Arc<File>) -> Figures {
     let m = Mapper::new(notifier.clone(), None);
     let _ = notifier.mapper.set(m.clone());
     let region: RegionId = m
-        .add_region(RegionDesc {
-            file: file.clone(),
-            file_offset: 0,
-            size: SPACE,
-            kind: BackingKind::Regular,
-            mapping: None,
-            iova: 0,
-        })
+        .add_region(RegionDesc::new(
+            file.clone(),
+            0,
+            SPACE,
+            BackingKind::Regular,
+        ))
         .unwrap();
     let owners: Vec<OwnerId> = (0..64).map(|i| m.add_owner(&format!("o{i}"))).collect();
     let mut rng = Rng(0x1234_5678_9abc_def1 ^ n as u64);
@@ -147,8 +146,7 @@ fn lease_table(n: usize, file: &Arc<File>) -> Figures {
 /// The interval index alone (no lock, no tables): insert and overlap query per op (best of 3 passes), and the
 /// average query work in memory locations touched (`IntervalIndex::query_work`).
 fn raw_index(n: usize) -> (f64, f64, f64) {
-    use daxvisor::mapper::interval::IntervalIndex;
-    use daxvisor::mapper::ByteRange;
+    use daxvisor_mapper::{ByteRange, IntervalIndex};
     let mut ix = IntervalIndex::new();
     let mut rng = Rng(0xfeed_beef ^ n as u64);
     let t0 = Instant::now();
@@ -221,28 +219,24 @@ fn pin_vs_populate(dir: &str, mib: u64) {
     }
     file.sync_all().unwrap();
     let file = Arc::new(file);
-    let m = Mapper::new(Arc::new(daxvisor::mapper::ChannelNotifier::new().0), None);
+    let m = Mapper::new(Arc::new(daxvisor_mapper::ChannelNotifier::new().0), None);
     let owner = m.add_owner("bench");
     let rounds = 3;
     let (mut bare, mut pin) = (Duration::MAX, Duration::MAX);
     for _ in 0..rounds {
         // Fresh mappings each time: both start with no page tables and a warm page cache.
-        let map = OwnedMapping::new(&*file, 0, size as usize, false).unwrap();
+        let map = HostMapping::map(&file, 0, size, MapOptions::default()).unwrap();
         let t0 = Instant::now();
-        populate_write(map.host().addr, size as usize).unwrap();
+        map.populate(0, size as usize).unwrap();
         bare = bare.min(t0.elapsed());
         drop(map);
 
-        let map = OwnedMapping::new(&*file, 0, size as usize, false).unwrap();
+        let map = Arc::new(HostMapping::map(&file, 0, size, MapOptions::default()).unwrap());
         let region = m
-            .add_region(RegionDesc {
-                file: file.clone(),
-                file_offset: 0,
-                size,
-                kind: BackingKind::Regular,
-                mapping: Some(map.host()),
-                iova: 0,
-            })
+            .add_region(
+                RegionDesc::new(file.clone(), 0, size, BackingKind::Regular)
+                    .with_mapping(map.clone()),
+            )
             .unwrap();
         let l = m
             .acquire(owner, region, 0, 0, LeaseMode::Exclusive)

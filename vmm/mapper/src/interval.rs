@@ -66,6 +66,7 @@ impl Block {
 }
 
 #[derive(Debug)]
+/// Ranges with ids, answering "which overlap this range" in O(log n + k) (see the module docs).
 pub struct IntervalIndex {
     /// First key of each block, contiguous for the binary search.
     firsts: Vec<(u64, u64)>,
@@ -84,6 +85,7 @@ impl Default for IntervalIndex {
 }
 
 impl IntervalIndex {
+    /// An empty index.
     pub fn new() -> Self {
         Self::with_block_size(MAX_BLOCK)
     }
@@ -100,10 +102,12 @@ impl IntervalIndex {
         }
     }
 
+    /// Entries in the index.
     pub fn len(&self) -> usize {
         self.len
     }
 
+    /// Whether it has no entry.
     pub fn is_empty(&self) -> bool {
         self.len == 0
     }
@@ -305,6 +309,7 @@ impl IntervalIndex {
         out
     }
 
+    /// Whether any entry overlaps `q`.
     pub fn any_overlap(&self, q: ByteRange) -> bool {
         let mut any = false;
         self.for_each_overlap(q, |_, _| {
@@ -318,6 +323,8 @@ impl IntervalIndex {
 #[cfg(test)]
 mod tests {
     use super::*;
+    #[allow(unused_imports)]
+    use crate::*;
     use proptest::prelude::*;
 
     #[test]

@@ -1,65 +1,117 @@
-//! Introspection: every lease and pin by owner with byte ranges (the RFC's /proc/<pid>/file_pins listed files
-//! only; operators need the ranges), breaks in progress, and what the host guard saw.
+//! Introspection: every region, and every lease and pin by owner with byte ranges (the F_LAYOUT RFC's
+//! /proc/<pid>/file_pins listed files only; operators need the ranges), breaks in progress, and what the host
+//! guard saw. Ranges are relative to the region each hold is on.
 
 use std::time::Instant;
 
-use super::breaks::BreakId;
-use super::guard::GuardEvent;
-use super::lease::{LeaseId, LeaseMode};
-use super::owner::OwnerId;
-use super::pin::{PinId, PinState};
-use super::range::ByteRange;
-use super::region::RegionId;
-use super::Mapper;
+use crate::guard::GuardEvent;
+use crate::host::{BackingKind, FileKey};
+use crate::ids::{BreakId, LeaseId, OwnerId, PinId, RegionId};
+use crate::lease::LeaseMode;
+use crate::pin::PinState;
+use crate::range::ByteRange;
+use crate::region::Region;
+use crate::state::State;
+use crate::Mapper;
 
+/// A region as the mapper has it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct RegionView {
+    /// Its id.
+    pub id: RegionId,
+    /// The name it was registered with (the operator's device id), or empty.
+    pub name: String,
+    /// Backing kind.
+    pub kind: BackingKind,
+    /// The file it is a window of.
+    pub file: FileKey,
+    /// Where the window starts in the file.
+    pub file_offset: u64,
+    /// Window size.
+    pub size: u64,
+    /// IOVA of region offset 0.
+    pub iova: u64,
+    /// Whether pins can populate and lock it (it has a host mapping).
+    pub mapped: bool,
+}
+
+/// A lease, region-relative.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct LeaseView {
+    /// Its id.
     pub id: LeaseId,
+    /// The region it was taken on.
     pub region: RegionId,
+    /// Its range in that region.
     pub range: ByteRange,
+    /// Shared or exclusive.
     pub mode: LeaseMode,
 }
 
+/// A pin, region-relative.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct PinView {
+    /// Its id.
     pub id: PinId,
+    /// The region it was taken on.
     pub region: RegionId,
+    /// Its range in that region.
     pub range: ByteRange,
+    /// The exclusive lease it stands on (none on device-DAX).
     pub lease: Option<LeaseId>,
     /// Validation/populate still running.
     pub pending: bool,
     /// The IOVA range a device can reach, if mapped.
     pub dma: Option<(u64, u64)>,
+    /// A revoke tore its DMA mapping down.
     pub dma_revoked: bool,
 }
 
+/// An owner and everything it holds.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct OwnerView {
+    /// Its id.
     pub id: OwnerId,
+    /// The name it registered with.
     pub name: String,
+    /// Its leases, by id.
     pub leases: Vec<LeaseView>,
+    /// Its pins, by id.
     pub pins: Vec<PinView>,
 }
 
+/// A break in progress.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct BreakView {
+    /// Its id.
     pub id: BreakId,
+    /// The region the change was named on.
     pub region: RegionId,
+    /// The range broken, relative to that region (file offsets for a file-level change).
     pub range: ByteRange,
+    /// Leases not yet released, with their holders.
     pub waiting_on: Vec<(LeaseId, OwnerId)>,
+    /// When its policy applies.
     pub deadline: Instant,
+    /// What the change is.
     pub reason: &'static str,
 }
 
+/// Everything the mapper holds, at one instant.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Snapshot {
+    /// By region id.
+    pub regions: Vec<RegionView>,
     /// By owner id.
     pub owners: Vec<OwnerView>,
+    /// By break id.
     pub breaks: Vec<BreakView>,
+    /// What the host guard saw, oldest first.
     pub guard_events: Vec<GuardEvent>,
 }
 
 impl Snapshot {
+    /// Every lease with its owner.
     pub fn leases(&self) -> Vec<(OwnerId, LeaseView)> {
         self.owners
             .iter()
@@ -67,6 +119,7 @@ impl Snapshot {
             .collect()
     }
 
+    /// Every pin with its owner.
     pub fn pins(&self) -> Vec<(OwnerId, PinView)> {
         self.owners
             .iter()
@@ -74,14 +127,43 @@ impl Snapshot {
             .collect()
     }
 
+    /// One owner.
     pub fn owner(&self, id: OwnerId) -> Option<&OwnerView> {
         self.owners.iter().find(|o| o.id == id)
     }
 }
 
+impl Region {
+    pub(crate) fn view(&self) -> RegionView {
+        RegionView {
+            id: self.id,
+            name: self.desc.name.clone(),
+            kind: self.desc.kind,
+            file: self.key,
+            file_offset: self.desc.file_offset,
+            size: self.desc.size,
+            iova: self.desc.iova,
+            mapped: self.desc.mapping.is_some(),
+        }
+    }
+}
+
+impl State {
+    /// A file range held on `region`, relative to it.
+    fn shown(&self, region: RegionId, r: ByteRange) -> ByteRange {
+        self.regions
+            .get(&region)
+            .and_then(|reg| reg.to_region(r))
+            .unwrap_or(r)
+    }
+}
+
 impl Mapper {
+    /// Everything the mapper holds, at one instant.
     pub fn snapshot(&self) -> Snapshot {
         let st = self.lock();
+        let mut regions: Vec<RegionView> = st.regions.values().map(Region::view).collect();
+        regions.sort_by_key(|r| r.id);
         let mut owners: Vec<OwnerView> = st
             .owners
             .iter()
@@ -93,7 +175,7 @@ impl Mapper {
                         st.leases.get(l).map(|x| LeaseView {
                             id: *l,
                             region: x.region,
-                            range: x.range,
+                            range: st.shown(x.region, x.range),
                             mode: x.mode,
                         })
                     })
@@ -106,7 +188,7 @@ impl Mapper {
                         st.pins.get(p).map(|x| PinView {
                             id: *p,
                             region: x.region,
-                            range: x.range,
+                            range: st.shown(x.region, x.range),
                             lease: x.lease,
                             pending: x.state == PinState::Pending,
                             dma: x.dma,
@@ -130,7 +212,11 @@ impl Mapper {
             .map(|(id, b)| BreakView {
                 id: *id,
                 region: b.region,
-                range: b.range,
+                range: if b.range.is_open() && b.reason == "host-open" {
+                    b.range
+                } else {
+                    st.shown(b.region, b.range)
+                },
                 waiting_on: b
                     .leases
                     .iter()
@@ -142,6 +228,7 @@ impl Mapper {
             .collect();
         breaks.sort_by_key(|b| b.id);
         Snapshot {
+            regions,
             owners,
             breaks,
             guard_events: st.guard_events.clone(),
@@ -152,7 +239,9 @@ impl Mapper {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::mapper::test_files::TestRegion;
+    use crate::test_files::TestRegion;
+    #[allow(unused_imports)]
+    use crate::*;
 
     #[test]
     fn snapshot_lists_leases_and_pins_by_owner_with_ranges() {
@@ -173,7 +262,7 @@ mod tests {
                 vec![LeaseView {
                     id: la,
                     region: t.region,
-                    range: ByteRange::new(0, OPEN),
+                    range: ByteRange::new(0, 8 * t.page),
                     mode: LeaseMode::Shared
                 }]
             );
@@ -193,7 +282,7 @@ mod tests {
             assert_eq!(p.dma, Some((t.iova + t.page, t.page)));
             // Any ETXTBSY names the holder and the held range.
             match m.punch(Some(a), t.region, 0, 0).unwrap_err() {
-                crate::mapper::MapperError::TextBusy {
+                crate::MapperError::TextBusy {
                     holder,
                     holder_name,
                     range,
@@ -205,5 +294,4 @@ mod tests {
             }
         }
     }
-    const OPEN: u64 = crate::mapper::OPEN_END;
 }

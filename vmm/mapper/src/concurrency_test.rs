@@ -199,7 +199,7 @@ fn concurrent_callers_never_hang_and_leave_consistent_tables() {
         .iter()
         .filter_map(|(_, p)| {
             p.dma
-                .map(|(iova, len)| (iova, t.map.host().addr + p.range.start as usize, len))
+                .map(|(iova, len)| (iova, t.map.addr() + p.range.start as usize, len))
         })
         .collect();
     want_dma.sort();

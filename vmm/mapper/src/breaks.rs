@@ -9,59 +9,57 @@
 //! protocol messages). Notices are sent with the mapper's lock released, so a notifier may call back into the
 //! mapper (release the lease at once, for example).
 
-use std::fmt;
 use std::sync::mpsc::{self, Receiver, Sender};
 use std::sync::Mutex;
 use std::time::Instant;
 
-use super::lease::LeaseId;
-use super::owner::OwnerId;
-use super::pin::PinId;
-use super::range::ByteRange;
-use super::region::RegionId;
-
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
-pub struct BreakId(pub u64);
-
-impl fmt::Display for BreakId {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "break:{}", self.0)
-    }
-}
+use crate::host::FileKey;
+use crate::ids::{BreakId, LeaseId, OwnerId, PinId, RegionId};
+use crate::range::ByteRange;
 
 /// What happens when the deadline passes with holders left.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum BreakPolicy {
     /// The change fails with ETIMEDOUT; nothing changed, leases kept.
     Fail,
-    /// The remaining holders are treated as failed DMA contexts: their DMA mappings in the region are torn
+    /// The remaining holders are treated as failed DMA contexts: their DMA mappings on the file are torn
     /// down, their overlapping leases removed, they are told, and the change proceeds.
     Revoke,
 }
 
-/// One notice per holder.
+/// One notice per holder and region: ranges are relative to `region`, the region the holder's leases are on.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct BreakNotice {
+    /// The break, as introspection lists it.
     pub break_id: BreakId,
+    /// The holder asked to release.
     pub owner: OwnerId,
+    /// The region its leases are on.
     pub region: RegionId,
     /// Each of the holder's leases with the part of it the change needs.
     pub leases: Vec<(LeaseId, ByteRange)>,
+    /// Release before this.
     pub deadline: Instant,
     /// What the change is ("punch", "shrink", "host-open", ...).
     pub reason: &'static str,
 }
 
+/// Told to a holder whose leases were revoked at a break's deadline.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct RevokeNotice {
+    /// The break.
     pub break_id: BreakId,
+    /// The holder.
     pub owner: OwnerId,
+    /// The region its leases were on.
     pub region: RegionId,
+    /// The leases removed, with the part the change needed.
     pub leases: Vec<(LeaseId, ByteRange)>,
     /// Pins of the holder whose DMA mappings were torn down before the leases went.
     pub dma_torn_down: Vec<PinId>,
 }
 
+/// Delivers notices to holders; the VMM implements it (an agent channel turns notices into messages).
 pub trait BreakNotifier: Send + Sync {
     /// Asks a holder to release the listed leases before `deadline`. Must not block for long.
     fn break_notice(&self, notice: &BreakNotice);
@@ -69,9 +67,12 @@ pub trait BreakNotifier: Send + Sync {
     fn revoked(&self, notice: &RevokeNotice);
 }
 
+/// A notice as [`ChannelNotifier`] forwards it.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum BreakEvent {
+    /// A break notice.
     Notice(BreakNotice),
+    /// A revoke notice.
     Revoked(RevokeNotice),
 }
 
@@ -83,6 +84,7 @@ pub struct ChannelNotifier {
 }
 
 impl ChannelNotifier {
+    /// The notifier and the receiving end of its channel.
     pub fn new() -> (Self, Receiver<BreakEvent>) {
         let (tx, rx) = mpsc::channel();
         (ChannelNotifier { tx: Mutex::new(tx) }, rx)
@@ -105,8 +107,11 @@ impl BreakNotifier for ChannelNotifier {
 
 /// A break in progress (introspection shows them).
 #[derive(Clone, Debug)]
-pub(super) struct BreakState {
+pub(crate) struct BreakState {
+    /// The region the change was named on.
     pub region: RegionId,
+    pub file: FileKey,
+    /// File offsets.
     pub range: ByteRange,
     pub leases: Vec<LeaseId>,
     pub deadline: Instant,
@@ -115,15 +120,17 @@ pub(super) struct BreakState {
 
 #[cfg(test)]
 mod tests {
+    #[allow(unused_imports)]
+    use crate::*;
     use std::sync::mpsc::RecvTimeoutError;
     use std::sync::{Arc, Mutex};
     use std::thread;
     use std::time::Duration;
 
     use super::*;
-    use crate::mapper::layout_change::{ChangeRequest, LayoutChange};
-    use crate::mapper::test_files::TestRegion;
-    use crate::mapper::{LeaseMode, Mapper, MapperError, RecordingDma};
+    use crate::layout_change::{ChangeRequest, LayoutChange};
+    use crate::test_files::TestRegion;
+    use crate::{LeaseMode, Mapper, MapperError, RecordingDma};
 
     fn punch_req(
         t: &TestRegion,
@@ -444,10 +451,10 @@ mod tests {
             // Loads and stores through the mapping are never blocked, in the pinned range or the breaking one,
             // while a break waits (requirement 4: the mapper never stands between the guest and its memory).
             let pinned = 6 * t.page as usize;
-            t.map.write(pinned, 0x42);
-            assert_eq!(t.map.read(pinned), 0x42);
-            t.map.write(1, 0x43);
-            assert_eq!(t.map.read(1), 0x43);
+            assert!(t.map.write(pinned, 0x42));
+            assert_eq!(t.map.read(pinned), Some(0x42));
+            assert!(t.map.write(1, 0x43));
+            assert_eq!(t.map.read(1), Some(0x43));
             assert!(!h.is_finished());
             m.owner_exit(dead).unwrap();
             let report = h.join().unwrap().unwrap();

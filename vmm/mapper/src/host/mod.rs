@@ -1,0 +1,15 @@
+//! Everything daxvisor knows about host files, in one place: the probe (backing kind, filesystem, identity),
+//! FIEMAP, block allocation, residency (populate, mlock) and mapping with MAP_SYNC.
+
+mod alloc;
+mod extents;
+mod kind;
+mod mapping;
+mod memory;
+mod probe;
+
+pub use alloc::{allocate, extend, punch, unshare, zero};
+pub use extents::{first_problem, read_extents, Extent, ExtentFlags, ExtentProblem};
+pub use kind::{BackingKind, FsKind};
+pub use mapping::{HostMapping, MapOptions};
+pub use probe::{dev_dax_info, fs_kind, probe, DevDaxInfo, FileKey, Probe, ProbeError};
