@@ -92,7 +92,7 @@ pub enum BackingError {
     )]
     MissingParent { path: PathBuf, parent: PathBuf },
     #[error(transparent)]
-    Lock(#[from] super::file_lock::FileLockError),
+    Lock(#[from] daxvisor_mapper::FileLockError),
     #[error("pmem {path}: cannot {what}: {source}")]
     Io {
         path: PathBuf,
@@ -145,7 +145,7 @@ impl Backing {
         let path = cfg.file.clone();
         let write_file = !cfg.readonly && !cfg.discard_writes;
         // Refused before the open: a second VMM must not even break the running VM's kernel lease.
-        super::file_lock::refuse_if_locked(&path, write_file)?;
+        daxvisor_mapper::refuse_if_locked(&path, write_file)?;
 
         // Look before opening: a FIFO would block the open, a directory is never right.
         let meta = match std::fs::metadata(&path) {
@@ -202,7 +202,7 @@ impl Backing {
         let size = cfg.size.unwrap_or(avail_len);
         check_size(&path, size, avail_len, dev_dax, cfg.create)?;
         // Held for the VM's life (it lives on this open file description); taken before anything is changed.
-        super::file_lock::lock(&file, &path, write_file)?;
+        daxvisor_mapper::lock_file(&file, &path, write_file)?;
 
         if size > avail_len {
             // create=on, regular file: reserve the blocks now so a guest write cannot hit ENOSPC later.

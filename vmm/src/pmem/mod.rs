@@ -4,7 +4,6 @@
 //! - [`backing`]: open, check, detect the kind, map ([`Backing`]).
 //! - [`attach`]: placing the regions in a VM (memslots, virtio-pmem devices).
 //! - [`flush`]: what a guest flush request does for each kind ([`BackingFlush`]).
-//! - [`file_lock`]: the OFD lock that gives the VM exclusive use of each backing file.
 //! - [`fault`]: naming the region, file and offset behind a KVM_RUN EFAULT.
 //!
 //! The backing kind ([`BackingKind`]) and every probe of a host file come from the mapper crate.
@@ -13,7 +12,6 @@ pub mod attach;
 pub mod backing;
 pub mod config;
 pub mod fault;
-pub mod file_lock;
 pub mod flush;
 
 pub use attach::{attach, PmemError, PmemRegion};

@@ -1,7 +1,7 @@
 //! Exclusive use of backing files: an open-file-description lock (`F_OFD_SETLK`) on the whole file, held for
-//! the VM's life (a write lock for a writable region, a shared read lock for `readonly=on` and
-//! `discard_writes=on`). A second daxvisor, or anything else that honours POSIX/OFD locks, is refused at start
-//! with the file and the holder's pid named, however often it retries.
+//! as long as the file is used (a write lock for a writable user, a shared read lock for readers). A second
+//! user, or anything else that honours POSIX/OFD locks, is refused with the file and the holder's pid named,
+//! however often it retries.
 //!
 //! The holder is looked up before the file is opened (`/proc/locks` by device and inode), so a refused second
 //! VMM never opens the file and never breaks the running VM's kernel lease. `F_OFD_GETLK` reports pid -1 for OFD
@@ -17,18 +17,25 @@ use std::os::fd::AsRawFd;
 use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
 
-/// Another process holds a conflicting lock.
+/// Why the exclusive-use lock could not be taken.
 #[derive(Debug, thiserror::Error)]
 pub enum FileLockError {
+    /// Another process holds a conflicting lock.
     #[error("pmem {path}: in use by {holder}, which holds a {kind} lock on it; stop that VM or use another file")]
     Busy {
+        /// The file.
         path: PathBuf,
+        /// Who holds it.
         holder: Holder,
+        /// "write" when we wanted a shared lock, "conflicting" when we wanted the write lock.
         kind: &'static str,
     },
+    /// fcntl failed for another reason.
     #[error("pmem {path}: cannot lock the file: {source}")]
     Lock {
+        /// The file.
         path: PathBuf,
+        /// What fcntl said.
         #[source]
         source: io::Error,
     },
@@ -37,7 +44,14 @@ pub enum FileLockError {
 /// Who holds a lock, as far as /proc tells.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Holder {
-    Process { pid: u32, command: String },
+    /// A process, with its command name (`/proc/PID/comm`).
+    Process {
+        /// Its pid.
+        pid: u32,
+        /// Its command name.
+        command: String,
+    },
+    /// A lock is held, but no descriptor holding it could be found in /proc (another pid namespace).
     Unknown,
 }
 
@@ -189,7 +203,7 @@ pub fn refuse_if_locked(path: &Path, want_write: bool) -> Result<(), FileLockErr
 }
 
 /// Take the whole-file OFD lock on `file` (write lock if `write`, else shared), without waiting.
-pub fn lock(file: &File, path: &Path, write: bool) -> Result<(), FileLockError> {
+pub fn lock_file(file: &File, path: &Path, write: bool) -> Result<(), FileLockError> {
     // SAFETY: flock is plain old data; all-zero is a valid value that the fields below complete.
     let mut fl: libc::flock = unsafe { std::mem::zeroed() };
     fl.l_type = if write { libc::F_WRLCK } else { libc::F_RDLCK } as libc::c_short;
@@ -246,18 +260,18 @@ mod tests {
         std::fs::write(&p, [0u8; 4096]).unwrap();
         let open = |w: bool| OpenOptions::new().read(true).write(w).open(&p).unwrap();
         let first = open(true);
-        lock(&first, &p, true).unwrap();
+        lock_file(&first, &p, true).unwrap();
         for _ in 0..3 {
-            let e = lock(&open(true), &p, true).unwrap_err();
+            let e = lock_file(&open(true), &p, true).unwrap_err();
             let me = format!("pid {}", std::process::id());
             assert!(e.to_string().contains(&me), "{e}");
-            assert!(lock(&open(false), &p, false).is_err());
+            assert!(lock_file(&open(false), &p, false).is_err());
         }
         drop(first);
         let r1 = open(false);
         let r2 = open(false);
-        lock(&r1, &p, false).unwrap();
-        lock(&r2, &p, false).unwrap();
-        assert!(lock(&open(true), &p, true).is_err());
+        lock_file(&r1, &p, false).unwrap();
+        lock_file(&r2, &p, false).unwrap();
+        assert!(lock_file(&open(true), &p, true).is_err());
     }
 }
