@@ -45,6 +45,8 @@ pub struct VmConfig {
     pub cpus: u8,
     pub serial: SerialOutput,
     pub cpuid_mask: CpuidMask,
+    /// What a syscall outside a thread's seccomp list does.
+    pub seccomp: crate::seccomp::SeccompMode,
     /// `--pmem` regions, in order (guest addresses and virtio-mmio windows are assigned in this order).
     pub pmem: Vec<crate::pmem::PmemConfig>,
 }
@@ -97,6 +99,7 @@ mod tests {
             serial: SerialOutput::Stdout,
             cpuid_mask: CpuidMask::Auto,
             pmem: Vec::new(),
+            seccomp: crate::seccomp::SeccompMode::On,
         }
     }
 

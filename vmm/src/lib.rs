@@ -10,6 +10,7 @@
 //! - [`pmem`]: persistent-memory backings.
 //! - [`host_files`]: kernel, initrd and serial files; the undo list of a refused start.
 //! - [`signals`]: SIGINT/SIGTERM stop the VM cleanly.
+//! - [`seccomp`]: the per-thread seccomp filters.
 //! - [`lease_manager`]: drives the layout-lease library (the `daxvisor-mapper` crate) for a running VM.
 //! - [`acpi`]: the guest's ACPI tables (RSDP, XSDT, FADT, MADT, DSDT).
 
@@ -22,6 +23,7 @@ pub mod host_files;
 pub mod layout;
 pub mod lease_manager;
 pub mod pmem;
+pub mod seccomp;
 pub mod signals;
 pub mod vm;
 pub mod vstate;

@@ -65,6 +65,10 @@ struct RunArgs {
     /// SIZE defaults to the file's size and must be a multiple of 2 MiB.
     #[arg(long, value_name = "file=PATH[,...]")]
     pmem: Vec<daxvisor::pmem::PmemConfig>,
+    /// Seccomp filters per thread: on (a syscall outside the thread's list kills daxvisor), log (allowed and
+    /// logged by the kernel: dmesg), off. Lists: docs/security.md.
+    #[arg(long, value_enum, default_value_t = daxvisor::seccomp::SeccompMode::On)]
+    seccomp: daxvisor::seccomp::SeccompMode,
 }
 
 fn main() -> ExitCode {
@@ -92,6 +96,7 @@ fn run(args: RunArgs) -> ExitCode {
         serial: args.serial,
         cpuid_mask: args.cpuid_mask,
         pmem: args.pmem,
+        seccomp: args.seccomp,
     };
     match vm::run(&config) {
         Ok(VmExit::Status(s)) => ExitCode::from((s & 0xff) as u8),

@@ -44,6 +44,11 @@ impl StopSignals {
         let thread = std::thread::Builder::new()
             .name("signals".into())
             .spawn(move || {
+                if let Err(e) = crate::seccomp::apply_for_thread(crate::seccomp::ThreadKind::Signals) {
+                    tracing::error!("{e}");
+                    state.request_stop(StopReason::VmmError(e.to_string()));
+                    return;
+                }
                 let mut seen = 0;
                 for signal in signals.forever() {
                     seen += 1;

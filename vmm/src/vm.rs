@@ -21,6 +21,7 @@ use crate::layout;
 use crate::lease_manager::LeaseManager;
 use crate::pmem::fault::FaultMap;
 use crate::pmem::{self, PmemError};
+use crate::seccomp::{self, SeccompError, ThreadKind};
 use crate::signals::StopSignals;
 use crate::vstate::cpuid;
 use crate::vstate::vcpu::{self, RunState, StopReason, Vcpu, VcpuError};
@@ -61,6 +62,8 @@ pub enum StartError {
     HostFile(#[from] HostFileError),
     #[error("cannot watch SIGINT/SIGTERM: {0}")]
     Signals(std::io::Error),
+    #[error(transparent)]
+    Seccomp(#[from] SeccompError),
 }
 
 /// How a VM that ran came to an end.
@@ -124,6 +127,7 @@ fn resolve_kernel(config: &VmConfig) -> Result<Kernel, StartError> {
 /// Build the VM described by `config`, run it to its end, and say how it ended.
 pub fn run(config: &VmConfig) -> Result<VmExit, StartError> {
     config.validate()?;
+    seccomp::init(config.seccomp)?;
     let kernel = resolve_kernel(config)?;
     if let Some(initrd) = &config.initrd {
         host_files::open_regular(initrd, "--initrd")?;
@@ -214,6 +218,8 @@ pub fn run(config: &VmConfig) -> Result<VmExit, StartError> {
         threads.push(v.spawn()?);
     }
     undo.commit();
+    // The main thread now only runs the event loop and the stop sequence.
+    seccomp::apply_for_thread(ThreadKind::EventLoop)?;
 
     let loop_result = event_loop.run();
     vcpu::stop_all(&state, threads);

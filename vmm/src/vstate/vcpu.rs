@@ -195,6 +195,10 @@ impl Vcpu {
     }
 
     fn run(mut self) {
+        if let Err(e) = crate::seccomp::apply_for_thread(crate::seccomp::ThreadKind::Vcpu) {
+            self.state.request_stop(StopReason::VmmError(e.to_string()));
+            return;
+        }
         while !self.state.stopping() {
             let outcome = match self.fd.run() {
                 Ok(exit) => handle_exit(self.index, exit, &self.pio, &self.mmio),

@@ -17,6 +17,12 @@ use std::thread::JoinHandle;
 pub trait Flush: Send + Sync {
     /// Return only once everything written to the region before the call is durable.
     fn flush(&self) -> io::Result<()>;
+
+    /// Called first thing on the worker thread, before any request (the VMM installs the thread's seccomp
+    /// filter here). An error fails every flush of this worker.
+    fn on_worker_start(&self) -> io::Result<()> {
+        Ok(())
+    }
 }
 
 impl<F: Fn() -> io::Result<()> + Send + Sync> Flush for F {
@@ -77,8 +83,12 @@ impl<R: Send + 'static> FlushWorker<R> {
         let thread = std::thread::Builder::new()
             .name(name.to_owned())
             .spawn(move || {
+                let started = flush.on_worker_start();
                 while let Some(batch) = next_batch(&worker_shared, policy) {
-                    let result = flush.flush();
+                    let result = match &started {
+                        Ok(()) => flush.flush(),
+                        Err(e) => Err(io::Error::new(e.kind(), e.to_string())),
+                    };
                     complete(batch, &result);
                 }
             })?;
