@@ -15,16 +15,30 @@ pub trait BusDevice: Send {
     fn write(&mut self, offset: u64, data: &[u8]);
 }
 
+/// Why a device could not be placed on a [`Bus`].
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
 pub enum BusError {
+    /// The range overlaps a device already on the bus.
     #[error("bus range {base:#x}+{len:#x} overlaps an existing device")]
-    Overlap { base: u64, len: u64 },
+    Overlap {
+        /// First address of the rejected range.
+        base: u64,
+        /// Length of the rejected range.
+        len: u64,
+    },
+    /// The range has length zero or runs past the end of the address space.
     #[error("bus range {base:#x}+{len:#x} is empty or wraps around")]
-    BadRange { base: u64, len: u64 },
+    BadRange {
+        /// First address of the rejected range.
+        base: u64,
+        /// Length of the rejected range.
+        len: u64,
+    },
 }
 
 type SharedDevice = Arc<Mutex<dyn BusDevice>>;
 
+/// An address space (port I/O or MMIO) mapping non-overlapping ranges to devices.
 #[derive(Clone, Default)]
 pub struct Bus {
     // Keyed by base; value is (len, device).
@@ -32,10 +46,12 @@ pub struct Bus {
 }
 
 impl Bus {
+    /// An empty bus.
     pub fn new() -> Self {
         Self::default()
     }
 
+    /// Place `device` at `[base, base + len)`; refused if the range is empty, wraps or overlaps another device.
     pub fn insert(&mut self, device: SharedDevice, base: u64, len: u64) -> Result<(), BusError> {
         let end = base
             .checked_add(len)

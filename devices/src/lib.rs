@@ -8,6 +8,7 @@
 //! - [`virtio`]: the virtio-mmio transport and the virtio device models (pmem).
 
 #![forbid(unsafe_code)]
+#![warn(missing_docs)]
 
 pub mod bus;
 pub mod legacy;

@@ -64,7 +64,7 @@ if [ "$WITH_CARGO" = 1 ]; then
     # CARGO is set when this runs under `cargo test`; CARGO_ENCODED_RUSTFLAGS would override RUSTFLAGS.
     exes="$(cd "$REPO_ROOT" && env -u CARGO_ENCODED_RUSTFLAGS RUSTFLAGS="-C target-feature=+crt-static" \
         "${CARGO:-cargo}" build --release \
-        --target x86_64-unknown-linux-gnu -p daxvisor -p daxvisor-tests --bins \
+        --target x86_64-unknown-linux-gnu -p daxvisor -p daxvisor-mapper -p daxvisor-tests --bins \
         --message-format=json-render-diagnostics |
         grep -o '"executable":"[^"]*"' | sed 's/^"executable":"\(.*\)"$/\1/')" ||
         lab_die "cargo build of the project binaries failed"

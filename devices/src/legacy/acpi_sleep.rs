@@ -11,11 +11,13 @@ pub const SLEEP_CONTROL_PORT: u16 = 0x600;
 pub const S5_SLEEP_TYPE: u8 = 5;
 const SLP_EN: u8 = 1 << 5;
 
+/// The sleep control/status register pair at [`SLEEP_CONTROL_PORT`]; an S5 request ends the VM.
 pub struct AcpiSleep {
     stopper: VmStopper,
 }
 
 impl AcpiSleep {
+    /// `stopper` ends the VM when the guest enters S5.
     pub fn new(stopper: VmStopper) -> Self {
         AcpiSleep { stopper }
     }

@@ -14,9 +14,11 @@ pub struct VmExitStatus(Arc<AtomicI32>);
 const UNSET: i32 = i32::MIN;
 
 impl VmExitStatus {
+    /// No status written yet.
     pub fn new() -> Self {
         VmExitStatus(Arc::new(AtomicI32::new(UNSET)))
     }
+    /// The status the guest wrote (low 8 bits), or `None` if it has not written one.
     pub fn get(&self) -> Option<i32> {
         match self.0.load(Ordering::SeqCst) {
             UNSET => None,
@@ -31,12 +33,14 @@ impl VmExitStatus {
     }
 }
 
+/// The exit port device: records the first status written (low 8 bits) and ends the VM.
 pub struct ExitPort {
     status: VmExitStatus,
     stopper: VmStopper,
 }
 
 impl ExitPort {
+    /// Record the guest's status in `status` and end the VM through `stopper`.
     pub fn new(status: VmExitStatus, stopper: VmStopper) -> Self {
         ExitPort { status, stopper }
     }

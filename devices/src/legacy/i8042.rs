@@ -3,6 +3,7 @@
 
 use super::{ByteRegisters, VmStopper};
 
+/// The i8042 controller (vm-superio), here for its CPU reset line.
 pub struct I8042 {
     inner: vm_superio::I8042Device<VmStopper>,
 }

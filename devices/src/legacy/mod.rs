@@ -26,6 +26,7 @@ pub struct VmStopper {
 }
 
 impl VmStopper {
+    /// A stopper not yet stopping, with a fresh non-blocking eventfd.
     pub fn new() -> std::io::Result<Self> {
         Ok(VmStopper {
             stopping: Arc::new(AtomicBool::new(false)),
@@ -33,6 +34,7 @@ impl VmStopper {
         })
     }
 
+    /// Raise the stop flag and wake the event loop to tear the VM down.
     pub fn stop(&self) {
         self.stopping.store(true, Ordering::SeqCst);
         if let Err(e) = self.evt.write(1) {
@@ -40,6 +42,7 @@ impl VmStopper {
         }
     }
 
+    /// Whether a stop was requested; vCPUs check it after every exit.
     pub fn is_stopping(&self) -> bool {
         self.stopping.load(Ordering::SeqCst)
     }
@@ -66,7 +69,9 @@ impl vm_superio::Trigger for VmStopper {
 /// A device of 8-bit registers at port offsets 0..=255 (the UART, the i8042). Only the first byte of an access
 /// counts; wider reads return the register in the low byte and zeros above.
 pub trait ByteRegisters: Send {
+    /// The value of the register at `offset`.
     fn read_register(&mut self, offset: u8) -> u8;
+    /// Write `value` to the register at `offset`.
     fn write_register(&mut self, offset: u8, value: u8);
 }
 

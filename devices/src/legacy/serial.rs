@@ -5,6 +5,7 @@ use std::io::Write;
 use super::{ByteRegisters, EventFdTrigger};
 use vmm_sys_util::eventfd::EventFd;
 
+/// A 16550 UART (vm-superio); the VMM places it on COM1.
 pub struct Serial {
     inner: vm_superio::Serial<EventFdTrigger, vm_superio::serial::NoEvents, Box<dyn Write + Send>>,
 }

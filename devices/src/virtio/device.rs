@@ -16,12 +16,20 @@ use super::{GuestMemory, VirtioInterrupt};
 /// DEVICE_NEEDS_RESET: the guest must reset the device, and nothing else is affected.
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
 pub enum ActivateError {
+    /// The queue with this index was not marked ready by the driver.
     #[error("queue {0} is not ready")]
     QueueNotReady(usize),
+    /// The queue with this index is outside guest memory, misaligned or otherwise unusable.
     #[error("queue {0} lies outside guest memory or is misaligned")]
     QueueInvalid(usize),
+    /// The device was handed a different number of queues than it needs.
     #[error("expected {expected} queues, got {got}")]
-    QueueCount { expected: usize, got: usize },
+    QueueCount {
+        /// Queues the device needs.
+        expected: usize,
+        /// Queues it was given.
+        got: usize,
+    },
 }
 
 /// A driver-visible fault in a queue (not in a single request) after which the device cannot go on without a
@@ -29,10 +37,13 @@ pub enum ActivateError {
 #[derive(Debug, thiserror::Error)]
 #[error("queue {queue}: {reason}")]
 pub struct QueueError {
+    /// Index of the broken queue.
     pub queue: usize,
+    /// What was wrong with it.
     pub reason: String,
 }
 
+/// A virtio device model, driven by a transport ([`super::MmioTransport`]).
 pub trait VirtioDevice: Send {
     /// Virtio device id (virtio 1.2, 5): 27 for pmem.
     fn device_type(&self) -> u32;

@@ -37,6 +37,7 @@ pub struct IrqfdInterrupt {
 }
 
 impl IrqfdInterrupt {
+    /// No interrupt pending, with a fresh non-blocking irqfd.
     pub fn new() -> std::io::Result<Self> {
         Ok(IrqfdInterrupt {
             status: AtomicU32::new(0),

@@ -37,6 +37,7 @@ pub const MMIO_WINDOW_USED: u64 = 0x200;
 /// What the VMM needs to register one queue's ioeventfd:
 /// `vm.register_ioevent(fd, &IoEventAddress::Mmio(base + offset), datamatch)`.
 pub struct QueueNotifyFd<'a> {
+    /// The queue's notify EventFd, to register as an ioeventfd.
     pub fd: &'a EventFd,
     /// Offset of the QueueNotify register in the device window.
     pub offset: u64,
@@ -44,6 +45,7 @@ pub struct QueueNotifyFd<'a> {
     pub datamatch: u32,
 }
 
+/// The virtio-mmio register block of one device: registers, feature negotiation, queue setup, activation and reset.
 pub struct MmioTransport {
     device: Box<dyn VirtioDevice>,
     mem: GuestMemory,
@@ -65,8 +67,15 @@ pub struct MmioTransport {
 /// Transport setup failures (VMM side, before the guest runs).
 #[derive(Debug, thiserror::Error)]
 pub enum TransportError {
+    /// [`VirtioDevice::queue_max_sizes`] has a size the queue cannot take (zero, not a power of two, too big).
     #[error("device declares an invalid maximum size {size} for queue {index}")]
-    QueueMaxSize { index: usize, size: u16 },
+    QueueMaxSize {
+        /// Index of the queue.
+        index: usize,
+        /// The size the device declared.
+        size: u16,
+    },
+    /// Creating a queue notify or interrupt EventFd failed.
     #[error("cannot create an eventfd: {0}")]
     EventFd(#[source] std::io::Error),
 }
@@ -100,6 +109,7 @@ impl MmioTransport {
         })
     }
 
+    /// The device's virtio device id.
     pub fn device_type(&self) -> u32 {
         self.device.device_type()
     }
@@ -127,6 +137,7 @@ impl MmioTransport {
         self.status
     }
 
+    /// Whether the device was started successfully at DRIVER_OK and not reset since.
     pub fn is_activated(&self) -> bool {
         self.activated
     }
@@ -465,6 +476,7 @@ pub struct MmioSubscriber {
 }
 
 impl MmioSubscriber {
+    /// A subscriber for `transport`, to add to the event loop's `EventManager`.
     pub fn new(transport: Arc<Mutex<MmioTransport>>) -> Self {
         MmioSubscriber { transport }
     }

@@ -43,10 +43,16 @@ pub const VIRTIO_F_VERSION_1: u32 = virtio_bindings::virtio_config::VIRTIO_F_VER
 
 /// Device status bits (virtio 1.2, 2.1).
 pub mod status {
+    /// The guest has noticed the device.
     pub const ACKNOWLEDGE: u32 = virtio_bindings::virtio_config::VIRTIO_CONFIG_S_ACKNOWLEDGE;
+    /// The guest has a driver for the device.
     pub const DRIVER: u32 = virtio_bindings::virtio_config::VIRTIO_CONFIG_S_DRIVER;
+    /// The driver is set up and the device is live.
     pub const DRIVER_OK: u32 = virtio_bindings::virtio_config::VIRTIO_CONFIG_S_DRIVER_OK;
+    /// The driver has finished feature negotiation.
     pub const FEATURES_OK: u32 = virtio_bindings::virtio_config::VIRTIO_CONFIG_S_FEATURES_OK;
+    /// The device hit an error it cannot recover from without a reset.
     pub const DEVICE_NEEDS_RESET: u32 = virtio_bindings::virtio_config::VIRTIO_CONFIG_S_NEEDS_RESET;
+    /// The driver gave up on the device.
     pub const FAILED: u32 = virtio_bindings::virtio_config::VIRTIO_CONFIG_S_FAILED;
 }

@@ -13,38 +13,53 @@
 
 /// "DAXBOOT1" little-endian.
 pub const BOOT_INFO_MAGIC: u64 = u64::from_le_bytes(*b"DAXBOOT1");
+/// Version of the [`BootInfo`] layout this code speaks; checked by [`BootInfo::is_valid`].
 pub const BOOT_INFO_VERSION: u32 = 1;
+/// Guest physical address where the VMM writes the [`BootInfo`] block (passed to the guest in RDI).
 pub const BOOT_INFO_ADDR: u64 = 0x7000;
+/// Initial RSP: top of the small boot stack just below the boot info.
 pub const BOOT_STACK_TOP: u64 = 0x6ff0;
+/// Guest physical address of the GDT the VMM sets up for long mode.
 pub const GDT_ADDR: u64 = 0x500;
+/// Selector of the 64-bit code segment, loaded in CS at entry.
 pub const CODE64_SELECTOR: u16 = 0x08;
+/// Selector of the flat data segment, loaded in DS/ES/SS/FS/GS at entry.
 pub const DATA_SELECTOR: u16 = 0x10;
 /// Port for the guest's exit status (32-bit write). Same number as QEMU's isa-debug-exit default.
 pub const EXIT_PORT: u16 = 0x501;
 /// COM1.
 pub const SERIAL_PORT: u16 = 0x3f8;
 
+/// Capacity of [`BootInfo::mem_ranges`].
 pub const MAX_MEM_RANGES: usize = 8;
+/// Capacity of [`BootInfo::devices`].
 pub const MAX_DEVICES: usize = 16;
+/// Capacity of [`BootInfo::cmdline`] in bytes; a longer `--cmdline` is refused by the VMM.
 pub const MAX_CMDLINE: usize = 512;
 
 /// What a [`MemRange`] holds.
 #[repr(u32)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum MemKind {
+    /// Guest RAM.
     Ram = 1,
     /// A virtio-pmem region's window; the guest learns which device it belongs to from the device's config.
     Pmem = 2,
+    /// The MMIO hole below 4 GiB, where device windows live; not RAM.
     Mmio = 3,
 }
 
+/// One range of guest physical address space, as listed in [`BootInfo::mem_ranges`].
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct MemRange {
+    /// Guest physical start address.
     pub base: u64,
+    /// Length in bytes.
     pub size: u64,
     /// A [`MemKind`] value.
     pub kind: u32,
+    /// Explicit padding so every byte of the layout is defined; zero.
     pub _pad: u32,
 }
 
@@ -53,9 +68,13 @@ pub struct MemRange {
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct MmioDeviceInfo {
+    /// Guest physical address of the register window.
     pub base: u64,
+    /// Length of the window in bytes.
     pub size: u64,
+    /// Interrupt line (GSI) the device signals on.
     pub irq: u32,
+    /// Virtio device id of the device the VMM placed in this window.
     pub device_id: u32,
 }
 
@@ -63,15 +82,23 @@ pub struct MmioDeviceInfo {
 #[repr(C)]
 #[derive(Clone, Copy, Debug)]
 pub struct BootInfo {
+    /// [`BOOT_INFO_MAGIC`].
     pub magic: u64,
+    /// [`BOOT_INFO_VERSION`].
     pub version: u32,
     /// `size_of::<BootInfo>()` as the VMM built it.
     pub size: u32,
+    /// How many entries of `mem_ranges` are filled.
     pub num_mem_ranges: u32,
+    /// How many entries of `devices` are filled.
     pub num_devices: u32,
+    /// How many bytes of `cmdline` are filled.
     pub cmdline_len: u32,
+    /// Number of vCPUs the VM was started with.
     pub num_cpus: u32,
+    /// The guest physical memory map: RAM, the MMIO hole, pmem windows.
     pub mem_ranges: [MemRange; MAX_MEM_RANGES],
+    /// The virtio-mmio device windows.
     pub devices: [MmioDeviceInfo; MAX_DEVICES],
     /// The `--cmdline` given to daxvisor, UTF-8, not NUL-terminated; the test guest reads its mode from it.
     pub cmdline: [u8; MAX_CMDLINE],
@@ -105,14 +132,17 @@ impl BootInfo {
             && self.cmdline_len as usize <= MAX_CMDLINE
     }
 
+    /// The filled memory ranges (`num_mem_ranges`, capped at the array size).
     pub fn mem_ranges(&self) -> &[MemRange] {
         &self.mem_ranges[..(self.num_mem_ranges as usize).min(MAX_MEM_RANGES)]
     }
 
+    /// The filled device windows (`num_devices`, capped at the array size).
     pub fn devices(&self) -> &[MmioDeviceInfo] {
         &self.devices[..(self.num_devices as usize).min(MAX_DEVICES)]
     }
 
+    /// The command line bytes (`cmdline_len`, capped at the array size).
     pub fn cmdline(&self) -> &[u8] {
         &self.cmdline[..(self.cmdline_len as usize).min(MAX_CMDLINE)]
     }

@@ -7,6 +7,7 @@
 //!   exit port).
 //! - [`virtio_mmio`]: the virtio-mmio register layout, shared by the device model and the test guest's driver.
 #![no_std]
+#![warn(missing_docs)]
 
 pub mod boot;
 pub mod virtio_mmio;

@@ -2,8 +2,10 @@
 //! the real VFIO type1 IOMMU ioctls; `RecordingDma` is an in-process backend that records IOVA mappings so tests
 //! (and VMs without passthrough devices) can see exactly what a device could reach.
 
+#[cfg(any(test, feature = "test-util"))]
 use std::collections::BTreeMap;
 use std::io;
+#[cfg(any(test, feature = "test-util"))]
 use std::sync::Mutex;
 
 /// A range of a live host mapping that a pin hands to a DMA mapper. Only the mapper makes these (from a
@@ -44,12 +46,15 @@ pub trait DmaMapper: Send + Sync {
     fn unmap(&self, iova: u64, len: u64) -> io::Result<()>;
 }
 
-/// Records IOVA -> (vaddr, len) mappings in process, refusing overlaps like an IOMMU would.
+/// Records IOVA -> (vaddr, len) mappings in process, refusing overlaps like an IOMMU would (feature
+/// `test-util`): tests see exactly what a device could reach.
+#[cfg(any(test, feature = "test-util"))]
 #[derive(Debug, Default)]
 pub struct RecordingDma {
     maps: Mutex<BTreeMap<u64, (usize, u64)>>,
 }
 
+#[cfg(any(test, feature = "test-util"))]
 impl RecordingDma {
     /// No mappings yet.
     pub fn new() -> Self {
@@ -67,6 +72,7 @@ impl RecordingDma {
     }
 }
 
+#[cfg(any(test, feature = "test-util"))]
 impl DmaMapper for RecordingDma {
     fn map(&self, iova: u64, range: DmaRange<'_>) -> io::Result<()> {
         let (vaddr, len) = (range.vaddr(), range.len());

@@ -1,5 +1,5 @@
 //! Introspection: every region, and every lease and pin by owner with byte ranges (the F_LAYOUT RFC's
-//! /proc/<pid>/file_pins listed files only; operators need the ranges), breaks in progress, and what the host
+//! `/proc/<pid>/file_pins` listed files only; operators need the ranges), breaks in progress, and what the host
 //! guard saw. Ranges are relative to the region each hold is on.
 
 use std::time::Instant;
@@ -33,6 +33,8 @@ pub struct RegionView {
     pub iova: u64,
     /// Whether pins can populate and lock it (it has a host mapping).
     pub mapped: bool,
+    /// Transient pins (the VMM's own I/O, such as flushes) in flight over its window.
+    pub in_flight_io: usize,
 }
 
 /// A lease, region-relative.
@@ -134,8 +136,15 @@ impl Snapshot {
 }
 
 impl Region {
-    pub(crate) fn view(&self) -> RegionView {
+    pub(crate) fn view(&self, st: &State) -> RegionView {
+        let window = self.window();
+        let in_flight_io = st
+            .transients
+            .values()
+            .filter(|(k, r)| *k == self.key && r.overlaps(&window))
+            .count();
         RegionView {
+            in_flight_io,
             id: self.id,
             name: self.desc.name.clone(),
             kind: self.desc.kind,
@@ -162,7 +171,7 @@ impl Mapper {
     /// Everything the mapper holds, at one instant.
     pub fn snapshot(&self) -> Snapshot {
         let st = self.lock();
-        let mut regions: Vec<RegionView> = st.regions.values().map(Region::view).collect();
+        let mut regions: Vec<RegionView> = st.regions.values().map(|r| r.view(&st)).collect();
         regions.sort_by_key(|r| r.id);
         let mut owners: Vec<OwnerView> = st
             .owners

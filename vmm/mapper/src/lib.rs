@@ -84,7 +84,9 @@ use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 pub use breaks::{
     BreakEvent, BreakNotice, BreakNotifier, BreakPolicy, ChannelNotifier, RevokeNotice,
 };
-pub use dma::{DmaMapper, DmaRange, RecordingDma};
+#[cfg(any(test, feature = "test-util"))]
+pub use dma::RecordingDma;
+pub use dma::{DmaMapper, DmaRange};
 pub use error::{errno_name, Held, HoldKind, MapperError, Missing, Result};
 pub use guard::{guard_signal, lease_break_time, GuardEvent, HostGuard};
 pub use host::{

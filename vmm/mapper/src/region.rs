@@ -185,13 +185,7 @@ impl Mapper {
         st.region(region)?;
         let leases = st.leases.values().filter(|l| l.region == region).count();
         let pins = st.pins.values().filter(|p| p.region == region).count();
-        let reg = st.region(region)?;
-        let window = reg.window();
-        let transients = st
-            .transients
-            .values()
-            .filter(|(k, r)| *k == reg.key && r.overlaps(&window))
-            .count();
+        let transients = st.region(region)?.view(&st).in_flight_io;
         if leases + pins + transients > 0 {
             return Err(MapperError::RegionBusy {
                 region,
@@ -207,13 +201,127 @@ impl Mapper {
     /// Every region, by id.
     pub fn regions(&self) -> Vec<RegionView> {
         let st = self.lock();
-        let mut v: Vec<RegionView> = st.regions.values().map(Region::view).collect();
+        let mut v: Vec<RegionView> = st.regions.values().map(|r| r.view(&st)).collect();
         v.sort_by_key(|r| r.id);
         v
     }
 
     /// One region's description.
     pub fn region(&self, region: RegionId) -> Result<RegionView> {
-        Ok(self.lock().region(region)?.view())
+        let st = self.lock();
+        Ok(st.region(region)?.view(&st))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use crate::test_files::TestRegion;
+    use crate::*;
+
+    /// Every operation that names a range refuses one outside the window with ERANGE and changes nothing, on
+    /// a region at a nonzero file offset; inside, len 0 runs to the end of the window.
+    #[test]
+    fn every_operation_refuses_ranges_outside_the_window_with_erange() {
+        let t = TestRegion::on_tmp(16);
+        let p = t.page;
+        // Pages [4, 10) of the file.
+        let r = t.add_window(4, 6);
+        let m = &t.mapper;
+        let o = m.add_owner("o");
+        let outside = [
+            (6 * p, 1),
+            (5 * p, 2 * p),
+            (7 * p, 0),
+            (u64::MAX - 1, 4),
+            (0, 7 * p),
+        ];
+        for (off, len) in outside {
+            let what = format!("[{off:#x}, +{len:#x})");
+            let errs: Vec<(&str, i32)> = vec![
+                (
+                    "acquire",
+                    m.acquire(o, r, off, len, LeaseMode::Shared)
+                        .unwrap_err()
+                        .errno(),
+                ),
+                ("pin", m.pin(o, r, off, len).unwrap_err().errno()),
+                (
+                    "prepare",
+                    m.prepare(o, r, off, len, &mut |_| {}).unwrap_err().errno(),
+                ),
+                ("punch", m.punch(None, r, off, len).unwrap_err().errno()),
+                ("zero", m.zero(None, r, off, len).unwrap_err().errno()),
+                ("transient", m.transient(r, off, len).unwrap_err().errno()),
+                (
+                    "lease_holders",
+                    m.lease_holders(r, off, len).unwrap_err().errno(),
+                ),
+                (
+                    "pin_holders",
+                    m.pin_holders(r, off, len).unwrap_err().errno(),
+                ),
+            ];
+            for (op, errno) in errs {
+                assert_eq!(errname(errno), "ERANGE", "{op} {what}");
+            }
+        }
+        // Grow past the window would change bytes outside it.
+        m.shrink(None, r, 5 * p).unwrap_err(); // not the file's tail
+        let tail = t.add_window(10, 6);
+        assert_eq!(m.grow(None, tail, 7 * p).unwrap_err().errno(), libc::ERANGE);
+        // Nothing was taken or changed.
+        assert!(m
+            .snapshot()
+            .owners
+            .iter()
+            .all(|o| o.leases.is_empty() && o.pins.is_empty()));
+        for page in 0..16 {
+            assert_eq!(t.read_file(page * p, 1)[0], t.fill_byte(page * p));
+        }
+        assert_eq!(t.file_size(), 16 * p);
+        // Inside the window, len 0 means to its end, and ranges come back region-relative.
+        let l = m.acquire(o, r, 2 * p, 0, LeaseMode::Shared).unwrap();
+        let view = m.snapshot().leases();
+        assert_eq!(view[0].1.id, l);
+        assert_eq!(view[0].1.range, ByteRange::new(2 * p, 6 * p));
+        // The whole file sees it: the first region (the whole file's first 16 pages) lists it at file page 6.
+        assert_eq!(m.lease_holders(t.region, 6 * p, p).unwrap().len(), 1);
+        assert!(m.lease_holders(t.region, 3 * p, p).unwrap().is_empty());
+    }
+
+    fn errname(e: i32) -> &'static str {
+        errno_name(e)
+    }
+
+    #[test]
+    fn regions_must_be_page_aligned_and_mapped_exactly() {
+        let t = TestRegion::on_tmp(4);
+        let m = &t.mapper;
+        let f = t.file.clone();
+        for (off, size) in [(1, t.page), (0, t.page + 1), (0, 0)] {
+            let e = m
+                .add_region(RegionDesc::new(f.clone(), off, size, BackingKind::Regular))
+                .unwrap_err();
+            assert_eq!(e.errno(), libc::EINVAL, "{off} {size}");
+        }
+        let e = m
+            .add_region(
+                RegionDesc::new(f.clone(), 0, 2 * t.page, BackingKind::Regular)
+                    .with_mapping(t.map.clone()),
+            )
+            .unwrap_err();
+        assert_eq!(e.errno(), libc::EINVAL, "mapping larger than the window");
+        let e = m
+            .add_region(RegionDesc::new(
+                f,
+                i64::MAX as u64 & !(t.page - 1),
+                4 * t.page,
+                BackingKind::Regular,
+            ))
+            .unwrap_err();
+        assert_eq!(e.errno(), libc::ERANGE);
+        let listed = m.regions();
+        assert_eq!(listed.len(), 1, "refused regions are not added");
+        assert_eq!(m.region(t.region).unwrap().size, 4 * t.page);
     }
 }

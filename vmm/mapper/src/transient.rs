@@ -9,7 +9,8 @@ use crate::ids::RegionId;
 use crate::range::ByteRange;
 use crate::Mapper;
 
-/// Held for the duration of the I/O; dropping it lets waiting changes proceed.
+/// Held for the duration of the I/O; dropping it lets waiting changes proceed. Hold one at a time per range: a
+/// second one taken while holding the first can queue behind a change that waits for the first.
 #[derive(Debug)]
 #[must_use = "the transient pin ends when this is dropped"]
 pub struct TransientPin {
@@ -99,6 +100,89 @@ mod tests {
             let _far = t.mapper.transient(t.region, 6 * t.page, t.page).unwrap();
             let r = t.mapper.punch(None, t.region, 0, t.page).unwrap();
             assert!(!r.waited_for_transient);
+        }
+    }
+
+    /// Two flushers whose transient pins overlap in time, so the range is never free: without the queue a
+    /// waiting change would never see it empty. The change drains them and applies; the flushers go on after.
+    #[test]
+    fn a_busy_flusher_cannot_starve_a_waiting_change() {
+        use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+        use std::sync::Arc;
+        let t = TestRegion::on_tmp(8);
+        let stop = Arc::new(AtomicBool::new(false));
+        let rounds = Arc::new(AtomicU64::new(0));
+        let flushers: Vec<_> = (0..2)
+            .map(|i| {
+                let (m, region, stop, rounds) =
+                    (t.mapper.clone(), t.region, stop.clone(), rounds.clone());
+                std::thread::spawn(move || {
+                    std::thread::sleep(Duration::from_millis(i));
+                    while !stop.load(Ordering::Relaxed) {
+                        let tp = m.transient(region, 0, 0).unwrap();
+                        std::thread::sleep(Duration::from_millis(2));
+                        drop(tp);
+                        rounds.fetch_add(1, Ordering::Relaxed);
+                    }
+                })
+            })
+            .collect();
+        while rounds.load(Ordering::Relaxed) < 20 {
+            std::thread::sleep(Duration::from_millis(1));
+        }
+        let (tx, rx) = mpsc::channel();
+        let (m, region, page) = (t.mapper.clone(), t.region, t.page);
+        std::thread::spawn(move || tx.send(m.punch(None, region, page, page)));
+        let report = rx
+            .recv_timeout(Duration::from_secs(30))
+            .expect("the punch was starved by the flushers")
+            .unwrap();
+        assert!(report.waited_for_transient);
+        assert_eq!(t.read_file(t.page, 1)[0], 0, "punch applied");
+        let after = rounds.load(Ordering::Relaxed);
+        while rounds.load(Ordering::Relaxed) < after + 20 {
+            std::thread::sleep(Duration::from_millis(1));
+        }
+        stop.store(true, Ordering::Relaxed);
+        for f in flushers {
+            f.join().unwrap();
+        }
+    }
+
+    /// A holder told to give a range back often flushes first: its flush (a transient pin) must not wait for
+    /// the change it is answering. It completes, the holder releases, the change proceeds.
+    #[test]
+    fn a_holder_flushes_while_it_answers_a_break() {
+        for mut t in TestRegion::on_every_fs(8) {
+            let m = t.mapper.clone();
+            let holder = m.add_owner("guest-agent");
+            let lease = m
+                .acquire(holder, t.region, 0, 4 * t.page, LeaseMode::Shared)
+                .unwrap();
+            let events = t.events.take().unwrap();
+            let (m2, region, page) = (m.clone(), t.region, t.page);
+            let change = std::thread::spawn(move || m2.punch(None, region, 0, 2 * page));
+            let BreakEvent::Notice(n) = events.recv_timeout(Duration::from_secs(10)).unwrap()
+            else {
+                panic!("{}: expected a break notice", t.fs);
+            };
+            assert_eq!(n.owner, holder);
+            // The flush, while the break waits on this very holder.
+            let (tx, rx) = mpsc::channel();
+            let (m3, region) = (m.clone(), t.region);
+            std::thread::spawn(move || {
+                let tp = m3.transient(region, 0, 0);
+                tx.send(tp.map(|tp| tp.range())).unwrap();
+            });
+            let flushed = rx
+                .recv_timeout(Duration::from_secs(10))
+                .expect("the holder's flush waited on the break it is answering");
+            assert!(flushed.is_ok(), "{}", t.fs);
+            assert_eq!(m.snapshot().breaks.len(), 1, "still breaking");
+            m.release(holder, lease).unwrap();
+            let report = change.join().unwrap().unwrap();
+            assert_eq!(report.notified, vec![holder]);
+            assert_eq!(t.read_file(0, 1)[0], 0, "{}: punch applied", t.fs);
         }
     }
 }

@@ -19,7 +19,6 @@ pub(crate) const VFIO_CHECK_EXTENSION: libc::c_ulong = vfio_io(1);
 pub(crate) const VFIO_IOMMU_MAP_DMA: libc::c_ulong = vfio_io(13);
 pub(crate) const VFIO_IOMMU_UNMAP_DMA: libc::c_ulong = vfio_io(14);
 pub(crate) const VFIO_API_VERSION: i32 = 0;
-pub(crate) const VFIO_TYPE1_IOMMU: libc::c_ulong = 1;
 pub(crate) const VFIO_TYPE1V2_IOMMU: libc::c_ulong = 3;
 const VFIO_DMA_MAP_FLAG_READ: u32 = 1 << 0;
 const VFIO_DMA_MAP_FLAG_WRITE: u32 = 1 << 1;
@@ -83,9 +82,8 @@ impl VfioContainer {
     /// `fd` must be an open fd that nothing else will close.
     pub unsafe fn from_raw_fd(fd: i32) -> Self {
         // SAFETY: forwarded to the caller.
-        VfioContainer {
-            fd: unsafe { OwnedFd::from_raw_fd(fd) },
-        }
+        let fd = unsafe { OwnedFd::from_raw_fd(fd) };
+        VfioContainer { fd }
     }
 }
 

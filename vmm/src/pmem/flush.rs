@@ -60,6 +60,9 @@ impl FlushFence {
 
 pub struct BackingFlush {
     fence: Option<FlushFence>,
+    /// Tests hold a flush at this gate (after its transient pin is taken, before the fdatasync).
+    #[cfg(test)]
+    gate: Option<std::sync::Arc<std::sync::Barrier>>,
     file: File,
     path: PathBuf,
     /// Bytes of the file the guest sees; a file shorter than this lost guest data.
@@ -76,6 +79,8 @@ impl BackingFlush {
         tracing::info!(id = b.id(), ?action, "pmem flush policy");
         Ok(BackingFlush {
             fence,
+            #[cfg(test)]
+            gate: None,
             file: b.file().try_clone()?,
             path: b.path().to_owned(),
             size: b.size(),
@@ -124,6 +129,11 @@ impl Flush for BackingFlush {
                 return Err(io::Error::other("backing file shrank under the VM"));
             }
         }
+        #[cfg(test)]
+        if let Some(g) = &self.gate {
+            g.wait();
+            g.wait();
+        }
         let result = match self.action {
             // sync_data is fdatasync(2) and retries on EINTR.
             FlushAction::Fdatasync => self.file.sync_data(),
@@ -137,5 +147,76 @@ impl Flush for BackingFlush {
             );
         }
         result
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::mpsc;
+    use std::sync::{Arc, Barrier};
+    use std::time::Duration;
+
+    use daxvisor_devices::virtio::pmem::{FlushPolicy, FlushWorker};
+
+    use super::*;
+    use crate::lease_manager::LeaseManager;
+    use crate::pmem::PmemConfig;
+
+    /// A guest flush in flight holds its region: a punch asked meanwhile waits for it (the flush's fdatasync
+    /// then answers the guest), and only then punches. The real flush worker, the real backing, a real file;
+    /// the gate only decides when the fdatasync starts.
+    #[test]
+    fn a_punch_waits_for_an_in_flight_guest_flush() {
+        let dir = tempfile::tempdir_in("/var/tmp").unwrap();
+        let path = dir.path().join("vm.img");
+        let cfg: PmemConfig = format!("file={},size=4M,create=on", path.display())
+            .parse()
+            .unwrap();
+        let backing = Backing::open(&cfg, "pm0").unwrap();
+        let leases = LeaseManager::new().unwrap();
+        let region = leases.add_pmem_region(&backing, 1 << 32).unwrap();
+        let mut flush = BackingFlush::new(&backing, Some(leases.fence(region))).unwrap();
+        let gate = Arc::new(Barrier::new(2));
+        flush.gate = Some(gate.clone());
+        let (done_tx, done) = mpsc::channel();
+        let worker = FlushWorker::spawn(
+            "pmem-flush-test",
+            Arc::new(flush),
+            FlushPolicy::Coalesce,
+            Box::new(move |batch: Vec<u32>, r: &io::Result<()>| {
+                let _ = done_tx.send((batch, r.is_ok()));
+            }),
+        )
+        .unwrap();
+        // The guest wrote, then asked for a flush; the worker holds the region while it syncs.
+        assert!(backing.mapping().write(4096, 0x5a));
+        worker.submit([1u32]);
+        gate.wait();
+        let mapper = leases.mapper().clone();
+        assert_eq!(mapper.region(region).unwrap().in_flight_io, 1);
+        let (punched_tx, punched) = mpsc::channel();
+        let m = mapper.clone();
+        std::thread::spawn(move || punched_tx.send(m.punch(None, region, 0, 8192)));
+        assert!(
+            punched.recv_timeout(Duration::from_millis(300)).is_err(),
+            "the punch did not wait for the flush in flight"
+        );
+        assert_eq!(backing.mapping().read(4096), Some(0x5a), "data still there");
+        gate.wait();
+        assert_eq!(
+            done.recv_timeout(Duration::from_secs(30)).unwrap(),
+            (vec![1], true)
+        );
+        let report = punched
+            .recv_timeout(Duration::from_secs(30))
+            .unwrap()
+            .unwrap();
+        assert!(report.waited_for_transient);
+        assert_eq!(
+            backing.mapping().read(4096),
+            Some(0),
+            "punched after the flush"
+        );
+        assert_eq!(mapper.region(region).unwrap().in_flight_io, 0);
     }
 }

@@ -2,7 +2,7 @@
 //!
 //! - [`config`]: the `--pmem` option.
 //! - [`backing`]: open, check, detect the kind, map ([`Backing`]).
-//! - [`attach`]: placing the regions in a VM (memslots, virtio-pmem devices).
+//! - [`attach`](mod@attach): placing the regions in a VM (memslots, virtio-pmem devices).
 //! - [`flush`]: what a guest flush request does for each kind ([`BackingFlush`]).
 //! - [`fault`]: naming the region, file and offset behind a KVM_RUN EFAULT.
 //!

@@ -28,7 +28,7 @@ const LEAF7_EBX_XSAVE_DEPENDENT: u32 = (1 << 5)
     | (1 << 30)
     | (1 << 31);
 
-/// Whether this process runs under a hypervisor (CPUID.1:ECX[31]).
+/// Whether this process runs under a hypervisor (CPUID.1:ECX bit 31).
 pub fn host_is_virtualized() -> bool {
     // CPUID leaf 1 exists on every x86_64 CPU and has no side effects.
     let r = std::arch::x86_64::__cpuid(1);

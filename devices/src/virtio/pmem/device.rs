@@ -23,7 +23,9 @@ use crate::virtio::{ActivateError, GuestMemory, InterruptKind, VirtioDevice, Vir
 /// `struct virtio_pmem_config { le64 start; le64 size; }`: where the region sits in guest physical memory.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct PmemConfig {
+    /// Guest physical address of the region.
     pub start: u64,
+    /// Length of the region in bytes.
     pub size: u64,
 }
 
@@ -62,6 +64,7 @@ fn lock(state: &Mutex<State>) -> MutexGuard<'_, State> {
     state.lock().unwrap_or_else(|e| e.into_inner())
 }
 
+/// A virtio-pmem device: one region and one request queue, flushes answered by a [`FlushWorker`].
 pub struct Pmem {
     id: String,
     config: PmemConfig,
@@ -117,6 +120,7 @@ impl Pmem {
         self.metrics.clone()
     }
 
+    /// Where the region sits in guest physical memory, as the config space reports it.
     pub fn config(&self) -> PmemConfig {
         self.config
     }

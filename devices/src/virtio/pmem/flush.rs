@@ -31,6 +31,7 @@ impl<F: Fn() -> io::Result<()> + Send + Sync> Flush for F {
     }
 }
 
+/// How the worker groups queued requests into flushes.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum FlushPolicy {
     /// One flush answers every request queued before it started.
@@ -59,6 +60,7 @@ impl<R> Shared<R> {
     }
 }
 
+/// The per-device flush thread: runs the [`Flush`] and hands each batch of requests to the completion.
 pub struct FlushWorker<R: Send + 'static> {
     shared: Arc<Shared<R>>,
     thread: Option<JoinHandle<()>>,

@@ -1,5 +1,5 @@
 //! What a pmem device counts. Updated lock-free from the event loop and the flush worker; read as a plain
-//! [`PmemMetricsSnapshot`] (the metrics issue exports it).
+//! [`PmemMetricsSnapshot`] (the operator API can export it).
 
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
@@ -8,6 +8,7 @@ use std::time::Duration;
 /// everything under 1 us); the last bucket takes everything slower (>= ~8.4 s).
 pub const LATENCY_BUCKETS: usize = 24;
 
+/// The live counters of one pmem device, updated with relaxed atomics.
 #[derive(Default)]
 pub struct PmemMetrics {
     requests: AtomicU64,
@@ -33,26 +34,32 @@ pub struct PmemMetricsSnapshot {
 }
 
 impl PmemMetrics {
+    /// Count `n` descriptor chains taken from the request queue.
     pub fn add_requests(&self, n: u64) {
         self.requests.fetch_add(n, Ordering::Relaxed);
     }
 
+    /// Count one call to the backing's flush.
     pub fn add_sync(&self) {
         self.syncs.fetch_add(1, Ordering::Relaxed);
     }
 
+    /// Count `n` requests answered with an error or not answerable.
     pub fn add_errors(&self, n: u64) {
         self.errors.fetch_add(n, Ordering::Relaxed);
     }
 
+    /// Count one guest write dropped in a read-only window.
     pub fn add_readonly_write_dropped(&self) {
         self.readonly_writes_dropped.fetch_add(1, Ordering::Relaxed);
     }
 
+    /// Add one flush request's arrival-to-answer latency to the histogram.
     pub fn record_latency(&self, latency: Duration) {
         self.latency_us_log2[latency_bucket(latency)].fetch_add(1, Ordering::Relaxed);
     }
 
+    /// Copy the counters (each read on its own, so not one atomic instant).
     pub fn snapshot(&self) -> PmemMetricsSnapshot {
         PmemMetricsSnapshot {
             requests: self.requests.load(Ordering::Relaxed),

@@ -28,8 +28,9 @@ pub use readonly::ReadonlyWindow;
 pub const VIRTIO_ID_PMEM: u32 = 27;
 /// The only request type: make everything written to the region so far durable.
 pub const VIRTIO_PMEM_REQ_TYPE_FLUSH: u32 = 0;
-/// Response `ret` values.
+/// Response `ret`: the flush succeeded.
 pub const VIRTIO_PMEM_RESP_TYPE_OK: u32 = 0;
+/// Response `ret`: the flush failed.
 pub const VIRTIO_PMEM_RESP_TYPE_EIO: u32 = 1;
 /// Size of the single request queue. The Linux driver sends one request per flush, so 256 outstanding
 /// flushes is plenty.

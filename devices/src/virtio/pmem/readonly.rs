@@ -10,12 +10,14 @@ use std::sync::Arc;
 use super::metrics::PmemMetrics;
 use crate::bus::BusDevice;
 
+/// Claims a read-only pmem window on the MMIO bus: writes are dropped and counted, reads answer zeros.
 pub struct ReadonlyWindow {
     id: String,
     metrics: Arc<PmemMetrics>,
 }
 
 impl ReadonlyWindow {
+    /// `id` is the pmem device's id, for logs; `metrics` are the device's, where dropped writes are counted.
     pub fn new(id: &str, metrics: Arc<PmemMetrics>) -> Self {
         ReadonlyWindow {
             id: id.to_owned(),

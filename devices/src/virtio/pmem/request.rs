@@ -22,24 +22,39 @@ const FIELD_LEN: u32 = 4;
 /// without this cap 256 heads pointing at one big indirect table cost 16M descriptor reads per notify.
 const MAX_CHAIN: usize = QUEUE_SIZE as usize;
 
+/// What is wrong with a descriptor chain.
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
 pub enum RequestError {
+    /// No descriptor could be read (head index out of range or unreadable descriptor table).
     #[error("empty descriptor chain (head index out of range or unreadable descriptor table)")]
     Empty,
+    /// The chain is cyclic, too long, or cut short.
     #[error("descriptor chain loops, is longer than the queue or has a dangling next index")]
     Broken,
+    /// The request header descriptor is device-writable.
     #[error("request descriptor is device-writable")]
     RequestWritable,
+    /// The request header descriptor (its length given) is shorter than 4 bytes.
     #[error("request descriptor has {0} bytes, needs 4")]
     RequestTooShort(u32),
+    /// A device-readable descriptor follows a device-writable one.
     #[error("device-readable descriptor after a device-writable one")]
     ReadableAfterWritable,
+    /// There is no device-writable descriptor for the response.
     #[error("no device-writable descriptor for the response")]
     NoResponse,
+    /// The first device-writable descriptor (its length given) is shorter than the 4-byte response.
     #[error("response descriptor has {0} bytes, needs 4")]
     ResponseTooShort(u32),
+    /// A descriptor does not lie inside guest memory.
     #[error("descriptor {addr:#x}+{len:#x} is outside guest memory")]
-    OutsideMemory { addr: u64, len: u32 },
+    OutsideMemory {
+        /// Guest physical address of the descriptor.
+        addr: u64,
+        /// Its length in bytes.
+        len: u32,
+    },
+    /// The request type is not [`VIRTIO_PMEM_REQ_TYPE_FLUSH`].
     #[error("unknown request type {0}")]
     UnknownType(u32),
 }
@@ -47,14 +62,18 @@ pub enum RequestError {
 /// A well-formed flush request.
 #[derive(Debug, PartialEq, Eq)]
 pub struct Request {
+    /// Head descriptor index, returned in the used ring.
     pub head: u16,
     /// Where the 4-byte response goes (checked to lie in guest memory).
     pub status: GuestAddress,
 }
 
+/// A chain that is not a well-formed request, and how it can still be answered.
 #[derive(Debug, PartialEq, Eq)]
 pub struct BadRequest {
+    /// Head descriptor index, returned in the used ring.
     pub head: u16,
+    /// What is wrong with it.
     pub error: RequestError,
     /// A checked, device-writable place for an error status, if the chain has one.
     pub status: Option<GuestAddress>,

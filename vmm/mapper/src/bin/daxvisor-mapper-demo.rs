@@ -19,7 +19,7 @@ use std::sync::Arc;
 
 use daxvisor_mapper::{
     probe, BackingKind, ChannelNotifier, HostMapping, LeaseMode, MapOptions, Mapper, MapperError,
-    RecordingDma, RegionDesc,
+    RegionDesc,
 };
 
 const MARK_PINNED: u8 = 0xa5;
@@ -97,10 +97,7 @@ fn file(path: &str, mib: u64, force: bool) -> Result<bool, String> {
     println!("map-sync: {}", if map.is_sync() { "yes" } else { "no" });
     let f = Arc::new(f);
 
-    let m = Mapper::new(
-        Arc::new(ChannelNotifier::new().0),
-        Some(Arc::new(RecordingDma::new())),
-    );
+    let m = Mapper::new(Arc::new(ChannelNotifier::new().0), None);
     let owner = m.add_owner("dma-context");
     let region = m
         .add_region(RegionDesc::new(f.clone(), 0, size, kind).with_mapping(map.clone()))
