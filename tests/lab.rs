@@ -336,3 +336,77 @@ echo "demo devdax status: $?"
         );
     }
 }
+
+/// DMA pins on real VFIO, in the lab with an IOMMU (q35, intel-iommu, the e1000e bound to vfio-pci): the same
+/// pin (exclusive lease, pin, VFIO_IOMMU_MAP_DMA at the region's IOVA) on four backings. Device-DAX, memfd and (on
+/// the lab's 6.1 kernel) a page-cache file map, and the container then maps the IOVA; fs-dax (mapped MAP_SYNC,
+/// plain MAP_SHARED or MAP_PRIVATE) is refused up front naming the rule and the backings that work, and the raw
+/// MAP_DMA tried once for the record gets the kernel's own EOPNOTSUPP. A punch over a DMA-mapped range is refused with ETXTBSY naming the DMA owner. Then every way a
+/// pin ends removes its IOMMU mapping: unpin, a revoke after a break deadline, owner exit (the container, asked
+/// again, maps nothing at the IOVA).
+#[test]
+fn dma_pins_under_vfio_follow_the_kernel_rule_of_each_backing_and_every_end_unmaps() {
+    let name = "dma-pins";
+    let script = r#"
+echo "kernel=$LAB_KERNEL_VERSION"
+dma-probe "$LAB_VFIO_GROUP" pin devdax "$LAB_DEVDAX" || echo "FAILED devdax"
+dma-probe "$LAB_VFIO_GROUP" pin memfd - || echo "FAILED memfd"
+dma-probe "$LAB_VFIO_GROUP" pin fsdax "$LAB_DAX_MNT/dma.img" || echo "FAILED fsdax"
+dma-probe "$LAB_VFIO_GROUP" pin fsdax-shared "$LAB_DAX_MNT/dma.img" || echo "FAILED fsdax-shared"
+dma-probe "$LAB_VFIO_GROUP" pin fsdax-private "$LAB_DAX_MNT/dma.img" || echo "FAILED fsdax-private"
+dma-probe "$LAB_VFIO_GROUP" pin pagecache "$LAB_PAGECACHE_MNT/dma.img" || echo "FAILED pagecache"
+dma-probe "$LAB_VFIO_GROUP" teardown || echo "FAILED teardown"
+"#;
+    let opts = LabOptions {
+        iommu: true,
+        ..LabOptions::default()
+    };
+    let Some(out) = run_scenario(name, script, &opts) else {
+        return;
+    };
+    assert_ok(name, &out);
+    let o = &out.output;
+    assert!(!o.contains("FAILED"), "{o}");
+    // The lab kernel is pinned (images/lab/lib/kernel.sh): 6.1 pins writable shared page-cache files.
+    assert!(o.contains("kernel=6.1."), "{o}");
+    let mapped = "pin=ok dma=Some((4294967296, 2097152))";
+    for want in [
+        "devdax: added: rule=devdax dma-pinnable=yes",
+        &format!("devdax: {mapped}"),
+        "devdax: pinned: container-maps-iova=yes",
+        "devdax: unpinned: container-maps-iova=no recorded=[]",
+        "memfd: added: rule=ram-backed dma-pinnable=yes",
+        &format!("memfd: {mapped}"),
+        "memfd: pinned: container-maps-iova=yes",
+        "memfd: punch=ETXTBSY [0x0, 0x1000) is held by owner:2 (dma-ctx) with a pin",
+        "memfd: unpinned: container-maps-iova=no recorded=[]",
+        "fsdax: backing=fsdax mapping=MAP_SHARED_VALIDATE|MAP_SYNC",
+        "fsdax: added: rule=fsdax-never dma-pinnable=no",
+        "fsdax: pin=EOPNOTSUPP region:1 (fsdax) cannot be pinned for DMA: the kernel never pins FS-DAX file \
+         pages long-term, in any mapping (EOPNOTSUPP); DMA pins work on device-DAX, memfd/shmem",
+        "fsdax: refused: container-maps-iova=no recorded=[]",
+        "fsdax: raw-map-dma=EOPNOTSUPP",
+        // Any mapping of an FS-DAX file: refused up front, and the kernel says the same.
+        "fsdax-shared: backing=fsdax mapping=MAP_SHARED",
+        "fsdax-shared: pin=EOPNOTSUPP",
+        "fsdax-shared: raw-map-dma=EOPNOTSUPP",
+        "fsdax-private: backing=fsdax mapping=MAP_PRIVATE",
+        "fsdax-private: pin=EOPNOTSUPP",
+        "fsdax-private: raw-map-dma=EOPNOTSUPP",
+        "pagecache: backing=regular mapping=MAP_SHARED",
+        "pagecache: added: rule=shared-file-writable-before-6.5 dma-pinnable=yes",
+        &format!("pagecache: {mapped}"),
+        "pagecache: pinned: container-maps-iova=yes",
+        "pagecache: punch=ETXTBSY [0x0, 0x1000) is held by owner:2 (dma-ctx) with a pin",
+        "pagecache: unpinned: container-maps-iova=no recorded=[]",
+        "unpin: pinned: container-maps-iova=yes",
+        "unpin: after: container-maps-iova=no recorded=[]",
+        "revoke: pinned: container-maps-iova=yes",
+        "revoke: revoked-owners=1 pins-with-dma-revoked=1",
+        "revoke: after: container-maps-iova=no recorded=[]",
+        "exit: pinned: container-maps-iova=yes",
+        "exit: after: container-maps-iova=no recorded=[]",
+    ] {
+        assert!(o.contains(want), "missing {want:?} in:\n{o}");
+    }
+}

@@ -8,8 +8,8 @@ use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use daxvisor_tests::{
-    daxvisor, daxvisor_as_nobody, daxvisor_bin, guest_lines, pattern_mismatches, run_with_timeout,
-    share_read_only,
+    daxvisor, daxvisor_as_nobody, daxvisor_bin, guest_lines, mapped_rss_kib, pattern_mismatches,
+    run_with_timeout, share_read_only,
 };
 use std::ffi::OsStr;
 
@@ -288,4 +288,114 @@ fn the_host_guard_sees_a_foreign_open_of_a_running_vms_backing_file() {
         stderr.contains("a foreign process opened a backing file; whole-file break done"),
         "the break was not seen or not handled:\n{stderr}"
     );
+}
+
+#[test]
+fn prefault_makes_the_whole_region_resident_before_the_guest_runs() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut resident = Vec::new();
+    for prefault in ["off", "on"] {
+        let img = dir.path().join(format!("prefault-{prefault}.img"));
+        // The guest writes 4 KiB, flushes and spins: everything else resident was populated by daxvisor.
+        let opts = format!("size=16M,create=on,prefault={prefault}");
+        let (mut child, _) = spawn_spinning_vm(&img, &opts, "size=4K");
+        let rss = mapped_rss_kib(child.id(), &img);
+        child.kill().unwrap();
+        let out = child.wait_with_output().unwrap();
+        let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
+        resident.push((rss.expect("daxvisor maps the backing file"), stderr));
+    }
+    let (off, ref off_log) = resident[0];
+    let (on, ref on_log) = resident[1];
+    eprintln!("resident KiB of the 16 MiB region: prefault=off {off}, prefault=on {on}");
+    assert!(
+        off < 1024,
+        "without prefault only what the guest touched: {off} KiB"
+    );
+    assert_eq!(on, 16 * 1024, "with prefault every page of the region");
+    assert!(!off_log.contains("prefaulted"), "{off_log}");
+    let prefaulted = on_log.find("pmem region prefaulted").expect(on_log);
+    let started = on_log.find("starting VM").expect(on_log);
+    assert!(
+        prefaulted < started,
+        "prefault runs before the guest: {on_log}"
+    );
+    assert!(on_log.contains("how=MADV_POPULATE_WRITE"), "{on_log}");
+}
+
+/// A small tmpfs mounted on a fresh directory, unmounted on drop.
+struct SmallTmpfs(tempfile::TempDir);
+
+impl SmallTmpfs {
+    fn mount(size: &str) -> SmallTmpfs {
+        let dir = tempfile::tempdir().unwrap();
+        let ok = Command::new("mount")
+            .args([
+                "-t",
+                "tmpfs",
+                "-o",
+                &format!("size={size}"),
+                "daxvisor-test",
+            ])
+            .arg(dir.path())
+            .status()
+            .is_ok_and(|s| s.success());
+        assert!(
+            ok,
+            "mounting a {size} tmpfs failed: this test needs root (CI runs as root)"
+        );
+        SmallTmpfs(dir)
+    }
+}
+
+impl Drop for SmallTmpfs {
+    fn drop(&mut self) {
+        let _ = Command::new("umount").arg(self.0.path()).status();
+    }
+}
+
+#[test]
+fn a_failed_prefault_on_a_full_file_system_refuses_the_start_and_gives_the_blocks_back() {
+    use std::os::unix::fs::MetadataExt;
+    let fs = SmallTmpfs::mount("4M");
+    let img = fs.0.path().join("sparse.img");
+    std::fs::File::create(&img)
+        .unwrap()
+        .set_len(8 * MIB as u64)
+        .unwrap();
+    let r = run_with_timeout(
+        Command::new(daxvisor_bin()).args([
+            "run",
+            "--serial",
+            "none",
+            "--pmem",
+            &pmem_arg(&img, ",prefault=on"),
+        ]),
+        Duration::from_secs(60),
+    );
+    assert_eq!(r.code, Some(2), "{r:?}");
+    let errors: Vec<&str> = r
+        .stderr
+        .lines()
+        .filter(|l| l.starts_with("daxvisor: "))
+        .collect();
+    assert_eq!(errors.len(), 1, "{}", r.stderr);
+    assert!(
+        errors[0].contains("prefault=on failed") && errors[0].contains("no space left"),
+        "{}",
+        errors[0]
+    );
+    assert!(!r.stderr.contains("starting VM"), "{}", r.stderr);
+    let m = std::fs::metadata(&img).unwrap();
+    assert_eq!(m.len(), 8 * MIB as u64, "the file keeps its length");
+    assert_eq!(
+        m.blocks(),
+        0,
+        "the blocks the prefault filled are given back"
+    );
+    let names: Vec<_> = std::fs::read_dir(fs.0.path())
+        .unwrap()
+        .map(|e| e.unwrap().file_name())
+        .collect();
+    assert_eq!(names, vec![std::ffi::OsString::from("sparse.img")]);
 }

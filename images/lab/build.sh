@@ -1,14 +1,15 @@
 #!/usr/bin/env bash
 # Builds the DAX lab image from distribution packages and the project's own static binaries:
 #   build/out/vmlinuz        the generic Debian 6.1 kernel (bzImage)
-#   build/out/base.cpio.gz   busybox, kernel modules (NVDIMM, DAX, ext4, XFS, KVM), mkfs tools, the lab's /init
+#   build/out/base.cpio.gz   busybox, kernel modules (NVDIMM, DAX, ext4, XFS, KVM, VFIO), mkfs tools, the lab's /init
 #   build/out/bins.cpio.gz   the project's static binaries (/usr/bin) and the Linux guest image (/images/linux)
 # run-scenario.sh concatenates the two archives with a small per-scenario one. Downloads are cached under build/;
 # every archive is repacked only when its content changed, so a second build with nothing changed takes seconds.
 #
 # Usage: images/lab/build.sh [--no-cargo]
 #   --no-cargo   leave out the project binaries (the lab itself needs none of them)
-# Environment: CARGO_TARGET_DIR as for cargo; LAB_KERNEL_PACKAGE to pin a kernel package.
+# Environment: CARGO_TARGET_DIR as for cargo; LAB_KERNEL_PACKAGE=NAME[=VERSION] overrides the pinned kernel
+# (LAB_KERNEL_PIN in lib/kernel.sh).
 set -euo pipefail
 source "$(dirname "${BASH_SOURCE[0]}")/lib/common.sh"
 source "$LAB_DIR/lib/kernel.sh"
@@ -18,7 +19,7 @@ WITH_CARGO=1
 for a in "$@"; do
     case "$a" in
     --no-cargo) WITH_CARGO=0 ;;
-    -h | --help) sed -n '2,12p' "$0"; exit 0 ;;
+    -h | --help) sed -n '2,13p' "$0"; exit 0 ;;
     *) lab_die "unknown argument $a" ;;
     esac
 done
@@ -40,6 +41,10 @@ LAB_MODULES=(
     crc16 crc32c_generic mbcache jbd2 ext4 libcrc32c xfs
     irqbypass kvm ccp kvm_amd
 )
+# Loaded only when the lab runs with an IOMMU (run-scenario.sh --iommu): VFIO with the type1 IOMMU backend and
+# vfio-pci, which the lab's e1000e is bound to; loop for a page-cache ext4 next to the fs-dax one (the kernel's DMA
+# pinning rules differ between the two).
+LAB_IOMMU_MODULES=(vfio vfio_virqfd vfio_iommu_type1 vfio-pci-core vfio-pci loop)
 
 lab_log "base: staging ($(lab_elapsed))"
 BASE="$LAB_BUILD/stage/base"
@@ -47,6 +52,7 @@ rm -rf "$BASE"
 mkdir -p "$BASE"
 lab_stage_busybox "$BASE"
 lab_stage_modules "$BASE" "${LAB_MODULES[@]}"
+lab_stage_modules "$BASE" --order modules.iommu.order "${LAB_IOMMU_MODULES[@]}"
 lab_stage_dynamic "$BASE" "$(command -v mke2fs)"
 ln -sf mke2fs "$BASE$(dirname "$(command -v mke2fs)")/mkfs.ext4"
 lab_stage_dynamic "$BASE" "$(command -v mkfs.xfs)"

@@ -1,9 +1,10 @@
 #!/usr/bin/env bash
 # Runs one scenario in the DAX lab and returns its exit status.
 #
-# Usage: images/lab/run-scenario.sh SCENARIO.sh [--xfs] [--timeout SECS] [--file PATH]... [--no-build] [--keep]
-#        images/lab/run-scenario.sh --shell [--xfs] [--file PATH]...
+# Usage: images/lab/run-scenario.sh SCENARIO.sh [--xfs] [--iommu] [--timeout SECS] [--file PATH]... [--no-build] [--keep]
+#        images/lab/run-scenario.sh --shell [--xfs] [--iommu] [--file PATH]...
 #   --xfs          the fs-dax mount is XFS with -o dax=always (default: ext4 with -o dax)
+#   --iommu        q35 with an intel-iommu and an e1000e bound to vfio-pci (LAB_VFIO_GROUP=/dev/vfio/N)
 #   --timeout S    hard limit for the whole QEMU run (default 600; none with --shell); QEMU is killed past it
 #   --file PATH    copy PATH into the lab as /lab/files/NAME (repeatable)
 #   --no-build     use the lab image as built (default: run build.sh first, seconds when nothing changed)
@@ -13,23 +14,25 @@
 # QEMU (TCG, -cpu max: SVM) boots the lab kernel with two emulated NVDIMMs backed by fresh files; the lab's /init
 # makes one fs-dax (mounted at /mnt/dax) and the other device-DAX, loads kvm-amd, then runs SCENARIO.sh with:
 #   LAB_DAX_MNT=/mnt/dax  LAB_FS=ext4|xfs  LAB_PMEM_DEV=/dev/pmemN  LAB_DEVDAX=/dev/daxN.M  LAB_DEVDAX_SIZE=bytes
-#   LAB_LINUX_KERNEL, LAB_LINUX_INITRD (the Linux guest image)  and the project binaries in PATH (/usr/bin).
+#   LAB_LINUX_KERNEL, LAB_LINUX_INITRD (the Linux guest image)  and the project binaries in PATH (/usr/bin);
+#   with --iommu also LAB_VFIO_GROUP=/dev/vfio/N and LAB_VFIO_DEVICE=/sys/bus/pci/devices/BDF (the e1000e).
 # The scenario's output is printed between BEGIN/END lines; the lab console goes to a log whose path is printed.
 # Exit status: the scenario's; 124 when the timeout hit; 125 when the lab failed before or around the scenario.
 set -euo pipefail
 source "$(dirname "${BASH_SOURCE[0]}")/lib/common.sh"
 
-SCENARIO='' FS=ext4 TIMEOUT='' BUILD=1 KEEP=0 SHELL_MODE=0
+SCENARIO='' FS=ext4 IOMMU=0 TIMEOUT='' BUILD=1 KEEP=0 SHELL_MODE=0
 FILES=()
 while [ $# -gt 0 ]; do
     case "$1" in
     --xfs) FS=xfs ;;
+    --iommu) IOMMU=1 ;;
     --timeout) [ $# -ge 2 ] || lab_die "--timeout needs seconds"; TIMEOUT="$2"; shift ;;
     --file) [ $# -ge 2 ] && [ -f "$2" ] || lab_die "--file needs an existing file"; FILES+=("$2"); shift ;;
     --no-build) BUILD=0 ;;
     --keep) KEEP=1 ;;
     --shell) SHELL_MODE=1 ;;
-    -h | --help) sed -n '2,19p' "$0"; exit 0 ;;
+    -h | --help) sed -n '2,22p' "$0"; exit 0 ;;
     -*) lab_die "unknown option $1" ;;
     *) [ -z "$SCENARIO" ] || lab_die "one scenario at a time"; SCENARIO="$1" ;;
     esac
@@ -44,7 +47,7 @@ if [ "$SHELL_MODE" = 1 ]; then
     NAME=shell
 else
     [ -n "$SCENARIO" ] && [ -f "$SCENARIO" ] ||
-        lab_die "usage: run-scenario.sh SCENARIO.sh [--xfs] [--timeout SECS] [--file PATH]... (or --shell)"
+        lab_die "usage: run-scenario.sh SCENARIO.sh [--xfs] [--iommu] [--timeout SECS] [--file PATH]... (or --shell)"
     NAME="$(basename "$SCENARIO" .sh)"
 fi
 
@@ -83,10 +86,19 @@ SCEN_OUT="$LOGS/scenario.out"
 : >"$CONSOLE"
 : >"$SCEN_OUT"
 
+# With --iommu: q35 (intel-iommu is a q35 device; interrupt remapping needs the split irqchip) and an e1000e for
+# vfio-pci, on a user-mode netdev that goes nowhere.
 # shellcheck disable=SC2054 # commas belong to QEMU's option syntax
+if [ "$IOMMU" = 1 ]; then
+    MACHINE=(-M q35,nvdimm=on,kernel-irqchip=split -device intel-iommu,intremap=on
+        -netdev user,id=n0,restrict=on -device e1000e,netdev=n0)
+else
+    MACHINE=(-M pc,nvdimm=on)
+fi
+# shellcheck disable=SC2054
 QEMU_ARGS=(
     -nodefaults -display none -no-reboot
-    -M pc,nvdimm=on -cpu max -smp 1 -m 2G,slots=4,maxmem=8G
+    "${MACHINE[@]}" -cpu max -smp 1 -m 2G,slots=4,maxmem=8G
     -object memory-backend-file,id=mem1,share=on,"mem-path=$WORK/nvdimm-fsdax,size=$FSDAX_SIZE"
     -device nvdimm,id=nv1,memdev=mem1
     -object memory-backend-file,id=mem2,share=on,"mem-path=$WORK/nvdimm-devdax,size=$DEVDAX_SIZE"
@@ -94,6 +106,9 @@ QEMU_ARGS=(
     -kernel "$OUT/vmlinuz" -initrd "$WORK/initrd.gz"
 )
 APPEND="console=ttyS0 quiet panic=-1 lab.fs=$FS lab.fsdax_size=$FSDAX_SIZE lab.devdax_size=$DEVDAX_SIZE"
+# no_timer_check: with interrupt remapping the kernel panics ("timer doesn't work through Interrupt-remapped
+# IO-APIC") when its boot-time timer check runs late, which TCG on a busy host makes it do now and then.
+[ "$IOMMU" = 1 ] && APPEND="$APPEND intel_iommu=on no_timer_check lab.iommu=1"
 
 if [ "$SHELL_MODE" = 1 ]; then
     lab_log "lab shell: booting ($FS); Ctrl-A X quits QEMU"
@@ -102,7 +117,7 @@ if [ "$SHELL_MODE" = 1 ]; then
     exit $?
 fi
 
-lab_log "scenario $NAME: booting the lab ($FS, timeout ${TIMEOUT}s); console: $CONSOLE"
+lab_log "scenario $NAME: booting the lab ($FS$([ "$IOMMU" = 1 ] && echo ", IOMMU"), timeout ${TIMEOUT}s); console: $CONSOLE"
 start=$SECONDS
 set +e
 timeout --kill-after=5 "$TIMEOUT" qemu-system-x86_64 "${QEMU_ARGS[@]}" -append "$APPEND" \

@@ -14,6 +14,8 @@ use std::time::{Duration, Instant};
 pub struct LabOptions {
     /// XFS with `-o dax=always` on the fs-dax NVDIMM instead of ext4 with `-o dax`.
     pub xfs: bool,
+    /// An IOMMU: q35 with intel-iommu and an e1000e bound to vfio-pci, its group in `$LAB_VFIO_GROUP`.
+    pub iommu: bool,
     /// Hard limit for the whole lab run; QEMU is killed past it and the scenario reports status 124.
     pub timeout: Duration,
     /// Host files the scenario needs, found in the lab as /lab/files/NAME.
@@ -24,6 +26,7 @@ impl Default for LabOptions {
     fn default() -> Self {
         LabOptions {
             xfs: false,
+            iommu: false,
             timeout: Duration::from_secs(300),
             files: Vec::new(),
         }
@@ -103,6 +106,9 @@ pub fn run_scenario(name: &str, script: &str, opts: &LabOptions) -> Option<LabOu
         .arg(opts.timeout.as_secs().max(1).to_string());
     if opts.xfs {
         cmd.arg("--xfs");
+    }
+    if opts.iommu {
+        cmd.arg("--iommu");
     }
     for f in &opts.files {
         cmd.arg("--file").arg(f);

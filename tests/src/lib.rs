@@ -335,3 +335,28 @@ impl Drop for RunningVm {
 }
 
 pub mod lab;
+
+/// Resident KiB of process `pid`'s mappings of `path`, from /proc/PID/smaps (page-table entries present in that
+/// process, not the page cache). `None` if the process maps no such file.
+pub fn mapped_rss_kib(pid: u32, path: &Path) -> Option<u64> {
+    let smaps = std::fs::read_to_string(format!("/proc/{pid}/smaps")).ok()?;
+    let name = path.to_string_lossy();
+    let mut in_mapping = false;
+    let mut total = None;
+    for line in smaps.lines() {
+        let is_header = line.split_whitespace().next().is_some_and(|w| {
+            w.contains('-') && w.chars().all(|c| c.is_ascii_hexdigit() || c == '-')
+        });
+        if is_header {
+            in_mapping = line.ends_with(&*name);
+        } else if in_mapping {
+            if let Some(kib) = line
+                .strip_prefix("Rss:")
+                .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<u64>().ok())
+            {
+                *total.get_or_insert(0) += kib;
+            }
+        }
+    }
+    total
+}

@@ -1,12 +1,13 @@
-//! Guest write bandwidth into a pmem region against a host memcpy into the same kind of mapping of the same
-//! file (the physical limit), from one run.
+//! Guest bandwidth over a pmem region against the host's over the same file, like for like, from one run.
 //!
-//! The guest side is the test guest's `pmem=bench` mode under the real `daxvisor` binary on KVM: `rep stosq` over
-//! the region twice (cold: first touch, the host populates each page; warm: steady state), timed with the TSC.
-//! The host side maps the same file through the same code (`pmem::Backing`, MAP_SHARED) and memcpys into it
-//! cold and warm, timed with the same TSC. The file is in the page cache for both.
+//! Both sides run the same kernels (the test guest's `kernels.rs`, included below): `rep stosq` over the region
+//! twice (cold: the first touch of every page; warm: steady state), then a read pass. The guest side is the test
+//! guest's `pmem=bench` mode under the real `daxvisor` binary on KVM; the host side maps the same file through
+//! the same code (`pmem::Backing`, MAP_SHARED). Both with and without `prefault=on` (the host side then calls
+//! the same `pmem::prefault::prefault` first). The file is in the page cache for all of them; every figure is
+//! timed with the TSC, and the ratios compare the same pass.
 //!
-//! cargo bench -p daxvisor --bench pmem_bandwidth [-- MIB [RUNS]]
+//! cargo bench -p daxvisor --bench pmem_bandwidth [-- MIB [RUNS]] (env PMEM_BENCH_DIR picks the file system)
 //! env DAXVISOR_TESTGUEST=ELF boots that test guest instead of the one embedded in daxvisor.
 
 // A benchmark program: a failed step aborts the run with its message.
@@ -16,7 +17,12 @@ use std::path::Path;
 use std::process::Command;
 use std::time::{Duration, Instant};
 
+use daxvisor::pmem::prefault::prefault;
 use daxvisor::pmem::{Backing, PmemConfig};
+
+#[allow(dead_code)] // the guest's module; the host uses what it needs
+#[path = "../../images/testguest/src/modes/kernels.rs"]
+mod kernels;
 
 fn rdtsc() -> u64 {
     // SAFETY: rdtsc has no preconditions on x86_64.
@@ -36,19 +42,36 @@ fn median(mut v: Vec<f64>) -> f64 {
     v[v.len() / 2]
 }
 
-struct GuestRun {
+/// Cycles of one side's passes over `bytes`.
+#[derive(Default)]
+struct Passes {
     bytes: u64,
     cold: u64,
     warm: u64,
-    flush: u64,
+    read: u64,
 }
 
-fn field(line: &str, key: &str) -> Option<u64> {
+struct GuestRun {
+    passes: Passes,
+    flush: u64,
+    /// Milliseconds daxvisor logged for the prefault (prefault=on only).
+    prefault_ms: Option<f64>,
+}
+
+fn field<T: std::str::FromStr>(line: &str, key: &str) -> Option<T> {
     line.split_whitespace()
         .find_map(|w| w.strip_prefix(key)?.strip_prefix('=')?.parse().ok())
 }
 
-fn guest_run(file: &Path, mib: u64) -> GuestRun {
+fn on_off(b: bool) -> &'static str {
+    if b {
+        "on"
+    } else {
+        "off"
+    }
+}
+
+fn guest_run(file: &Path, mib: u64, prefault: bool) -> GuestRun {
     let mut cmd = Command::new(env!("CARGO_BIN_EXE_daxvisor"));
     cmd.arg("run");
     if let Ok(k) = std::env::var("DAXVISOR_TESTGUEST") {
@@ -56,52 +79,90 @@ fn guest_run(file: &Path, mib: u64) -> GuestRun {
     }
     let out = cmd
         .arg("--pmem")
-        .arg(format!("file={}", file.display()))
+        .arg(format!(
+            "file={},prefault={}",
+            file.display(),
+            on_off(prefault)
+        ))
         .args(["--cmdline", &format!("pmem=bench mib={mib}")])
         .args(["--serial", "stdout"])
-        .env("DAXVISOR_LOG", "warn")
+        .env("DAXVISOR_LOG", "warn,daxvisor::pmem::prefault=info")
         .output()
         .expect("run daxvisor");
     let text = String::from_utf8_lossy(&out.stdout);
+    let log = String::from_utf8_lossy(&out.stderr);
     let line = text
         .lines()
         .find(|l| l.contains("pmem0 bench "))
         .unwrap_or_else(|| {
             panic!(
-                "no bench line from the guest (exit {:?}):\n{text}\n{}",
-                out.status,
-                String::from_utf8_lossy(&out.stderr)
+                "no bench line from the guest (exit {:?}):\n{text}\n{log}",
+                out.status
             )
         });
     let get = |k| field(line, k).unwrap_or_else(|| panic!("no {k} in {line}"));
     GuestRun {
-        bytes: get("bytes"),
-        cold: get("cold_cycles"),
-        warm: get("warm_cycles"),
+        passes: Passes {
+            bytes: get("bytes"),
+            cold: get("cold_cycles"),
+            warm: get("warm_cycles"),
+            read: get("read_cycles"),
+        },
         flush: get("flush_cycles"),
+        prefault_ms: log
+            .lines()
+            .find(|l| l.contains("pmem region prefaulted"))
+            .and_then(|l| field(l, "ms")),
     }
 }
 
-/// Host memcpy into a fresh mapping of the file: (cold cycles, warm cycles).
-fn host_run(file: &Path, bytes: u64) -> (u64, u64) {
+/// The same passes on the host, over a fresh mapping of the same file.
+fn host_run(file: &Path, bytes: u64, with_prefault: bool) -> Passes {
     let cfg: PmemConfig = format!("file={}", file.display()).parse().expect("config");
     let b = Backing::open(&cfg, "bench").expect("map");
-    let src = vec![0x5au8; 1 << 20];
-    let copy = || {
-        let t0 = rdtsc();
-        let mut off = 0;
-        while off < bytes {
-            let n = (bytes - off).min(src.len() as u64) as usize;
-            // SAFETY: [off, off + n) lies inside the live writable mapping of `b` (bytes <= b.size()).
-            unsafe {
-                std::ptr::copy_nonoverlapping(src.as_ptr(), (b.host_addr() + off) as *mut u8, n)
-            };
-            off += n as u64;
-        }
-        rdtsc() - t0
-    };
     assert!(bytes <= b.size());
-    (copy(), copy())
+    if with_prefault {
+        prefault(&b).expect("prefault");
+    }
+    let addr = b.host_addr();
+    let t0 = rdtsc();
+    // SAFETY: [addr, addr + bytes) lies inside the live writable mapping of `b`, which nothing else references.
+    unsafe { kernels::fill(addr, bytes, 0x5a5a_5a5a_5a5a_5a5a) };
+    let t1 = rdtsc();
+    // SAFETY: as above.
+    unsafe { kernels::fill(addr, bytes, 0xa5a5_a5a5_a5a5_a5a5) };
+    let t2 = rdtsc();
+    // SAFETY: as above (read only).
+    let total = unsafe { kernels::sum(addr, bytes) };
+    let t3 = rdtsc();
+    assert_eq!(
+        total,
+        0xa5a5_a5a5_a5a5_a5a5u64.wrapping_mul((bytes & !31) / 8)
+    );
+    Passes {
+        bytes,
+        cold: t1 - t0,
+        warm: t2 - t1,
+        read: t3 - t2,
+    }
+}
+
+/// Median MiB/s of each pass over several runs.
+#[derive(Clone, Copy)]
+struct Bandwidth {
+    cold: f64,
+    warm: f64,
+    read: f64,
+}
+
+fn medians(runs: &[Passes], hz: f64) -> Bandwidth {
+    let mibps = |bytes: u64, cycles: u64| bytes as f64 / f64::from(1 << 20) / (cycles as f64 / hz);
+    let of = |f: fn(&Passes) -> u64| median(runs.iter().map(|p| mibps(p.bytes, f(p))).collect());
+    Bandwidth {
+        cold: of(|p| p.cold),
+        warm: of(|p| p.warm),
+        read: of(|p| p.read),
+    }
 }
 
 fn main() {
@@ -111,38 +172,72 @@ fn main() {
         .collect();
     let mib = args.first().copied().unwrap_or(64);
     let runs = args.get(1).copied().unwrap_or(5).max(1);
-    let dir = tempfile::tempdir_in("/var/tmp").expect("temp dir");
+    let base = std::env::var("PMEM_BENCH_DIR").unwrap_or_else(|_| "/var/tmp".into());
+    let dir = tempfile::tempdir_in(base).expect("temp dir");
     let file = dir.path().join("bw.img");
     std::fs::write(&file, vec![0u8; (mib << 20) as usize]).expect("create file");
     let hz = tsc_hz();
     println!(
-        "pmem write bandwidth: {mib} MiB region on {} (page cache), {runs} runs, TSC {:.0} MHz",
+        "pmem bandwidth: {mib} MiB region on {} (page cache), {runs} runs per row, TSC {:.0} MHz",
         dir.path().display(),
         hz / 1e6
     );
-    let mibps = |bytes: u64, cycles: u64| bytes as f64 / (1 << 20) as f64 / (cycles as f64 / hz);
-    let (mut gc, mut gw, mut hc, mut hw, mut fl) = (vec![], vec![], vec![], vec![], vec![]);
-    for _ in 0..runs {
-        let g = guest_run(&file, mib);
-        let (c, w) = host_run(&file, g.bytes);
-        gc.push(mibps(g.bytes, g.cold));
-        gw.push(mibps(g.bytes, g.warm));
-        hc.push(mibps(g.bytes, c));
-        hw.push(mibps(g.bytes, w));
-        fl.push(g.flush as f64 / hz * 1e6);
+    println!("same kernels on both sides: rep stosq (cold = first pass, warm = second pass), then a read pass");
+    let mut rows = Vec::new();
+    let (mut flush_us, mut prefault_ms) = (Vec::new(), Vec::new());
+    for with_prefault in [false, true] {
+        let (mut guest, mut host) = (Vec::new(), Vec::new());
+        // Guest and host alternate so drift on a shared machine hits both.
+        for _ in 0..runs {
+            let g = guest_run(&file, mib, with_prefault);
+            host.push(host_run(&file, g.passes.bytes, with_prefault));
+            flush_us.push(g.flush as f64 / hz * 1e6);
+            prefault_ms.extend(g.prefault_ms);
+            guest.push(g.passes);
+        }
+        rows.push((with_prefault, medians(&guest, hz), medians(&host, hz)));
     }
-    let (gc, gw, hc, hw) = (median(gc), median(gw), median(hc), median(hw));
-    println!("{:>22} {:>12} {:>12}", "", "cold MiB/s", "warm MiB/s");
-    println!("{:>22} {gc:>12.0} {gw:>12.0}", "guest rep stosq");
-    println!("{:>22} {hc:>12.0} {hw:>12.0}", "host memcpy");
+
     println!(
-        "{:>22} {:>11.2}x {:>11.2}x",
-        "guest / host",
-        gc / hc,
-        gw / hw
+        "\n{:>24} {:>12} {:>12} {:>12}",
+        "MiB/s (medians)", "write cold", "write warm", "read"
+    );
+    for (p, g, h) in &rows {
+        for (side, b) in [("guest", g), ("host", h)] {
+            println!(
+                "{:>24} {:>12.0} {:>12.0} {:>12.0}",
+                format!("{side}, prefault={}", on_off(*p)),
+                b.cold,
+                b.warm,
+                b.read
+            );
+        }
+    }
+    println!("\nguest / host, same pass:");
+    for (p, g, h) in &rows {
+        println!(
+            "{:>24} {:>11.2}x {:>11.2}x {:>11.2}x",
+            format!("prefault={}", on_off(*p)),
+            g.cold / h.cold,
+            g.warm / h.warm,
+            g.read / h.read
+        );
+    }
+    let (_, g_off, _) = rows[0];
+    let (_, g_on, h_on) = rows[1];
+    println!(
+        "guest first pass with prefault / host warm pass: {:.2}x (target >= 0.8); without prefault: {:.2}x",
+        g_on.cold / h_on.warm,
+        g_off.cold / h_on.warm
     );
     println!(
-        "guest flush after {mib} MiB written (fdatasync, seen from the guest): median {:.0} us",
-        median(fl)
+        "prefault of {mib} MiB in daxvisor: median {:.1} ms; guest flush after the passes (fdatasync, seen from \
+         the guest): median {:.0} us",
+        if prefault_ms.is_empty() {
+            f64::NAN
+        } else {
+            median(prefault_ms)
+        },
+        median(flush_us)
     );
 }

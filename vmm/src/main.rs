@@ -61,8 +61,9 @@ struct RunArgs {
     #[arg(long, value_enum, default_value_t = CpuidMask::Auto)]
     cpuid_mask: CpuidMask,
     /// Persistent memory backed by a host file or device-DAX, as a virtio-pmem device (repeatable):
-    /// file=PATH[,size=SIZE][,readonly=on][,discard_writes=on][,id=NAME][,create=on].
-    /// SIZE defaults to the file's size and must be a multiple of 2 MiB.
+    /// file=PATH[,size=SIZE][,readonly=on][,discard_writes=on][,id=NAME][,create=on][,prefault=on].
+    /// SIZE defaults to the file's size and must be a multiple of 2 MiB. prefault=on populates the whole
+    /// region before the guest starts (slower start, no first-touch faults in the guest).
     #[arg(long, value_name = "file=PATH[,...]")]
     pmem: Vec<daxvisor::pmem::PmemConfig>,
     /// Seccomp filters per thread: on (a syscall outside the thread's list kills daxvisor), log (allowed and

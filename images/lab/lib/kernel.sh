@@ -1,36 +1,42 @@
 # shellcheck shell=bash
-# The generic Debian kernel (linux-image-6.1.0-*-amd64, not cloud: cloud lacks NVDIMM, DAX and KVM modules),
-# downloaded once with apt-get download, extracted with dpkg-deb -x, indexed with depmod -b.
+# The generic Debian kernel (linux-image-6.1.0-*-amd64, not cloud: cloud lacks NVDIMM, DAX, KVM and VFIO modules),
+# pinned below, downloaded once with apt-get download, extracted with dpkg-deb -x, indexed with depmod -b.
 # Sourced after common.sh. Sets KERNEL_VERSION, KERNEL_ROOT (extracted tree), KERNEL_IMAGE (bzImage).
 
+# The lab's kernel, pinned (package and exact Debian version) so the image and the kernel rules the lab tests see
+# (DMA pinnability depends on the kernel version) do not change under us when the archive moves on. To move the
+# pin: pick the new package from `apt-cache depends linux-image-amd64`, its version from `apt-cache policy`, and
+# rerun the lab tests. LAB_KERNEL_PACKAGE=NAME[=VERSION] overrides it for one build.
+LAB_KERNEL_PIN="linux-image-6.1.0-48-amd64=6.1.172-1"
+
 lab_kernel_package() {
-    # LAB_KERNEL_PACKAGE pins a package; otherwise the current ABI that linux-image-amd64 points to.
-    if [ -n "${LAB_KERNEL_PACKAGE:-}" ]; then
-        echo "$LAB_KERNEL_PACKAGE"
-        return
-    fi
-    local pkg
-    pkg="$(apt-cache depends linux-image-amd64 2>/dev/null |
-        sed -n 's/^ *Depends: \(linux-image-6\.1\.0-[0-9]*-amd64\)$/\1/p' | head -n1)"
-    if [ -z "$pkg" ]; then
-        # No package list (offline, or apt-get update never ran): reuse the newest cached download.
-        pkg="$(ls "$LAB_BUILD/debs" 2>/dev/null | sed -n 's/^\(linux-image-6\.1\.0-[0-9]*-amd64\)_.*\.deb$/\1/p' |
-            sort -V | tail -n1)"
-    fi
-    [ -n "$pkg" ] || lab_die "cannot resolve the kernel package (run apt-get update, or set LAB_KERNEL_PACKAGE)"
-    echo "$pkg"
+    echo "${LAB_KERNEL_PACKAGE:-$LAB_KERNEL_PIN}"
 }
 
 lab_fetch_kernel() {
-    local pkg deb
-    pkg="$(lab_kernel_package)"
+    local spec pkg ver deb
+    spec="$(lab_kernel_package)"
+    pkg="${spec%%=*}"
+    ver=''
+    [ "$spec" = "$pkg" ] || ver="${spec#*=}"
     mkdir -p "$LAB_BUILD/debs"
-    deb="$(ls "$LAB_BUILD/debs/${pkg}"_*.deb 2>/dev/null | sort -V | tail -n1 || true)"
+    # Debian file names spell the version with ':' as '%3a'; the lab kernels carry no epoch.
+    if [ -n "$ver" ]; then
+        deb="$LAB_BUILD/debs/${pkg}_${ver}_amd64.deb"
+        [ -f "$deb" ] || deb=''
+    else
+        deb="$(ls "$LAB_BUILD/debs/${pkg}"_*.deb 2>/dev/null | sort -V | tail -n1 || true)"
+    fi
     if [ -z "$deb" ]; then
-        lab_log "kernel: downloading $pkg"
-        (cd "$LAB_BUILD/debs" && apt-get -q -o APT::Sandbox::User=root download "$pkg" >&2) ||
-            lab_die "apt-get download $pkg failed"
-        deb="$(ls "$LAB_BUILD/debs/${pkg}"_*.deb | sort -V | tail -n1)"
+        lab_log "kernel: downloading $spec"
+        (cd "$LAB_BUILD/debs" && apt-get -q -o APT::Sandbox::User=root download "$spec" >&2) ||
+            lab_die "apt-get download $spec failed (apt-get update; if the archive dropped that version, move LAB_KERNEL_PIN in images/lab/lib/kernel.sh)"
+        if [ -n "$ver" ]; then
+            deb="$LAB_BUILD/debs/${pkg}_${ver}_amd64.deb"
+        else
+            deb="$(ls "$LAB_BUILD/debs/${pkg}"_*.deb | sort -V | tail -n1)"
+        fi
+        [ -f "$deb" ] || lab_die "apt-get download $spec wrote no $deb"
     fi
     KERNEL_VERSION="${pkg#linux-image-}"
     KERNEL_ROOT="$LAB_BUILD/kernel"
@@ -76,19 +82,24 @@ lab_resolve_modules() {
 }
 
 # Copy the named modules and their dependencies into ROOT/lib/modules/VERSION and index them with depmod (so
-# request_module from the kernel works through busybox modprobe); write the insmod order to ROOT/etc/modules.order.
+# request_module from the kernel works through busybox modprobe); write the insmod order to ROOT/etc/modules.order,
+# or to ROOT/etc/NAME with `--order NAME` first (a set loaded only on request; it may repeat modules of another set).
 lab_stage_modules() {
-    local root="$1"
+    local root="$1" list=modules.order
     shift
+    if [ "${1:-}" = --order ]; then
+        list="$2"
+        shift 2
+    fi
     local order m dst
     order="$(lab_resolve_modules "$@")" || lab_die "module resolution failed for: $*"
     dst="$root/lib/modules/$KERNEL_VERSION"
     mkdir -p "$dst" "$root/etc"
-    : >"$root/etc/modules.order"
+    : >"$root/etc/$list"
     for m in $order; do
         mkdir -p "$dst/$(dirname "$m")"
         cp "$KERNEL_ROOT/lib/modules/$KERNEL_VERSION/$m" "$dst/$m"
-        echo "/lib/modules/$KERNEL_VERSION/$m" >>"$root/etc/modules.order"
+        echo "/lib/modules/$KERNEL_VERSION/$m" >>"$root/etc/$list"
     done
     cp "$KERNEL_ROOT/lib/modules/$KERNEL_VERSION/modules.builtin" \
         "$KERNEL_ROOT/lib/modules/$KERNEL_VERSION/modules.builtin.modinfo" \

@@ -25,8 +25,9 @@
 //!    - `malformed`: per case (see [`modes::malformed::CASES`])
 //!      `pmemK malformed <case>: <outcome>; good flush ok[ after reset]`, then `pmemK flush ok` and
 //!      `pmemK malformed: 11 cases done, device still serving`.
-//!    - `bench`: `pmemK flush ok`, `pmemK bench bytes=B cold_cycles=C warm_cycles=W flush_cycles=F` (TSC cycles
-//!      for the first and second pass of `rep stosq` over B bytes, and for the flush after them).
+//!    - `bench`: `pmemK flush ok`, `pmemK bench bytes=B cold_cycles=C warm_cycles=W read_cycles=R flush_cycles=F`
+//!      (TSC cycles for the first and second pass of `rep stosq` over B bytes, a read pass over them, and the
+//!      flush after them).
 //!
 //!    The pattern is [`pattern::word`]: the u64 at offset `off` is `0xda85_0000_0000_0000 ^ (seed << 32) ^ off`.
 //! 6. Prints `exit N` and exits with N (`exit=N`, default 0) through the exit port.

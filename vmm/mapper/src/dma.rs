@@ -44,14 +44,22 @@ pub trait DmaMapper: Send + Sync {
     fn map(&self, iova: u64, range: DmaRange<'_>) -> io::Result<()>;
     /// Removes the mapping of `[iova, iova + len)` made by one `map`.
     fn unmap(&self, iova: u64, len: u64) -> io::Result<()>;
+    /// Whether `map` pins pages through the kernel's long-term pinning (VFIO type1, iommufd), so that the
+    /// kernel's rules of what may be pinned ([`crate::DmaRule`]) apply and a pin the kernel would refuse is
+    /// refused up front.
+    fn long_term_pins(&self) -> bool {
+        true
+    }
 }
 
 /// Records IOVA -> (vaddr, len) mappings in process, refusing overlaps like an IOMMU would (feature
-/// `test-util`): tests see exactly what a device could reach.
+/// `test-util`): tests see exactly what a device could reach. It pins nothing itself, so the kernel's pinning
+/// rules apply to it only when made with [`RecordingDma::with_kernel_rules`].
 #[cfg(any(test, feature = "test-util"))]
 #[derive(Debug, Default)]
 pub struct RecordingDma {
     maps: Mutex<BTreeMap<u64, (usize, u64)>>,
+    kernel_rules: bool,
 }
 
 #[cfg(any(test, feature = "test-util"))]
@@ -59,6 +67,15 @@ impl RecordingDma {
     /// No mappings yet.
     pub fn new() -> Self {
         Self::default()
+    }
+
+    /// As [`RecordingDma::new`], standing in for a DMA mapper that pins through the kernel: the mapper refuses
+    /// up front what the kernel would refuse to pin.
+    pub fn with_kernel_rules() -> Self {
+        RecordingDma {
+            kernel_rules: true,
+            ..Self::default()
+        }
     }
 
     /// (iova, vaddr, len) of every live mapping, by iova.
@@ -100,6 +117,10 @@ impl DmaMapper for RecordingDma {
             }
             _ => Err(io::Error::from_raw_os_error(libc::ENOENT)),
         }
+    }
+
+    fn long_term_pins(&self) -> bool {
+        self.kernel_rules
     }
 }
 

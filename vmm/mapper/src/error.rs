@@ -6,6 +6,7 @@ use std::io;
 
 use crate::host::{BackingKind, ExtentProblem, FsKind};
 use crate::ids::{LeaseId, OwnerId, PinId, RegionId};
+use crate::pinnability::{DmaRule, PINNABLE_BACKINGS};
 use crate::range::ByteRange;
 
 /// What holds a range against a layout change.
@@ -237,6 +238,21 @@ pub enum MapperError {
         /// The region's backing kind.
         kind: BackingKind,
     },
+    /// A DMA pin on a region whose pages the kernel will not pin long-term (EOPNOTSUPP): refused up front, naming
+    /// the rule and the backings that work. `rule` is [`DmaRule::KernelRefused`] when the kernel itself refused a
+    /// pin the rules allow (its answer wins from then on).
+    #[error(
+        "{region} ({kind}) cannot be pinned for DMA: {rule}; DMA pins work on {}",
+        PINNABLE_BACKINGS
+    )]
+    DmaNotPinnable {
+        /// The region.
+        region: RegionId,
+        /// Its backing kind.
+        kind: BackingKind,
+        /// The rule that refuses it.
+        rule: DmaRule,
+    },
     /// The filesystem has no FIEMAP, so a pin's extents cannot be validated (EOPNOTSUPP).
     #[error("the backing filesystem ({fs}) has no FIEMAP: extents cannot be validated for a pin")]
     NoExtentMap {
@@ -281,7 +297,9 @@ impl MapperError {
             MapperError::BreakInProgress { .. } => libc::EAGAIN,
             MapperError::TimedOut { .. } => libc::ETIMEDOUT,
             MapperError::OutOfWindow { .. } | MapperError::Overflow { .. } => libc::ERANGE,
-            MapperError::NoLayout { .. } | MapperError::NoExtentMap { .. } => libc::EOPNOTSUPP,
+            MapperError::NoLayout { .. }
+            | MapperError::NoExtentMap { .. }
+            | MapperError::DmaNotPinnable { .. } => libc::EOPNOTSUPP,
             MapperError::NotFound(_) => libc::ENOENT,
             MapperError::Io { source, .. } => source.raw_os_error().unwrap_or(libc::EIO),
         }
@@ -394,6 +412,15 @@ mod tests {
             (
                 MapperError::NoLayout {
                     kind: BackingKind::DevDax,
+                },
+                libc::EOPNOTSUPP,
+                "EOPNOTSUPP",
+            ),
+            (
+                MapperError::DmaNotPinnable {
+                    region: RegionId::from_raw(1),
+                    kind: BackingKind::FsDax,
+                    rule: DmaRule::FsDax,
                 },
                 libc::EOPNOTSUPP,
                 "EOPNOTSUPP",

@@ -9,6 +9,7 @@ use crate::host::{BackingKind, FileKey};
 use crate::ids::{BreakId, LeaseId, OwnerId, PinId, RegionId};
 use crate::lease::LeaseMode;
 use crate::pin::PinState;
+use crate::pinnability::DmaRule;
 use crate::range::ByteRange;
 use crate::region::Region;
 use crate::state::State;
@@ -35,6 +36,8 @@ pub struct RegionView {
     pub mapped: bool,
     /// Transient pins (the VMM's own I/O, such as flushes) in flight over its window.
     pub in_flight_io: usize,
+    /// Whether the kernel lets a DMA mapper pin it (`dma_rule.pinnable()`), and the rule that says so.
+    pub dma_rule: DmaRule,
 }
 
 /// A lease, region-relative.
@@ -153,6 +156,7 @@ impl Region {
             size: self.desc.size,
             iova: self.desc.iova,
             mapped: self.desc.mapping.is_some(),
+            dma_rule: self.dma_rule,
         }
     }
 }

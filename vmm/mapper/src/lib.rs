@@ -15,7 +15,9 @@
 //! - a **lease** ([`Mapper::acquire`]) is `Shared` (breakable: the holder gets a [`BreakNotice`] and releases)
 //!   or `Exclusive` (unbreakable: conflicting changes fail at once with ETXTBSY naming the holder);
 //! - a **pin** ([`Mapper::pin`]) needs the owner's exclusive lease and stable extents; it populates, mlocks and
-//!   hands the range to the [`DmaMapper`]. [`Mapper::prepare`] makes a range pinnable;
+//!   hands the range to the [`DmaMapper`]. [`Mapper::prepare`] makes a range pinnable. Every region carries a
+//!   [`DmaRule`]: a DMA pin the kernel will not allow (FS-DAX, a shared page-cache file on Linux >= 6.5) fails
+//!   up front with EOPNOTSUPP naming it;
 //! - a **layout change** ([`Mapper::change`], [`Mapper::punch`], ...) checks pins, then exclusive leases, breaks
 //!   shared leases and waits, waits for in-flight [`TransientPin`]s (the VMM's own I/O), then applies;
 //! - the **host guard** ([`HostGuard`]) turns a foreign open of a backing file into a whole-file break.
@@ -64,6 +66,7 @@ mod layout_change;
 mod lease;
 mod owner;
 mod pin;
+mod pinnability;
 mod prepare;
 mod range;
 mod region;
@@ -90,8 +93,8 @@ pub use dma::{DmaMapper, DmaRange};
 pub use error::{errno_name, Held, HoldKind, MapperError, Missing, Result};
 pub use guard::{guard_signal, lease_break_time, GuardEvent, HostGuard};
 pub use host::{
-    allocate, dev_dax_info, extend, first_problem, fs_kind, probe, punch, read_extents, unshare,
-    zero, BackingKind, DevDaxInfo, Extent, ExtentFlags, ExtentProblem, FileKey, FsKind,
+    allocate, dev_dax_info, extend, first_problem, fs_kind, holes, probe, punch, read_extents,
+    unshare, zero, BackingKind, DevDaxInfo, Extent, ExtentFlags, ExtentProblem, FileKey, FsKind,
     HostMapping, MapOptions, Probe, ProbeError,
 };
 pub use host::{lock_file, refuse_if_locked, FileLockError, Holder};
@@ -102,6 +105,7 @@ pub use layout_change::{
     ChangeReport, ChangeRequest, LayoutChange, DEFAULT_DEADLINE, MAX_DEADLINE,
 };
 pub use lease::LeaseMode;
+pub use pinnability::{DmaRule, KernelVersion, PINNABLE_BACKINGS};
 pub use prepare::{PrepareProgress, PrepareReport};
 pub use range::{page_size, ByteRange, OPEN_END};
 pub use region::RegionDesc;

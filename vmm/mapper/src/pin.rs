@@ -21,6 +21,7 @@ use crate::error::{Held, MapperError, Missing, Result};
 use crate::host::{first_problem, fs_kind, BackingKind, FileKey, FsKind, HostMapping};
 use crate::ids::{LeaseId, OwnerId, PinId, RegionId};
 use crate::lease::LeaseMode;
+use crate::pinnability::DmaRule;
 use crate::range::ByteRange;
 use crate::Mapper;
 
@@ -71,6 +72,8 @@ impl Pin {
 }
 
 struct PinPlan {
+    region: RegionId,
+    kind: BackingKind,
     file: Arc<File>,
     fs: Option<FsKind>,
     file_range: ByteRange,
@@ -116,6 +119,13 @@ impl Mapper {
             }
             Err(e) => {
                 let mut st = self.lock();
+                if let MapperError::DmaNotPinnable { rule, .. } = &e {
+                    // The kernel refused what the rules allow: its answer stands for the region from now on.
+                    if let Some(reg) = st.regions.get_mut(&region) {
+                        tracing::warn!(region = %reg.label(), kind = %reg.desc.kind, classified = reg.dma_rule.name(), %rule, "the kernel refused a DMA pin the rules allow");
+                        reg.dma_rule = *rule;
+                    }
+                }
                 // Nothing of the pin was set up yet (its own steps undid themselves): just forget it.
                 st.drop_pin(id, None);
                 drop(st);
@@ -140,6 +150,14 @@ impl Mapper {
         let desc = &reg.desc;
         let mapping = desc.mapping.clone().ok_or(MapperError::NoMapping(region))?;
         let range = reg.request(off, len)?;
+        // A DMA pin the kernel will refuse fails here, before anything is locked or mapped.
+        if self.dma.as_ref().is_some_and(|d| d.long_term_pins()) && !reg.dma_rule.pinnable() {
+            return Err(MapperError::DmaNotPinnable {
+                region,
+                kind: desc.kind,
+                rule: reg.dma_rule,
+            });
+        }
         let file_range = reg.to_file(range);
         if self.dma.is_some() {
             let mut clash = None;
@@ -181,6 +199,8 @@ impl Mapper {
             Some(fs_kind(desc.file.as_ref()).map_err(|e| MapperError::io("fstatfs", e))?)
         };
         let plan = PinPlan {
+            region,
+            kind: desc.kind,
             file: desc.file.clone(),
             fs,
             file_range,
@@ -234,7 +254,18 @@ impl Mapper {
             let range = DmaRange::new(&plan.mapping, plan.off, plan.len);
             if let Err(e) = d.map(plan.iova, range) {
                 plan.mapping.unlock(plan.off, plan.len);
-                return Err(MapperError::io("DMA map", e));
+                // EOPNOTSUPP and EFAULT are the kernel's long-term pinning refusing these pages (the range is
+                // a live mapping of the region, so EFAULT cannot be a bad address).
+                return Err(match e.raw_os_error() {
+                    Some(errno @ (libc::EOPNOTSUPP | libc::EFAULT)) if d.long_term_pins() => {
+                        MapperError::DmaNotPinnable {
+                            region: plan.region,
+                            kind: plan.kind,
+                            rule: DmaRule::KernelRefused(errno),
+                        }
+                    }
+                    _ => MapperError::io("DMA map", e),
+                });
             }
             return Ok(Some((plan.iova, plan.len as u64)));
         }
@@ -562,5 +593,164 @@ mod tests {
         );
         m.pin(a, t.region, 0, 0).unwrap();
         assert_eq!(t.read_file(4 * t.page, 1)[0], t.fill_byte(4 * t.page));
+    }
+
+    /// A memfd of `pages` pages (a RAM-backed region's file).
+    fn memfd(pages: u64) -> Arc<File> {
+        // SAFETY: a NUL-terminated name; the fd is owned by the File made from it.
+        let fd = unsafe { libc::memfd_create(c"pin-test".as_ptr(), libc::MFD_CLOEXEC) };
+        assert!(fd >= 0);
+        // SAFETY: a fresh fd nothing else owns.
+        let f = unsafe { <File as std::os::fd::FromRawFd>::from_raw_fd(fd) };
+        f.set_len(pages * page_size()).unwrap();
+        Arc::new(f)
+    }
+
+    /// Adds a region over `pages` pages of `file`, declared as `kind`, mapped shared or private, at an IOVA of
+    /// its own.
+    fn region_of(
+        m: &Mapper,
+        file: &Arc<File>,
+        pages: u64,
+        kind: BackingKind,
+        private: bool,
+    ) -> RegionId {
+        let size = pages * page_size();
+        let iova = 0x1_0000_0000 + m.snapshot().regions.len() as u64 * 0x1000_0000;
+        let opts = MapOptions {
+            private,
+            ..MapOptions::default()
+        };
+        let map = Arc::new(HostMapping::map(file, 0, size, opts).unwrap());
+        m.add_region(
+            RegionDesc::new(file.clone(), 0, size, kind)
+                .with_mapping(map)
+                .with_iova(iova),
+        )
+        .unwrap()
+    }
+
+    /// Pins a region's first page with an exclusive lease; the outcome.
+    fn dma_pin(m: &Mapper, r: RegionId) -> Result<PinId> {
+        let o = m.add_owner("dma-ctx");
+        m.acquire(o, r, 0, page_size(), LeaseMode::Exclusive)?;
+        m.pin(o, r, 0, page_size())
+    }
+
+    /// With a DMA mapper that pins through the kernel, a pin the kernel would refuse fails up front with
+    /// EOPNOTSUPP naming the rule and the backings that work, before anything is locked or mapped; regions report
+    /// their rule. FS-DAX is declared here (this host has no DAX; the lab shows the kernel's own refusal).
+    #[test]
+    fn dma_pins_the_kernel_would_refuse_fail_up_front_naming_the_rule() {
+        let t = TestRegion::on_tmp(4);
+        let dma = Arc::new(RecordingDma::with_kernel_rules());
+        let (notifier, _rx) = ChannelNotifier::new();
+        let m = Mapper::new(Arc::new(notifier), Some(dma.clone()));
+        let fsdax = region_of(&m, &t.file, 4, BackingKind::FsDax, false);
+        let fsdax_private = region_of(&m, &t.file, 4, BackingKind::FsDax, true);
+        let shared = region_of(&m, &t.file, 4, BackingKind::Regular, false);
+        let private = region_of(&m, &t.file, 4, BackingKind::Regular, true);
+        let ram = region_of(&m, &memfd(4), 4, BackingKind::Ram, false);
+
+        let locked = locked_kib();
+        for r in [fsdax, fsdax_private] {
+            let e = dma_pin(&m, r).unwrap_err();
+            assert_eq!(e.errno(), libc::EOPNOTSUPP, "{e}");
+            let msg = e.to_string();
+            assert!(
+                msg.contains("never pins FS-DAX") && msg.contains(PINNABLE_BACKINGS),
+                "{msg}"
+            );
+        }
+        let new_kernel =
+            KernelVersion::running().is_none_or(|k| k >= KernelVersion::SHARED_FILE_REFUSED);
+        match dma_pin(&m, shared) {
+            Err(e) if new_kernel => {
+                assert_eq!(e.errno(), libc::EOPNOTSUPP);
+                assert!(e.to_string().contains("since Linux 6.5"), "{e}");
+            }
+            Ok(_) if !new_kernel => {}
+            other => panic!(
+                "shared page-cache file on {:?}: {other:?}",
+                KernelVersion::running()
+            ),
+        }
+        assert_eq!(locked_kib(), locked, "a refused DMA pin locked nothing");
+        let private_pin = dma_pin(&m, private).unwrap();
+        let ram_pin = dma_pin(&m, ram).unwrap();
+        assert_eq!(dma.mappings().len(), 2 + usize::from(!new_kernel));
+
+        let s = m.snapshot();
+        let rule = |r: RegionId| s.regions.iter().find(|v| v.id == r).unwrap().dma_rule;
+        assert_eq!(rule(fsdax), DmaRule::FsDax);
+        assert_eq!(rule(fsdax_private), DmaRule::FsDax);
+        assert_eq!(rule(private), DmaRule::PrivateCopy);
+        assert_eq!(rule(ram), DmaRule::RamBacked);
+        assert_eq!(rule(shared).pinnable(), !new_kernel);
+        let pinned: Vec<PinId> = s.pins().into_iter().map(|(_, p)| p.id).collect();
+        assert!(pinned.contains(&private_pin) && pinned.contains(&ram_pin));
+    }
+
+    /// Pins without a DMA mapper, or with one that pins nothing through the kernel, keep working on every
+    /// backing: they are about layout stability, not DMA.
+    #[test]
+    fn pins_without_kernel_dma_pinning_are_unchanged_on_fsdax() {
+        let t = TestRegion::on_tmp(4);
+        for dma in [
+            None,
+            Some(Arc::new(RecordingDma::new()) as Arc<dyn DmaMapper>),
+        ] {
+            let (notifier, _rx) = ChannelNotifier::new();
+            let m = Mapper::new(Arc::new(notifier), dma);
+            let r = region_of(&m, &t.file, 4, BackingKind::FsDax, false);
+            dma_pin(&m, r).unwrap();
+        }
+    }
+
+    /// A DMA mapper whose kernel refuses every pin (as a kernel newer than the rules would).
+    struct KernelSaysNo {
+        calls: std::sync::atomic::AtomicUsize,
+    }
+
+    impl DmaMapper for KernelSaysNo {
+        fn map(&self, _: u64, _: DmaRange<'_>) -> std::io::Result<()> {
+            self.calls.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+            Err(std::io::Error::from_raw_os_error(libc::EFAULT))
+        }
+        fn unmap(&self, _: u64, _: u64) -> std::io::Result<()> {
+            Ok(())
+        }
+    }
+
+    /// Where the kernel refuses a pin the rules allow, its answer wins: the pin fails with EOPNOTSUPP naming the
+    /// kernel's errno, nothing stays locked, the region reports `kernel-refused` and later DMA pins there are
+    /// refused up front without asking the kernel again.
+    #[test]
+    fn the_kernels_refusal_wins_over_the_rules_and_is_reported() {
+        let dma = Arc::new(KernelSaysNo {
+            calls: Default::default(),
+        });
+        let (notifier, _rx) = ChannelNotifier::new();
+        let m = Mapper::new(Arc::new(notifier), Some(dma.clone()));
+        let r = region_of(&m, &memfd(4), 4, BackingKind::Ram, false);
+        let locked = locked_kib();
+        let e = dma_pin(&m, r).unwrap_err();
+        assert_eq!(e.errno(), libc::EOPNOTSUPP);
+        assert!(
+            e.to_string().contains("the kernel refused a DMA pin here"),
+            "{e}"
+        );
+        assert_eq!(locked_kib(), locked);
+        let rule = m.snapshot().regions[0].dma_rule;
+        assert_eq!(rule, DmaRule::KernelRefused(libc::EFAULT));
+        assert_eq!(rule.name(), "kernel-refused");
+        let e = dma_pin(&m, r).unwrap_err();
+        assert_eq!(e.errno(), libc::EOPNOTSUPP);
+        assert_eq!(
+            dma.calls.load(std::sync::atomic::Ordering::SeqCst),
+            1,
+            "asked the kernel once"
+        );
+        assert!(m.snapshot().pins().is_empty());
     }
 }

@@ -8,6 +8,7 @@ use crate::error::{MapperError, Result};
 use crate::host::{BackingKind, FileKey, HostMapping};
 use crate::ids::RegionId;
 use crate::introspect::RegionView;
+use crate::pinnability::{DmaRule, KernelVersion};
 use crate::range::{page_size, ByteRange};
 use crate::Mapper;
 
@@ -62,6 +63,9 @@ pub(crate) struct Region {
     pub id: RegionId,
     pub desc: RegionDesc,
     pub key: FileKey,
+    /// Whether the kernel lets a DMA mapper pin it, and why: classified when the region is added, replaced by
+    /// the kernel's own answer when that differs.
+    pub dma_rule: DmaRule,
 }
 
 impl Region {
@@ -90,7 +94,14 @@ impl Region {
             ));
         }
         let key = FileKey::of(&desc.file).map_err(|e| MapperError::io("fstat backing file", e))?;
-        Ok(Region { id, desc, key })
+        let private = desc.mapping.as_ref().is_some_and(|m| m.is_private());
+        let dma_rule = DmaRule::classify(desc.kind, private, KernelVersion::running());
+        Ok(Region {
+            id,
+            desc,
+            key,
+            dma_rule,
+        })
     }
 
     /// Device-DAX has no file layout: leases and layout changes are refused.
@@ -174,7 +185,7 @@ impl Mapper {
         let mut st = self.lock();
         let id = RegionId::from_raw(st.next_id());
         let region = Region::new(id, desc)?;
-        tracing::debug!(region = %region.label(), kind = %region.desc.kind, file_offset = region.desc.file_offset, size = region.desc.size, "region added");
+        tracing::debug!(region = %region.label(), kind = %region.desc.kind, file_offset = region.desc.file_offset, size = region.desc.size, dma = region.dma_rule.name(), "region added");
         st.insert_region(region);
         Ok(id)
     }

@@ -5,6 +5,7 @@
 //! All backings are opened and checked before any is attached; if anything fails, files this run created are
 //! removed again and files it extended get their old length back. Once attached, the same undo is recorded in
 //! the start's [`StartUndo`], so a step that fails later (a bad kernel, a command line too long) undoes it too.
+//! `prefault=on` regions are populated after that check and before any memslot exists.
 
 use std::collections::HashSet;
 use std::os::unix::fs::MetadataExt;
@@ -52,6 +53,8 @@ pub enum PmemError {
         #[source]
         source: DeviceError,
     },
+    #[error(transparent)]
+    Prefault(#[from] super::prefault::PrefaultError),
     #[error("pmem {id}: cannot register with the layout-lease manager: {source}")]
     Leases {
         id: String,
@@ -149,7 +152,15 @@ pub fn attach(
             .iter()
             .map(|b| (b.size(), b.dev_dax().map_or(0, |d| d.align)))
             .collect();
-        place(mem_bytes, &geometry)
+        let addrs = place(mem_bytes, &geometry)?;
+        // Last, once everything else is known to fit: a failed prefault undoes itself, then the caller undoes
+        // the opens.
+        for (cfg, backing) in configs.iter().zip(&backings) {
+            if cfg.prefault {
+                super::prefault::prefault(backing)?;
+            }
+        }
+        Ok(addrs)
     });
     let addrs = match result {
         Ok(a) => a,

@@ -1,4 +1,4 @@
-//! `--pmem file=PATH[,size=SIZE][,readonly=on][,discard_writes=on][,id=NAME][,create=on]`.
+//! `--pmem file=PATH[,size=SIZE][,readonly=on][,discard_writes=on][,id=NAME][,create=on][,prefault=on]`.
 //!
 //! Parsing only checks the syntax and combinations; the file itself is checked by [`super::backing`]. Paths
 //! containing a comma are written with the comma doubled (`file=a,,b` is the file `a,b`), as QEMU does.
@@ -21,6 +21,8 @@ pub struct PmemConfig {
     pub id: Option<String>,
     /// Create the file if missing and extend it to `size` if shorter.
     pub create: bool,
+    /// Populate the whole mapping before the guest starts (see [`super::prefault`]).
+    pub prefault: bool,
 }
 
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
@@ -28,7 +30,7 @@ pub enum PmemConfigError {
     #[error("--pmem: missing file=PATH")]
     MissingFile,
     #[error(
-        "--pmem: unknown key '{0}' (expected file, size, readonly, discard_writes, id, create)"
+        "--pmem: unknown key '{0}' (expected file, size, readonly, discard_writes, id, create, prefault)"
     )]
     UnknownKey(String),
     #[error("--pmem: '{0}' needs a value ({0}=...)")]
@@ -108,6 +110,7 @@ impl FromStr for PmemConfig {
         let mut discard_writes = None;
         let mut id = None;
         let mut create = None;
+        let mut prefault = None;
 
         fn set<T>(slot: &mut Option<T>, key: &str, v: T) -> Result<(), PmemConfigError> {
             if slot.is_some() {
@@ -123,9 +126,8 @@ impl FromStr for PmemConfig {
             }
             let Some((key, value)) = part.split_once('=') else {
                 return Err(match part.as_str() {
-                    "file" | "size" | "readonly" | "discard_writes" | "id" | "create" => {
-                        PmemConfigError::MissingValue(part)
-                    }
+                    "file" | "size" | "readonly" | "discard_writes" | "id" | "create"
+                    | "prefault" => PmemConfigError::MissingValue(part),
                     _ => PmemConfigError::UnknownKey(part),
                 });
             };
@@ -144,6 +146,7 @@ impl FromStr for PmemConfig {
                     parse_bool("discard_writes", value)?,
                 )?,
                 "create" => set(&mut create, key, parse_bool("create", value)?)?,
+                "prefault" => set(&mut prefault, key, parse_bool("prefault", value)?)?,
                 "id" => {
                     let ok = !value.is_empty()
                         && value.len() <= 32
@@ -170,6 +173,7 @@ impl FromStr for PmemConfig {
             discard_writes: discard_writes.unwrap_or(false),
             id,
             create: create.unwrap_or(false),
+            prefault: prefault.unwrap_or(false),
         };
         if cfg.readonly && cfg.discard_writes {
             return Err(PmemConfigError::Conflict(
@@ -233,6 +237,10 @@ mod tests {
         let c = p("file=n,size=4MiB,create=on").unwrap();
         assert_eq!(c.size, Some(4 << 20));
         assert!(c.create);
+        assert!(!c.prefault, "prefault is off by default");
+        let c = p("file=n,prefault=on,readonly=on").unwrap();
+        assert!(c.prefault && c.readonly);
+        assert!(p("file=n,prefault=sometimes").is_err());
     }
 
     #[test]

@@ -3,6 +3,7 @@
 //! - [`config`]: the `--pmem` option.
 //! - [`backing`]: open, check, detect the kind, map ([`Backing`]).
 //! - [`attach`](mod@attach): placing the regions in a VM (memslots, virtio-pmem devices).
+//! - [`prefault`]: `prefault=on`, populating a region before the guest starts.
 //! - [`flush`]: what a guest flush request does for each kind ([`BackingFlush`]).
 //! - [`fault`]: naming the region, file and offset behind a KVM_RUN EFAULT.
 //!
@@ -13,6 +14,7 @@ pub mod backing;
 pub mod config;
 pub mod fault;
 pub mod flush;
+pub mod prefault;
 
 pub use attach::{attach, PmemError, PmemRegion};
 pub use backing::{Backing, BackingError, PmemMemslot};

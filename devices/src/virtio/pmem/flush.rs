@@ -5,11 +5,24 @@
 //! started after the request arrived (its data is covered), and N requests arriving during one fdatasync cost
 //! one more fdatasync, not N. [`FlushPolicy::PerRequest`] (one flush per request, what other VMMs do) exists
 //! for the benchmark's comparison.
+//!
+//! Group commit: a guest with d flushes in flight answers each one by dirtying more and flushing again, so the d
+//! requests a flush answered come back right after it. Left alone they would trickle in while the next flush
+//! already runs, split the d requesters into two groups that alternate, and halve what one flush answers. So
+//! after a flush answered n requests, the worker gives them a short while (a fraction of that flush's time,
+//! bounded by [`MAX_LINGER`]) to come back before it starts the next one; it starts at once when n are queued.
+//! A lone request therefore waits at most that while longer, and a requester at depth 1 not at all.
 
 use std::collections::VecDeque;
 use std::io;
 use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+/// The longest the worker waits for the requesters of its last flush to come back (see the module docs).
+pub const MAX_LINGER: Duration = Duration::from_millis(2);
+/// The wait is this fraction of the last flush's duration: a fast disk gets a short one.
+const LINGER_DIVISOR: u32 = 2;
 
 /// Makes the guest's writes to a region durable. Implemented by the VMM for each backing kind (the device knows
 /// nothing of files): fdatasync for page-cache files, a no-op where stores are already durable (MAP_SYNC on
@@ -72,7 +85,19 @@ impl<R: Send + 'static> FlushWorker<R> {
         name: &str,
         flush: Arc<dyn Flush>,
         policy: FlushPolicy,
+        complete: Completion<R>,
+    ) -> io::Result<Self> {
+        Self::spawn_with_linger(name, flush, policy, complete, MAX_LINGER)
+    }
+
+    /// As [`FlushWorker::spawn`], waiting at most `max_linger` for returning requesters (tests use a long one,
+    /// so what they show does not depend on the machine's load).
+    fn spawn_with_linger(
+        name: &str,
+        flush: Arc<dyn Flush>,
+        policy: FlushPolicy,
         mut complete: Completion<R>,
+        max_linger: Duration,
     ) -> io::Result<Self> {
         let shared = Arc::new(Shared {
             state: Mutex::new(State {
@@ -85,13 +110,21 @@ impl<R: Send + 'static> FlushWorker<R> {
         let thread = std::thread::Builder::new()
             .name(name.to_owned())
             .spawn(move || {
-                let started = flush.on_worker_start();
-                while let Some(batch) = next_batch(&worker_shared, policy) {
-                    let result = match &started {
+                let ready = flush.on_worker_start();
+                let mut group = Group::default();
+                while let Some(batch) = next_batch(&worker_shared, policy, group) {
+                    let size = batch.len();
+                    let started = Instant::now();
+                    let result = match &ready {
                         Ok(()) => flush.flush(),
                         Err(e) => Err(io::Error::new(e.kind(), e.to_string())),
                     };
+                    let took = started.elapsed();
                     complete(batch, &result);
+                    group = Group {
+                        size,
+                        linger: (took / LINGER_DIVISOR).min(max_linger),
+                    };
                 }
             })?;
         Ok(FlushWorker {
@@ -111,14 +144,35 @@ impl<R: Send + 'static> FlushWorker<R> {
     }
 }
 
+/// The requests the last flush answered: how many, and how long to wait for them to come back.
+#[derive(Clone, Copy, Default)]
+struct Group {
+    size: usize,
+    linger: Duration,
+}
+
 /// Wait for work; `None` once shut down and drained.
-fn next_batch<R>(shared: &Shared<R>, policy: FlushPolicy) -> Option<Vec<R>> {
+fn next_batch<R>(shared: &Shared<R>, policy: FlushPolicy, last: Group) -> Option<Vec<R>> {
     let mut st = shared.lock();
     while st.pending.is_empty() && !st.shutdown {
         st = shared.wake.wait(st).unwrap_or_else(|e| e.into_inner());
     }
     if st.pending.is_empty() {
         return None;
+    }
+    if policy == FlushPolicy::Coalesce && st.pending.len() < last.size {
+        let deadline = Instant::now() + last.linger;
+        while st.pending.len() < last.size && !st.shutdown {
+            let left = deadline.saturating_duration_since(Instant::now());
+            if left.is_zero() {
+                break;
+            }
+            st = shared
+                .wake
+                .wait_timeout(st, left)
+                .map(|(g, _)| g)
+                .unwrap_or_else(|e| e.into_inner().0);
+        }
     }
     Some(match policy {
         FlushPolicy::Coalesce => st.pending.drain(..).collect(),
@@ -157,6 +211,8 @@ mod tests {
         syncs: AtomicU64,
         gate: Mutex<Option<mpsc::Receiver<()>>>,
         started: mpsc::SyncSender<()>,
+        /// Extra time each sync takes, in microseconds (a slow disk: the worker's wait scales with it).
+        slow_us: AtomicU64,
     }
 
     impl Flush for FileSync {
@@ -168,6 +224,7 @@ mod tests {
                 let _ = gate.recv();
             }
             self.file.sync_data()?;
+            std::thread::sleep(Duration::from_micros(self.slow_us.load(Ordering::SeqCst)));
             self.syncs.fetch_add(1, Ordering::SeqCst);
             Ok(())
         }
@@ -188,6 +245,9 @@ mod tests {
         release: Option<mpsc::Sender<()>>,
     }
 
+    /// The worker's longest wait in tests: far longer than a test thread takes to submit a few requests.
+    const TEST_LINGER: Duration = Duration::from_millis(50);
+
     fn rig(policy: FlushPolicy, gated: bool) -> Rig {
         let dir = std::env::temp_dir();
         let mut file = tempfile::tempfile_in(dir).unwrap();
@@ -202,10 +262,11 @@ mod tests {
             syncs: AtomicU64::new(0),
             gate: Mutex::new(gated.then_some(gate)),
             started: started_tx,
+            slow_us: AtomicU64::new(0),
         });
         let (tx, answers) = mpsc::channel();
         let s2 = sync.clone();
-        let worker = FlushWorker::spawn(
+        let worker = FlushWorker::spawn_with_linger(
             "test-flush",
             sync.clone(),
             policy,
@@ -216,6 +277,7 @@ mod tests {
                     tx.send((id, arrived, start)).unwrap();
                 }
             }),
+            TEST_LINGER,
         )
         .unwrap();
         Rig {
@@ -313,6 +375,51 @@ mod tests {
         assert!(seen.iter().all(|&s| s));
         // 201 requests, 2 fdatasyncs: the first, and one for everything that arrived while it ran.
         assert_eq!(r.sync.syncs.load(Ordering::SeqCst), 2);
+    }
+
+    /// Eight requests arrive during a held first sync and are answered together by the second; later syncs
+    /// take `slow_us` longer.
+    fn eight_answered_together(slow_us: u64) -> Rig {
+        let mut r = rig(FlushPolicy::Coalesce, true);
+        r.sub.request(100);
+        r.started.recv().unwrap();
+        for id in 0..8 {
+            r.sub.request(id);
+        }
+        r.sync.slow_us.store(slow_us, Ordering::SeqCst);
+        drop(r.release.take());
+        for _ in 0..9 {
+            r.answers.recv().unwrap();
+        }
+        assert_eq!(r.sync.syncs.load(Ordering::SeqCst), 2);
+        r
+    }
+
+    #[test]
+    fn requesters_that_come_back_after_their_answer_share_one_sync() {
+        // 100 ms syncs earn the worker its longest wait for returning requesters.
+        let r = eight_answered_together(100_000);
+        // The eight answered together come back one by one, a little apart (as a guest at depth 8 does): one
+        // sync for all.
+        for id in 0..8 {
+            r.sub.request(id);
+            std::thread::sleep(Duration::from_micros(20));
+        }
+        for _ in 0..8 {
+            let (id, arrived, start) = r.answers.recv().unwrap();
+            assert!(start > arrived, "request {id} covered by an older sync");
+        }
+        assert_eq!(r.sync.syncs.load(Ordering::SeqCst), 3);
+    }
+
+    #[test]
+    fn a_request_that_comes_back_alone_is_not_held_for_the_others() {
+        let r = eight_answered_together(0);
+        // Only one of the eight comes back: it is answered once the short wait for the others is over.
+        r.sub.request(0);
+        let answer = r.answers.recv_timeout(Duration::from_secs(10));
+        assert!(answer.is_ok(), "a lone request was never answered");
+        assert_eq!(r.sync.syncs.load(Ordering::SeqCst), 3);
     }
 
     #[test]

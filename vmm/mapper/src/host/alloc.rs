@@ -18,6 +18,33 @@ fn fallocate(file: &File, mode: i32, off: u64, len: u64) -> io::Result<()> {
     Ok(())
 }
 
+/// The holes of `[0, len)` (SEEK_HOLE/SEEK_DATA), at most `max` of them, and whether that is all of them. A
+/// file system without hole reporting shows none (all data), as the kernel's fallback does.
+pub fn holes(file: &File, len: u64, max: usize) -> (Vec<(u64, u64)>, bool) {
+    let seek = |off: u64, whence| -> Option<u64> {
+        let off = libc::off_t::try_from(off).ok()?;
+        // SAFETY: lseek on a valid fd; it moves only the descriptor's offset, which no caller relies on (all
+        // file I/O here is positional).
+        let r = unsafe { libc::lseek(file.as_raw_fd(), off, whence) };
+        u64::try_from(r).ok()
+    };
+    let mut out = Vec::new();
+    let mut pos = 0;
+    while pos < len {
+        // ENXIO: nothing but a hole to EOF, or past EOF; both end the walk.
+        let Some(hole) = seek(pos, libc::SEEK_HOLE).filter(|h| *h < len) else {
+            break;
+        };
+        if out.len() == max {
+            return (out, false);
+        }
+        let data = seek(hole, libc::SEEK_DATA).unwrap_or(len).min(len);
+        out.push((hole, data - hole));
+        pos = data;
+    }
+    (out, true)
+}
+
 /// Deallocates `[off, off+len)` keeping the file size.
 pub fn punch(file: &File, off: u64, len: u64) -> io::Result<()> {
     fallocate(
@@ -82,4 +109,34 @@ pub fn unshare(file: &File, from: u64, to: u64) -> io::Result<()> {
         p += n as u64;
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn holes_are_found_by_seek_and_bounded() {
+        const MIB: u64 = 1 << 20;
+        // tmpfs reports holes without an extent map.
+        let dir = tempfile::tempdir_in("/dev/shm").unwrap();
+        let f = File::create(dir.path().join("sparse")).unwrap();
+        f.set_len(8 * MIB).unwrap();
+        f.write_all_at(&[1u8; 4096], 2 * MIB).unwrap();
+        f.write_all_at(&[1u8; 4096], 4 * MIB).unwrap();
+        let (h, all) = holes(&f, 8 * MIB, 16);
+        assert!(all);
+        assert_eq!(
+            h,
+            vec![
+                (0, 2 * MIB),
+                (2 * MIB + 4096, 2 * MIB - 4096),
+                (4 * MIB + 4096, 4 * MIB - 4096)
+            ]
+        );
+        assert_eq!(holes(&f, 8 * MIB, 2), (h[..2].to_vec(), false));
+        assert_eq!(holes(&f, 2 * MIB, 16), (vec![(0, 2 * MIB)], true));
+        punch(&f, 2 * MIB, 4096).unwrap();
+        assert_eq!(holes(&f, 4 * MIB, 16).0, vec![(0, 4 * MIB)]);
+    }
 }

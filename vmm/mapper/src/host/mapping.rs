@@ -188,6 +188,12 @@ impl HostMapping {
         self.writable
     }
 
+    /// Whether the mapping is MAP_PRIVATE (written pages are anonymous copies; the file is never written).
+    pub fn is_private(&self) -> bool {
+        // The mapping type is the low two bits; MAP_SHARED_VALIDATE (3) includes MAP_PRIVATE's bit.
+        self.flags & libc::MAP_SHARED_VALIDATE == libc::MAP_PRIVATE
+    }
+
     /// The mmap flags in words, as logged.
     pub fn flags_str(&self) -> String {
         let f = self.flags;
@@ -216,11 +222,18 @@ impl HostMapping {
         }
     }
 
-    /// Faults `[off, off+len)` in without touching its data: writable (allocating blocks or pages) on a
-    /// writable mapping, readable on a read-only one.
+    /// Whether [`HostMapping::populate`] faults pages in writable: on a shared writable mapping. A read-only
+    /// mapping can only be populated for reading, and a private (copy-on-write) one is populated for reading
+    /// too: a write populate would copy every page of the file into anonymous memory before the guest wrote any.
+    pub fn populates_for_write(&self) -> bool {
+        self.writable && self.flags & libc::MAP_PRIVATE == 0
+    }
+
+    /// Faults `[off, off+len)` in without touching its data: writable (allocating blocks or pages) when
+    /// [`HostMapping::populates_for_write`], else readable.
     pub fn populate(&self, off: usize, len: usize) -> io::Result<()> {
         let (addr, len) = self.span(off, len)?;
-        if self.writable {
+        if self.populates_for_write() {
             memory::populate_write(addr, len)
         } else {
             memory::populate_read(addr, len)

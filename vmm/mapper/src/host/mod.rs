@@ -9,7 +9,7 @@ mod mapping;
 mod memory;
 mod probe;
 
-pub use alloc::{allocate, extend, punch, unshare, zero};
+pub use alloc::{allocate, extend, holes, punch, unshare, zero};
 pub use extents::{first_problem, read_extents, Extent, ExtentFlags, ExtentProblem};
 pub use kind::{BackingKind, FsKind};
 pub use lock::{lock_file, refuse_if_locked, FileLockError, Holder};
