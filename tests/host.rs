@@ -327,3 +327,45 @@ fn a_full_file_system_under_a_sparse_backing_is_named_in_the_efault_error() {
         assert!(line.contains(want), "missing {want:?} in: {line}");
     }
 }
+
+#[test]
+fn a_read_only_file_system_and_a_missing_directory_are_named_with_a_remedy() {
+    let dir = tempfile::tempdir().unwrap();
+    let missing = dir.path().join("no-such-dir/vm.img");
+    let r = daxvisor(&["run", "--pmem", &arg(&missing, ",size=2M,create=on")]);
+    assert_eq!(r.code, Some(2), "{r:?}");
+    let line = one_error_line(&r);
+    assert!(
+        line.contains("no-such-dir does not exist") && line.contains("create it first"),
+        "{line}"
+    );
+
+    let Some(mnt) = SmallTmpfs::mount(dir.path().join("ro"), "4m") else {
+        assert!(
+            std::env::var_os("CI").is_none(),
+            "cannot mount a tmpfs (root is needed)"
+        );
+        eprintln!("SKIP: cannot mount a tmpfs here (root is needed)");
+        return;
+    };
+    let img = mnt.0.join("vm.img");
+    std::fs::File::create(&img)
+        .unwrap()
+        .set_len(2 * MIB as u64)
+        .unwrap();
+    let remount = Command::new("mount")
+        .args(["-o", "remount,ro"])
+        .arg(&mnt.0)
+        .status()
+        .unwrap();
+    assert!(remount.success());
+    let r = daxvisor(&["run", "--pmem", &arg(&img, "")]);
+    assert_eq!(r.code, Some(2), "{r:?}");
+    let line = one_error_line(&r);
+    assert!(
+        line.contains("read-only (EROFS)") && line.contains("readonly=on"),
+        "{line}"
+    );
+    let r = daxvisor(&["run", "--pmem", &arg(&img, ",readonly=on")]);
+    assert_eq!(r.code, Some(0), "a read-only region on it is fine: {r:?}");
+}
