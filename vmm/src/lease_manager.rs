@@ -87,6 +87,21 @@ impl LeaseManager {
         Ok(id)
     }
 
+    /// At VM end: end every owner still registered (their leases and pins go), one log line each.
+    pub fn end_owners(&self) {
+        for owner in self.mapper.snapshot().owners {
+            match self.mapper.owner_exit(owner.id) {
+                Ok(()) => tracing::info!(
+                    owner = %owner.name,
+                    leases = owner.leases.len(),
+                    pins = owner.pins.len(),
+                    "owner ended at VM stop"
+                ),
+                Err(e) => tracing::warn!(owner = %owner.name, "cannot end owner at VM stop: {e}"),
+            }
+        }
+    }
+
     /// The event-loop side: the guard's signalfd and its re-arm timer.
     pub fn subscriber(&self) -> std::io::Result<GuardSubscriber> {
         let mut timer = TimerFd::new()?;

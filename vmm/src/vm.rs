@@ -226,6 +226,7 @@ pub fn run(config: &VmConfig) -> Result<VmExit, StartError> {
     // The devices own the flush workers: dropping them answers every flush still queued.
     drop(event_loop);
     drop(devices.mmio);
+    leases.end_owners();
     pmem_regions.iter().for_each(pmem::PmemRegion::final_sync);
     pmem_regions.iter().for_each(pmem::PmemRegion::log_summary);
     drop(signals);
