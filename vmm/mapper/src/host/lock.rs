@@ -190,7 +190,7 @@ fn busy(path: &Path, holder: Holder, want_write: bool) -> FileLockError {
 }
 
 /// Before opening `path`: refuse if another process holds a lock that would stop ours. A file that does not
-/// exist yet (`create=on`) has no holder; a lock this process holds is left to [`lock`] to refuse.
+/// exist yet (`create=on`) has no holder; a lock this process holds is left to [`lock_file`] to refuse.
 pub fn refuse_if_locked(path: &Path, want_write: bool) -> Result<(), FileLockError> {
     let Ok(meta) = std::fs::metadata(path) else {
         return Ok(());
