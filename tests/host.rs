@@ -111,6 +111,8 @@ fn every_refused_start_leaves_the_directory_as_it_was() {
                 long_cmdline,
                 "--serial".into(),
                 p("serial.log"),
+                "--console".into(),
+                p("new-console.log"),
             ],
             "command line",
         ),

@@ -243,9 +243,10 @@ fn linux_guest_image_without_pmem_says_so_and_resets() {
     assert!(o.contains("dvguest: init reached"), "{o}");
     // The guest found daxvisor's ACPI tables (the virtio-mmio devices are described there as LNRO0005).
     assert!(o.contains("ACPI: DSDT"), "{o}");
-    // No --pmem, so no virtio-mmio device: the init says so, then resets the machine, which ends the VM.
+    // No --pmem: the only virtio-mmio device is the virtio-console (console and agent port); the init says
+    // there is no pmem, then resets the machine, which ends the VM.
     assert!(
-        o.contains("dvguest: virtio-mmio platform devices: 0"),
+        o.contains("dvguest: virtio-mmio platform devices: 1"),
         "{o}"
     );
     assert!(o.contains("dvguest: status no-pmem"), "{o}");
@@ -409,4 +410,85 @@ dma-probe "$LAB_VFIO_GROUP" teardown || echo "FAILED teardown"
     ] {
         assert!(o.contains(want), "missing {want:?} in:\n{o}");
     }
+}
+
+/// The guest agent in the Linux guest image, on a pmem backed by a lab fs-dax file: an application takes a
+/// shared lease through `daxvisor-agent lease`; the lab host opens the backing file for writing (the host guard
+/// turns it into a whole-file break); the agent's hook runs in the guest with the range and the reason, the lease
+/// is released, the host's open proceeds; `daxvisor-agent status` before and after.
+#[test]
+fn linux_guest_agent_answers_a_break_with_its_hook_and_releases_the_lease() {
+    let name = "linux-agent";
+    // The guest's part goes through the kernel command line base64-encoded (the kernel strips double quotes and
+    // the lab's shell would expand `$`): a hook that reports its environment, the CLI, a held lease.
+    let script = r#"
+cat >/tmp/agent-guest.sh <<'GUEST'
+printf '#!/bin/sh\necho "<2>dvguest: hook region=$DAXVISOR_REGION offset=$DAXVISOR_OFFSET length=$DAXVISOR_LENGTH reason=$DAXVISOR_REASON lease=$DAXVISOR_LEASE" >/dev/kmsg\n' >/tmp/hook.sh
+chmod +x /tmp/hook.sh
+sleep 2
+daxvisor-agent regions
+region=$(daxvisor-agent regions --json | grep '"id"' | head -1 | tr -dc 0-9)
+daxvisor-agent lease --region "$region" >/tmp/lease.out 2>&1 &
+sleep 2
+echo status-before
+daxvisor-agent status
+echo '<2>dvguest: lease held' >/dev/kmsg
+i=0
+while [ $i -lt 60 ] && ! grep -q released /tmp/lease.out; do sleep 1; i=$((i + 1)); done
+cat /tmp/lease.out
+echo status-after
+daxvisor-agent status
+GUEST
+guest=$(base64 /tmp/agent-guest.sh | tr -d '\n')
+start=$(date +%s)
+daxvisor run --kernel "$LAB_LINUX_KERNEL" --initrd "$LAB_LINUX_INITRD" --memory 256 --serial stdout \
+    --pmem file=$LAB_DAX_MNT/agent.img,size=64M,create=on \
+    --cmdline "console=ttyS0 reboot=k panic=1 quiet dvagent_hook=/tmp/hook.sh -- echo $guest | base64 -d | sh" \
+    >/tmp/guest.log 2>&1 &
+pid=$!
+opened=
+while kill -0 $pid 2>/dev/null && [ $(( $(date +%s) - start )) -lt 240 ]; do
+    if [ -z "$opened" ] && grep -q 'dvguest: lease held' /tmp/guest.log; then
+        t0=$(date +%s)
+        exec 3<>"$LAB_DAX_MNT/agent.img"
+        exec 3>&-
+        opened=yes
+        echo "lab: foreign open for writing proceeded after $(( $(date +%s) - t0 )) s"
+    fi
+    sleep 1
+done
+if kill -0 $pid 2>/dev/null; then
+    echo "lab: daxvisor still running after $(( $(date +%s) - start ))s: stopped"
+    kill -9 $pid
+fi
+wait $pid
+rc=$?
+sed 's/\x1b\[[0-9;]*m//g' /tmp/guest.log
+echo "lab: daxvisor exit status $rc after $(( $(date +%s) - start ))s"
+"#;
+    let opts = LabOptions {
+        timeout: Duration::from_secs(360),
+        ..LabOptions::default()
+    };
+    let Some(out) = run_scenario(name, script, &opts) else {
+        return;
+    };
+    assert_ok(name, &out);
+    let o = &out.output;
+    assert!(o.contains("dvguest: agent started on /dev/vport"), "{o}");
+    assert!(o.contains("daxvisor-agent: session 1 with daxvisor"), "{o}");
+    assert!(o.contains("lab: foreign open for writing proceeded"), "{o}");
+    // The hook ran with the whole 64 MiB window (a foreign open is a whole-file break) and the reason.
+    assert!(
+        o.contains("dvguest: hook region=1 offset=0 length=67108864 reason=host-open"),
+        "{o}"
+    );
+    assert!(o.contains("released lease"), "{o}");
+    assert!(o.contains("whole-file break done"), "{o}");
+    // status before shows the lease, status after shows none.
+    let before = o.split("status-before").nth(1).unwrap_or_default();
+    let (before, after) = before.split_once("status-after").unwrap_or_default();
+    assert!(before.contains("shared"), "{o}");
+    assert!(!after.contains("shared"), "{o}");
+    assert!(o.contains("dvguest: status 0"), "{o}");
 }

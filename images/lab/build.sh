@@ -70,7 +70,7 @@ if [ "$WITH_CARGO" = 1 ]; then
     # CARGO is set when this runs under `cargo test`; CARGO_ENCODED_RUSTFLAGS would override RUSTFLAGS.
     exes="$(cd "$REPO_ROOT" && env -u CARGO_ENCODED_RUSTFLAGS RUSTFLAGS="-C target-feature=+crt-static" \
         "${CARGO:-cargo}" build --release \
-        --target x86_64-unknown-linux-gnu -p daxvisor -p daxvisor-mapper -p daxvisor-tests --bins \
+        --target x86_64-unknown-linux-gnu -p daxvisor -p daxvisor-mapper -p daxvisor-tests -p daxvisor-agent --bins \
         --message-format=json-render-diagnostics |
         grep -o '"executable":"[^"]*"' | sed 's/^"executable":"\(.*\)"$/\1/')" ||
         lab_die "cargo build of the project binaries failed"
@@ -82,7 +82,8 @@ if [ "$WITH_CARGO" = 1 ]; then
 fi
 
 lab_log "linux guest image ($(lab_elapsed))"
-KERNEL_VERSION="$KERNEL_VERSION" KERNEL_ROOT="$KERNEL_ROOT" KERNEL_IMAGE="$KERNEL_IMAGE" "$REPO_ROOT/images/linux/build.sh"
+AGENT_BIN="$BINS/usr/bin/daxvisor-agent" \
+    KERNEL_VERSION="$KERNEL_VERSION" KERNEL_ROOT="$KERNEL_ROOT" KERNEL_IMAGE="$KERNEL_IMAGE" "$REPO_ROOT/images/linux/build.sh"
 cp -p "$REPO_ROOT/images/linux/build/vmlinuz" "$REPO_ROOT/images/linux/build/initrd.gz" "$BINS/images/linux/"
 lab_pack_initramfs "$BINS" "$OUT/bins.cpio.gz"
 

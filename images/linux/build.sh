@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Builds the Linux guest image for guests under daxvisor: the lab's generic Debian 6.1 kernel and a tiny
-# initramfs (busybox, virtio_mmio, virtio_pmem, nd_pmem, virtio_console, ext4, mke2fs) whose /init mounts the
+# initramfs (busybox, virtio_mmio, virtio_pmem, nd_pmem, virtio_console, ext4, mke2fs, and daxvisor-agent when
+# AGENT_BIN names a static build of it) whose /init mounts the
 # virtio-pmem device with DAX and runs a command. Output:
 #   images/linux/build/vmlinuz     bzImage for `daxvisor run --kernel`
 #   images/linux/build/initrd.gz   for `daxvisor run --initrd`
@@ -30,4 +31,8 @@ lab_stage_dynamic "$ROOT" "$(command -v mke2fs)"
 ln -sf mke2fs "$ROOT$(dirname "$(command -v mke2fs)")/mkfs.ext4"
 [ -f /etc/mke2fs.conf ] && cp /etc/mke2fs.conf "$ROOT/etc/"
 install -m 0755 "$LINUX_DIR/init" "$ROOT/init"
+# The guest agent (a static binary), when the caller built one (the lab build passes AGENT_BIN).
+if [ -n "${AGENT_BIN:-}" ] && [ -x "$AGENT_BIN" ]; then
+    install -D -m 0755 "$AGENT_BIN" "$ROOT/usr/bin/daxvisor-agent"
+fi
 lab_pack_initramfs "$ROOT" "$OUT/initrd.gz"

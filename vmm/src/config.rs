@@ -4,7 +4,7 @@ use std::path::PathBuf;
 
 use crate::layout::{MIB, MIN_MEMORY_MIB};
 
-/// Where the guest's serial port goes.
+/// Where a guest console goes (`--serial`, `--console`).
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum SerialOutput {
     Stdout,
@@ -18,7 +18,7 @@ impl std::str::FromStr for SerialOutput {
         match s {
             "stdout" => Ok(SerialOutput::Stdout),
             "none" => Ok(SerialOutput::None),
-            "" => Err("empty --serial value; use stdout, none or a file path".into()),
+            "" => Err("empty value; use stdout, none or a file path".into()),
             path => Ok(SerialOutput::File(PathBuf::from(path))),
         }
     }
@@ -44,6 +44,8 @@ pub struct VmConfig {
     pub memory_mib: u64,
     pub cpus: u8,
     pub serial: SerialOutput,
+    /// Where the guest's virtio console (hvc0) goes; with `stdout`, host stdin reaches it too.
+    pub console: SerialOutput,
     pub cpuid_mask: CpuidMask,
     /// What a syscall outside a thread's seccomp list does.
     pub seccomp: crate::seccomp::SeccompMode,
@@ -97,6 +99,7 @@ mod tests {
             memory_mib: 128,
             cpus: 1,
             serial: SerialOutput::Stdout,
+            console: SerialOutput::None,
             cpuid_mask: CpuidMask::Auto,
             pmem: Vec::new(),
             seccomp: crate::seccomp::SeccompMode::On,

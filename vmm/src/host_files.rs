@@ -213,17 +213,35 @@ pub fn write_open_error(what: &'static str, path: &Path, source: io::Error) -> H
     }
 }
 
-/// Open (or create) the serial output file for appending, recording in `undo` how to put it back. FIFOs,
-/// sockets and directories are refused before the open; character devices (a terminal, `/dev/null`) are fine.
-pub fn open_serial_file(path: &Path, undo: &mut StartUndo) -> Result<File, HostFileError> {
-    const WHAT: &str = "--serial";
+/// Where a `--serial` or `--console` output (`what`) goes, opened; a file is opened by [`open_output_file`].
+pub fn open_output(
+    output: &crate::config::SerialOutput,
+    what: &'static str,
+    undo: &mut StartUndo,
+) -> Result<Box<dyn std::io::Write + Send>, HostFileError> {
+    use crate::config::SerialOutput;
+    Ok(match output {
+        SerialOutput::Stdout => Box::new(std::io::stdout()),
+        SerialOutput::None => Box::new(std::io::sink()),
+        SerialOutput::File(path) => Box::new(open_output_file(path, what, undo)?),
+    })
+}
+
+/// Open (or create) an output file (`--serial`, `--console`: `what`) for appending, recording in `undo` how to
+/// put it back. FIFOs, sockets and directories are refused before the open; character devices (a terminal,
+/// `/dev/null`) are fine.
+pub fn open_output_file(
+    path: &Path,
+    what: &'static str,
+    undo: &mut StartUndo,
+) -> Result<File, HostFileError> {
     match std::fs::metadata(path) {
         Ok(meta) => {
             let t = meta.file_type();
             if !t.is_char_device() {
                 if let Some(kind) = special_kind(t) {
                     return Err(HostFileError::Special {
-                        what: WHAT,
+                        what,
                         path: path.to_owned(),
                         kind,
                     });
@@ -233,11 +251,11 @@ pub fn open_serial_file(path: &Path, undo: &mut StartUndo) -> Result<File, HostF
                 .append(true)
                 .custom_flags(libc::O_CLOEXEC | libc::O_NOCTTY)
                 .open(path)
-                .map_err(|e| write_open_error(WHAT, path, e))?;
+                .map_err(|e| write_open_error(what, path, e))?;
             if t.is_file() {
                 let restore = file
                     .try_clone()
-                    .map_err(|e| write_open_error(WHAT, path, e))?;
+                    .map_err(|e| write_open_error(what, path, e))?;
                 undo.truncate_on_failure(restore, path, meta.len());
             }
             Ok(file)
@@ -249,11 +267,11 @@ pub fn open_serial_file(path: &Path, undo: &mut StartUndo) -> Result<File, HostF
                 .mode(0o640)
                 .custom_flags(libc::O_CLOEXEC)
                 .open(path)
-                .map_err(|e| write_open_error(WHAT, path, e))?;
+                .map_err(|e| write_open_error(what, path, e))?;
             undo.remove_on_failure(path);
             Ok(file)
         }
-        Err(e) => Err(write_open_error(WHAT, path, e)),
+        Err(e) => Err(write_open_error(what, path, e)),
     }
 }
 
@@ -280,9 +298,9 @@ mod tests {
         let e = open_regular(Path::new("/dev/zero"), "--kernel").unwrap_err();
         assert!(e.to_string().contains("character device"), "{e}");
         let mut undo = StartUndo::new();
-        let e = open_serial_file(&fifo, &mut undo).unwrap_err();
+        let e = open_output_file(&fifo, "--serial", &mut undo).unwrap_err();
         assert!(e.to_string().contains("--serial") && e.to_string().contains("FIFO"));
-        assert!(open_serial_file(Path::new("/dev/null"), &mut undo).is_ok());
+        assert!(open_output_file(Path::new("/dev/null"), "--serial", &mut undo).is_ok());
     }
 
     #[test]
@@ -305,11 +323,11 @@ mod tests {
         std::fs::write(&old, b"earlier run\n").unwrap();
         {
             let mut undo = StartUndo::new();
-            open_serial_file(&new, &mut undo)
+            open_output_file(&new, "--serial", &mut undo)
                 .unwrap()
                 .write_all(b"x")
                 .unwrap();
-            open_serial_file(&old, &mut undo)
+            open_output_file(&old, "--console", &mut undo)
                 .unwrap()
                 .write_all(b"boot text\n")
                 .unwrap();
@@ -318,12 +336,16 @@ mod tests {
         assert_eq!(std::fs::read(&old).unwrap(), b"earlier run\n");
         {
             let mut undo = StartUndo::new();
-            open_serial_file(&new, &mut undo).unwrap();
+            open_output_file(&new, "--serial", &mut undo).unwrap();
             undo.commit();
         }
         assert!(new.exists());
-        let e = open_serial_file(&dir.path().join("no/such/dir/log"), &mut StartUndo::new())
-            .unwrap_err();
+        let e = open_output_file(
+            &dir.path().join("no/such/dir/log"),
+            "--serial",
+            &mut StartUndo::new(),
+        )
+        .unwrap_err();
         assert!(e.to_string().contains("does not exist"), "{e}");
     }
 }

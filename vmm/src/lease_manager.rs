@@ -4,8 +4,8 @@
 //! backing file the VMM opened alone is seen at once (the kernel breaks the VMM's write lease), handled as a
 //! whole-file break, logged and recorded.
 //!
-//! Until the agent channel connects guest holders, break and revoke notices have nobody to go to: they are
-//! logged ([`LogNotifier`]).
+//! Break and revoke notices go through the notifier the VM gives it: the agent channel's
+//! ([`crate::agent::AgentNotifier`]) for guest owners; [`LogNotifier`] logs them where nothing else listens.
 
 use std::os::fd::AsRawFd;
 use std::sync::Arc;
@@ -46,7 +46,13 @@ impl LeaseManager {
     /// Must run on the thread that runs the event loop, before any other thread is spawned: the guard's signal
     /// is blocked here and every later thread inherits the mask (see the mapper crate's guard module).
     pub fn new() -> Result<Self, MapperError> {
-        let mapper = Mapper::new(Arc::new(LogNotifier), None);
+        Self::with_notifier(Arc::new(LogNotifier))
+    }
+
+    /// As [`LeaseManager::new`], with the notifier that carries break and revoke notices to holders (the agent
+    /// channel's, for a VM that has one).
+    pub fn with_notifier(notifier: Arc<dyn BreakNotifier>) -> Result<Self, MapperError> {
+        let mapper = Mapper::new(notifier, None);
         let guard = Arc::new(HostGuard::new(mapper.clone(), guard_signal())?);
         Ok(LeaseManager { mapper, guard })
     }
@@ -102,13 +108,34 @@ impl LeaseManager {
         }
     }
 
-    /// The event-loop side: the guard's signalfd and its re-arm timer.
+    /// The event-loop side: the guard's signalfd and its re-arm timer. The whole-file breaks themselves run on
+    /// the `host-guard` thread this starts: a break waits for guest holders, whose answers arrive through the
+    /// event loop (the agent port), so it must never wait on it.
     pub fn subscriber(&self) -> std::io::Result<GuardSubscriber> {
         let mut timer = TimerFd::new()?;
         timer.reset(REARM_INTERVAL, Some(REARM_INTERVAL))?;
+        // One pending wake-up is enough: the worker looks at every guarded file each time it runs.
+        let (work, rx) = std::sync::mpsc::sync_channel::<()>(1);
+        let guard = self.guard.clone();
+        std::thread::Builder::new()
+            .name("host-guard".into())
+            .spawn(move || {
+                if let Err(e) = crate::seccomp::apply_for_thread(crate::seccomp::ThreadKind::Guard)
+                {
+                    tracing::error!("host guard thread not started: {e}");
+                    return;
+                }
+                while rx.recv().is_ok() {
+                    // Everything armed now, the breaking files included (they are disarmed by `service`).
+                    let armed = guard.rearm();
+                    log_guard_events(&guard.service());
+                    rearm_soon(&guard, armed);
+                }
+            })?;
         Ok(GuardSubscriber {
             guard: self.guard.clone(),
             timer,
+            work,
         })
     }
 }
@@ -116,6 +143,55 @@ impl LeaseManager {
 pub struct GuardSubscriber {
     guard: Arc<HostGuard>,
     timer: TimerFd,
+    work: std::sync::mpsc::SyncSender<()>,
+}
+
+/// After a foreign open the guard can take its kernel lease back only once the opener closed the file. Most
+/// openers are short (a backup reading a block, a tool checking a header), so try every few milliseconds for a
+/// while before leaving it to the one-second timer: a file is unguarded for as short a time as possible.
+fn rearm_soon(guard: &HostGuard, armed_before: usize) {
+    const TRIES: u32 = 100;
+    const EVERY: Duration = Duration::from_millis(10);
+    for _ in 0..TRIES {
+        if guard.rearm() >= armed_before {
+            return;
+        }
+        std::thread::sleep(EVERY);
+    }
+}
+
+/// Reads every queued siginfo from the guard's (non-blocking) signalfd. The kernel directs the lease-break
+/// signal at the event-loop thread, so only this thread can take it off the signalfd; the worker finds the
+/// breaking files by asking each for its lease state.
+fn drain_signalfd(fd: std::os::fd::RawFd) {
+    let mut info = [0u8; std::mem::size_of::<libc::signalfd_siginfo>()];
+    loop {
+        // SAFETY: reads at most `info.len()` bytes into a buffer of that size; `fd` is the guard's signalfd,
+        // which lives as long as the guard this subscriber holds.
+        let n = unsafe { libc::read(fd, info.as_mut_ptr().cast(), info.len()) };
+        if n != info.len() as isize {
+            return;
+        }
+    }
+}
+
+fn log_guard_events(events: &[daxvisor_mapper::GuardEvent]) {
+    for ev in events {
+        match &ev.outcome {
+            Ok(()) => tracing::warn!(
+                region = %ev.region,
+                notified = ?ev.notified,
+                revoked = ?ev.revoked,
+                answered_in_ms = ev.answered_in.as_millis() as u64,
+                "host guard: a foreign process opened a backing file; whole-file break done"
+            ),
+            Err(why) => tracing::error!(
+                region = %ev.region,
+                answered_in_ms = ev.answered_in.as_millis() as u64,
+                "host guard: a foreign process opened a backing file while it is held: {why}"
+            ),
+        }
+    }
 }
 
 impl MutEventSubscriber for GuardSubscriber {
@@ -125,22 +201,9 @@ impl MutEventSubscriber for GuardSubscriber {
             self.guard.rearm();
             return;
         }
-        for ev in self.guard.service() {
-            match &ev.outcome {
-                Ok(()) => tracing::warn!(
-                    region = %ev.region,
-                    notified = ?ev.notified,
-                    revoked = ?ev.revoked,
-                    answered_in_ms = ev.answered_in.as_millis() as u64,
-                    "host guard: a foreign process opened a backing file; whole-file break done"
-                ),
-                Err(why) => tracing::error!(
-                    region = %ev.region,
-                    answered_in_ms = ev.answered_in.as_millis() as u64,
-                    "host guard: a foreign process opened a backing file while it is held: {why}"
-                ),
-            }
-        }
+        drain_signalfd(self.guard.fd());
+        // Full means a wake-up is already pending, which covers this one too.
+        let _ = self.work.try_send(());
     }
 
     fn init(&mut self, ops: &mut EventOps) {

@@ -1,6 +1,7 @@
 //! daxvisor: a KVM VMM giving guests file-backed persistent memory with layout leases.
 //!
 //! - [`config`]: the validated VM configuration.
+//! - [`console`]: the virtio-console device (guest console and agent port).
 //! - [`vm`]: builds and runs a VM (the order of operations).
 //! - [`layout`]: every guest physical address.
 //! - [`boot`]: kernel images and boot protocols (Linux, the test guest).
@@ -13,10 +14,13 @@
 //! - [`seccomp`]: the per-thread seccomp filters.
 //! - [`lease_manager`]: drives the layout-lease library (the `daxvisor-mapper` crate) for a running VM.
 //! - [`acpi`]: the guest's ACPI tables (RSDP, XSDT, FADT, MADT, DSDT).
+//! - [`agent`]: the agent service between the virtio-console agent port and the mapper.
 
 pub mod acpi;
+pub mod agent;
 pub mod boot;
 pub mod config;
+pub mod console;
 pub mod device_manager;
 pub mod event_loop;
 pub mod host_files;

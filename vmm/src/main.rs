@@ -56,6 +56,10 @@ struct RunArgs {
     /// Where the guest's serial console goes: stdout, none, or a file path (appended to).
     #[arg(long, value_name = "stdout|none|FILE", default_value = "stdout")]
     serial: SerialOutput,
+    /// Where the guest's virtio console (port 0 of the virtio-console device, hvc0 in Linux) goes: stdout,
+    /// none, or a file path (appended to). With stdout, host stdin is the console's input.
+    #[arg(long, value_name = "stdout|none|FILE", default_value = "none")]
+    console: SerialOutput,
     /// Hide CPU features that nested KVM emulators get wrong (CX16, XSAVE and what depends on it).
     /// auto: only when daxvisor itself runs under a hypervisor.
     #[arg(long, value_enum, default_value_t = CpuidMask::Auto)]
@@ -95,6 +99,7 @@ fn run(args: RunArgs) -> ExitCode {
         memory_mib: args.memory,
         cpus: args.cpus,
         serial: args.serial,
+        console: args.console,
         cpuid_mask: args.cpuid_mask,
         pmem: args.pmem,
         seccomp: args.seccomp,

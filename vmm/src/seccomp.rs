@@ -39,13 +39,15 @@ pub enum ThreadKind {
     Signals,
     /// The operator API server (HTTP over a Unix socket).
     Api,
-    /// The guest agent service (vsock/virtio-console channel).
+    /// The guest agent service (its session thread and its slow-request worker).
     AgentService,
+    /// Forwards host stdin to the guest console.
+    ConsoleInput,
 }
 
 impl ThreadKind {
     /// Every kind, for building and documenting.
-    pub const ALL: [ThreadKind; 7] = [
+    pub const ALL: [ThreadKind; 8] = [
         ThreadKind::Vcpu,
         ThreadKind::EventLoop,
         ThreadKind::FlushWorker,
@@ -53,6 +55,7 @@ impl ThreadKind {
         ThreadKind::Signals,
         ThreadKind::Api,
         ThreadKind::AgentService,
+        ThreadKind::ConsoleInput,
     ];
 }
 
@@ -152,6 +155,10 @@ pub fn allowed(kind: ThreadKind) -> Vec<(i64, &'static str)> {
             (libc::SYS_epoll_wait, "epoll_wait"),
             (libc::SYS_epoll_pwait, "epoll_pwait"),
             (libc::SYS_epoll_ctl, "epoll_ctl"),
+            // Today's guard thread: whole-file breaks through the mapper, kernel lease re-arm (fcntl).
+            (libc::SYS_fstatfs, "fstatfs"),
+            (libc::SYS_munlock, "munlock"),
+            (libc::SYS_tgkill, "tgkill"),
         ],
         ThreadKind::Signals => &[
             (libc::SYS_recvfrom, "recvfrom"),
@@ -177,6 +184,7 @@ pub fn allowed(kind: ThreadKind) -> Vec<(i64, &'static str)> {
             (libc::SYS_getsockopt, "getsockopt"),
             (libc::SYS_setsockopt, "setsockopt"),
         ],
+        ThreadKind::ConsoleInput => &[],
         ThreadKind::AgentService => &[
             (libc::SYS_recvfrom, "recvfrom"),
             (libc::SYS_recvmsg, "recvmsg"),
@@ -191,6 +199,19 @@ pub fn allowed(kind: ThreadKind) -> Vec<(i64, &'static str)> {
             (libc::SYS_fallocate, "fallocate"),
             (libc::SYS_fdatasync, "fdatasync"),
             (libc::SYS_ioctl, "ioctl"),
+            // Pins and prepares: probe the file, FIEMAP (ioctl), populate and lock the range.
+            (libc::SYS_fstatfs, "fstatfs"),
+            (libc::SYS_newfstatat, "newfstatat"),
+            (libc::SYS_lseek, "lseek"),
+            (libc::SYS_pread64, "pread64"),
+            (libc::SYS_pwrite64, "pwrite64"),
+            (libc::SYS_fsync, "fsync"),
+            (libc::SYS_ftruncate, "ftruncate"),
+            (libc::SYS_fadvise64, "fadvise64"),
+            (libc::SYS_mincore, "mincore"),
+            (libc::SYS_mlock, "mlock"),
+            (libc::SYS_mlock2, "mlock2"),
+            (libc::SYS_munlock, "munlock"),
         ],
     };
     v.extend_from_slice(extra);

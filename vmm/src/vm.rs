@@ -12,7 +12,6 @@ use vm_memory::{GuestAddress, GuestMemoryMmap};
 use crate::acpi;
 use crate::boot::image::{self, ImageKind};
 use crate::boot::{linux, long_mode, testguest, BootEntry, BootError};
-use crate::config::SerialOutput;
 use crate::config::{ConfigError, VmConfig};
 use crate::device_manager::{DeviceError, DeviceManager};
 use crate::event_loop::{EventLoop, EventLoopError};
@@ -64,6 +63,8 @@ pub enum StartError {
     Signals(std::io::Error),
     #[error(transparent)]
     Seccomp(#[from] SeccompError),
+    #[error(transparent)]
+    Console(#[from] crate::console::ConsoleError),
 }
 
 /// How a VM that ran came to an end.
@@ -148,15 +149,13 @@ pub fn run(config: &VmConfig) -> Result<VmExit, StartError> {
     vm.register_memory(&mem)?;
 
     let state = RunState::new()?;
-    let serial_out: Box<dyn std::io::Write + Send> = match &config.serial {
-        SerialOutput::Stdout => Box::new(std::io::stdout()),
-        SerialOutput::None => Box::new(std::io::sink()),
-        SerialOutput::File(path) => Box::new(host_files::open_serial_file(path, &mut undo)?),
-    };
+    let serial_out = host_files::open_output(&config.serial, "--serial", &mut undo)?;
     let mut devices = DeviceManager::new(vm.fd(), serial_out, state.stopper())?;
     let mut event_loop = EventLoop::new(state.clone())?;
     // Before pmem::attach: its flush workers must inherit the host guard's blocked signal.
-    let leases = LeaseManager::new()?;
+    let routes = crate::agent::Routes::new();
+    let leases =
+        LeaseManager::with_notifier(Arc::new(crate::agent::AgentNotifier::new(routes.clone())))?;
     // Kept alive until the VM is gone: dropping a region unmaps its backing.
     let pmem_regions = pmem::attach(
         &config.pmem,
@@ -170,6 +169,24 @@ pub fn run(config: &VmConfig) -> Result<VmExit, StartError> {
     pmem::attach::record_undo(&pmem_regions, &mut undo)?;
     let faults = FaultMap::new(&pmem_regions)?;
     event_loop.add_subscriber(Arc::new(Mutex::new(leases.subscriber()?)));
+    // After the pmem devices, so their virtio-mmio windows keep their places.
+    let console_out = host_files::open_output(&config.console, "--console", &mut undo)?;
+    let console = crate::console::attach(
+        &config.console,
+        console_out,
+        vm.fd(),
+        &mem,
+        &mut devices,
+        &mut event_loop,
+        crate::console::AgentSetup {
+            mapper: leases.mapper().clone(),
+            regions: pmem_regions
+                .iter()
+                .map(crate::agent::RegionEntry::from)
+                .collect(),
+            routes,
+        },
+    )?;
     let pmem_windows: Vec<(u64, u64)> = pmem_regions
         .iter()
         .map(|r| (r.guest_addr, r.backing.size()))
@@ -223,6 +240,9 @@ pub fn run(config: &VmConfig) -> Result<VmExit, StartError> {
 
     let loop_result = event_loop.run();
     vcpu::stop_all(&state, threads);
+    // The agent session ends with the VM: its owners release everything.
+    console.log_summary();
+    drop(console);
     // The devices own the flush workers: dropping them answers every flush still queued.
     drop(event_loop);
     drop(devices.mmio);

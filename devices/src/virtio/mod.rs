@@ -3,6 +3,7 @@
 //! - [`device`]: the [`VirtioDevice`] trait every device model implements.
 //! - [`interrupt`]: how a device raises used-buffer and config-change interrupts ([`VirtioInterrupt`]).
 //! - [`mmio`]: the virtio-mmio register block ([`MmioTransport`]) and its event-loop subscriber.
+//! - [`console`]: virtio-console with multiport (device id 3): the guest console and the agent channel.
 //! - [`pmem`]: virtio-pmem (device id 27).
 //!
 //! Adding a device is a new model implementing [`VirtioDevice`]; the transport, ioeventfd/irqfd plumbing and
@@ -19,6 +20,7 @@
 //!    (and any host-side fds of the device). This is done once at VM build time; nothing is re-registered when
 //!    the driver activates or resets the device.
 
+pub mod console;
 pub mod device;
 pub mod interrupt;
 pub mod mmio;

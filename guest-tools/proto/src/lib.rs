@@ -6,8 +6,13 @@
 //! - [`boot`]: the boot ABI between daxvisor and the freestanding test guest (entry state, boot-info block,
 //!   exit port).
 //! - [`virtio_mmio`]: the virtio-mmio register layout, shared by the device model and the test guest's driver.
+//! - [`agent`]: the agent protocol spoken over the virtio-console port `org.daxvisor.agent.0`.
 #![no_std]
 #![warn(missing_docs)]
 
+#[cfg(test)]
+extern crate std;
+
+pub mod agent;
 pub mod boot;
 pub mod virtio_mmio;

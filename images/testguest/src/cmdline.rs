@@ -8,6 +8,10 @@
 //! | `size=N[K\|M\|G]` | bytes to write per pmem device (rounded down to 8) | whole region (`readonly-write`: 4K) |
 //! | `seed=N` | pattern seed, 0..=0xffff_ffff | 0 |
 //! | `mib=N` | MiB written by `pmem=bench` (capped to the region) | 64 |
+//! | `agent=MODE` | `hello`, `shared`, `exclusive-pin`, `hostile`, `bench` (see [`crate::modes::agent`]) | none |
+//! | `breaks=N` | break notices `agent=shared` answers | 1 |
+//! | `hold=S` | seconds `agent=exclusive-pin` holds its pin, then waits after closing the port | 3 |
+//! | `rounds=N` | acquire+release round trips of `agent=bench` | 1000 |
 //!
 //! Options whose key contains a dot (`virtio_mmio.device=...`, kernel module parameters a VMM may append for
 //! Linux) are ignored. Anything else unknown is an error, so a typo in a test does not silently run another mode.
@@ -55,6 +59,29 @@ impl PmemMode {
     }
 }
 
+/// What to do on the agent port after the pmem modes.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum AgentMode {
+    Hello,
+    Shared,
+    ExclusivePin,
+    Hostile,
+    Bench,
+}
+
+impl AgentMode {
+    fn parse(s: &str) -> Option<Self> {
+        Some(match s {
+            "hello" => AgentMode::Hello,
+            "shared" => AgentMode::Shared,
+            "exclusive-pin" => AgentMode::ExclusivePin,
+            "hostile" => AgentMode::Hostile,
+            "bench" => AgentMode::Bench,
+            _ => return None,
+        })
+    }
+}
+
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Options {
     pub exit: u32,
@@ -62,6 +89,10 @@ pub struct Options {
     pub size: Option<u64>,
     pub seed: u32,
     pub bench_mib: u64,
+    pub agent: Option<AgentMode>,
+    pub breaks: u64,
+    pub hold_s: u64,
+    pub rounds: u64,
 }
 
 impl Default for Options {
@@ -72,6 +103,10 @@ impl Default for Options {
             size: None,
             seed: 0,
             bench_mib: 64,
+            agent: None,
+            breaks: 1,
+            hold_s: 3,
+            rounds: 1000,
         }
     }
 }
@@ -119,6 +154,18 @@ pub fn parse(raw: &[u8]) -> Result<Options, CmdlineError<'_>> {
             "mib" => {
                 opts.bench_mib = parse_int(value)
                     .filter(|&v| (1..=1 << 20).contains(&v))
+                    .ok_or(bad)?
+            }
+            "agent" => opts.agent = Some(AgentMode::parse(value).ok_or(bad)?),
+            "breaks" => {
+                opts.breaks = parse_int(value)
+                    .filter(|&v| (1..=1_000_000).contains(&v))
+                    .ok_or(bad)?
+            }
+            "hold" => opts.hold_s = parse_int(value).filter(|&v| v <= 3600).ok_or(bad)?,
+            "rounds" => {
+                opts.rounds = parse_int(value)
+                    .filter(|&v| (1..=10_000_000).contains(&v))
                     .ok_or(bad)?
             }
             k if k.contains('.') => {}
@@ -176,6 +223,24 @@ mod tests {
             assert_eq!(parse(line.as_bytes()).unwrap().pmem, Some(mode));
             assert_eq!(mode.name(), m);
         }
+    }
+
+    #[test]
+    fn agent_options() {
+        let o = parse(b"agent=shared breaks=1000 hold=5 rounds=20").unwrap();
+        assert_eq!(o.agent, Some(AgentMode::Shared));
+        assert_eq!((o.breaks, o.hold_s, o.rounds), (1000, 5, 20));
+        for (m, mode) in [
+            ("hello", AgentMode::Hello),
+            ("exclusive-pin", AgentMode::ExclusivePin),
+            ("hostile", AgentMode::Hostile),
+            ("bench", AgentMode::Bench),
+        ] {
+            let line = format!("agent={m}");
+            assert_eq!(parse(line.as_bytes()).unwrap().agent, Some(mode));
+        }
+        assert!(parse(b"agent=nope").is_err());
+        assert!(parse(b"breaks=0").is_err());
     }
 
     #[test]

@@ -27,6 +27,12 @@ pub mod code {
     pub const DEVICE_STOPPED_SERVING: u32 = 34;
     /// The pmem window from the device config is not inside a BootInfo memory range (so it is not mapped).
     pub const PMEM_NOT_MAPPED: u32 = 35;
+    /// The virtio-console or its agent port could not be set up (no device, feature negotiation, handshake).
+    pub const AGENT_INIT: u32 = 50;
+    /// The host answered an agent request with an error or an unexpected reply.
+    pub const AGENT_PROTOCOL: u32 = 51;
+    /// No reply, or no break notice, in time.
+    pub const AGENT_TIMEOUT: u32 = 52;
     /// A Rust panic in the guest (a bug in the guest).
     pub const PANIC: u32 = 40;
 }

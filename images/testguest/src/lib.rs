@@ -30,7 +30,9 @@
 //!      flush after them).
 //!
 //!    The pattern is [`pattern::word`]: the u64 at offset `off` is `0xda85_0000_0000_0000 ^ (seed << 32) ^ off`.
-//! 6. Prints `exit N` and exits with N (`exit=N`, default 0) through the exit port.
+//! 6. With `agent=MODE`, speaks the agent protocol on the virtio-console port `org.daxvisor.agent.0` (see
+//!    [`modes::agent`]); it also writes one line to the console port (hvc0).
+//! 7. Prints `exit N` and exits with N (`exit=N`, default 0) through the exit port.
 //!
 //! Every line starts with `daxvisor-testguest: `. A failure prints a line starting `daxvisor-testguest: FAIL `
 //! and exits with its code:
@@ -47,6 +49,9 @@
 //! | 33 | pattern read back differs |
 //! | 34 | after malformed requests the device no longer answers a good flush |
 //! | 35 | the pmem window is not inside a BootInfo memory range |
+//! | 50 | virtio-console or agent port setup failed |
+//! | 51 | the host refused an agent request or answered unexpectedly |
+//! | 52 | no agent reply or break notice in time |
 //! | 40 | panic in the guest |
 #![cfg_attr(not(test), no_std)]
 
@@ -114,6 +119,12 @@ pub fn run(boot_info: u64, map_status: u64) -> u32 {
     };
     if let Some(mode) = opts.pmem {
         let rc = modes::pmem::run(mode, &opts, &info, &found[..n]);
+        if rc != 0 {
+            return rc;
+        }
+    }
+    if let Some(mode) = opts.agent {
+        let rc = modes::agent::run(mode, &opts, &info, &found[..n]);
         if rc != 0 {
             return rc;
         }

@@ -1,5 +1,7 @@
-//! What the guest does after checking its BootInfo: the probe (always) and the pmem modes (`pmem=...`).
+//! What the guest does after checking its BootInfo: the probe (always), the pmem modes (`pmem=...`) and the agent modes
+//! (`agent=...`).
 
+pub mod agent;
 pub mod bench;
 pub mod kernels;
 pub mod malformed;

@@ -22,10 +22,10 @@ pub fn run(mode: PmemMode, opts: &Options, info: &BootInfo, devices: &[Found]) -
         }
         let n = count;
         count += 1;
-        let Some(queue) = Queue::take(n) else {
+        let Some(queue) = Queue::take(n).filter(|_| n < crate::virtio::queue::PMEM_QUEUES) else {
             say!(
                 "pmem{n}: not driven, the guest drives at most {} pmem devices",
-                crate::virtio::queue::MAX_QUEUES
+                crate::virtio::queue::PMEM_QUEUES
             );
             continue;
         };

@@ -3,7 +3,9 @@
 //! - [`mmio`]: the register window and the probe.
 //! - [`queue`]: a split virtqueue in memory the guest owns.
 //! - [`pmem`]: the virtio-pmem driver (device id 27).
+//! - [`console`]: the virtio-console driver with multiport (device id 3): console and agent port.
 
+pub mod console;
 pub mod mmio;
 pub mod pmem;
 pub mod queue;

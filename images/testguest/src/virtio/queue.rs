@@ -15,8 +15,13 @@ pub const QUEUE_CAPACITY: usize = 16;
 /// Descriptor table entries in memory: twice the queue, so a descriptor index just past the queue size still
 /// lands in guest memory we own (the device must reject it anyway).
 pub const DESC_SLOTS: usize = 2 * QUEUE_CAPACITY;
-/// At most this many pmem devices are driven (one queue memory block each).
-pub const MAX_QUEUES: usize = 8;
+/// Queue memory blocks: slots below [`PMEM_QUEUES`] for the pmem devices (one each), the rest for the
+/// console's six queues.
+pub const MAX_QUEUES: usize = 14;
+/// At most this many pmem devices are driven.
+pub const PMEM_QUEUES: usize = 8;
+/// The first of the console's queue slots.
+pub const CONSOLE_QUEUE_SLOT: usize = PMEM_QUEUES;
 
 pub const DESC_F_NEXT: u16 = 1;
 pub const DESC_F_WRITE: u16 = 2;
@@ -153,6 +158,24 @@ impl Queue {
     pub fn buf_write(&mut self, i: usize, v: u32) {
         // SAFETY: as for `buf_read`.
         unsafe { write_volatile(addr_of_mut!((*self.mem).buf.0[i % BUF_WORDS]), v) }
+    }
+
+    /// Bytes of the buffer page (4 KiB) from byte `off`, wrapping at its end.
+    pub fn buf_write_bytes(&mut self, off: usize, data: &[u8]) {
+        let base = self.buf_addr(0) as *mut u8;
+        for (i, b) in data.iter().enumerate() {
+            // SAFETY: the offset is reduced into our 4 KiB buffer page; the device may read it, hence volatile.
+            unsafe { write_volatile(base.add((off + i) % (BUF_WORDS * 4)), *b) }
+        }
+    }
+
+    /// Reads buffer-page bytes from byte `off` into `out`, wrapping at its end.
+    pub fn buf_read_bytes(&self, off: usize, out: &mut [u8]) {
+        let base = self.buf_addr(0) as *const u8;
+        for (i, b) in out.iter_mut().enumerate() {
+            // SAFETY: as for `buf_write_bytes`; the device may have written it.
+            *b = unsafe { read_volatile(base.add((off + i) % (BUF_WORDS * 4))) };
+        }
     }
 
     /// Write descriptor slot `i` (any slot of the table, even past the queue size).

@@ -1,0 +1,120 @@
+//! The agent service: between the virtio-console port `org.daxvisor.agent.0` and the mapper
+//! (docs/agent-protocol.md).
+//!
+//! - [`port`]: the port's backend on the event loop; it only queues the guest's bytes and its opens and closes
+//!   (bounded) for the service thread.
+//! - [`session`]: one session per opening of the port: hello, owners, requests answered from the mapper.
+//! - [`slow`]: the worker thread for mapper calls that take long (pin, prepare), so they never hold up the
+//!   session's other requests (a release answering a break must not wait behind a gigabyte pin).
+//! - [`notifier`]: the mapper's [`BreakNotifier`](daxvisor_mapper::BreakNotifier) for agent owners: a break or
+//!   revoke notice for an owner of the current session becomes a message on the port.
+//!
+//! Threads: the event loop only copies bytes into the port inbox; the `agent` thread decodes and answers; the
+//! `agent-slow` thread runs pins and prepares. The guest closing the port, resetting the device or the VM
+//! stopping ([`AgentService`] dropped) ends the session: every owner it opened exits, releasing all it held.
+//!
+//! For other VMM components the surface is the notifier: a change asked through the mapper (the operator API's
+//! punch, the host guard's foreign open) reaches the guest holding the range through it, nothing else to call.
+
+pub mod notifier;
+pub mod port;
+pub mod session;
+pub mod slow;
+
+#[cfg(test)]
+mod tests;
+
+use std::sync::Arc;
+use std::thread::JoinHandle;
+
+use daxvisor_devices::virtio::console::PortSender;
+
+use crate::pmem::BackingKind;
+use daxvisor_mapper::{Mapper, RegionId};
+
+pub use notifier::{AgentNotifier, Routes};
+pub use port::{AgentPort, PortInbox};
+pub use session::Outbox;
+
+/// A pmem region as the guest sees it in `ListRegions`.
+#[derive(Clone, Debug)]
+pub struct RegionEntry {
+    /// The mapper's id, which the guest names in requests.
+    pub id: RegionId,
+    /// The operator's name (`--pmem id=`).
+    pub name: String,
+    /// Guest physical address of the window.
+    pub guest_addr: u64,
+    /// Window size in bytes.
+    pub size: u64,
+    /// Backing kind.
+    pub kind: BackingKind,
+    /// Mapped read-only into the guest.
+    pub readonly: bool,
+}
+
+impl From<&crate::pmem::PmemRegion> for RegionEntry {
+    fn from(r: &crate::pmem::PmemRegion) -> Self {
+        RegionEntry {
+            id: r.region,
+            name: r.id().to_owned(),
+            guest_addr: r.guest_addr,
+            size: r.backing.size(),
+            kind: r.backing.kind(),
+            readonly: r.backing.readonly(),
+        }
+    }
+}
+
+impl Outbox for PortSender {
+    fn send(&self, session: u64, frame: &[u8]) -> bool {
+        self.send_in_session(session, frame)
+    }
+}
+
+/// The running service: the `agent` thread and what feeds it. Dropping it ends the session (owners exit) and
+/// joins the thread.
+pub struct AgentService {
+    inbox: Arc<PortInbox>,
+    thread: Option<JoinHandle<()>>,
+}
+
+impl AgentService {
+    /// Starts the service thread for the port whose backend `port` is, answering through `out`. `routes` is
+    /// shared with the [`AgentNotifier`] given to the mapper.
+    pub fn start(
+        mapper: Mapper,
+        regions: Vec<RegionEntry>,
+        port: &AgentPort,
+        out: Arc<dyn Outbox>,
+        routes: Arc<Routes>,
+    ) -> std::io::Result<Self> {
+        let inbox = port.inbox();
+        let slow = slow::SlowWorker::spawn(mapper.clone(), out.clone())?;
+        let mut svc = session::Service::new(mapper, regions.into(), out, routes, slow);
+        let rx = inbox.clone();
+        let thread = std::thread::Builder::new()
+            .name("agent".into())
+            .spawn(move || {
+                match crate::seccomp::apply_for_thread(crate::seccomp::ThreadKind::AgentService) {
+                    Ok(()) => svc.run(&rx),
+                    Err(e) => tracing::error!("agent service not started: {e}"),
+                }
+            })?;
+        Ok(AgentService {
+            inbox,
+            thread: Some(thread),
+        })
+    }
+}
+
+impl Drop for AgentService {
+    fn drop(&mut self) {
+        self.inbox.shutdown();
+        if let Some(t) = self.thread.take() {
+            if t.join().is_err() {
+                tracing::error!("agent service thread panicked");
+            }
+        }
+    }
+}

@@ -1,0 +1,339 @@
+//! The service against a real mapper on a real file: the guest side is frames fed to the session and the
+//! frames it answers with; the host side is a real punch on another thread.
+
+use std::fs::OpenOptions;
+use std::sync::{Arc, Condvar, Mutex};
+use std::time::Duration;
+
+use daxvisor_proto::agent::{
+    self, decode, errno, Acquire, Handle, Hello, LeaseMode, Message, OpenOwner, RangeRequest,
+    MAX_FRAME,
+};
+
+use super::notifier::{AgentNotifier, Routes};
+use super::session::{Outbox, Service};
+use super::slow::SlowWorker;
+use super::RegionEntry;
+use crate::pmem::BackingKind;
+use daxvisor_mapper::{Mapper, RegionDesc};
+
+const SIZE: u64 = 2 << 20;
+
+/// Frames the service sent, with the session they were for.
+#[derive(Default)]
+struct Collector {
+    frames: Mutex<Vec<(u64, Vec<u8>)>>,
+    more: Condvar,
+}
+
+impl Outbox for Collector {
+    fn send(&self, session: u64, frame: &[u8]) -> bool {
+        self.frames.lock().unwrap().push((session, frame.to_vec()));
+        self.more.notify_all();
+        true
+    }
+}
+
+impl Collector {
+    /// Waits for the next frame and returns (session, request id, decoded message) through `f`.
+    fn next<R>(&self, f: impl FnOnce(u64, u32, &Message<'_>) -> R) -> R {
+        let mut frames = self.frames.lock().unwrap();
+        let deadline = std::time::Instant::now() + Duration::from_secs(10);
+        while frames.is_empty() {
+            let left = deadline.saturating_duration_since(std::time::Instant::now());
+            assert!(!left.is_zero(), "no frame from the service within 10 s");
+            frames = self.more.wait_timeout(frames, left).unwrap().0;
+        }
+        let (session, bytes) = frames.remove(0);
+        let (frame, _) = decode(&bytes).unwrap();
+        f(session, frame.request_id, &frame.message)
+    }
+
+    fn is_empty(&self) -> bool {
+        self.frames.lock().unwrap().is_empty()
+    }
+}
+
+struct Rig {
+    mapper: Mapper,
+    svc: Service,
+    out: Arc<Collector>,
+    region: u64,
+    _dir: tempfile::TempDir,
+}
+
+fn rig() -> Rig {
+    let dir = tempfile::tempdir().unwrap();
+    let file = OpenOptions::new()
+        .read(true)
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .open(dir.path().join("pmem.img"))
+        .unwrap();
+    file.set_len(SIZE).unwrap();
+    let routes = Routes::new();
+    let mapper = Mapper::new(Arc::new(AgentNotifier::new(routes.clone())), None);
+    let id = mapper
+        .add_region(RegionDesc::new(Arc::new(file), 0, SIZE, BackingKind::Regular).with_name("pm0"))
+        .unwrap();
+    let out = Arc::new(Collector::default());
+    let slow = SlowWorker::spawn(mapper.clone(), out.clone()).unwrap();
+    let regions: Arc<[RegionEntry]> = vec![RegionEntry {
+        id,
+        name: "pm0".into(),
+        guest_addr: 0x1_0000_0000,
+        size: SIZE,
+        kind: BackingKind::Regular,
+        readonly: false,
+    }]
+    .into();
+    let svc = Service::new(mapper.clone(), regions, out.clone(), routes, slow);
+    Rig {
+        mapper,
+        svc,
+        out,
+        region: id.to_raw(),
+        _dir: dir,
+    }
+}
+
+fn frame(msg: &Message<'_>, id: u32) -> Vec<u8> {
+    let mut b = [0u8; MAX_FRAME];
+    let n = agent::encode(msg, id, &mut b).unwrap();
+    b[..n].to_vec()
+}
+
+impl Rig {
+    /// Sends one request and returns the reply's message through `f`, checking the request id.
+    fn ask<R>(&mut self, id: u32, msg: &Message<'_>, f: impl FnOnce(&Message<'_>) -> R) -> R {
+        self.svc.feed(&frame(msg, id));
+        self.out.next(|_, rid, m| {
+            assert_eq!(rid, id, "reply to request {id}: {m:?}");
+            f(m)
+        })
+    }
+
+    fn hello(&mut self) {
+        let hello = Message::Hello(Hello {
+            min_version: 1,
+            max_version: 3,
+            flags: 0,
+        });
+        self.ask(1, &hello, |m| {
+            assert!(matches!(m, Message::HelloReply(h) if h.version == 1))
+        });
+    }
+
+    fn open_owner(&mut self, name: &str) -> u64 {
+        let msg = Message::OpenOwner(OpenOwner {
+            name: agent::name_field(name),
+        });
+        self.ask(2, &msg, |m| match m {
+            Message::OwnerOpened { owner } => *owner,
+            m => panic!("open owner: {m:?}"),
+        })
+    }
+
+    fn acquire(&mut self, owner: u64, offset: u64, len: u64, mode: LeaseMode) -> Result<u64, u32> {
+        let msg = Message::Acquire(Acquire {
+            range: RangeRequest {
+                owner,
+                region: self.region,
+                offset,
+                len,
+            },
+            mode,
+            flags: 0,
+        });
+        self.ask(3, &msg, |m| match m {
+            Message::LeaseGranted(g) => Ok(g.id),
+            Message::Error(e) => Err(e.errno),
+            m => panic!("acquire: {m:?}"),
+        })
+    }
+
+    fn leases(&self) -> usize {
+        self.mapper.snapshot().leases().len()
+    }
+}
+
+fn errno_of(m: &Message<'_>) -> u32 {
+    match m {
+        Message::Error(e) => e.errno,
+        m => panic!("expected an error, got {m:?}"),
+    }
+}
+
+#[test]
+fn shared_lease_gets_a_notice_for_the_punched_range_and_the_release_lets_the_punch_finish() {
+    let mut r = rig();
+    r.svc.start_session(7);
+    r.hello();
+    let region = r.region;
+    r.ask(9, &Message::ListRegions, |m| match m {
+        Message::Regions(list) => {
+            assert_eq!(list.len(), 1);
+            let info = list.get(0).unwrap();
+            assert_eq!((info.region, info.size), (region, SIZE));
+            assert_eq!(agent::name_str(&info.name), Some("pm0"));
+        }
+        m => panic!("{m:?}"),
+    });
+    let owner = r.open_owner("db");
+    let lease = r.acquire(owner, 0, 0, LeaseMode::Shared).unwrap();
+
+    let mapper = r.mapper.clone();
+    let region = daxvisor_mapper::RegionId::from_raw(r.region);
+    let punch = std::thread::spawn(move || mapper.punch(None, region, 0x10_0000, 0x1_0000));
+    let notice = r.out.next(|session, rid, m| match m {
+        Message::BreakNotice(n) => {
+            assert_eq!((session, rid), (7, 0));
+            *n
+        }
+        m => panic!("expected a break notice, got {m:?}"),
+    });
+    assert_eq!(
+        (notice.owner, notice.lease, notice.region),
+        (owner, lease, r.region)
+    );
+    assert_eq!((notice.offset, notice.len), (0x10_0000, 0x1_0000));
+    assert_eq!(notice.reason, agent::BreakReason::Punch as u32);
+    assert!(notice.deadline_ms > 0);
+
+    let release = Message::Release(Handle { owner, id: lease });
+    r.ask(10, &release, |m| assert_eq!(*m, Message::Ok { value: 0 }));
+    let report = punch.join().unwrap().unwrap();
+    assert_eq!(r.leases(), 0, "{report:?}");
+}
+
+#[test]
+fn exclusive_lease_refuses_the_punch_naming_the_guest_owner() {
+    let mut r = rig();
+    r.svc.start_session(1);
+    r.hello();
+    let owner = r.open_owner("dma");
+    r.acquire(owner, 0, 0x20_0000, LeaseMode::Exclusive)
+        .unwrap();
+    let err = r
+        .mapper
+        .punch(
+            None,
+            daxvisor_mapper::RegionId::from_raw(r.region),
+            0,
+            0x1000,
+        )
+        .unwrap_err();
+    match err {
+        daxvisor_mapper::MapperError::TextBusy {
+            holder,
+            holder_name,
+            ..
+        } => {
+            assert_eq!(holder.to_raw(), owner);
+            assert_eq!(holder_name, "agent:dma");
+        }
+        e => panic!("expected ETXTBSY, got {e}"),
+    }
+    assert!(r.out.is_empty(), "an exclusive holder is not asked");
+}
+
+#[test]
+fn ending_the_session_releases_everything_its_owners_held() {
+    let mut r = rig();
+    r.svc.start_session(1);
+    r.hello();
+    let a = r.open_owner("a");
+    let b = r.open_owner("b");
+    r.acquire(a, 0, 0x1000, LeaseMode::Shared).unwrap();
+    r.acquire(b, 0x1000, 0x1000, LeaseMode::Exclusive).unwrap();
+    assert_eq!(r.leases(), 2);
+    r.svc.end_session("test");
+    assert_eq!(r.leases(), 0);
+    assert_eq!(r.mapper.snapshot().owners.len(), 0);
+    // Bytes with no session open are nobody's requests.
+    r.svc.feed(&frame(&Message::ListRegions, 5));
+    assert!(r.out.is_empty());
+}
+
+#[test]
+fn requests_outside_the_session_s_business_are_refused_and_change_nothing() {
+    let mut r = rig();
+    r.svc.start_session(1);
+    r.ask(4, &Message::ListRegions, |m| {
+        assert_eq!(errno_of(m), errno::EPROTO)
+    });
+    let v9 = Message::Hello(Hello {
+        min_version: 9,
+        max_version: 9,
+        flags: 0,
+    });
+    r.ask(5, &v9, |m| assert_eq!(errno_of(m), errno::EPROTONOSUPPORT));
+    r.hello();
+    let owner = r.open_owner("app");
+    assert_eq!(
+        r.acquire(owner + 1000, 0, 0, LeaseMode::Shared),
+        Err(errno::ENOENT)
+    );
+    assert_eq!(
+        r.acquire(owner, SIZE, 0, LeaseMode::Shared),
+        Err(errno::ERANGE)
+    );
+    assert_eq!(
+        r.acquire(owner, SIZE - 0x1000, 0x2000, LeaseMode::Shared),
+        Err(errno::ERANGE)
+    );
+    assert_eq!(
+        r.acquire(owner, u64::MAX, 2, LeaseMode::Shared),
+        Err(errno::ERANGE)
+    );
+    let lease = r.acquire(owner, 0, 0x1000, LeaseMode::Shared).unwrap();
+    // Another session's owner cannot release it, nor can this one release a lease id that is not its own.
+    let other = r.open_owner("other");
+    let release = Message::Release(Handle {
+        owner: other,
+        id: lease,
+    });
+    r.ask(6, &release, |m| assert_eq!(errno_of(m), errno::EPERM));
+    let pin = Message::Pin(RangeRequest {
+        owner,
+        region: r.region,
+        offset: 0,
+        len: 0x1000,
+    });
+    // Refused (no exclusive lease; this test region has no host mapping either), and nothing pinned.
+    r.ask(7, &pin, |m| {
+        assert!(matches!(m, Message::Error(_)), "{m:?}")
+    });
+    assert!(r.mapper.snapshot().pins().is_empty());
+    // A host-to-guest message sent by the guest.
+    r.ask(8, &Message::Ok { value: 1 }, |m| {
+        assert_eq!(errno_of(m), errno::ENOSYS)
+    });
+    assert_eq!(r.leases(), 1);
+    r.ask(9, &Message::Heartbeat { seq: 77 }, |m| {
+        assert_eq!(*m, Message::Ok { value: 77 })
+    });
+}
+
+#[test]
+fn garbage_is_answered_and_the_session_keeps_serving() {
+    let mut r = rig();
+    r.svc.start_session(1);
+    r.svc.feed(b"\x00\xffthis is not a frame");
+    r.out.next(|_, rid, m| {
+        assert_eq!(rid, 0);
+        assert_eq!(errno_of(m), errno::EPROTO);
+    });
+    r.hello();
+    // An oversized header: answered once, the rest of it skipped quietly, then the session goes on.
+    let mut big = frame(&Message::ListRegions, 3);
+    big[6..8].copy_from_slice(&5000u16.to_le_bytes());
+    r.svc.feed(&big);
+    r.out.next(|_, rid, m| {
+        assert_eq!(rid, 3);
+        assert_eq!(errno_of(m), errno::EMSGSIZE);
+    });
+    let owner = r.open_owner("after-garbage");
+    assert!(r.acquire(owner, 0, 0, LeaseMode::Shared).is_ok());
+}
