@@ -334,6 +334,7 @@ impl Drop for RunningVm {
     }
 }
 
+pub mod api;
 pub mod lab;
 
 /// Resident KiB of process `pid`'s mappings of `path`, from /proc/PID/smaps (page-table entries present in that

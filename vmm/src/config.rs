@@ -51,6 +51,8 @@ pub struct VmConfig {
     pub seccomp: crate::seccomp::SeccompMode,
     /// `--pmem` regions, in order (guest addresses and virtio-mmio windows are assigned in this order).
     pub pmem: Vec<crate::pmem::PmemConfig>,
+    /// `--api-socket`: serve the operator API on this Unix socket.
+    pub api_socket: Option<PathBuf>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -103,6 +105,7 @@ mod tests {
             cpuid_mask: CpuidMask::Auto,
             pmem: Vec::new(),
             seccomp: crate::seccomp::SeccompMode::On,
+            api_socket: None,
         }
     }
 

@@ -66,6 +66,8 @@ pub struct AgentSetup {
     pub mapper: Mapper,
     pub regions: Vec<RegionEntry>,
     pub routes: Arc<Routes>,
+    /// What the service counts (sessions, rejected frames).
+    pub counters: Arc<crate::agent::AgentCounters>,
 }
 
 /// Builds the virtio-console device (console + agent port), registers it and starts the agent service. `out`
@@ -110,6 +112,7 @@ pub fn attach(
         &agent_port,
         Arc::new(agent_out),
         agent.routes,
+        agent.counters,
     )?;
     tracing::info!(
         base = format_args!("{:#x}", slot.base),

@@ -6,9 +6,12 @@
 //!
 //! Break and revoke notices go through the notifier the VM gives it: the agent channel's
 //! ([`crate::agent::AgentNotifier`]) for guest owners; [`LogNotifier`] logs them where nothing else listens.
+//! Every notice, revoke and guard event is also recorded in the VM's event log ([`RecordingNotifier`]), which
+//! the operator API serves.
 
+use std::collections::HashMap;
 use std::os::fd::AsRawFd;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use daxvisor_mapper::{
@@ -19,6 +22,7 @@ use event_manager::{EventOps, Events, MutEventSubscriber};
 use vmm_sys_util::epoll::EventSet;
 use vmm_sys_util::timerfd::TimerFd;
 
+use crate::api::events::{EventLog, NewEvent};
 use crate::pmem::flush::FlushFence;
 use crate::pmem::Backing;
 
@@ -37,24 +41,95 @@ impl BreakNotifier for LogNotifier {
     }
 }
 
+/// Region names as the operator gave them, for events.
+type Names = Arc<Mutex<HashMap<RegionId, String>>>;
+
+fn name_of(names: &Names, region: RegionId) -> String {
+    names
+        .lock()
+        .unwrap_or_else(|p| p.into_inner())
+        .get(&region)
+        .cloned()
+        .unwrap_or_else(|| region.to_string())
+}
+
+/// Records every notice in the event log, then hands it to the notifier that delivers it.
+pub struct RecordingNotifier {
+    inner: Arc<dyn BreakNotifier>,
+    events: Arc<EventLog>,
+    names: Names,
+}
+
+impl BreakNotifier for RecordingNotifier {
+    fn break_notice(&self, n: &BreakNotice) {
+        self.events.push(NewEvent {
+            kind: "break-notice",
+            region: Some(name_of(&self.names, n.region)),
+            owners: vec![n.owner.to_raw()],
+            message: format!(
+                "{} asked to release {} lease(s) for a {} by {}",
+                n.owner,
+                n.leases.len(),
+                n.reason,
+                n.break_id
+            ),
+            ..NewEvent::default()
+        });
+        self.inner.break_notice(n);
+    }
+    fn revoked(&self, n: &RevokeNotice) {
+        self.events.push(NewEvent {
+            kind: "revoked",
+            region: Some(name_of(&self.names, n.region)),
+            owners: vec![n.owner.to_raw()],
+            message: format!(
+                "{} lost {} lease(s) at the deadline of {} ({} DMA mapping(s) torn down)",
+                n.owner,
+                n.leases.len(),
+                n.break_id,
+                n.dma_torn_down.len()
+            ),
+            ..NewEvent::default()
+        });
+        self.inner.revoked(n);
+    }
+}
+
 pub struct LeaseManager {
     mapper: Mapper,
     guard: Arc<HostGuard>,
+    events: Arc<EventLog>,
+    names: Names,
 }
 
 impl LeaseManager {
     /// Must run on the thread that runs the event loop, before any other thread is spawned: the guard's signal
     /// is blocked here and every later thread inherits the mask (see the mapper crate's guard module).
-    pub fn new() -> Result<Self, MapperError> {
-        Self::with_notifier(Arc::new(LogNotifier))
+    /// Notices and guard events are recorded in `events`.
+    pub fn new(events: Arc<EventLog>) -> Result<Self, MapperError> {
+        Self::with_notifier(Arc::new(LogNotifier), events)
     }
 
     /// As [`LeaseManager::new`], with the notifier that carries break and revoke notices to holders (the agent
     /// channel's, for a VM that has one).
-    pub fn with_notifier(notifier: Arc<dyn BreakNotifier>) -> Result<Self, MapperError> {
-        let mapper = Mapper::new(notifier, None);
+    pub fn with_notifier(
+        notifier: Arc<dyn BreakNotifier>,
+        events: Arc<EventLog>,
+    ) -> Result<Self, MapperError> {
+        let names = Names::default();
+        let recording = RecordingNotifier {
+            inner: notifier,
+            events: events.clone(),
+            names: names.clone(),
+        };
+        let mapper = Mapper::new(Arc::new(recording), None);
         let guard = Arc::new(HostGuard::new(mapper.clone(), guard_signal())?);
-        Ok(LeaseManager { mapper, guard })
+        Ok(LeaseManager {
+            mapper,
+            guard,
+            events,
+            names,
+        })
     }
 
     pub fn mapper(&self) -> &Mapper {
@@ -80,6 +155,10 @@ impl LeaseManager {
                 .with_iova(gpa)
                 .with_name(b.id()),
         )?;
+        self.names
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert(id, b.id().to_owned());
         if b.kind().has_layout() {
             if let Err(e) = self.guard.arm(id) {
                 tracing::warn!(
@@ -117,6 +196,7 @@ impl LeaseManager {
         // One pending wake-up is enough: the worker looks at every guarded file each time it runs.
         let (work, rx) = std::sync::mpsc::sync_channel::<()>(1);
         let guard = self.guard.clone();
+        let (log, names) = (self.events.clone(), self.names.clone());
         std::thread::Builder::new()
             .name("host-guard".into())
             .spawn(move || {
@@ -128,7 +208,7 @@ impl LeaseManager {
                 while rx.recv().is_ok() {
                     // Everything armed now, the breaking files included (they are disarmed by `service`).
                     let armed = guard.rearm();
-                    log_guard_events(&guard.service());
+                    log_guard_events(&guard.service(), &log, &names);
                     rearm_soon(&guard, armed);
                 }
             })?;
@@ -175,8 +255,24 @@ fn drain_signalfd(fd: std::os::fd::RawFd) {
     }
 }
 
-fn log_guard_events(events: &[daxvisor_mapper::GuardEvent]) {
+/// Logs each guard event and records it in the VM's event log.
+fn log_guard_events(events: &[daxvisor_mapper::GuardEvent], log: &EventLog, names: &Names) {
     for ev in events {
+        log.push(NewEvent {
+            kind: "guard",
+            region: Some(name_of(names, ev.region)),
+            owners: ev.notified.iter().map(|o| o.to_raw()).collect(),
+            errno: None,
+            message: match &ev.outcome {
+                Ok(()) => format!(
+                    "a foreign process opened the backing file; whole-file break done in {} ms ({} notified, {} revoked)",
+                    ev.answered_in.as_millis(),
+                    ev.notified.len(),
+                    ev.revoked.len()
+                ),
+                Err(why) => format!("a foreign process opened the backing file while it is held: {why}"),
+            },
+        });
         match &ev.outcome {
             Ok(()) => tracing::warn!(
                 region = %ev.region,

@@ -13,11 +13,13 @@
 //! - [`signals`]: SIGINT/SIGTERM stop the VM cleanly.
 //! - [`seccomp`]: the per-thread seccomp filters.
 //! - [`lease_manager`]: drives the layout-lease library (the `daxvisor-mapper` crate) for a running VM.
+//! - [`api`]: the operator API (REST over a Unix socket, OpenAPI, metrics).
 //! - [`acpi`]: the guest's ACPI tables (RSDP, XSDT, FADT, MADT, DSDT).
 //! - [`agent`]: the agent service between the virtio-console agent port and the mapper.
 
 pub mod acpi;
 pub mod agent;
+pub mod api;
 pub mod boot;
 pub mod config;
 pub mod console;

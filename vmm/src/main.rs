@@ -32,6 +32,8 @@ enum Command {
     /// emulation failure) or the VMM fails while it runs; 2 when the VM cannot start (bad input, no /dev/kvm);
     /// 128+N after SIGINT/SIGTERM (N) stopped the VM cleanly; 3 when a second signal forced an immediate exit.
     Run(RunArgs),
+    /// Print the operator API's OpenAPI 3 document (what docs/openapi.json holds).
+    Openapi,
 }
 
 #[derive(clap::Args)]
@@ -74,6 +76,10 @@ struct RunArgs {
     /// logged by the kernel: dmesg), off. Lists: docs/security.md.
     #[arg(long, value_enum, default_value_t = daxvisor::seccomp::SeccompMode::On)]
     seccomp: daxvisor::seccomp::SeccompMode,
+    /// Serve the operator API (HTTP/1.1 + JSON, see docs/operator-api.md) on this Unix socket, mode 0600.
+    /// A stale socket is replaced; one another process serves on is refused. Removed when daxvisor exits.
+    #[arg(long, value_name = "PATH")]
+    api_socket: Option<PathBuf>,
 }
 
 fn main() -> ExitCode {
@@ -88,6 +94,10 @@ fn main() -> ExitCode {
     let cli = Cli::parse();
     match cli.command {
         Command::Run(args) => run(args),
+        Command::Openapi => {
+            print!("{}", daxvisor::api::routes::openapi_text());
+            ExitCode::SUCCESS
+        }
     }
 }
 
@@ -103,6 +113,7 @@ fn run(args: RunArgs) -> ExitCode {
         cpuid_mask: args.cpuid_mask,
         pmem: args.pmem,
         seccomp: args.seccomp,
+        api_socket: args.api_socket,
     };
     match vm::run(&config) {
         Ok(VmExit::Status(s)) => ExitCode::from((s & 0xff) as u8),

@@ -134,6 +134,12 @@ pub fn allowed(kind: ThreadKind) -> Vec<(i64, &'static str)> {
             (libc::SYS_mlock, "mlock"),
             // The host guard runs on the event loop for now and reads /proc (lease-break-time) per event.
             (libc::SYS_openat, "openat"),
+            // At the end: the operator API's socket and its private directory are removed.
+            (libc::SYS_unlink, "unlink"),
+            (libc::SYS_unlinkat, "unlinkat"),
+            (libc::SYS_rmdir, "rmdir"),
+            (libc::SYS_renameat, "renameat"),
+            (libc::SYS_rename, "rename"),
         ],
         ThreadKind::FlushWorker => &[
             (libc::SYS_fdatasync, "fdatasync"),

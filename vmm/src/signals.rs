@@ -54,8 +54,8 @@ impl StopSignals {
                     seen += 1;
                     if seen == 1 {
                         tracing::warn!(
-                            signal = name(signal),
-                            "stopping the VM (a second signal exits at once, without the final flush)"
+                            "{}: stopping the VM (a second signal exits at once, without the final flush)",
+                            name(signal)
                         );
                         state.request_stop(StopReason::Signal(signal));
                     } else {

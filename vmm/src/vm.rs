@@ -10,6 +10,7 @@ use std::path::PathBuf;
 use vm_memory::{GuestAddress, GuestMemoryMmap};
 
 use crate::acpi;
+use crate::api::{ApiContext, ApiServer, RegionHandle, VmConfigView};
 use crate::boot::image::{self, ImageKind};
 use crate::boot::{linux, long_mode, testguest, BootEntry, BootError};
 use crate::config::{ConfigError, VmConfig};
@@ -63,6 +64,8 @@ pub enum StartError {
     Signals(std::io::Error),
     #[error(transparent)]
     Seccomp(#[from] SeccompError),
+    #[error(transparent)]
+    Api(#[from] crate::api::ApiSocketError),
     #[error(transparent)]
     Console(#[from] crate::console::ConsoleError),
 }
@@ -153,9 +156,14 @@ pub fn run(config: &VmConfig) -> Result<VmExit, StartError> {
     let mut devices = DeviceManager::new(vm.fd(), serial_out, state.stopper())?;
     let mut event_loop = EventLoop::new(state.clone())?;
     // Before pmem::attach: its flush workers must inherit the host guard's blocked signal.
+    // The VM's event log: the lease manager records notices and guard events; the operator API serves it.
+    let events = Arc::new(crate::api::events::EventLog::default());
     let routes = crate::agent::Routes::new();
-    let leases =
-        LeaseManager::with_notifier(Arc::new(crate::agent::AgentNotifier::new(routes.clone())))?;
+    let agent_counters = Arc::new(crate::agent::AgentCounters::default());
+    let leases = LeaseManager::with_notifier(
+        Arc::new(crate::agent::AgentNotifier::new(routes.clone())),
+        events.clone(),
+    )?;
     // Kept alive until the VM is gone: dropping a region unmaps its backing.
     let pmem_regions = pmem::attach(
         &config.pmem,
@@ -185,6 +193,7 @@ pub fn run(config: &VmConfig) -> Result<VmExit, StartError> {
                 .map(crate::agent::RegionEntry::from)
                 .collect(),
             routes,
+            counters: agent_counters.clone(),
         },
     )?;
     let pmem_windows: Vec<(u64, u64)> = pmem_regions
@@ -213,6 +222,21 @@ pub fn run(config: &VmConfig) -> Result<VmExit, StartError> {
         memory_mib = config.memory_mib,
         "starting VM"
     );
+    // Dropped when this function returns: the server stops and its socket is removed.
+    let _api = match &config.api_socket {
+        Some(path) => Some(ApiServer::start(
+            path,
+            api_context(
+                config,
+                &leases,
+                events.clone(),
+                agent_counters.clone(),
+                &pmem_regions,
+                &state,
+            ),
+        )?),
+        None => None,
+    };
     vcpu::install_kick_handler()?;
     let mut vcpus = Vec::new();
     for index in 0..config.cpus {
@@ -276,8 +300,52 @@ pub fn run(config: &VmConfig) -> Result<VmExit, StartError> {
             detail,
         },
         (None, Some(StopReason::VmmError(e))) => VmExit::VmmError(e),
-        (None, Some(StopReason::GuestRequest) | None) => VmExit::Reset,
+        (None, Some(StopReason::GuestRequest | StopReason::Operator) | None) => VmExit::Reset,
     })
+}
+
+/// What the operator API works on: the mapper and the regions under the names the operator gave them.
+fn api_context(
+    config: &VmConfig,
+    leases: &LeaseManager,
+    events: Arc<crate::api::events::EventLog>,
+    agent: Arc<crate::agent::AgentCounters>,
+    regions: &[pmem::PmemRegion],
+    state: &Arc<RunState>,
+) -> Arc<ApiContext> {
+    let handles = regions
+        .iter()
+        .map(|r| RegionHandle {
+            name: r.id().to_owned(),
+            region: r.region,
+            path: r.backing.path().to_owned(),
+            kind: r.backing.kind(),
+            size: r.backing.size(),
+            guest_addr: r.guest_addr,
+            readonly: r.backing.readonly(),
+            metrics: r.metrics.clone(),
+            rate_limit: r.rate_limit.clone(),
+        })
+        .collect();
+    let view = VmConfigView {
+        kernel: config.kernel.as_ref().map_or_else(
+            || "built-in test guest".to_owned(),
+            |k| k.display().to_string(),
+        ),
+        cmdline: config.cmdline.clone().unwrap_or_default(),
+        memory_mib: config.memory_mib,
+        cpus: config.cpus,
+        pmem: regions.iter().map(|r| r.id().to_owned()).collect(),
+    };
+    let state = state.clone();
+    ApiContext::new(
+        leases.mapper().clone(),
+        handles,
+        view,
+        events,
+        agent,
+        Box::new(move || state.request_stop(StopReason::Operator)),
+    )
 }
 
 fn load_kernel(

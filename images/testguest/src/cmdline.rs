@@ -4,7 +4,7 @@
 //! | option | meaning | default |
 //! |---|---|---|
 //! | `exit=N` | exit status on success, 0..=255 | 0 |
-//! | `pmem=MODE` | `write`, `write-flush-spin`, `write-loop`, `readonly-write`, `malformed`, `bench` | none: probe only |
+//! | `pmem=MODE` | `write`, `write-flush-spin`, `write-loop`, `readonly-write`, `malformed`, `bench`, `flush-flood` | none: probe only |
 //! | `size=N[K\|M\|G]` | bytes to write per pmem device (rounded down to 8) | whole region (`readonly-write`: 4K) |
 //! | `seed=N` | pattern seed, 0..=0xffff_ffff | 0 |
 //! | `mib=N` | MiB written by `pmem=bench` (capped to the region) | 64 |
@@ -32,6 +32,8 @@ pub enum PmemMode {
     Malformed,
     /// Time writes into the region with the TSC.
     Bench,
+    /// Flush the first device back to back forever (the test stops the VMM).
+    FlushFlood,
 }
 
 impl PmemMode {
@@ -43,6 +45,7 @@ impl PmemMode {
             "readonly-write" => PmemMode::ReadonlyWrite,
             "malformed" => PmemMode::Malformed,
             "bench" => PmemMode::Bench,
+            "flush-flood" => PmemMode::FlushFlood,
             _ => return None,
         })
     }
@@ -55,6 +58,7 @@ impl PmemMode {
             PmemMode::ReadonlyWrite => "readonly-write",
             PmemMode::Malformed => "malformed",
             PmemMode::Bench => "bench",
+            PmemMode::FlushFlood => "flush-flood",
         }
     }
 }
@@ -218,6 +222,7 @@ mod tests {
             ("write-loop", PmemMode::WriteLoop),
             ("malformed", PmemMode::Malformed),
             ("bench", PmemMode::Bench),
+            ("flush-flood", PmemMode::FlushFlood),
         ] {
             let line = format!("pmem={m}");
             assert_eq!(parse(line.as_bytes()).unwrap().pmem, Some(mode));

@@ -29,6 +29,9 @@
 //!      (TSC cycles for the first and second pass of `rep stosq` over B bytes, a read pass over them, and the
 //!      flush after them).
 //!
+//!    - `flush-flood`: `pmem0 flush ok`, then flushes pmem0 back to back forever, printing
+//!      `pmem0 flood: N flushes answered` after every 100.
+//!
 //!    The pattern is [`pattern::word`]: the u64 at offset `off` is `0xda85_0000_0000_0000 ^ (seed << 32) ^ off`.
 //! 6. With `agent=MODE`, speaks the agent protocol on the virtio-console port `org.daxvisor.agent.0` (see
 //!    [`modes::agent`]); it also writes one line to the console port (hvc0).

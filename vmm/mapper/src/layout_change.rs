@@ -52,6 +52,15 @@ pub enum LayoutChange {
         /// Size from the window's start.
         new_size: u64,
     },
+    /// Break (evacuate) `[off, off+len)` without changing the file: holders of shared leases are asked to give
+    /// it back (and revoked at the deadline under `Revoke`), pins and exclusive leases refuse it like any
+    /// change; the operator does this before acting on a range. `len == 0`: to the end of the window.
+    Evacuate {
+        /// Region offset.
+        off: u64,
+        /// Length; 0 = to the end of the window.
+        len: u64,
+    },
     /// A foreign process opened or truncated the backing file (host guard): a whole-file break, no change.
     /// File-level: ranges in its report and errors are file offsets.
     HostOpen,
@@ -65,6 +74,7 @@ impl LayoutChange {
             LayoutChange::Zero { .. } => "zero",
             LayoutChange::Shrink { .. } => "shrink",
             LayoutChange::Grow { .. } => "grow",
+            LayoutChange::Evacuate { .. } => "evacuate",
             LayoutChange::HostOpen => "host-open",
         }
     }
@@ -317,10 +327,13 @@ impl Mapper {
                 .copied()
                 .filter(|l| st.leases.contains_key(l))
                 .collect();
+            // One pass over the leases, then one over the holders: a wake-up costs O(leases + holders).
+            let holding: std::collections::HashSet<OwnerId> = remaining
+                .iter()
+                .filter_map(|l| st.leases.get(l).map(|l| l.owner))
+                .collect();
             waiting.retain(|o| {
-                let holds = remaining
-                    .iter()
-                    .any(|l| st.leases.get(l).is_some_and(|l| l.owner == *o));
+                let holds = holding.contains(o);
                 if !holds {
                     report.released.push((*o, started.elapsed()));
                 }
@@ -409,7 +422,9 @@ impl State {
             Ok(cur)
         };
         let (range, window) = match req.change {
-            LayoutChange::Punch { off, len } | LayoutChange::Zero { off, len } => {
+            LayoutChange::Punch { off, len }
+            | LayoutChange::Zero { off, len }
+            | LayoutChange::Evacuate { off, len } => {
                 (reg.to_file(reg.request(off, len)?), Some(window))
             }
             LayoutChange::Shrink { new_size } => {
@@ -625,7 +640,7 @@ impl State {
             LayoutChange::Shrink { new_size } | LayoutChange::Grow { new_size } => file
                 .set_len(base + new_size)
                 .map_err(|e| MapperError::io("ftruncate", e)),
-            LayoutChange::HostOpen => Ok(()),
+            LayoutChange::Evacuate { .. } | LayoutChange::HostOpen => Ok(()),
         }
     }
 }
@@ -808,6 +823,59 @@ mod tests {
                 "{}: a holder was notified",
                 t.fs
             );
+        }
+    }
+
+    #[test]
+    fn evacuate_breaks_shared_leases_and_changes_nothing_in_the_file() {
+        for mut t in TestRegion::on_every_fs(8) {
+            let m = t.mapper.clone();
+            let a = m.add_owner("a");
+            let l = m.acquire(a, t.region, 0, 0, LeaseMode::Shared).unwrap();
+            let events = t.events.take().unwrap();
+            let before = t.read_file(0, t.file_size() as usize);
+            let (m2, region, page) = (m.clone(), t.region, t.page);
+            let h = std::thread::spawn(move || {
+                m2.change(ChangeRequest {
+                    deadline: std::time::Duration::from_secs(10),
+                    ..ChangeRequest::new(
+                        region,
+                        LayoutChange::Evacuate {
+                            off: page,
+                            len: 2 * page,
+                        },
+                    )
+                })
+            });
+            match events
+                .recv_timeout(std::time::Duration::from_secs(5))
+                .unwrap()
+            {
+                crate::BreakEvent::Notice(n) => {
+                    assert_eq!(n.reason, "evacuate");
+                    assert_eq!(
+                        n.leases,
+                        vec![(l, ByteRange::new(t.page, 3 * t.page))],
+                        "{}",
+                        t.fs
+                    );
+                }
+                other => panic!("{}: {other:?}", t.fs),
+            }
+            m.release(a, l).unwrap();
+            let report = h.join().unwrap().unwrap();
+            assert_eq!(report.notified, vec![a]);
+            assert_eq!(t.read_file(0, t.file_size() as usize), before, "{}", t.fs);
+            // Exclusive holds refuse it at once, like any change.
+            m.acquire(a, t.region, 0, t.page, LeaseMode::Exclusive)
+                .unwrap();
+            let e = m
+                .change(ChangeRequest::new(
+                    t.region,
+                    LayoutChange::Evacuate { off: 0, len: 0 },
+                ))
+                .unwrap_err();
+            assert_eq!(e.errno(), libc::ETXTBSY, "{}", t.fs);
         }
     }
 

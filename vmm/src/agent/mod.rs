@@ -24,6 +24,7 @@ pub mod slow;
 #[cfg(test)]
 mod tests;
 
+use std::sync::atomic::AtomicU64;
 use std::sync::Arc;
 use std::thread::JoinHandle;
 
@@ -35,6 +36,17 @@ use daxvisor_mapper::{Mapper, RegionId};
 pub use notifier::{AgentNotifier, Routes};
 pub use port::{AgentPort, PortInbox};
 pub use session::Outbox;
+
+/// What the agent service counts, for the operator API's metrics.
+#[derive(Debug, Default)]
+pub struct AgentCounters {
+    /// Sessions open now (0 or 1: the port carries one at a time).
+    pub sessions_open: AtomicU64,
+    /// Sessions started since the VM started.
+    pub sessions_total: AtomicU64,
+    /// Malformed frames answered with an error and skipped.
+    pub frames_rejected: AtomicU64,
+}
 
 /// A pmem region as the guest sees it in `ListRegions`.
 #[derive(Clone, Debug)]
@@ -88,10 +100,11 @@ impl AgentService {
         port: &AgentPort,
         out: Arc<dyn Outbox>,
         routes: Arc<Routes>,
+        counters: Arc<AgentCounters>,
     ) -> std::io::Result<Self> {
         let inbox = port.inbox();
         let slow = slow::SlowWorker::spawn(mapper.clone(), out.clone())?;
-        let mut svc = session::Service::new(mapper, regions.into(), out, routes, slow);
+        let mut svc = session::Service::new(mapper, regions.into(), out, routes, slow, counters);
         let rx = inbox.clone();
         let thread = std::thread::Builder::new()
             .name("agent".into())

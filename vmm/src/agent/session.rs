@@ -7,6 +7,7 @@
 //! changes nothing.
 
 use std::collections::HashMap;
+use std::sync::atomic::Ordering;
 use std::sync::Arc;
 
 use daxvisor_proto::agent::{
@@ -91,6 +92,7 @@ pub(crate) struct Service {
     routes: Arc<Routes>,
     slow: SlowWorker,
     session: Option<Session>,
+    counters: Arc<super::AgentCounters>,
 }
 
 impl Service {
@@ -100,6 +102,7 @@ impl Service {
         out: Arc<dyn Outbox>,
         routes: Arc<Routes>,
         slow: SlowWorker,
+        counters: Arc<super::AgentCounters>,
     ) -> Self {
         Service {
             mapper,
@@ -108,6 +111,7 @@ impl Service {
             routes,
             slow,
             session: None,
+            counters,
         }
     }
 
@@ -138,6 +142,8 @@ impl Service {
             owners: HashMap::new(),
             reader: Box::new(FrameReader::new()),
         });
+        self.counters.sessions_open.fetch_add(1, Ordering::Relaxed);
+        self.counters.sessions_total.fetch_add(1, Ordering::Relaxed);
         tracing::info!(session = id, "agent session started");
     }
 
@@ -146,6 +152,7 @@ impl Service {
             return;
         };
         self.routes.end(s.id);
+        self.counters.sessions_open.fetch_sub(1, Ordering::Relaxed);
         for owner in s.owners.keys() {
             if let Err(e) = self.mapper.owner_exit(*owner) {
                 tracing::warn!(session = s.id, %owner, "agent owner exit: {e}");
@@ -174,6 +181,9 @@ impl Service {
                 let (request_id, reply) = match s.reader.next_event() {
                     None => break,
                     Some(ReadEvent::Malformed { request_id, error }) => {
+                        self.counters
+                            .frames_rejected
+                            .fetch_add(1, Ordering::Relaxed);
                         tracing::debug!(
                             session = s.id,
                             request_id,

@@ -88,7 +88,14 @@ fn rig() -> Rig {
         readonly: false,
     }]
     .into();
-    let svc = Service::new(mapper.clone(), regions, out.clone(), routes, slow);
+    let svc = Service::new(
+        mapper.clone(),
+        regions,
+        out.clone(),
+        routes,
+        slow,
+        Arc::default(),
+    );
     Rig {
         mapper,
         svc,

@@ -12,7 +12,7 @@ use std::os::unix::fs::MetadataExt;
 use std::sync::{Arc, Mutex};
 
 use daxvisor_devices::virtio::pmem::{
-    Pmem, PmemConfig as DeviceConfig, PmemMetrics, ReadonlyWindow,
+    FlushRateLimit, Pmem, PmemConfig as DeviceConfig, PmemMetrics, ReadonlyWindow,
 };
 use vm_memory::GuestMemoryMmap;
 
@@ -78,6 +78,8 @@ pub struct PmemRegion {
     pub metrics: Arc<PmemMetrics>,
     /// The region as the layout-lease manager knows it.
     pub region: daxvisor_mapper::RegionId,
+    /// The device's flush rate limiter (the operator API changes it).
+    pub rate_limit: Arc<FlushRateLimit>,
 }
 
 impl PmemRegion {
@@ -107,6 +109,7 @@ impl PmemRegion {
             requests = m.requests,
             syncs = m.syncs,
             errors = m.errors,
+            throttled = m.throttled,
             readonly_writes_dropped = m.readonly_writes_dropped,
             "pmem counters"
         );
@@ -173,25 +176,25 @@ pub fn attach(
     let mut regions: Vec<PmemRegion> = Vec::new();
     let mut pending = backings.into_iter().zip(addrs);
     while let Some((backing, gpa)) = pending.next() {
-        let (slot, metrics, region) =
-            match attach_one(&backing, gpa, vm, devices, event_loop, mem, leases) {
-                Ok(r) => r,
-                Err(e) => {
-                    let all = regions.into_iter().map(|r| r.backing);
-                    undo_opened(
-                        all.chain([backing])
-                            .chain(pending.map(|(b, _)| b))
-                            .collect(),
-                    );
-                    return Err(e);
-                }
-            };
+        let a = match attach_one(&backing, gpa, vm, devices, event_loop, mem, leases) {
+            Ok(r) => r,
+            Err(e) => {
+                let all = regions.into_iter().map(|r| r.backing);
+                undo_opened(
+                    all.chain([backing])
+                        .chain(pending.map(|(b, _)| b))
+                        .collect(),
+                );
+                return Err(e);
+            }
+        };
         regions.push(PmemRegion {
             backing,
             guest_addr: gpa,
-            slot,
-            metrics,
-            region,
+            slot: a.slot,
+            metrics: a.metrics,
+            region: a.region,
+            rate_limit: a.rate_limit,
         });
     }
     Ok(regions)
@@ -254,6 +257,14 @@ fn undo_opened(backings: Vec<Backing>) {
     }
 }
 
+/// What attaching one backing produced (the backing itself stays with the caller, for undo on failure).
+struct Attached {
+    slot: VirtioSlot,
+    metrics: Arc<PmemMetrics>,
+    region: daxvisor_mapper::RegionId,
+    rate_limit: Arc<FlushRateLimit>,
+}
+
 fn attach_one(
     backing: &Backing,
     gpa: u64,
@@ -262,7 +273,7 @@ fn attach_one(
     event_loop: &mut EventLoop,
     mem: &GuestMemoryMmap,
     leases: &LeaseManager,
-) -> Result<(VirtioSlot, Arc<PmemMetrics>, daxvisor_mapper::RegionId), PmemError> {
+) -> Result<Attached, PmemError> {
     let id = backing.id().to_owned();
     let slot = backing.memslot(gpa);
     vm.add_slot(
@@ -297,6 +308,7 @@ fn attach_one(
     )
     .map_err(worker_err)?;
     let metrics = pmem.metrics();
+    let rate_limit = pmem.rate_limit();
     let device_err = |source| PmemError::Device {
         id: id.clone(),
         source,
@@ -324,7 +336,12 @@ fn attach_one(
         irq = vslot.irq,
         "pmem region attached"
     );
-    Ok((vslot, metrics, region))
+    Ok(Attached {
+        slot: vslot,
+        metrics,
+        region,
+        rate_limit,
+    })
 }
 
 #[cfg(test)]

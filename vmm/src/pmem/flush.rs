@@ -173,7 +173,7 @@ mod tests {
             .parse()
             .unwrap();
         let backing = Backing::open(&cfg, "pm0").unwrap();
-        let leases = LeaseManager::new().unwrap();
+        let leases = LeaseManager::new(Default::default()).unwrap();
         let region = leases.add_pmem_region(&backing, 1 << 32).unwrap();
         let mut flush = BackingFlush::new(&backing, Some(leases.fence(region))).unwrap();
         let gate = Arc::new(Barrier::new(2));

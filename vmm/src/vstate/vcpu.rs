@@ -56,6 +56,8 @@ pub enum StopReason {
     MemoryFault { vcpu: u8, gpa: Option<u64> },
     /// The VMM was asked to stop (SIGINT/SIGTERM: the signal number).
     Signal(i32),
+    /// The operator asked for a graceful stop (operator API).
+    Operator,
 }
 
 /// Shared between the vCPU threads, the devices that end the VM, and the event loop.

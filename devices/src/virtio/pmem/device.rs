@@ -15,6 +15,7 @@ use vm_memory::{Bytes, GuestAddress};
 
 use super::flush::{Flush, FlushPolicy, FlushWorker};
 use super::metrics::PmemMetrics;
+use super::rate_limit::{Admission, FlushRateLimit};
 use super::request::{self, BadRequest};
 use super::{QUEUE_SIZE, VIRTIO_ID_PMEM, VIRTIO_PMEM_RESP_TYPE_EIO, VIRTIO_PMEM_RESP_TYPE_OK};
 use crate::virtio::device::QueueError;
@@ -70,6 +71,7 @@ pub struct Pmem {
     config: PmemConfig,
     state: Arc<Mutex<State>>,
     metrics: Arc<PmemMetrics>,
+    rate_limit: Arc<FlushRateLimit>,
     worker: FlushWorker<PendingFlush>,
     /// A bad request was already logged at warn level.
     warned: bool,
@@ -104,12 +106,29 @@ impl Pmem {
                 },
             )
         };
-        let worker = FlushWorker::spawn(&format!("pmem-flush-{id}"), flush, policy, completion)?;
+        // Each sync costs the window size in the bytes bucket: the most one sync can have to write back.
+        let rate_limit = Arc::new(FlushRateLimit::new(config.size));
+        let on_admit = {
+            let metrics = metrics.clone();
+            Box::new(move |requests: u64, a: Admission| {
+                if a.throttled {
+                    metrics.add_throttled(requests, a.waited);
+                }
+            })
+        };
+        let worker = FlushWorker::spawn_limited(
+            &format!("pmem-flush-{id}"),
+            flush,
+            policy,
+            Some((rate_limit.clone(), on_admit)),
+            completion,
+        )?;
         Ok(Pmem {
             id: id.to_owned(),
             config,
             state,
             metrics,
+            rate_limit,
             worker,
             warned: false,
         })
@@ -118,6 +137,11 @@ impl Pmem {
     /// Counters for the metrics endpoint; the VMM also counts dropped read-only writes here.
     pub fn metrics(&self) -> Arc<PmemMetrics> {
         self.metrics.clone()
+    }
+
+    /// The flush rate limiter (unlimited until the VMM sets limits).
+    pub fn rate_limit(&self) -> Arc<FlushRateLimit> {
+        self.rate_limit.clone()
     }
 
     /// Where the region sits in guest physical memory, as the config space reports it.

@@ -24,6 +24,8 @@ pub const MAX_LINGER: Duration = Duration::from_millis(2);
 /// The wait is this fraction of the last flush's duration: a fast disk gets a short one.
 const LINGER_DIVISOR: u32 = 2;
 
+use super::rate_limit::{Admission, FlushRateLimit};
+
 /// Makes the guest's writes to a region durable. Implemented by the VMM for each backing kind (the device knows
 /// nothing of files): fdatasync for page-cache files, a no-op where stores are already durable (MAP_SYNC on
 /// fs-dax, device-DAX) or nothing can be (memfd, discard_writes).
@@ -53,6 +55,12 @@ pub enum FlushPolicy {
     PerRequest,
 }
 
+/// A rate limiter in front of the flushes and what to do with each admission (count it).
+pub type Limiter = (
+    Arc<FlushRateLimit>,
+    Box<dyn Fn(u64, Admission) + Send + Sync>,
+);
+
 /// Called on the worker thread with the requests one flush answered and its result.
 pub type Completion<R> = Box<dyn FnMut(Vec<R>, &io::Result<()>) + Send>;
 
@@ -76,6 +84,8 @@ impl<R> Shared<R> {
 /// The per-device flush thread: runs the [`Flush`] and hands each batch of requests to the completion.
 pub struct FlushWorker<R: Send + 'static> {
     shared: Arc<Shared<R>>,
+    /// Lifted at shutdown so queued requests are answered at once.
+    limit: Option<Arc<FlushRateLimit>>,
     thread: Option<JoinHandle<()>>,
 }
 
@@ -87,15 +97,40 @@ impl<R: Send + 'static> FlushWorker<R> {
         policy: FlushPolicy,
         complete: Completion<R>,
     ) -> io::Result<Self> {
-        Self::spawn_with_linger(name, flush, policy, complete, MAX_LINGER)
+        Self::spawn_inner(name, flush, policy, None, complete, MAX_LINGER)
+    }
+
+    /// As [`FlushWorker::spawn`], with each batch admitted by `limit` before its flush: a throttled batch waits
+    /// (requests arriving meanwhile join the next batch) and the limiter's callback hears what each admission
+    /// cost.
+    pub fn spawn_limited(
+        name: &str,
+        flush: Arc<dyn Flush>,
+        policy: FlushPolicy,
+        limit: Option<Limiter>,
+        complete: Completion<R>,
+    ) -> io::Result<Self> {
+        Self::spawn_inner(name, flush, policy, limit, complete, MAX_LINGER)
     }
 
     /// As [`FlushWorker::spawn`], waiting at most `max_linger` for returning requesters (tests use a long one,
     /// so what they show does not depend on the machine's load).
+    #[cfg(test)]
     fn spawn_with_linger(
         name: &str,
         flush: Arc<dyn Flush>,
         policy: FlushPolicy,
+        complete: Completion<R>,
+        max_linger: Duration,
+    ) -> io::Result<Self> {
+        Self::spawn_inner(name, flush, policy, None, complete, max_linger)
+    }
+
+    fn spawn_inner(
+        name: &str,
+        flush: Arc<dyn Flush>,
+        policy: FlushPolicy,
+        limit: Option<Limiter>,
         mut complete: Completion<R>,
         max_linger: Duration,
     ) -> io::Result<Self> {
@@ -107,12 +142,16 @@ impl<R: Send + 'static> FlushWorker<R> {
             wake: Condvar::new(),
         });
         let worker_shared = shared.clone();
+        let limit_handle = limit.as_ref().map(|(l, _)| l.clone());
         let thread = std::thread::Builder::new()
             .name(name.to_owned())
             .spawn(move || {
                 let ready = flush.on_worker_start();
                 let mut group = Group::default();
                 while let Some(batch) = next_batch(&worker_shared, policy, group) {
+                    if let Some((limit, on_admit)) = &limit {
+                        on_admit(batch.len() as u64, limit.admit(batch.len() as u64));
+                    }
                     let size = batch.len();
                     let started = Instant::now();
                     let result = match &ready {
@@ -129,6 +168,7 @@ impl<R: Send + 'static> FlushWorker<R> {
             })?;
         Ok(FlushWorker {
             shared,
+            limit: limit_handle,
             thread: Some(thread),
         })
     }
@@ -181,10 +221,14 @@ fn next_batch<R>(shared: &Shared<R>, policy: FlushPolicy, last: Group) -> Option
 }
 
 impl<R: Send + 'static> Drop for FlushWorker<R> {
-    /// Requests already queued are still flushed and answered; then the thread ends.
+    /// Requests already queued are still flushed and answered (rate limits are lifted: shutdown never waits on
+    /// a throttle); then the thread ends.
     fn drop(&mut self) {
         self.shared.lock().shutdown = true;
         self.shared.wake.notify_one();
+        if let Some(l) = &self.limit {
+            l.set(super::rate_limit::FlushLimits::default());
+        }
         if let Some(t) = self.thread.take() {
             if t.join().is_err() {
                 tracing::error!("pmem flush worker panicked");
@@ -433,5 +477,56 @@ mod tests {
         drop(sub);
         let got: Vec<_> = answers.try_iter().map(|a| a.0).collect();
         assert_eq!(got.len(), 2);
+    }
+
+    #[test]
+    fn throttled_requests_wait_are_counted_and_shutdown_lifts_the_limit() {
+        use super::super::rate_limit::{BucketConfig, FlushLimits};
+        let dir = std::env::temp_dir();
+        let file = Arc::new(tempfile::tempfile_in(dir).unwrap());
+        let f2 = file.clone();
+        let flush: Arc<dyn Flush> = Arc::new(move || f2.sync_data());
+        let limit = Arc::new(FlushRateLimit::new(4096));
+        // One flush request per hour after a burst of 2.
+        limit.set(FlushLimits {
+            ops: Some(BucketConfig {
+                size: 2,
+                refill: Duration::from_secs(7200),
+            }),
+            bytes: None,
+        });
+        let throttled = Arc::new(AtomicU64::new(0));
+        let t2 = throttled.clone();
+        let (tx, answers) = mpsc::channel();
+        let worker = FlushWorker::spawn_limited(
+            "test-flush-limited",
+            flush,
+            FlushPolicy::PerRequest,
+            Some((
+                limit,
+                Box::new(move |n, a: Admission| {
+                    if a.throttled {
+                        t2.fetch_add(n, Ordering::SeqCst);
+                    }
+                }),
+            )),
+            Box::new(move |batch: Vec<u32>, res: &io::Result<()>| {
+                assert!(res.is_ok());
+                for id in batch {
+                    tx.send(id).unwrap();
+                }
+            }),
+        )
+        .unwrap();
+        worker.submit([1, 2, 3]);
+        assert_eq!(answers.recv().unwrap(), 1);
+        assert_eq!(answers.recv().unwrap(), 2);
+        // The third waits for a token an hour away: never failed, still pending.
+        assert!(answers.recv_timeout(Duration::from_millis(300)).is_err());
+        let start = std::time::Instant::now();
+        drop(worker);
+        assert_eq!(answers.try_recv().unwrap(), 3);
+        assert!(start.elapsed() < Duration::from_secs(10));
+        assert_eq!(throttled.load(Ordering::SeqCst), 1);
     }
 }

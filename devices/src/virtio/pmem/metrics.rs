@@ -15,6 +15,9 @@ pub struct PmemMetrics {
     syncs: AtomicU64,
     errors: AtomicU64,
     readonly_writes_dropped: AtomicU64,
+    throttled: AtomicU64,
+    throttle_wait_us: AtomicU64,
+    latency_sum_us: AtomicU64,
     latency_us_log2: [AtomicU64; LATENCY_BUCKETS],
 }
 
@@ -29,6 +32,12 @@ pub struct PmemMetricsSnapshot {
     pub errors: u64,
     /// Guest writes to a read-only region, dropped by the VMM.
     pub readonly_writes_dropped: u64,
+    /// Flush requests that waited for the rate limiter (never failed by it).
+    pub throttled: u64,
+    /// Total time batches waited for the rate limiter, microseconds.
+    pub throttle_wait_us: u64,
+    /// Sum of the arrival-to-answer latencies, microseconds (the histogram's sum).
+    pub latency_sum_us: u64,
     /// Arrival-to-answer latency of flush requests, log2 microsecond buckets (see [`LATENCY_BUCKETS`]).
     pub latency_us_log2: [u64; LATENCY_BUCKETS],
 }
@@ -54,8 +63,17 @@ impl PmemMetrics {
         self.readonly_writes_dropped.fetch_add(1, Ordering::Relaxed);
     }
 
+    /// A batch of `requests` waited `waited` for the rate limiter.
+    pub fn add_throttled(&self, requests: u64, waited: Duration) {
+        self.throttled.fetch_add(requests, Ordering::Relaxed);
+        self.throttle_wait_us
+            .fetch_add(duration_us(waited), Ordering::Relaxed);
+    }
+
     /// Add one flush request's arrival-to-answer latency to the histogram.
     pub fn record_latency(&self, latency: Duration) {
+        self.latency_sum_us
+            .fetch_add(duration_us(latency), Ordering::Relaxed);
         self.latency_us_log2[latency_bucket(latency)].fetch_add(1, Ordering::Relaxed);
     }
 
@@ -66,6 +84,9 @@ impl PmemMetrics {
             syncs: self.syncs.load(Ordering::Relaxed),
             errors: self.errors.load(Ordering::Relaxed),
             readonly_writes_dropped: self.readonly_writes_dropped.load(Ordering::Relaxed),
+            throttled: self.throttled.load(Ordering::Relaxed),
+            throttle_wait_us: self.throttle_wait_us.load(Ordering::Relaxed),
+            latency_sum_us: self.latency_sum_us.load(Ordering::Relaxed),
             latency_us_log2: std::array::from_fn(|i| {
                 self.latency_us_log2[i].load(Ordering::Relaxed)
             }),
@@ -73,9 +94,13 @@ impl PmemMetrics {
     }
 }
 
+fn duration_us(d: Duration) -> u64 {
+    u64::try_from(d.as_micros()).unwrap_or(u64::MAX)
+}
+
 /// The histogram bucket for `latency`.
 pub fn latency_bucket(latency: Duration) -> usize {
-    let us = u64::try_from(latency.as_micros()).unwrap_or(u64::MAX);
+    let us = duration_us(latency);
     let log2 = us.checked_ilog2().unwrap_or(0) as usize;
     log2.min(LATENCY_BUCKETS - 1)
 }
@@ -105,5 +130,9 @@ mod tests {
         assert_eq!((s.requests, s.syncs, s.errors), (3, 1, 1));
         assert_eq!(s.latency_us_log2[2], 1);
         assert_eq!(s.latency_us_log2.iter().sum::<u64>(), 1);
+        assert_eq!(s.latency_sum_us, 5);
+        m.add_throttled(4, Duration::from_millis(2));
+        let s = m.snapshot();
+        assert_eq!((s.throttled, s.throttle_wait_us), (4, 2000));
     }
 }

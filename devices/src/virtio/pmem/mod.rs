@@ -5,6 +5,7 @@
 //! - [`request`]: parsing an untrusted descriptor chain into a request.
 //! - [`flush`]: the [`Flush`] trait the VMM's backing implements and the coalescing worker thread.
 //! - [`metrics`]: counters and the latency histogram.
+//! - [`rate_limit`]: token buckets (requests, bytes) the flush worker waits on; changeable at runtime.
 //! - [`readonly`]: drops and counts guest writes to a `readonly=on` window.
 //!
 //! The device never sees the file: it calls a [`Flush`] object the VMM built for the backing kind (fdatasync
@@ -13,6 +14,7 @@
 pub mod device;
 pub mod flush;
 pub mod metrics;
+pub mod rate_limit;
 pub mod readonly;
 pub mod request;
 
@@ -22,6 +24,7 @@ mod queue_proptest;
 pub use device::{Pmem, PmemConfig};
 pub use flush::{Flush, FlushPolicy, FlushWorker};
 pub use metrics::{PmemMetrics, PmemMetricsSnapshot};
+pub use rate_limit::{BucketConfig, FlushLimits, FlushRateLimit};
 pub use readonly::ReadonlyWindow;
 
 /// virtio-pmem device id.

@@ -3,6 +3,7 @@
 
 pub mod agent;
 pub mod bench;
+pub mod flood;
 pub mod kernels;
 pub mod malformed;
 pub mod pmem;

@@ -12,7 +12,8 @@ use crate::virtio::mmio::{Mmio, DEVICE_ID_PMEM};
 use crate::virtio::pmem::{FlushResult, PmemDevice};
 use crate::virtio::queue::Queue;
 
-/// Run `mode` on every pmem device. Returns 0 on success or a failure code. `WriteFlushSpin` never returns.
+/// Run `mode` on every pmem device. Returns 0 on success or a failure code. `WriteFlushSpin` and `FlushFlood`
+/// (which floods the first device only) never return.
 pub fn run(mode: PmemMode, opts: &Options, info: &BootInfo, devices: &[Found]) -> u32 {
     let mut count = 0;
     for dev in devices {
@@ -61,6 +62,7 @@ pub fn run(mode: PmemMode, opts: &Options, info: &BootInfo, devices: &[Found]) -
             PmemMode::ReadonlyWrite => super::readonly::run(n, &mut pmem, opts),
             PmemMode::Malformed => super::malformed::run(n, &mut pmem),
             PmemMode::Bench => super::bench::run(n, &mut pmem, opts),
+            PmemMode::FlushFlood => super::flood::run(n, &mut pmem),
         };
         if rc != 0 {
             return rc;
