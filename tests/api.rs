@@ -535,7 +535,7 @@ fn the_socket_is_exclusive_stale_ones_are_replaced_and_other_files_left_alone() 
     assert_eq!(third.code, Some(2), "{third:?}");
     assert!(third.stderr.contains("not a socket"), "{}", third.stderr);
     assert_eq!(std::fs::read(&file).unwrap(), b"data");
-    // SIGTERM stops the VM cleanly: exit 0, socket removed.
+    // SIGTERM stops the VM cleanly: exit 128+15 (docs/security.md), socket removed.
     let pid = vm.child.id().to_string();
     assert!(Command::new("kill")
         .args(["-TERM", &pid])
@@ -543,7 +543,7 @@ fn the_socket_is_exclusive_stale_ones_are_replaced_and_other_files_left_alone() 
         .unwrap()
         .success());
     let (code, stderr) = vm.wait(Duration::from_secs(30));
-    assert_eq!(code, Some(0), "{stderr}");
+    assert_eq!(code, Some(143), "{stderr}");
     assert!(stderr.contains("SIGTERM: stopping the VM"), "{stderr}");
     assert!(!sock.exists(), "the socket outlived daxvisor");
 }

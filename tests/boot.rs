@@ -41,7 +41,7 @@ fn a_directory_as_kernel_is_refused() {
     let r = daxvisor(&["run", "--kernel", dir.path().to_str().unwrap()]);
     assert_eq!(r.code, Some(2), "{r:?}");
     assert!(
-        one_line_error(&r.stderr).contains("Is a directory"),
+        one_line_error(&r.stderr).contains("is a directory"),
         "{}",
         r.stderr
     );

@@ -208,6 +208,132 @@ pub fn share_read_only(dir: &Path) {
     std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o755)).expect("chmod test dir");
 }
 
+/// A daxvisor started in the background, its stdout lines arriving on a channel and its stderr collected, for
+/// tests that act on a running VM (signals, a second VMM, the backing file changed under it).
+pub struct RunningVm {
+    child: std::process::Child,
+    lines: std::sync::mpsc::Receiver<String>,
+    stderr: Option<std::thread::JoinHandle<Vec<u8>>>,
+    /// Every stdout line received so far.
+    pub seen: Vec<String>,
+}
+
+impl RunningVm {
+    /// Start `daxvisor <args>`.
+    pub fn spawn(args: &[&str]) -> RunningVm {
+        use std::io::BufRead;
+        let mut child = Command::new(daxvisor_bin())
+            .args(args)
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("spawn daxvisor");
+        let stdout = child.stdout.take().expect("stdout");
+        let mut err = child.stderr.take().expect("stderr");
+        let (tx, lines) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            for line in std::io::BufReader::new(stdout)
+                .lines()
+                .map_while(Result::ok)
+            {
+                if tx.send(line).is_err() {
+                    break;
+                }
+            }
+        });
+        let stderr = std::thread::spawn(move || {
+            let mut v = Vec::new();
+            let _ = err.read_to_end(&mut v);
+            v
+        });
+        RunningVm {
+            child,
+            lines,
+            stderr: Some(stderr),
+            seen: Vec::new(),
+        }
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    /// Wait (at most `RUN_TIMEOUT`) for a stdout line ending with `suffix`; kills the VM and panics otherwise.
+    pub fn wait_for_line(&mut self, suffix: &str) {
+        let deadline = Instant::now() + RUN_TIMEOUT;
+        while Instant::now() < deadline {
+            if let Ok(l) = self.lines.recv_timeout(Duration::from_millis(50)) {
+                let found = l.ends_with(suffix);
+                self.seen.push(l);
+                if found {
+                    return;
+                }
+            }
+            if let Ok(Some(status)) = self.child.try_wait() {
+                panic!(
+                    "daxvisor ended ({status}) before printing {suffix:?}: {:?}",
+                    self.seen
+                );
+            }
+        }
+        let _ = self.child.kill();
+        panic!(
+            "no line ending with {suffix:?} within {RUN_TIMEOUT:?}: {:?}",
+            self.seen
+        );
+    }
+
+    /// Send `signal` to the VMM.
+    pub fn signal(&self, signal: libc::c_int) {
+        let pid = libc::pid_t::try_from(self.child.id()).expect("pid");
+        // SAFETY: kill(2) on the pid of our own child, which has not been reaped yet.
+        let rc = unsafe { libc::kill(pid, signal) };
+        assert_eq!(rc, 0, "kill({pid}, {signal})");
+    }
+
+    /// Wait (at most `timeout`) for the VMM to end on its own; kill it and panic if it does not.
+    pub fn finish(mut self, timeout: Duration) -> RunOutcome {
+        let start = Instant::now();
+        let status = loop {
+            if let Some(s) = self.child.try_wait().expect("wait") {
+                break s;
+            }
+            if start.elapsed() > timeout {
+                let _ = self.child.kill();
+                let _ = self.child.wait();
+                panic!("daxvisor did not end within {timeout:?}: {:?}", self.seen);
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        };
+        while let Ok(l) = self.lines.recv_timeout(Duration::from_millis(200)) {
+            self.seen.push(l);
+        }
+        RunOutcome {
+            code: status.code(),
+            stdout: self.seen.join("\n"),
+            stderr: String::from_utf8_lossy(
+                &self
+                    .stderr
+                    .take()
+                    .and_then(|t| t.join().ok())
+                    .unwrap_or_default(),
+            )
+            .into_owned(),
+        }
+    }
+}
+
+impl Drop for RunningVm {
+    fn drop(&mut self) {
+        // A test that panicked half-way must not leave a VM spinning.
+        if let Ok(None) = self.child.try_wait() {
+            let _ = self.child.kill();
+            let _ = self.child.wait();
+        }
+    }
+}
+
 pub mod api;
 pub mod lab;
 

@@ -47,6 +47,8 @@ pub struct VmConfig {
     /// Where the guest's virtio console (hvc0) goes; with `stdout`, host stdin reaches it too.
     pub console: SerialOutput,
     pub cpuid_mask: CpuidMask,
+    /// What a syscall outside a thread's seccomp list does.
+    pub seccomp: crate::seccomp::SeccompMode,
     /// `--pmem` regions, in order (guest addresses and virtio-mmio windows are assigned in this order).
     pub pmem: Vec<crate::pmem::PmemConfig>,
     /// `--api-socket`: serve the operator API on this Unix socket.
@@ -102,6 +104,7 @@ mod tests {
             console: SerialOutput::None,
             cpuid_mask: CpuidMask::Auto,
             pmem: Vec::new(),
+            seccomp: crate::seccomp::SeccompMode::On,
             api_socket: None,
         }
     }

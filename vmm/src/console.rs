@@ -1,7 +1,6 @@
 //! The VM's virtio-console device: port 0 is the guest console (`--console`), port 1 the agent channel
 //! (`org.daxvisor.agent.0`, served by [`crate::agent`]).
 
-use std::fs::OpenOptions;
 use std::io::{Read, Write};
 use std::sync::{Arc, Mutex};
 
@@ -19,11 +18,6 @@ use crate::event_loop::EventLoop;
 /// Errors building the console device or its agent service.
 #[derive(Debug, thiserror::Error)]
 pub enum ConsoleError {
-    #[error("cannot open console output {path}: {source}")]
-    File {
-        path: std::path::PathBuf,
-        source: std::io::Error,
-    },
     #[error("virtio-console: {0}")]
     Device(#[from] DeviceError),
     #[error("cannot start the agent service: {0}")]
@@ -76,29 +70,19 @@ pub struct AgentSetup {
     pub counters: Arc<crate::agent::AgentCounters>,
 }
 
-/// Builds the virtio-console device (console + agent port), registers it and starts the agent service.
+/// Builds the virtio-console device (console + agent port), registers it and starts the agent service. `out`
+/// is where the console writes (opened by the caller, which undoes a created file on a refused start);
+/// `output` says what it is (stdout: host stdin becomes the console's input).
+#[allow(clippy::too_many_arguments)]
 pub fn attach(
     output: &SerialOutput,
+    out: Box<dyn Write + Send>,
     vm: &VmFd,
     mem: &GuestMemoryMmap,
     devices: &mut DeviceManager,
     event_loop: &mut EventLoop,
     agent: AgentSetup,
 ) -> Result<ConsoleHandles, ConsoleError> {
-    let out: Box<dyn Write + Send> = match output {
-        SerialOutput::Stdout => Box::new(std::io::stdout()),
-        SerialOutput::None => Box::new(std::io::sink()),
-        SerialOutput::File(path) => Box::new(
-            OpenOptions::new()
-                .create(true)
-                .append(true)
-                .open(path)
-                .map_err(|source| ConsoleError::File {
-                    path: path.clone(),
-                    source,
-                })?,
-        ),
-    };
     let agent_port = AgentPort::new();
     let console = Console::new(
         "console",
@@ -153,6 +137,12 @@ fn forward_stdin(input: PortSender) -> std::io::Result<()> {
     std::thread::Builder::new()
         .name("console-stdin".into())
         .spawn(move || {
+            if let Err(e) =
+                crate::seccomp::apply_for_thread(crate::seccomp::ThreadKind::ConsoleInput)
+            {
+                tracing::error!("console input thread not started: {e}");
+                return;
+            }
             let mut buf = [0u8; 4096];
             loop {
                 let n = match stdin.lock().map(|mut s| s.read(&mut buf)) {

@@ -1,7 +1,6 @@
 //! Creates the devices, places them on the port-I/O and MMIO buses, and wires their interrupts (irqfd) and
 //! notifications (ioeventfd) into KVM. The one place that knows which device sits where.
 
-use std::fs::OpenOptions;
 use std::io::Write;
 use std::sync::{Arc, Mutex};
 
@@ -14,7 +13,6 @@ use kvm_ioctls::{IoEventAddress, VmFd};
 use vm_memory::GuestMemoryMmap;
 use vmm_sys_util::eventfd::EventFd;
 
-use crate::config::SerialOutput;
 use crate::event_loop::Subscriber;
 use crate::layout;
 
@@ -24,11 +22,6 @@ const EXIT_PORT: u64 = daxvisor_proto::boot::EXIT_PORT as u64;
 
 #[derive(Debug, thiserror::Error)]
 pub enum DeviceError {
-    #[error("cannot open serial output {path}: {source}")]
-    SerialFile {
-        path: std::path::PathBuf,
-        source: std::io::Error,
-    },
     #[error("cannot create an eventfd: {0}")]
     EventFd(std::io::Error),
     #[error("cannot register an interrupt for {what}: {source}")]
@@ -69,9 +62,13 @@ pub struct DeviceManager {
 }
 
 impl DeviceManager {
-    /// Legacy devices: COM1, the i8042 reset line and the exit port. `stopper` ends the VM when the guest
-    /// resets, powers off or writes an exit status.
-    pub fn new(vm: &VmFd, serial: &SerialOutput, stopper: &VmStopper) -> Result<Self, DeviceError> {
+    /// Legacy devices: COM1 (writing to `serial_out`), the i8042 reset line and the exit port. `stopper` ends
+    /// the VM when the guest resets, powers off or writes an exit status.
+    pub fn new(
+        vm: &VmFd,
+        serial_out: Box<dyn Write + Send>,
+        stopper: &VmStopper,
+    ) -> Result<Self, DeviceError> {
         let mut dm = DeviceManager {
             pio: Bus::new(),
             mmio: Bus::new(),
@@ -79,20 +76,6 @@ impl DeviceManager {
             virtio_slots: Vec::new(),
         };
 
-        let out: Box<dyn Write + Send> = match serial {
-            SerialOutput::Stdout => Box::new(std::io::stdout()),
-            SerialOutput::None => Box::new(std::io::sink()),
-            SerialOutput::File(path) => Box::new(
-                OpenOptions::new()
-                    .create(true)
-                    .append(true)
-                    .open(path)
-                    .map_err(|source| DeviceError::SerialFile {
-                        path: path.clone(),
-                        source,
-                    })?,
-            ),
-        };
         let serial_irq = EventFd::new(libc::EFD_NONBLOCK).map_err(DeviceError::EventFd)?;
         vm.register_irqfd(&serial_irq, layout::SERIAL_IRQ)
             .map_err(|source| DeviceError::Irqfd {
@@ -100,7 +83,7 @@ impl DeviceManager {
                 source,
             })?;
         dm.pio.insert(
-            Arc::new(Mutex::new(Serial::new(serial_irq, out))),
+            Arc::new(Mutex::new(Serial::new(serial_irq, serial_out))),
             SERIAL_PORT,
             8,
         )?;

@@ -172,6 +172,21 @@ impl LeaseManager {
         Ok(id)
     }
 
+    /// At VM end: end every owner still registered (their leases and pins go), one log line each.
+    pub fn end_owners(&self) {
+        for owner in self.mapper.snapshot().owners {
+            match self.mapper.owner_exit(owner.id) {
+                Ok(()) => tracing::info!(
+                    owner = %owner.name,
+                    leases = owner.leases.len(),
+                    pins = owner.pins.len(),
+                    "owner ended at VM stop"
+                ),
+                Err(e) => tracing::warn!(owner = %owner.name, "cannot end owner at VM stop: {e}"),
+            }
+        }
+    }
+
     /// The event-loop side: the guard's signalfd and its re-arm timer. The whole-file breaks themselves run on
     /// the `host-guard` thread this starts: a break waits for guest holders, whose answers arrive through the
     /// event loop (the agent port), so it must never wait on it.
@@ -185,6 +200,11 @@ impl LeaseManager {
         std::thread::Builder::new()
             .name("host-guard".into())
             .spawn(move || {
+                if let Err(e) = crate::seccomp::apply_for_thread(crate::seccomp::ThreadKind::Guard)
+                {
+                    tracing::error!("host guard thread not started: {e}");
+                    return;
+                }
                 while rx.recv().is_ok() {
                     // Everything armed now, the breaking files included (they are disarmed by `service`).
                     let armed = guard.rearm();

@@ -29,7 +29,8 @@ enum Command {
     ///
     /// With no --kernel, boots the test guest built into this binary. Exit codes: the status the guest wrote to
     /// the exit port (0-255); 0 when the guest resets or powers off; 1 when the guest crashes (triple fault,
-    /// emulation failure) or the VMM fails while it runs; 2 when the VM cannot start (bad input, no /dev/kvm).
+    /// emulation failure) or the VMM fails while it runs; 2 when the VM cannot start (bad input, no /dev/kvm);
+    /// 128+N after SIGINT/SIGTERM (N) stopped the VM cleanly; 3 when a second signal forced an immediate exit.
     Run(RunArgs),
     /// Print the operator API's OpenAPI 3 document (what docs/openapi.json holds).
     Openapi,
@@ -71,6 +72,10 @@ struct RunArgs {
     /// region before the guest starts (slower start, no first-touch faults in the guest).
     #[arg(long, value_name = "file=PATH[,...]")]
     pmem: Vec<daxvisor::pmem::PmemConfig>,
+    /// Seccomp filters per thread: on (a syscall outside the thread's list kills daxvisor), log (allowed and
+    /// logged by the kernel: dmesg), off. Lists: docs/security.md.
+    #[arg(long, value_enum, default_value_t = daxvisor::seccomp::SeccompMode::On)]
+    seccomp: daxvisor::seccomp::SeccompMode,
     /// Serve the operator API (HTTP/1.1 + JSON, see docs/operator-api.md) on this Unix socket, mode 0600.
     /// A stale socket is replaced; one another process serves on is refused. Removed when daxvisor exits.
     #[arg(long, value_name = "PATH")]
@@ -107,6 +112,7 @@ fn run(args: RunArgs) -> ExitCode {
         console: args.console,
         cpuid_mask: args.cpuid_mask,
         pmem: args.pmem,
+        seccomp: args.seccomp,
         api_socket: args.api_socket,
     };
     match vm::run(&config) {
@@ -120,6 +126,7 @@ fn run(args: RunArgs) -> ExitCode {
             eprintln!("daxvisor: guest crashed on vCPU {vcpu}: {reason}\n{detail}");
             ExitCode::from(EXIT_RUNTIME_ERROR)
         }
+        Ok(VmExit::Signal(signal)) => ExitCode::from(daxvisor::signals::exit_status_for(signal)),
         Ok(VmExit::VmmError(e)) => {
             eprintln!("daxvisor: VM failed: {e}");
             ExitCode::from(EXIT_RUNTIME_ERROR)

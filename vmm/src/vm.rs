@@ -1,7 +1,9 @@
 //! Building and running one VM from a [`VmConfig`]: the order of operations lives here and nowhere else.
 //!
 //! Everything that can be wrong with the operator's input (config, kernel, initrd, /dev/kvm) is checked before
-//! anything is created on the host, so a refused start leaves nothing behind.
+//! anything is created on the host. What later steps create or extend (the serial file, `create=on` backings)
+//! is recorded in a [`StartUndo`] that puts it back if any step before the guest runs fails, so a refused start
+//! leaves nothing behind.
 
 use std::path::PathBuf;
 
@@ -14,9 +16,13 @@ use crate::boot::{linux, long_mode, testguest, BootEntry, BootError};
 use crate::config::{ConfigError, VmConfig};
 use crate::device_manager::{DeviceError, DeviceManager};
 use crate::event_loop::{EventLoop, EventLoopError};
+use crate::host_files::{self, HostFileError, StartUndo};
 use crate::layout;
 use crate::lease_manager::LeaseManager;
+use crate::pmem::fault::FaultMap;
 use crate::pmem::{self, PmemError};
+use crate::seccomp::{self, SeccompError, ThreadKind};
+use crate::signals::StopSignals;
 use crate::vstate::cpuid;
 use crate::vstate::vcpu::{self, RunState, StopReason, Vcpu, VcpuError};
 use crate::vstate::vm::{Vm, VmError};
@@ -53,6 +59,12 @@ pub enum StartError {
     #[error(transparent)]
     Pmem(#[from] PmemError),
     #[error(transparent)]
+    HostFile(#[from] HostFileError),
+    #[error("cannot watch SIGINT/SIGTERM: {0}")]
+    Signals(std::io::Error),
+    #[error(transparent)]
+    Seccomp(#[from] SeccompError),
+    #[error(transparent)]
     Api(#[from] crate::api::ApiSocketError),
     #[error(transparent)]
     Console(#[from] crate::console::ConsoleError),
@@ -73,6 +85,8 @@ pub enum VmExit {
     },
     /// KVM or the VMM failed while the guest ran.
     VmmError(String),
+    /// SIGINT or SIGTERM (the number) stopped the VM; the stop was clean.
+    Signal(i32),
 }
 
 /// The kernel the config names, read and classified up front so bad input fails before anything is created.
@@ -81,6 +95,9 @@ enum Kernel {
     Freestanding(Vec<u8>),
 }
 
+/// Largest freestanding ELF read into memory (the test guest is a few hundred KiB).
+const FREESTANDING_MAX: u64 = 64 << 20;
+
 fn resolve_kernel(config: &VmConfig) -> Result<Kernel, StartError> {
     let Some(path) = &config.kernel else {
         if testguest::EMBEDDED.is_empty() {
@@ -88,20 +105,22 @@ fn resolve_kernel(config: &VmConfig) -> Result<Kernel, StartError> {
         }
         return Ok(Kernel::Freestanding(testguest::EMBEDDED.to_vec()));
     };
-    let read_err = |source| BootError::ReadKernel {
-        path: path.clone(),
-        source,
+    let mut file = host_files::open_regular(path, "--kernel")?;
+    let Some(kind) = image::classify_file(&file) else {
+        let magic = host_files::read_head(&mut file, 4).unwrap_or_default();
+        return Err(BootError::UnknownFormat {
+            path: path.clone(),
+            magic,
+        }
+        .into());
     };
-    if std::fs::metadata(path).map_err(read_err)?.is_dir() {
-        return Err(read_err(std::io::Error::from_raw_os_error(libc::EISDIR)).into());
-    }
-    let bytes = std::fs::read(path).map_err(read_err)?;
-    let kind = image::classify(&bytes).ok_or_else(|| BootError::UnknownFormat {
-        path: path.clone(),
-        magic: bytes.iter().take(4).copied().collect(),
-    })?;
     Ok(match kind {
-        ImageKind::FreestandingElf => Kernel::Freestanding(bytes),
+        ImageKind::FreestandingElf => Kernel::Freestanding(host_files::read_bounded(
+            &mut file,
+            path,
+            "--kernel",
+            FREESTANDING_MAX,
+        )?),
         kind => Kernel::Linux {
             path: path.clone(),
             kind,
@@ -112,13 +131,13 @@ fn resolve_kernel(config: &VmConfig) -> Result<Kernel, StartError> {
 /// Build the VM described by `config`, run it to its end, and say how it ended.
 pub fn run(config: &VmConfig) -> Result<VmExit, StartError> {
     config.validate()?;
+    seccomp::init(config.seccomp)?;
     let kernel = resolve_kernel(config)?;
     if let Some(initrd) = &config.initrd {
-        std::fs::File::open(initrd).map_err(|source| BootError::ReadInitrd {
-            path: initrd.clone(),
-            source,
-        })?;
+        host_files::open_regular(initrd, "--initrd")?;
     }
+    // Declared first so it is dropped last: after the regions are unmapped and the VM is gone.
+    let mut undo = StartUndo::new();
 
     let mut vm = Vm::new()?;
     let mem_bytes = config.memory_bytes();
@@ -133,7 +152,8 @@ pub fn run(config: &VmConfig) -> Result<VmExit, StartError> {
     vm.register_memory(&mem)?;
 
     let state = RunState::new()?;
-    let mut devices = DeviceManager::new(vm.fd(), &config.serial, state.stopper())?;
+    let serial_out = host_files::open_output(&config.serial, "--serial", &mut undo)?;
+    let mut devices = DeviceManager::new(vm.fd(), serial_out, state.stopper())?;
     let mut event_loop = EventLoop::new(state.clone())?;
     // Before pmem::attach: its flush workers must inherit the host guard's blocked signal.
     // The VM's event log: the lease manager records notices and guard events; the operator API serves it.
@@ -154,10 +174,14 @@ pub fn run(config: &VmConfig) -> Result<VmExit, StartError> {
         &mem,
         &leases,
     )?;
+    pmem::attach::record_undo(&pmem_regions, &mut undo)?;
+    let faults = FaultMap::new(&pmem_regions)?;
     event_loop.add_subscriber(Arc::new(Mutex::new(leases.subscriber()?)));
     // After the pmem devices, so their virtio-mmio windows keep their places.
+    let console_out = host_files::open_output(&config.console, "--console", &mut undo)?;
     let console = crate::console::attach(
         &config.console,
+        console_out,
         vm.fd(),
         &mem,
         &mut devices,
@@ -229,22 +253,39 @@ pub fn run(config: &VmConfig) -> Result<VmExit, StartError> {
         )?;
         vcpus.push(v);
     }
+    let signals = StopSignals::install(state.clone()).map_err(StartError::Signals)?;
     let mut threads = Vec::new();
     for v in vcpus {
         threads.push(v.spawn()?);
     }
+    undo.commit();
+    // The main thread now only runs the event loop and the stop sequence.
+    seccomp::apply_for_thread(ThreadKind::EventLoop)?;
 
     let loop_result = event_loop.run();
     vcpu::stop_all(&state, threads);
     // The agent session ends with the VM: its owners release everything.
     console.log_summary();
     drop(console);
+    // The devices own the flush workers: dropping them answers every flush still queued.
+    drop(event_loop);
+    drop(devices.mmio);
+    leases.end_owners();
+    pmem_regions.iter().for_each(pmem::PmemRegion::final_sync);
     pmem_regions.iter().for_each(pmem::PmemRegion::log_summary);
+    drop(signals);
     if let Err(e) = loop_result {
         return Ok(VmExit::VmmError(e.to_string()));
     }
 
     Ok(match (devices.exit_status.get(), state.reason()) {
+        (_, Some(StopReason::Signal(signal))) => VmExit::Signal(signal),
+        (None, Some(StopReason::MemoryFault { vcpu, gpa })) => VmExit::VmmError(format!(
+            "KVM_RUN on vCPU {vcpu}: Bad address (EFAULT): {}",
+            faults
+                .explain(gpa)
+                .unwrap_or_else(|| "the guest touched memory the host cannot provide".into())
+        )),
         (Some(status), _) => VmExit::Status(status),
         (
             None,
@@ -348,6 +389,14 @@ fn load_kernel(
                     cmdline: config.cmdline.as_deref().unwrap_or(""),
                 },
             )
+            .map_err(|e| match (e, &config.kernel) {
+                // Name the operator's file, not the built-in guest.
+                (BootError::Load { source, .. }, Some(path)) => BootError::Load {
+                    path: path.clone(),
+                    source,
+                },
+                (e, _) => e,
+            })
         }
     }
 }

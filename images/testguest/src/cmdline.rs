@@ -4,7 +4,7 @@
 //! | option | meaning | default |
 //! |---|---|---|
 //! | `exit=N` | exit status on success, 0..=255 | 0 |
-//! | `pmem=MODE` | `write`, `write-flush-spin`, `readonly-write`, `malformed`, `bench`, `flush-flood` | none: probe only |
+//! | `pmem=MODE` | `write`, `write-flush-spin`, `write-loop`, `readonly-write`, `malformed`, `bench`, `flush-flood` | none: probe only |
 //! | `size=N[K\|M\|G]` | bytes to write per pmem device (rounded down to 8) | whole region (`readonly-write`: 4K) |
 //! | `seed=N` | pattern seed, 0..=0xffff_ffff | 0 |
 //! | `mib=N` | MiB written by `pmem=bench` (capped to the region) | 64 |
@@ -23,6 +23,9 @@ pub enum PmemMode {
     Write,
     /// Write the pattern, flush, report the acknowledgement, then spin forever (the test kills the VMM).
     WriteFlushSpin,
+    /// Write the pattern and flush, over and over, on the first pmem device, forever (the test stops the VMM or
+    /// shrinks the file under it). Reports the first passes.
+    WriteLoop,
     /// Try to write into a (read-only) region, flush, report what reads back.
     ReadonlyWrite,
     /// Send malformed requests, then check the device still answers a good flush.
@@ -38,6 +41,7 @@ impl PmemMode {
         Some(match s {
             "write" => PmemMode::Write,
             "write-flush-spin" => PmemMode::WriteFlushSpin,
+            "write-loop" => PmemMode::WriteLoop,
             "readonly-write" => PmemMode::ReadonlyWrite,
             "malformed" => PmemMode::Malformed,
             "bench" => PmemMode::Bench,
@@ -50,6 +54,7 @@ impl PmemMode {
         match self {
             PmemMode::Write => "write",
             PmemMode::WriteFlushSpin => "write-flush-spin",
+            PmemMode::WriteLoop => "write-loop",
             PmemMode::ReadonlyWrite => "readonly-write",
             PmemMode::Malformed => "malformed",
             PmemMode::Bench => "bench",
@@ -214,6 +219,7 @@ mod tests {
         for (m, mode) in [
             ("write", PmemMode::Write),
             ("readonly-write", PmemMode::ReadonlyWrite),
+            ("write-loop", PmemMode::WriteLoop),
             ("malformed", PmemMode::Malformed),
             ("bench", PmemMode::Bench),
             ("flush-flood", PmemMode::FlushFlood),

@@ -97,6 +97,7 @@ pub use host::{
     unshare, zero, BackingKind, DevDaxInfo, Extent, ExtentFlags, ExtentProblem, FileKey, FsKind,
     HostMapping, MapOptions, Probe, ProbeError,
 };
+pub use host::{lock_file, refuse_if_locked, FileLockError, Holder};
 pub use ids::{BreakId, LeaseId, OwnerId, PinId, RegionId};
 pub use interval::IntervalIndex;
 pub use introspect::{BreakView, LeaseView, OwnerView, PinView, RegionView, Snapshot};

@@ -108,7 +108,12 @@ impl AgentService {
         let rx = inbox.clone();
         let thread = std::thread::Builder::new()
             .name("agent".into())
-            .spawn(move || svc.run(&rx))?;
+            .spawn(move || {
+                match crate::seccomp::apply_for_thread(crate::seccomp::ThreadKind::AgentService) {
+                    Ok(()) => svc.run(&rx),
+                    Err(e) => tracing::error!("agent service not started: {e}"),
+                }
+            })?;
         Ok(AgentService {
             inbox,
             thread: Some(thread),

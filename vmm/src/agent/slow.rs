@@ -46,7 +46,12 @@ impl SlowWorker {
         let (tx, rx) = sync_channel(SLOW_QUEUE);
         std::thread::Builder::new()
             .name("agent-slow".into())
-            .spawn(move || serve(&mapper, out.as_ref(), &rx))?;
+            .spawn(move || {
+                match crate::seccomp::apply_for_thread(crate::seccomp::ThreadKind::AgentService) {
+                    Ok(()) => serve(&mapper, out.as_ref(), &rx),
+                    Err(e) => tracing::error!("agent slow-request thread not started: {e}"),
+                }
+            })?;
         Ok(SlowWorker { tx })
     }
 

@@ -149,34 +149,6 @@ fn private_dir(path: &Path) -> io::Result<PathBuf> {
     Err(io::Error::from(io::ErrorKind::AlreadyExists))
 }
 
-/// SIGTERM and SIGINT stop the VM as `POST /vm/stop` does, so daxvisor exits cleanly and removes its socket.
-fn stop_on_signals(ctx: &Arc<ApiContext>) {
-    use tokio::signal::unix::{signal, SignalKind};
-    for (kind, name) in [
-        (SignalKind::terminate(), "SIGTERM"),
-        (SignalKind::interrupt(), "SIGINT"),
-    ] {
-        let mut sig = match signal(kind) {
-            Ok(s) => s,
-            Err(e) => {
-                tracing::warn!("operator API: cannot handle {name}: {e}");
-                continue;
-            }
-        };
-        let ctx = ctx.clone();
-        tokio::spawn(async move {
-            if sig.recv().await.is_some() {
-                ctx.event(NewEvent {
-                    kind: "stop-requested",
-                    message: format!("{name}: stopping the VM"),
-                    ..NewEvent::default()
-                });
-                ctx.stop();
-            }
-        });
-    }
-}
-
 fn serve(listener: UnixListener, ctx: Arc<ApiContext>, mut shutdown: watch::Receiver<bool>) {
     let runtime = match tokio::runtime::Builder::new_current_thread()
         .enable_all()
@@ -201,7 +173,7 @@ fn serve(listener: UnixListener, ctx: Arc<ApiContext>, mut shutdown: watch::Rece
             message: "operator API serving".into(),
             ..NewEvent::default()
         });
-        stop_on_signals(&ctx);
+        // SIGTERM/SIGINT are handled by `crate::signals` (a clean stop; the socket goes when daxvisor returns).
         let router = super::routes::router(ctx);
         let active = Arc::new(AtomicUsize::new(0));
         loop {

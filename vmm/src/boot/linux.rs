@@ -1,7 +1,6 @@
 //! The Linux x86 64-bit boot protocol (Documentation/arch/x86/boot.rst): load a bzImage or ELF vmlinux, then
 //! build the zero page (setup header, e820 map, command line, initrd) and enter at the 64-bit entry point.
 
-use std::fs::File;
 use std::path::Path;
 
 use linux_loader::configurator::linux::LinuxBootConfigurator;
@@ -52,7 +51,9 @@ pub fn load(mem: &GuestMemoryMmap, boot: &LinuxBoot<'_>) -> Result<BootEntry, Bo
         path: boot.kernel.to_path_buf(),
         source,
     };
-    let mut file = File::open(boot.kernel).map_err(read_err)?;
+    // Opened again by type-checked, non-blocking open: the path may have been swapped since it was classified.
+    let mut file = crate::host_files::open_regular(boot.kernel, "--kernel")
+        .map_err(|e| read_err(std::io::Error::other(e.to_string())))?;
     let load_err = |source| BootError::Load {
         path: boot.kernel.to_path_buf(),
         source,
@@ -154,8 +155,10 @@ fn load_initrd(
         path: path.to_path_buf(),
         source,
     };
-    let data = std::fs::read(path).map_err(read_err)?;
-    let size = data.len() as u64;
+    let mut file = crate::host_files::open_regular(path, "--initrd")
+        .map_err(|e| read_err(std::io::Error::other(e.to_string())))?;
+    // Sized before it is read: an initrd that cannot fit is refused without reading it into memory.
+    let size = file.metadata().map_err(read_err)?.len();
     let low_ram_end = layout::ram_ranges(mem_bytes)[0].1;
     let max = if initrd_addr_max == 0 {
         0x37ff_ffff
@@ -172,8 +175,11 @@ fn load_initrd(
     if addr < kernel_end.max(HIMEM_START) {
         return Err(too_large());
     }
+    let mut data = Vec::new();
+    std::io::Read::read_to_end(&mut std::io::Read::take(&mut file, size), &mut data)
+        .map_err(read_err)?;
     mem.write_slice(&data, GuestAddress(addr))?;
-    Ok((addr, size))
+    Ok((addr, data.len() as u64))
 }
 
 #[cfg(test)]

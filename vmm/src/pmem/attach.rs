@@ -3,8 +3,9 @@
 //! virtio-pmem device for it on the virtio-mmio bus.
 //!
 //! All backings are opened and checked before any is attached; if anything fails, files this run created are
-//! removed again and files it extended get their old length back. `prefault=on` regions are populated after
-//! that check and before any memslot exists.
+//! removed again and files it extended get their old length back. Once attached, the same undo is recorded in
+//! the start's [`StartUndo`], so a step that fails later (a bad kernel, a command line too long) undoes it too.
+//! `prefault=on` regions are populated after that check and before any memslot exists.
 
 use std::collections::HashSet;
 use std::os::unix::fs::MetadataExt;
@@ -20,6 +21,7 @@ use super::config::PmemConfig;
 use super::flush::BackingFlush;
 use crate::device_manager::{DeviceError, DeviceManager, VirtioSlot};
 use crate::event_loop::EventLoop;
+use crate::host_files::StartUndo;
 use crate::layout;
 use crate::lease_manager::LeaseManager;
 use crate::vstate::vm::{Vm, VmError};
@@ -85,6 +87,20 @@ impl PmemRegion {
         self.backing.id()
     }
 
+    /// At VM end, after the devices are gone: one last fdatasync where a flush means one, so writes the guest
+    /// never flushed still reach the disk on a clean stop. A failure is logged with the region named.
+    pub fn final_sync(&self) {
+        if super::flush::FlushAction::for_backing(&self.backing) != super::FlushAction::Fdatasync {
+            return;
+        }
+        match self.backing.file().sync_data() {
+            Ok(()) => tracing::info!(id = %self.id(), "final fdatasync done"),
+            Err(e) => {
+                tracing::error!(id = %self.id(), path = %self.backing.path().display(), "final fdatasync failed: {e}")
+            }
+        }
+    }
+
     /// One info line with the device's counters (at VM end; the metrics endpoint will export the same).
     pub fn log_summary(&self) {
         let m = self.metrics.snapshot();
@@ -122,7 +138,8 @@ pub fn place(mem_bytes: u64, sizes_aligns: &[(u64, u64)]) -> Result<Vec<u64>, Pm
     Ok(out)
 }
 
-/// Attach every configured region. `mem` is guest RAM (the devices' view; pmem windows are not in it).
+/// Attach every configured region. `mem` is guest RAM (the devices' view; pmem windows are not in it). If any
+/// fails, what `create=on` did is undone; after success, [`record_undo`] hands that job to the start's undo list.
 pub fn attach(
     configs: &[PmemConfig],
     mem_bytes: u64,
@@ -151,19 +168,54 @@ pub fn attach(
     let addrs = match result {
         Ok(a) => a,
         Err(e) => {
-            undo(backings);
+            undo_opened(backings);
             return Err(e);
         }
     };
 
-    let mut regions = Vec::new();
-    for (backing, gpa) in backings.into_iter().zip(addrs) {
-        // From here on the guest may come to rely on the files; nothing is undone (KVM/device errors at this
-        // point are host failures, not operator input).
-        let region = attach_one(backing, gpa, vm, devices, event_loop, mem, leases)?;
-        regions.push(region);
+    let mut regions: Vec<PmemRegion> = Vec::new();
+    let mut pending = backings.into_iter().zip(addrs);
+    while let Some((backing, gpa)) = pending.next() {
+        let a = match attach_one(&backing, gpa, vm, devices, event_loop, mem, leases) {
+            Ok(r) => r,
+            Err(e) => {
+                let all = regions.into_iter().map(|r| r.backing);
+                undo_opened(
+                    all.chain([backing])
+                        .chain(pending.map(|(b, _)| b))
+                        .collect(),
+                );
+                return Err(e);
+            }
+        };
+        regions.push(PmemRegion {
+            backing,
+            guest_addr: gpa,
+            slot: a.slot,
+            metrics: a.metrics,
+            region: a.region,
+            rate_limit: a.rate_limit,
+        });
     }
     Ok(regions)
+}
+
+/// Record in `undo` what `create=on` did to the regions' files, for a start that fails after they were attached
+/// (a bad kernel, a command line too long).
+pub fn record_undo(regions: &[PmemRegion], undo: &mut StartUndo) -> Result<(), PmemError> {
+    for b in regions.iter().map(|r| &r.backing) {
+        if b.created() {
+            undo.remove_on_failure(b.path());
+        } else if let Some(len) = b.extended_from() {
+            let file = b.file().try_clone().map_err(|source| BackingError::Io {
+                path: b.path().to_owned(),
+                what: "duplicate its descriptor",
+                source,
+            })?;
+            undo.truncate_on_failure(file, b.path(), len);
+        }
+    }
+    Ok(())
 }
 
 fn open_all(configs: &[PmemConfig], backings: &mut Vec<Backing>) -> Result<(), PmemError> {
@@ -173,6 +225,12 @@ fn open_all(configs: &[PmemConfig], backings: &mut Vec<Backing>) -> Result<(), P
         let id = cfg.id.clone().unwrap_or_else(|| format!("pmem{i}"));
         if !ids.insert(id.clone()) {
             return Err(PmemError::DuplicateId(id));
+        }
+        // Before the open: the second open of one file would otherwise meet this VMM's own lock.
+        if let Ok(m) = std::fs::metadata(&cfg.file) {
+            if files.contains(&(m.dev(), m.ino(), m.rdev())) {
+                return Err(PmemError::DuplicateFile(cfg.file.clone()));
+            }
         }
         let backing = Backing::open(cfg, &id)?;
         let key = backing
@@ -193,21 +251,29 @@ fn open_all(configs: &[PmemConfig], backings: &mut Vec<Backing>) -> Result<(), P
 }
 
 /// Start failed before the guest ran: remove what `create=on` created, shrink what it extended.
-fn undo(backings: Vec<Backing>) {
+fn undo_opened(backings: Vec<Backing>) {
     for b in backings.into_iter().rev() {
         b.undo_create();
     }
 }
 
+/// What attaching one backing produced (the backing itself stays with the caller, for undo on failure).
+struct Attached {
+    slot: VirtioSlot,
+    metrics: Arc<PmemMetrics>,
+    region: daxvisor_mapper::RegionId,
+    rate_limit: Arc<FlushRateLimit>,
+}
+
 fn attach_one(
-    backing: Backing,
+    backing: &Backing,
     gpa: u64,
     vm: &mut Vm,
     devices: &mut DeviceManager,
     event_loop: &mut EventLoop,
     mem: &GuestMemoryMmap,
     leases: &LeaseManager,
-) -> Result<PmemRegion, PmemError> {
+) -> Result<Attached, PmemError> {
     let id = backing.id().to_owned();
     let slot = backing.memslot(gpa);
     vm.add_slot(
@@ -226,12 +292,12 @@ fn attach_one(
     };
     // Registered before the device exists, so every flush batch runs under a transient pin of the region.
     let region = leases
-        .add_pmem_region(&backing, gpa)
+        .add_pmem_region(backing, gpa)
         .map_err(|source| PmemError::Leases {
             id: id.clone(),
             source,
         })?;
-    let flush = BackingFlush::new(&backing, Some(leases.fence(region))).map_err(worker_err)?;
+    let flush = BackingFlush::new(backing, Some(leases.fence(region))).map_err(worker_err)?;
     let pmem = Pmem::new(
         &id,
         DeviceConfig {
@@ -270,9 +336,7 @@ fn attach_one(
         irq = vslot.irq,
         "pmem region attached"
     );
-    Ok(PmemRegion {
-        backing,
-        guest_addr: gpa,
+    Ok(Attached {
         slot: vslot,
         metrics,
         region,
@@ -316,7 +380,7 @@ mod tests {
         assert!(err.to_string().contains("missing.img"));
         assert!(created.exists(), "created before the failure");
         assert_eq!(std::fs::metadata(&existing).unwrap().len(), 4 * MIB);
-        undo(backings);
+        undo_opened(backings);
         assert!(!created.exists(), "removed again");
         assert_eq!(
             std::fs::read(&existing).unwrap(),
@@ -335,6 +399,7 @@ mod tests {
             open_all(&dup, &mut backings),
             Err(PmemError::DuplicateFile(_))
         ));
+        undo_opened(backings);
         let ids: Vec<PmemConfig> = [
             format!("file={},id=a", existing.display()),
             format!("file={},id=a", created.display()),

@@ -83,6 +83,16 @@ pub enum BackingError {
     },
     #[error("pmem {path}: device-DAX {what}")]
     DevDax { path: PathBuf, what: String },
+    #[error("pmem {path}: the file system is read-only (EROFS); use readonly=on or discard_writes=on, or a file on a writable file system")]
+    ReadOnlyFs { path: PathBuf },
+    #[error("pmem {path}: busy (EAGAIN): another process holds a kernel lease on it (a running VM?); stop it or use another file")]
+    Busy { path: PathBuf },
+    #[error(
+        "pmem {path}: cannot create it: the directory {parent} does not exist; create it first"
+    )]
+    MissingParent { path: PathBuf, parent: PathBuf },
+    #[error(transparent)]
+    Lock(#[from] daxvisor_mapper::FileLockError),
     #[error("pmem {path}: cannot {what}: {source}")]
     Io {
         path: PathBuf,
@@ -134,6 +144,8 @@ impl Backing {
     ) -> Result<Backing, BackingError> {
         let path = cfg.file.clone();
         let write_file = !cfg.readonly && !cfg.discard_writes;
+        // Refused before the open: a second VMM must not even break the running VM's kernel lease.
+        daxvisor_mapper::refuse_if_locked(&path, write_file)?;
 
         // Look before opening: a FIFO would block the open, a directory is never right.
         let meta = match std::fs::metadata(&path) {
@@ -189,6 +201,8 @@ impl Backing {
         };
         let size = cfg.size.unwrap_or(avail_len);
         check_size(&path, size, avail_len, dev_dax, cfg.create)?;
+        // Held for the VM's life (it lives on this open file description); taken before anything is changed.
+        daxvisor_mapper::lock_file(&file, &path, write_file)?;
 
         if size > avail_len {
             // create=on, regular file: reserve the blocks now so a guest write cannot hit ENOSPC later.
@@ -329,6 +343,16 @@ impl Backing {
         }
     }
 
+    /// This open created the file (`create=on`).
+    pub fn created(&self) -> bool {
+        self.created
+    }
+
+    /// The length this open extended the file from (`create=on` on a shorter file).
+    pub fn extended_from(&self) -> Option<u64> {
+        self.extended_from
+    }
+
     /// Fails if the file is now shorter than the part the guest sees (someone truncated it under the VM).
     pub fn check_not_shrunk(&self) -> io::Result<()> {
         if self.dev_dax.is_some() {
@@ -394,6 +418,16 @@ fn check_type(path: &Path, m: &Metadata) -> Result<(), BackingError> {
 }
 
 fn open_error(path: &Path, e: io::Error, mode: &'static str) -> BackingError {
+    if e.raw_os_error() == Some(libc::EROFS) {
+        return BackingError::ReadOnlyFs {
+            path: path.to_owned(),
+        };
+    }
+    if e.raw_os_error() == Some(libc::EAGAIN) {
+        return BackingError::Busy {
+            path: path.to_owned(),
+        };
+    }
     if e.kind() == io::ErrorKind::PermissionDenied || e.raw_os_error() == Some(libc::EROFS) {
         BackingError::PermissionDenied {
             path: path.to_owned(),
@@ -426,8 +460,14 @@ fn create_new(path: &Path) -> Result<File, BackingError> {
         .custom_flags(libc::O_CLOEXEC)
         .open(path)
         .map_err(|e| match e.kind() {
-            io::ErrorKind::NotFound => BackingError::Missing {
-                path: path.to_owned(),
+            io::ErrorKind::NotFound => match path.parent().filter(|p| !p.as_os_str().is_empty()) {
+                Some(parent) if !parent.exists() => BackingError::MissingParent {
+                    path: path.to_owned(),
+                    parent: parent.to_owned(),
+                },
+                _ => BackingError::Missing {
+                    path: path.to_owned(),
+                },
             },
             _ => open_error(path, e, "to create it"),
         })
@@ -802,7 +842,7 @@ mod tests {
         let e = err(Path::new("/dev/null"), "size=2M");
         assert!(e.contains("not dax") || e.contains("not device-DAX"), "{e}");
         let e = err(&d.join("missing-dir/x.img"), "size=2M,create=on");
-        assert!(e.contains("no such file"), "{e}");
+        assert!(e.contains("missing-dir does not exist"), "{e}");
 
         assert_eq!(snapshot(d), before, "nothing created or modified");
     }
@@ -824,6 +864,9 @@ mod tests {
             "extension allocated, not a hole"
         );
         write_mapped(&b, 8 * MIB - 4, b"tail");
+        // One user at a time (the exclusive-use lock): a second open is refused while `b` holds the file.
+        assert!(Backing::open(&cfg(&p, "size=2M"), "second").is_err());
+        drop(b);
         // Smaller size than the file: the window is a prefix, the file keeps its length.
         let b2 = Backing::open(&cfg(&p, "size=2M"), "prefix").unwrap();
         assert_eq!(b2.size(), 2 * MIB);

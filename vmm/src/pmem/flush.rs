@@ -96,6 +96,13 @@ impl BackingFlush {
 }
 
 impl Flush for BackingFlush {
+    fn on_worker_start(&self) -> io::Result<()> {
+        crate::seccomp::apply_for_thread(crate::seccomp::ThreadKind::FlushWorker).map_err(|e| {
+            tracing::error!(path = %self.path.display(), "{e}; this region's flushes will fail");
+            io::Error::other(e.to_string())
+        })
+    }
+
     fn flush(&self) -> io::Result<()> {
         let _transient = match &self.fence {
             Some(f) => Some(

@@ -5,12 +5,14 @@
 //! - [`attach`](mod@attach): placing the regions in a VM (memslots, virtio-pmem devices).
 //! - [`prefault`]: `prefault=on`, populating a region before the guest starts.
 //! - [`flush`]: what a guest flush request does for each kind ([`BackingFlush`]).
+//! - [`fault`]: naming the region, file and offset behind a KVM_RUN EFAULT.
 //!
 //! The backing kind ([`BackingKind`]) and every probe of a host file come from the mapper crate.
 
 pub mod attach;
 pub mod backing;
 pub mod config;
+pub mod fault;
 pub mod flush;
 pub mod prefault;
 

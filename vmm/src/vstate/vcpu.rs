@@ -51,6 +51,11 @@ pub enum StopReason {
     },
     /// KVM itself failed.
     VmmError(String),
+    /// KVM_RUN failed with EFAULT: the host could not provide a page of guest memory (a pmem backing that
+    /// shrank or whose file system is full). `gpa` when KVM reported it (KVM_EXIT_MEMORY_FAULT).
+    MemoryFault { vcpu: u8, gpa: Option<u64> },
+    /// The VMM was asked to stop (SIGINT/SIGTERM: the signal number).
+    Signal(i32),
     /// The operator asked for a graceful stop (operator API).
     Operator,
 }
@@ -192,10 +197,18 @@ impl Vcpu {
     }
 
     fn run(mut self) {
+        if let Err(e) = crate::seccomp::apply_for_thread(crate::seccomp::ThreadKind::Vcpu) {
+            self.state.request_stop(StopReason::VmmError(e.to_string()));
+            return;
+        }
         while !self.state.stopping() {
             let outcome = match self.fd.run() {
                 Ok(exit) => handle_exit(self.index, exit, &self.pio, &self.mmio),
                 Err(e) if e.errno() == libc::EINTR || e.errno() == libc::EAGAIN => None,
+                Err(e) if e.errno() == libc::EFAULT => Some(StopReason::MemoryFault {
+                    vcpu: self.index,
+                    gpa: self.memory_fault_gpa(),
+                }),
                 Err(e) => Some(StopReason::VmmError(format!(
                     "KVM_RUN on vCPU {}: {e}",
                     self.index
@@ -208,6 +221,16 @@ impl Vcpu {
             }
         }
         tracing::debug!(vcpu = self.index, "vCPU thread ends");
+    }
+
+    /// The guest physical address KVM reported with the last EFAULT, if it filled in `memory_fault`.
+    fn memory_fault_gpa(&mut self) -> Option<u64> {
+        let run = self.fd.get_kvm_run();
+        if run.exit_reason != kvm_bindings::KVM_EXIT_MEMORY_FAULT {
+            return None;
+        }
+        // SAFETY: exit_reason says the `memory_fault` member of the union is the one KVM filled in.
+        Some(unsafe { run.__bindgen_anon_1.memory_fault.gpa })
     }
 
     /// Attach the register dump to a crash report (after the exit borrow of the vCPU has ended).

@@ -32,6 +32,12 @@ use super::rate_limit::{Admission, FlushRateLimit};
 pub trait Flush: Send + Sync {
     /// Return only once everything written to the region before the call is durable.
     fn flush(&self) -> io::Result<()>;
+
+    /// Called first thing on the worker thread, before any request (the VMM installs the thread's seccomp
+    /// filter here). An error fails every flush of this worker.
+    fn on_worker_start(&self) -> io::Result<()> {
+        Ok(())
+    }
 }
 
 impl<F: Fn() -> io::Result<()> + Send + Sync> Flush for F {
@@ -140,6 +146,7 @@ impl<R: Send + 'static> FlushWorker<R> {
         let thread = std::thread::Builder::new()
             .name(name.to_owned())
             .spawn(move || {
+                let ready = flush.on_worker_start();
                 let mut group = Group::default();
                 while let Some(batch) = next_batch(&worker_shared, policy, group) {
                     if let Some((limit, on_admit)) = &limit {
@@ -147,7 +154,10 @@ impl<R: Send + 'static> FlushWorker<R> {
                     }
                     let size = batch.len();
                     let started = Instant::now();
-                    let result = flush.flush();
+                    let result = match &ready {
+                        Ok(()) => flush.flush(),
+                        Err(e) => Err(io::Error::new(e.kind(), e.to_string())),
+                    };
                     let took = started.elapsed();
                     complete(batch, &result);
                     group = Group {

@@ -58,6 +58,7 @@ pub fn run(mode: PmemMode, opts: &Options, info: &BootInfo, devices: &[Found]) -
         let rc = match mode {
             PmemMode::Write => super::write::write_flush_verify(n, &mut pmem, opts),
             PmemMode::WriteFlushSpin => super::write::write_flush(n, &mut pmem, opts),
+            PmemMode::WriteLoop => super::write::write_loop(n, &mut pmem, opts),
             PmemMode::ReadonlyWrite => super::readonly::run(n, &mut pmem, opts),
             PmemMode::Malformed => super::malformed::run(n, &mut pmem),
             PmemMode::Bench => super::bench::run(n, &mut pmem, opts),

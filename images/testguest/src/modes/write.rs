@@ -1,11 +1,11 @@
-//! `pmem=write` and `pmem=write-flush-spin`: write the pattern (crate::pattern), flush, and read it back.
+//! `pmem=write`, `pmem=write-flush-spin` and `pmem=write-loop`: write the pattern (crate::pattern), flush, and read it back.
 
 use super::pmem::{byte_count, flush_or_fail};
 use crate::cmdline::Options;
 use crate::exit::code;
 use crate::pattern;
 use crate::say;
-use crate::virtio::pmem::PmemDevice;
+use crate::virtio::pmem::{FlushResult, PmemDevice};
 
 /// Write the pattern over `len` bytes from the region start. Volatile stores: the device (the host file) is the
 /// reader, the compiler must not drop or merge them.
@@ -62,5 +62,26 @@ pub fn write_flush(n: usize, pmem: &mut PmemDevice, opts: &Options) -> u32 {
             0
         }
         Err(rc) => rc,
+    }
+}
+
+/// Passes reported by `write_loop`; later passes are silent (the serial port is slow).
+const LOOP_REPORTED_PASSES: u64 = 3;
+
+/// Write and flush forever; returns only if a flush fails.
+pub fn write_loop(n: usize, pmem: &mut PmemDevice, opts: &Options) -> u32 {
+    let len = byte_count(opts, pmem.size, None);
+    let mut pass: u64 = 0;
+    loop {
+        pass += 1;
+        write_pattern(pmem, len, opts.seed);
+        let result = pmem.flush();
+        if !matches!(result, FlushResult::Ok { .. }) {
+            say!("FAIL pmem{n} flush in pass {pass}: {result}");
+            return code::FLUSH_FAILED;
+        }
+        if pass <= LOOP_REPORTED_PASSES {
+            say!("pmem{n} pass {pass} flushed");
+        }
     }
 }

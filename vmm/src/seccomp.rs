@@ -1,0 +1,392 @@
+//! Seccomp filters, one per kind of thread (seccompiler; the lists are Rust, as in Cloud Hypervisor). Each thread
+//! installs its own filter before it handles guest or operator input: a vCPU before its first KVM_RUN, a flush
+//! worker before its first flush, the event loop once every other thread is started. `--seccomp on` (the
+//! default) kills the process on a syscall outside the thread's list, `log` lets it through and has the kernel
+//! log it (audit type 1326: `dmesg`), `off` installs nothing. Installing a filter also sets no_new_privs.
+//!
+//! The lists are in `docs/security.md`; [`allowed`] is the source. Threads that other parts of daxvisor start
+//! (the operator API, the agent service) call [`Filters::apply`] with their [`ThreadKind`] first thing.
+
+use std::collections::BTreeMap;
+use std::sync::OnceLock;
+
+use seccompiler::{BpfProgram, SeccompAction, SeccompFilter, TargetArch};
+
+/// What a syscall outside a thread's list does.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, clap::ValueEnum)]
+pub enum SeccompMode {
+    /// Kill the process (SIGSYS).
+    #[default]
+    On,
+    /// Allow it, and have the kernel log it.
+    Log,
+    /// No filters.
+    Off,
+}
+
+/// The kinds of thread daxvisor runs, each with its own list.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
+pub enum ThreadKind {
+    /// Runs KVM_RUN and the device register handlers it exits to.
+    Vcpu,
+    /// The main thread: the event loop (virtqueues, host guard), then the stop sequence.
+    EventLoop,
+    /// One per pmem device: fdatasync for the guest's flushes.
+    FlushWorker,
+    /// The host guard, when it runs on a thread of its own (fanotify).
+    Guard,
+    /// Turns SIGINT/SIGTERM into a stop.
+    Signals,
+    /// The operator API server (HTTP over a Unix socket).
+    Api,
+    /// The guest agent service (its session thread and its slow-request worker).
+    AgentService,
+    /// Forwards host stdin to the guest console.
+    ConsoleInput,
+}
+
+impl ThreadKind {
+    /// Every kind, for building and documenting.
+    pub const ALL: [ThreadKind; 8] = [
+        ThreadKind::Vcpu,
+        ThreadKind::EventLoop,
+        ThreadKind::FlushWorker,
+        ThreadKind::Guard,
+        ThreadKind::Signals,
+        ThreadKind::Api,
+        ThreadKind::AgentService,
+        ThreadKind::ConsoleInput,
+    ];
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum SeccompError {
+    #[error("building the seccomp filter for {kind:?} threads: {source}")]
+    Build {
+        kind: ThreadKind,
+        source: seccompiler::BackendError,
+    },
+    #[error("installing the seccomp filter for a {kind:?} thread: {source}")]
+    Apply {
+        kind: ThreadKind,
+        source: seccompiler::Error,
+    },
+}
+
+/// What every Rust thread needs: memory, locks, its own signals, logging, the end of the thread.
+const COMMON: &[(i64, &str)] = &[
+    (libc::SYS_read, "read"),
+    (libc::SYS_write, "write"),
+    (libc::SYS_writev, "writev"),
+    (libc::SYS_close, "close"),
+    // Debug builds check a descriptor is open (F_GETFD) before closing it.
+    (libc::SYS_fcntl, "fcntl"),
+    (libc::SYS_futex, "futex"),
+    (libc::SYS_mmap, "mmap"),
+    (libc::SYS_munmap, "munmap"),
+    (libc::SYS_mremap, "mremap"),
+    (libc::SYS_madvise, "madvise"),
+    (libc::SYS_mprotect, "mprotect"),
+    (libc::SYS_brk, "brk"),
+    (libc::SYS_rt_sigprocmask, "rt_sigprocmask"),
+    (libc::SYS_rt_sigreturn, "rt_sigreturn"),
+    (libc::SYS_sigaltstack, "sigaltstack"),
+    (libc::SYS_sched_yield, "sched_yield"),
+    (libc::SYS_clock_gettime, "clock_gettime"),
+    (libc::SYS_clock_nanosleep, "clock_nanosleep"),
+    (libc::SYS_nanosleep, "nanosleep"),
+    (libc::SYS_getrandom, "getrandom"),
+    (libc::SYS_gettid, "gettid"),
+    (libc::SYS_getpid, "getpid"),
+    // signal-hook's handler wakes its thread through a socket, on whichever thread the signal lands.
+    (libc::SYS_sendto, "sendto"),
+    (libc::SYS_exit, "exit"),
+    (libc::SYS_exit_group, "exit_group"),
+];
+
+/// The syscalls a thread of `kind` may make, with their names (for the docs and the logs).
+pub fn allowed(kind: ThreadKind) -> Vec<(i64, &'static str)> {
+    let mut v = COMMON.to_vec();
+    let extra: &[(i64, &str)] = match kind {
+        ThreadKind::Vcpu => &[
+            (libc::SYS_ioctl, "ioctl"),
+            // Kicking a sibling out of KVM_RUN, and the end of the VM.
+            (libc::SYS_tgkill, "tgkill"),
+        ],
+        ThreadKind::EventLoop => &[
+            (libc::SYS_epoll_wait, "epoll_wait"),
+            (libc::SYS_epoll_pwait, "epoll_pwait"),
+            (libc::SYS_epoll_ctl, "epoll_ctl"),
+            (libc::SYS_ioctl, "ioctl"),
+            (libc::SYS_fdatasync, "fdatasync"),
+            (libc::SYS_fsync, "fsync"),
+            (libc::SYS_fstat, "fstat"),
+            (libc::SYS_newfstatat, "newfstatat"),
+            (libc::SYS_statx, "statx"),
+            (libc::SYS_fstatfs, "fstatfs"),
+            (libc::SYS_fallocate, "fallocate"),
+            (libc::SYS_ftruncate, "ftruncate"),
+            (libc::SYS_lseek, "lseek"),
+            (libc::SYS_timerfd_settime, "timerfd_settime"),
+            (libc::SYS_tgkill, "tgkill"),
+            (libc::SYS_rt_sigtimedwait, "rt_sigtimedwait"),
+            (libc::SYS_munlock, "munlock"),
+            (libc::SYS_mlock, "mlock"),
+            // The host guard runs on the event loop for now and reads /proc (lease-break-time) per event.
+            (libc::SYS_openat, "openat"),
+            // At the end: the operator API's socket and its private directory are removed.
+            (libc::SYS_unlink, "unlink"),
+            (libc::SYS_unlinkat, "unlinkat"),
+            (libc::SYS_rmdir, "rmdir"),
+            (libc::SYS_renameat, "renameat"),
+            (libc::SYS_rename, "rename"),
+        ],
+        ThreadKind::FlushWorker => &[
+            (libc::SYS_fdatasync, "fdatasync"),
+            (libc::SYS_fsync, "fsync"),
+            (libc::SYS_fstat, "fstat"),
+            (libc::SYS_newfstatat, "newfstatat"),
+            (libc::SYS_statx, "statx"),
+        ],
+        ThreadKind::Guard => &[
+            (libc::SYS_fanotify_init, "fanotify_init"),
+            (libc::SYS_fanotify_mark, "fanotify_mark"),
+            (libc::SYS_openat, "openat"),
+            (libc::SYS_readlinkat, "readlinkat"),
+            (libc::SYS_fstat, "fstat"),
+            (libc::SYS_newfstatat, "newfstatat"),
+            (libc::SYS_statx, "statx"),
+            (libc::SYS_ppoll, "ppoll"),
+            (libc::SYS_poll, "poll"),
+            (libc::SYS_epoll_wait, "epoll_wait"),
+            (libc::SYS_epoll_pwait, "epoll_pwait"),
+            (libc::SYS_epoll_ctl, "epoll_ctl"),
+            // Today's guard thread: whole-file breaks through the mapper, kernel lease re-arm (fcntl).
+            (libc::SYS_fstatfs, "fstatfs"),
+            (libc::SYS_munlock, "munlock"),
+            (libc::SYS_tgkill, "tgkill"),
+        ],
+        ThreadKind::Signals => &[
+            (libc::SYS_recvfrom, "recvfrom"),
+            (libc::SYS_recvmsg, "recvmsg"),
+            (libc::SYS_poll, "poll"),
+            (libc::SYS_ppoll, "ppoll"),
+            (libc::SYS_rt_sigaction, "rt_sigaction"),
+        ],
+        ThreadKind::Api => &[
+            (libc::SYS_accept4, "accept4"),
+            (libc::SYS_recvfrom, "recvfrom"),
+            (libc::SYS_recvmsg, "recvmsg"),
+            (libc::SYS_sendmsg, "sendmsg"),
+            (libc::SYS_shutdown, "shutdown"),
+            (libc::SYS_epoll_wait, "epoll_wait"),
+            (libc::SYS_epoll_pwait, "epoll_pwait"),
+            (libc::SYS_epoll_ctl, "epoll_ctl"),
+            (libc::SYS_epoll_create1, "epoll_create1"),
+            (libc::SYS_eventfd2, "eventfd2"),
+            (libc::SYS_ioctl, "ioctl"),
+            (libc::SYS_fstat, "fstat"),
+            (libc::SYS_statx, "statx"),
+            (libc::SYS_getsockopt, "getsockopt"),
+            (libc::SYS_setsockopt, "setsockopt"),
+        ],
+        ThreadKind::ConsoleInput => &[],
+        ThreadKind::AgentService => &[
+            (libc::SYS_recvfrom, "recvfrom"),
+            (libc::SYS_recvmsg, "recvmsg"),
+            (libc::SYS_sendmsg, "sendmsg"),
+            (libc::SYS_epoll_wait, "epoll_wait"),
+            (libc::SYS_epoll_pwait, "epoll_pwait"),
+            (libc::SYS_epoll_ctl, "epoll_ctl"),
+            (libc::SYS_poll, "poll"),
+            (libc::SYS_ppoll, "ppoll"),
+            (libc::SYS_fstat, "fstat"),
+            (libc::SYS_statx, "statx"),
+            (libc::SYS_fallocate, "fallocate"),
+            (libc::SYS_fdatasync, "fdatasync"),
+            (libc::SYS_ioctl, "ioctl"),
+            // Pins and prepares: probe the file, FIEMAP (ioctl), populate and lock the range.
+            (libc::SYS_fstatfs, "fstatfs"),
+            (libc::SYS_newfstatat, "newfstatat"),
+            (libc::SYS_lseek, "lseek"),
+            (libc::SYS_pread64, "pread64"),
+            (libc::SYS_pwrite64, "pwrite64"),
+            (libc::SYS_fsync, "fsync"),
+            (libc::SYS_ftruncate, "ftruncate"),
+            (libc::SYS_fadvise64, "fadvise64"),
+            (libc::SYS_mincore, "mincore"),
+            (libc::SYS_mlock, "mlock"),
+            (libc::SYS_mlock2, "mlock2"),
+            (libc::SYS_munlock, "munlock"),
+        ],
+    };
+    v.extend_from_slice(extra);
+    v
+}
+
+/// Build the filter for `kind` under `mode`; `None` when `mode` is off.
+pub fn build(kind: ThreadKind, mode: SeccompMode) -> Result<Option<BpfProgram>, SeccompError> {
+    let mismatch = match mode {
+        SeccompMode::Off => return Ok(None),
+        SeccompMode::On => SeccompAction::KillProcess,
+        SeccompMode::Log => SeccompAction::Log,
+    };
+    let rules: BTreeMap<i64, Vec<seccompiler::SeccompRule>> = allowed(kind)
+        .into_iter()
+        .map(|(nr, _)| (nr, Vec::new()))
+        .collect();
+    let err = |source| SeccompError::Build { kind, source };
+    let filter = SeccompFilter::new(rules, mismatch, SeccompAction::Allow, TargetArch::x86_64)
+        .map_err(err)?;
+    Ok(Some(filter.try_into().map_err(err)?))
+}
+
+/// Every thread kind's filter, built once at start (so a thread only has to install its own).
+#[derive(Clone, Debug)]
+pub struct Filters {
+    mode: SeccompMode,
+    programs: BTreeMap<ThreadKind, BpfProgram>,
+}
+
+impl Filters {
+    pub fn new(mode: SeccompMode) -> Result<Filters, SeccompError> {
+        let mut programs = BTreeMap::new();
+        for kind in ThreadKind::ALL {
+            if let Some(p) = build(kind, mode)? {
+                programs.insert(kind, p);
+            }
+        }
+        Ok(Filters { mode, programs })
+    }
+
+    pub fn mode(&self) -> SeccompMode {
+        self.mode
+    }
+
+    /// Install `kind`'s filter on the calling thread (nothing when seccomp is off).
+    pub fn apply(&self, kind: ThreadKind) -> Result<(), SeccompError> {
+        match self.programs.get(&kind) {
+            Some(p) => {
+                seccompiler::apply_filter(p).map_err(|source| SeccompError::Apply { kind, source })
+            }
+            None => Ok(()),
+        }
+    }
+}
+
+/// The process's filters, set once at start by [`init`].
+static FILTERS: OnceLock<Filters> = OnceLock::new();
+
+/// Build every filter for `mode` and make them the process's (the first call wins; later calls change nothing).
+pub fn init(mode: SeccompMode) -> Result<(), SeccompError> {
+    if FILTERS.get().is_none() {
+        let _ = FILTERS.set(Filters::new(mode)?);
+    }
+    Ok(())
+}
+
+/// Install the filter for `kind` on the calling thread: what every thread does before it handles guest or
+/// operator input. Nothing happens before [`init`] (library use, unit tests) or with `--seccomp off`.
+pub fn apply_for_thread(kind: ThreadKind) -> Result<(), SeccompError> {
+    match FILTERS.get() {
+        Some(f) => f.apply(kind),
+        None => Ok(()),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A harmless syscall that no thread's list allows.
+    const FORBIDDEN: i64 = libc::SYS_uname;
+
+    /// In a forked child: install `kind`'s filter, make the forbidden syscall, exit 0. Returns the wait status.
+    fn try_forbidden(kind: ThreadKind, mode: SeccompMode) -> (libc::pid_t, libc::c_int) {
+        let prog = build(kind, mode).unwrap().unwrap();
+        // SAFETY: the child only makes raw syscalls (prctl, seccomp, uname, _exit): nothing that allocates or
+        // takes a lock another thread of this test process could have held at the fork.
+        let pid = unsafe { libc::fork() };
+        assert!(pid >= 0, "fork");
+        if pid == 0 {
+            if seccompiler::apply_filter(&prog).is_err() {
+                // SAFETY: _exit ends the child at once.
+                unsafe { libc::_exit(2) };
+            }
+            let mut u = std::mem::MaybeUninit::<libc::utsname>::uninit();
+            // SAFETY: uname writes into the buffer we own.
+            unsafe { libc::syscall(FORBIDDEN, u.as_mut_ptr()) };
+            // SAFETY: as above.
+            unsafe { libc::_exit(0) };
+        }
+        let mut status = 0;
+        // SAFETY: waiting for our own child.
+        let rc = unsafe { libc::waitpid(pid, &mut status, 0) };
+        assert_eq!(rc, pid);
+        (pid, status)
+    }
+
+    /// The two tests that make the kernel log seccomp events run one at a time (its log is rate-limited).
+    static SERIAL: std::sync::Mutex<()> = std::sync::Mutex::new(());
+
+    #[test]
+    fn every_thread_kind_is_killed_for_a_syscall_outside_its_list() {
+        let _one_at_a_time = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+        for kind in ThreadKind::ALL {
+            assert!(allowed(kind).iter().all(|&(nr, _)| nr != FORBIDDEN));
+            let (_, status) = try_forbidden(kind, SeccompMode::On);
+            assert!(
+                libc::WIFSIGNALED(status) && libc::WTERMSIG(status) == libc::SIGSYS,
+                "{kind:?}: status {status:#x}"
+            );
+        }
+    }
+
+    /// Has the kernel logged `pid` making the forbidden syscall? Waits up to a second.
+    fn logged(pid: libc::pid_t) -> bool {
+        let want = format!("pid={pid} ");
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(1);
+        while std::time::Instant::now() < deadline {
+            let out = std::process::Command::new("dmesg").output().unwrap();
+            let log = String::from_utf8_lossy(&out.stdout);
+            let seen = log.lines().any(|l| {
+                l.contains("type=1326")
+                    && l.contains(&want)
+                    && l.contains(&format!("syscall={FORBIDDEN} "))
+            });
+            if seen {
+                return true;
+            }
+            std::thread::sleep(std::time::Duration::from_millis(100));
+        }
+        false
+    }
+
+    #[test]
+    fn in_log_mode_the_syscall_runs_and_the_kernel_logs_it() {
+        let _one_at_a_time = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+        for kind in ThreadKind::ALL {
+            // The kernel rate-limits these log lines (printk without auditd): a dropped line is retried.
+            let mut attempts = 0;
+            loop {
+                let (pid, status) = try_forbidden(kind, SeccompMode::Log);
+                assert!(
+                    libc::WIFEXITED(status) && libc::WEXITSTATUS(status) == 0,
+                    "{kind:?}: status {status:#x}"
+                );
+                if logged(pid) {
+                    break;
+                }
+                attempts += 1;
+                assert!(attempts < 8, "{kind:?}: no seccomp log line in dmesg");
+            }
+        }
+    }
+
+    #[test]
+    fn off_builds_nothing() {
+        assert!(build(ThreadKind::Vcpu, SeccompMode::Off).unwrap().is_none());
+        let f = Filters::new(SeccompMode::Off).unwrap();
+        f.apply(ThreadKind::Vcpu).unwrap();
+    }
+}
