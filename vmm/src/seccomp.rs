@@ -189,6 +189,23 @@ pub fn allowed(kind: ThreadKind) -> Vec<(i64, &'static str)> {
             (libc::SYS_statx, "statx"),
             (libc::SYS_getsockopt, "getsockopt"),
             (libc::SYS_setsockopt, "setsockopt"),
+            // Layout changes run on the runtime's blocking pool (a change waits for holders): the pool's
+            // threads start from this one, and the mapper probes and changes the backing file.
+            (libc::SYS_clone3, "clone3"),
+            (libc::SYS_clone, "clone"),
+            // The runtime reads the CPU quota (cgroup files) when it sizes its blocking pool.
+            (libc::SYS_openat, "openat"),
+            (libc::SYS_set_robust_list, "set_robust_list"),
+            (libc::SYS_rseq, "rseq"),
+            (libc::SYS_prctl, "prctl"),
+            (libc::SYS_sched_getaffinity, "sched_getaffinity"),
+            (libc::SYS_fstatfs, "fstatfs"),
+            (libc::SYS_newfstatat, "newfstatat"),
+            (libc::SYS_fallocate, "fallocate"),
+            (libc::SYS_ftruncate, "ftruncate"),
+            (libc::SYS_munlock, "munlock"),
+            (libc::SYS_poll, "poll"),
+            (libc::SYS_ppoll, "ppoll"),
         ],
         ThreadKind::ConsoleInput => &[],
         ThreadKind::AgentService => &[

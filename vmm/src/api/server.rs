@@ -160,6 +160,11 @@ fn serve(listener: UnixListener, ctx: Arc<ApiContext>, mut shutdown: watch::Rece
             return;
         }
     };
+    // Before the first request is read; the runtime's blocking-pool threads inherit it.
+    if let Err(e) = crate::seccomp::apply_for_thread(crate::seccomp::ThreadKind::Api) {
+        tracing::error!("operator API not started: {e}");
+        return;
+    }
     runtime.block_on(async move {
         let listener = match tokio::net::UnixListener::from_std(listener) {
             Ok(l) => l,
