@@ -86,3 +86,16 @@ pub trait VirtioDevice: Send {
     /// A host-side event registered by [`VirtioDevice::init_host_events`] fired.
     fn process_host_event(&mut self, _events: Events, _ops: &mut EventOps) {}
 }
+
+/// Copies `data.len()` bytes of a device's config space `cfg` from `offset` into `data`; bytes past its end read
+/// as zero (a guest may read any width at any offset).
+pub fn read_config_bytes(cfg: &[u8], offset: u64, data: &mut [u8]) {
+    for (i, b) in data.iter_mut().enumerate() {
+        *b = usize::try_from(offset)
+            .ok()
+            .and_then(|o| o.checked_add(i))
+            .and_then(|o| cfg.get(o))
+            .copied()
+            .unwrap_or(0);
+    }
+}

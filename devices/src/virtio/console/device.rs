@@ -24,7 +24,7 @@ use super::port::{PortBackend, PortSender, Shared};
 use super::{
     MAX_TX_CHAIN, PORT_RX_LIMIT, QUEUE_SIZE, VIRTIO_CONSOLE_F_MULTIPORT, VIRTIO_ID_CONSOLE,
 };
-use crate::virtio::device::QueueError;
+use crate::virtio::device::{read_config_bytes, QueueError};
 use crate::virtio::{ActivateError, GuestMemory, InterruptKind, VirtioDevice, VirtioInterrupt};
 
 /// Control messages waiting for the guest's control receive buffers; more are dropped (counted). The device only
@@ -478,14 +478,7 @@ impl VirtioDevice for Console {
         // struct virtio_console_config { le16 cols; le16 rows; le32 max_nr_ports; le32 emerg_wr; }
         let mut cfg = [0u8; 12];
         cfg[4..8].copy_from_slice(&(self.ports.len() as u32).to_le_bytes());
-        for (i, b) in data.iter_mut().enumerate() {
-            *b = usize::try_from(offset)
-                .ok()
-                .and_then(|o| o.checked_add(i))
-                .and_then(|o| cfg.get(o))
-                .copied()
-                .unwrap_or(0);
-        }
+        read_config_bytes(&cfg, offset, data);
     }
 
     fn write_config(&mut self, _offset: u64, _data: &[u8]) {

@@ -18,7 +18,7 @@ use super::metrics::PmemMetrics;
 use super::rate_limit::{Admission, FlushRateLimit};
 use super::request::{self, BadRequest};
 use super::{QUEUE_SIZE, VIRTIO_ID_PMEM, VIRTIO_PMEM_RESP_TYPE_EIO, VIRTIO_PMEM_RESP_TYPE_OK};
-use crate::virtio::device::QueueError;
+use crate::virtio::device::{read_config_bytes, QueueError};
 use crate::virtio::{ActivateError, GuestMemory, InterruptKind, VirtioDevice, VirtioInterrupt};
 
 /// `struct virtio_pmem_config { le64 start; le64 size; }`: where the region sits in guest physical memory.
@@ -230,14 +230,7 @@ impl VirtioDevice for Pmem {
 
     fn read_config(&self, offset: u64, data: &mut [u8]) {
         let cfg = self.config.bytes();
-        for (i, b) in data.iter_mut().enumerate() {
-            *b = usize::try_from(offset)
-                .ok()
-                .and_then(|o| o.checked_add(i))
-                .and_then(|o| cfg.get(o))
-                .copied()
-                .unwrap_or(0);
-        }
+        read_config_bytes(&cfg, offset, data);
     }
 
     fn write_config(&mut self, _offset: u64, _data: &[u8]) {
