@@ -74,6 +74,8 @@ pub struct AgentSetup {
     pub routes: Arc<Routes>,
     /// What the service counts (sessions, rejected frames).
     pub counters: Arc<crate::agent::AgentCounters>,
+    /// The reclaim-offers table guests' offers go to.
+    pub reclaim: Arc<crate::reclaim::Reclaim>,
 }
 
 /// Builds the virtio-console device (console + agent port), registers it and starts the agent service.
@@ -129,6 +131,7 @@ pub fn attach(
         Arc::new(agent_out),
         agent.routes,
         agent.counters,
+        agent.reclaim,
     )?;
     tracing::info!(
         base = format_args!("{:#x}", slot.base),

@@ -25,5 +25,6 @@ pub mod event_loop;
 pub mod layout;
 pub mod lease_manager;
 pub mod pmem;
+pub mod reclaim;
 pub mod vm;
 pub mod vstate;
