@@ -327,10 +327,13 @@ impl Mapper {
                 .copied()
                 .filter(|l| st.leases.contains_key(l))
                 .collect();
+            // One pass over the leases, then one over the holders: a wake-up costs O(leases + holders).
+            let holding: std::collections::HashSet<OwnerId> = remaining
+                .iter()
+                .filter_map(|l| st.leases.get(l).map(|l| l.owner))
+                .collect();
             waiting.retain(|o| {
-                let holds = remaining
-                    .iter()
-                    .any(|l| st.leases.get(l).is_some_and(|l| l.owner == *o));
+                let holds = holding.contains(o);
                 if !holds {
                     report.released.push((*o, started.elapsed()));
                 }
