@@ -272,6 +272,13 @@ impl Reclaim {
         }
     }
 
+    /// Drops the offers of an owner that closed (its promise ends with it).
+    pub fn end_owner(&self, owner: OwnerId) {
+        self.table()
+            .offers
+            .retain(|(o, _)| o.owner != owner.to_raw());
+    }
+
     /// The offers, oldest first; of one region when named.
     pub fn list(&self, region: Option<RegionId>) -> Vec<Offer> {
         self.table()
@@ -411,4 +418,142 @@ fn now_ms() -> u64 {
         .duration_since(UNIX_EPOCH)
         .map(|d| d.as_millis() as u64)
         .unwrap_or(0)
+}
+
+#[cfg(test)]
+mod tests {
+    use std::fs::OpenOptions;
+    use std::io::Write;
+    use std::os::unix::fs::MetadataExt;
+
+    use super::*;
+    use daxvisor_mapper::RegionDesc;
+
+    const SIZE: u64 = 1 << 20;
+
+    struct Rig {
+        table: Arc<Reclaim>,
+        mapper: Mapper,
+        region: RegionId,
+        path: std::path::PathBuf,
+        _dir: tempfile::TempDir,
+    }
+
+    /// A 1 MiB file full of data, registered as region `pm0`.
+    fn rig(kind: BackingKind) -> Rig {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("pmem.img");
+        let mut file = OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create(true)
+            .truncate(true)
+            .open(&path)
+            .unwrap();
+        file.write_all(&vec![0x5a; SIZE as usize]).unwrap();
+        file.sync_all().unwrap();
+        let mapper = Mapper::new(Arc::new(crate::lease_manager::LogNotifier), None);
+        let region = mapper
+            .add_region(
+                RegionDesc::new(Arc::new(file), 0, SIZE, BackingKind::Regular).with_name("pm0"),
+            )
+            .unwrap();
+        let table = Reclaim::start(
+            mapper.clone(),
+            Arc::default(),
+            vec![ReclaimRegion {
+                id: region,
+                name: "pm0".into(),
+                kind,
+                size: SIZE,
+            }],
+        )
+        .unwrap();
+        Rig {
+            table,
+            mapper,
+            region,
+            path,
+            _dir: dir,
+        }
+    }
+
+    fn allocated(p: &std::path::Path) -> u64 {
+        std::fs::metadata(p).unwrap().blocks() * 512
+    }
+
+    #[test]
+    fn another_owner_s_exclusive_lease_refuses_the_reclaim_and_the_offer_stays_listed() {
+        let r = rig(BackingKind::Regular);
+        let guest = r.mapper.add_owner("agent:app");
+        let other = r.mapper.add_owner("dma");
+        let lease = r
+            .mapper
+            .acquire(
+                other,
+                r.region,
+                0,
+                4096,
+                daxvisor_mapper::LeaseMode::Exclusive,
+            )
+            .unwrap();
+        r.table.offer(1, guest, r.region, 0, 65536).unwrap();
+        let out = r.table.reclaim_region(r.region);
+        assert_eq!(out.len(), 1);
+        assert!(!out[0].punched);
+        assert_eq!(out[0].errno.as_deref(), Some("ETXTBSY"), "{out:?}");
+        assert_eq!(r.table.list(None).len(), 1);
+        r.mapper.release(other, lease).unwrap();
+        let before = allocated(&r.path);
+        let out = r.table.reclaim_region(r.region);
+        assert!(out[0].punched, "{out:?}");
+        assert!(allocated(&r.path) <= before - 65536, "blocks did not drop");
+        assert!(r.table.list(None).is_empty());
+        assert_eq!(
+            r.table.counters.bytes_reclaimed.load(Ordering::Relaxed),
+            65536
+        );
+    }
+
+    #[test]
+    fn policy_auto_punches_offers_as_they_arrive() {
+        let r = rig(BackingKind::Regular);
+        let guest = r.mapper.add_owner("agent:app");
+        r.table.set_policy(r.region, ReclaimPolicy::Auto);
+        let before = allocated(&r.path);
+        r.table.offer(1, guest, r.region, SIZE / 2, 0).unwrap();
+        let deadline = std::time::Instant::now() + Duration::from_secs(10);
+        while !r.table.list(None).is_empty() {
+            assert!(std::time::Instant::now() < deadline, "not punched");
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        assert!(
+            allocated(&r.path) <= before - SIZE / 2,
+            "blocks did not drop"
+        );
+        assert_eq!(
+            r.table.counters.bytes_reclaimed.load(Ordering::Relaxed),
+            SIZE / 2
+        );
+    }
+
+    #[test]
+    fn device_dax_unknown_owners_and_closed_owners() {
+        let r = rig(BackingKind::DevDax);
+        let guest = r.mapper.add_owner("agent:app");
+        assert_eq!(
+            r.table.offer(1, guest, r.region, 0, 4096),
+            Err(libc::EOPNOTSUPP)
+        );
+        let r = rig(BackingKind::Regular);
+        assert_eq!(
+            r.table.offer(1, OwnerId::from_raw(999), r.region, 0, 4096),
+            Err(libc::ENOENT)
+        );
+        let guest = r.mapper.add_owner("agent:app");
+        r.table.offer(1, guest, r.region, 0, 4096).unwrap();
+        r.table.end_owner(guest);
+        assert!(r.table.list(None).is_empty());
+        assert_eq!(r.table.counters.offers.load(Ordering::Relaxed), 1);
+    }
 }

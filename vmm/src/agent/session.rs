@@ -286,6 +286,7 @@ impl Service {
                 Ok(o) => {
                     s.owners.remove(&o);
                     self.routes.remove_owner(o);
+                    self.reclaim.end_owner(o);
                     match m.owner_exit(o) {
                         Ok(()) => Message::Ok { value: 0 },
                         Err(e) => mapper_error(&e),
