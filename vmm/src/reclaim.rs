@@ -272,6 +272,18 @@ impl Reclaim {
         }
     }
 
+    /// Drops the owner's offers over a range it took a lease on again (it takes the range back: punching it
+    /// now would break its own lease).
+    pub fn withdraw(&self, owner: OwnerId, region: RegionId, offset: u64, len: u64) {
+        let end = offset.saturating_add(len);
+        self.table().offers.retain(|(o, r)| {
+            !(o.owner == owner.to_raw()
+                && *r == region
+                && o.offset < end
+                && offset < o.offset.saturating_add(o.length))
+        });
+    }
+
     /// Drops the offers of an owner that closed (its promise ends with it).
     pub fn end_owner(&self, owner: OwnerId) {
         self.table()
@@ -554,6 +566,12 @@ mod tests {
         r.table.offer(1, guest, r.region, 0, 4096).unwrap();
         r.table.end_owner(guest);
         assert!(r.table.list(None).is_empty());
-        assert_eq!(r.table.counters.offers.load(Ordering::Relaxed), 1);
+        // Taking a lease over an offered range withdraws the offer; elsewhere it stays.
+        r.table.offer(1, guest, r.region, 0, 4096).unwrap();
+        r.table.withdraw(guest, r.region, 8192, 4096);
+        assert_eq!(r.table.list(None).len(), 1);
+        r.table.withdraw(guest, r.region, 0, 1);
+        assert!(r.table.list(None).is_empty());
+        assert_eq!(r.table.counters.offers.load(Ordering::Relaxed), 2);
     }
 }

@@ -318,6 +318,7 @@ impl Service {
                         if let Some(n) = s.owners.get_mut(&owner) {
                             *n += 1;
                         }
+                        self.reclaim.withdraw(owner, entry.id, off, len);
                         tracing::debug!(session = s.id, %owner, %lease, id = %entry.name, off, len, %mode, "agent lease");
                         Message::LeaseGranted(Granted {
                             id: lease.to_raw(),
