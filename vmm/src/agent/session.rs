@@ -260,7 +260,7 @@ impl Service {
                     .regions
                     .iter()
                     .take(MAX_REGIONS)
-                    .map(region_info)
+                    .map(|r| region_info(r, &self.mapper))
                     .collect();
                 send_frame(
                     self.out.as_ref(),
@@ -465,7 +465,7 @@ pub(crate) fn resolve_range(r: &RegionEntry, offset: u64, len: u64) -> Result<(u
     }
 }
 
-fn region_info(r: &RegionEntry) -> RegionInfo {
+fn region_info(r: &RegionEntry, mapper: &Mapper) -> RegionInfo {
     let kind = match r.kind {
         BackingKind::Regular => region_kind::REGULAR,
         BackingKind::FsDax => region_kind::FS_DAX,
@@ -478,8 +478,8 @@ fn region_info(r: &RegionEntry) -> RegionInfo {
     if r.readonly {
         flags |= region_flags::READONLY;
     }
-    // What the host kernel lets a DMA mapper pin long-term (DESIGN.md, "DMA pinnability").
-    if matches!(r.kind, BackingKind::DevDax | BackingKind::Ram) {
+    // What the host kernel lets a DMA mapper pin long-term, as the mapper classified the region.
+    if mapper.region(r.id).is_ok_and(|v| v.dma_rule.pinnable()) {
         flags |= region_flags::DMA_PINNABLE;
     }
     let mut name = [0u8; NAME_LEN];

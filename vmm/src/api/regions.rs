@@ -15,7 +15,6 @@ use super::error::{ApiError, ErrorBody};
 use super::events::NewEvent;
 use super::json::ApiJson;
 use super::range_len;
-use crate::pmem::BackingKind;
 use daxvisor_mapper::Snapshot;
 
 /// One token bucket: `size` tokens, refilled in full every `refill_ms`.
@@ -90,16 +89,16 @@ pub struct RegionView {
     pub bytes_pinned: u64,
 }
 
-/// The DMA pinnability class of a backing kind (DESIGN.md, "DMA pinnability").
-pub fn dma_pinnable(kind: BackingKind) -> &'static str {
-    match kind {
-        BackingKind::DevDax => "yes (device-DAX)",
-        BackingKind::Ram => "yes (memfd/shmem/hugetlbfs)",
-        BackingKind::FsDax => "no: the kernel refuses long-term pins of FS-DAX pages",
-        BackingKind::Regular => {
-            "no since Linux 6.5: writable shared page-cache files cannot be pinned long-term"
-        }
-        _ => "unknown backing kind",
+/// The region's DMA pinnability as the mapper classified it (backing kind, mapping, running kernel; a kernel
+/// that refused a pin overrides the rules).
+pub fn dma_pinnable(snap: &Snapshot, r: &RegionHandle) -> String {
+    match snap.regions.iter().find(|v| v.id == r.region) {
+        Some(v) => format!(
+            "{} ({})",
+            if v.dma_rule.pinnable() { "yes" } else { "no" },
+            v.dma_rule
+        ),
+        None => "unknown".to_owned(),
     }
 }
 
@@ -137,7 +136,7 @@ fn view(r: &RegionHandle, snap: &Snapshot) -> RegionView {
         id: r.name.clone(),
         path: r.path.display().to_string(),
         kind: r.kind.as_str().to_owned(),
-        dma_pinnable: dma_pinnable(r.kind).to_owned(),
+        dma_pinnable: dma_pinnable(snap, r),
         size: r.size,
         guest_addr: r.guest_addr,
         readonly: r.readonly,
