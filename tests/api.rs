@@ -858,3 +858,150 @@ fn a_guest_pin_refuses_an_operator_punch_naming_the_guest_owner() {
     );
     assert!(vm.ctl_ok(&["owners"]).contains("pin"));
 }
+
+/// A VM whose guest wrote its pattern over the 4 MiB region `data`, then offered its second half back (and an
+/// offer past the region's end, refused with ERANGE), keeping its agent session open.
+fn offering_vm(dir: &std::path::Path) -> (ApiVm, std::path::PathBuf) {
+    let (img, arg) = pmem(dir, "data", "4M");
+    let vm = ApiVm::start(
+        dir,
+        &[
+            "--pmem",
+            &arg,
+            "--cmdline",
+            "pmem=write agent=offer hold=600",
+        ],
+        "agent offered",
+    );
+    assert!(
+        vm.started
+            .iter()
+            .any(|l| l.ends_with("agent offer outside: ERANGE")),
+        "{:?}",
+        vm.started
+    );
+    (vm, img)
+}
+
+/// After the VM stopped: the offered half reads zeros, the first half still holds the guest's data.
+fn assert_second_half_punched(img: &std::path::Path) {
+    let bytes = std::fs::read(img).unwrap();
+    let half = bytes.len() / 2;
+    assert_eq!(bytes.len() as u64, 4 * MIB);
+    assert_eq!(daxvisor_tests::pattern_mismatches(&bytes, 0, half), 0);
+    assert!(
+        bytes[half..].iter().all(|&b| b == 0),
+        "the offered range does not read zeros"
+    );
+}
+
+/// The guest offers a range back; the operator lists it and punches it by hand (policy manual, the default):
+/// the file's blocks drop and the range reads zeros. Bad reclaim requests are 4xx and change nothing.
+#[test]
+fn a_range_the_guest_offered_is_listed_and_the_operator_reclaims_it() {
+    let dir = tempfile::tempdir().unwrap();
+    let (vm, img) = offering_vm(dir.path());
+    let full = allocated(&img);
+    let offers = vm.ctl_json(&["offers"]);
+    let o = &offers[0];
+    assert_eq!(offers.as_array().unwrap().len(), 1, "{offers}");
+    assert_eq!(
+        (&o["region"], &o["offset"], &o["length"]),
+        (
+            &Value::from("data"),
+            &Value::from(2 * MIB),
+            &Value::from(2 * MIB)
+        ),
+        "{offers}"
+    );
+    let table = vm.ctl_ok(&["offers", "data"]);
+    assert!(table.contains("reclaim policy manual"), "{table}");
+    assert!(table.contains(&o["id"].to_string()), "{table}");
+    // Bad input: nothing changes.
+    for (method, path, body, want) in [
+        (
+            "PUT",
+            "/regions/data/reclaim-policy",
+            Some(r#"{"policy":"sometimes"}"#),
+            400,
+        ),
+        (
+            "PUT",
+            "/regions/data/reclaim-policy",
+            Some(r#"{"policy":"auto","x":1}"#),
+            400,
+        ),
+        ("PUT", "/regions/data/reclaim-policy", Some("{"), 400),
+        (
+            "PUT",
+            "/regions/nope/reclaim-policy",
+            Some(r#"{"policy":"auto"}"#),
+            404,
+        ),
+        ("GET", "/regions/nope/reclaim", None, 404),
+        ("POST", "/regions/nope/reclaim", None, 404),
+    ] {
+        let (status, text) = vm.http(method, path, body);
+        assert_eq!(status, want, "{method} {path}: {text}");
+        assert!(text.contains("\"error\""), "{text}");
+    }
+    assert_eq!(vm.ctl_json(&["offers", "data"])["policy"], "manual");
+    assert_eq!(allocated(&img), full, "bad requests punched something");
+    let out = vm.ctl(&["reclaim-policy", "data", "sometimes"]);
+    assert_eq!(out.code, Some(2), "{out:?}");
+
+    let r = vm.ctl_json(&["reclaim", "data"]);
+    assert_eq!(r["reclaimed_bytes"], 2 * MIB, "{r}");
+    assert_eq!(r["outcomes"][0]["punched"], true, "{r}");
+    let after = allocated(&img);
+    assert!(
+        after <= full - 2 * MIB + SLACK,
+        "allocated {full} -> {after}"
+    );
+    assert_eq!(vm.ctl_json(&["offers"]), Value::Array(Vec::new()));
+    let k = kinds(&events(&vm));
+    for want in ["offer", "reclaim-done"] {
+        assert!(k.iter().any(|x| x == want), "no {want}: {k:?}");
+    }
+    let m = vm.ctl_ok(&["metrics"]);
+    assert_eq!(metric(&m, "daxvisor_reclaim_offers_total"), 1.0);
+    assert_eq!(
+        metric(&m, "daxvisor_reclaim_offered_bytes_total"),
+        (2 * MIB) as f64
+    );
+    assert_eq!(
+        metric(&m, "daxvisor_reclaim_reclaimed_bytes_total"),
+        (2 * MIB) as f64
+    );
+    vm.ctl_ok(&["stop"]);
+    assert_eq!(vm.wait(Duration::from_secs(30)).0, Some(0));
+    assert_second_half_punched(&img);
+}
+
+/// Policy auto: the offers listed are punched at once on the reclaim thread, as a layout change through the
+/// mapper; the blocks drop and the range reads zeros.
+#[test]
+fn with_policy_auto_the_offered_range_is_punched_at_once() {
+    let dir = tempfile::tempdir().unwrap();
+    let (vm, img) = offering_vm(dir.path());
+    let full = allocated(&img);
+    let out = vm.ctl_ok(&["reclaim-policy", "data", "auto"]);
+    assert!(out.contains("data: reclaim policy auto"), "{out}");
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while vm.ctl_json(&["offers"]) != Value::Array(Vec::new()) {
+        assert!(Instant::now() < deadline, "the offer was not reclaimed");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let after = allocated(&img);
+    assert!(
+        after <= full - 2 * MIB + SLACK,
+        "allocated {full} -> {after}"
+    );
+    let k = kinds(&events(&vm));
+    for want in ["offer", "reclaim-policy-set", "reclaim-done"] {
+        assert!(k.iter().any(|x| x == want), "no {want}: {k:?}");
+    }
+    vm.ctl_ok(&["stop"]);
+    assert_eq!(vm.wait(Duration::from_secs(30)).0, Some(0));
+    assert_second_half_punched(&img);
+}

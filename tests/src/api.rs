@@ -17,6 +17,8 @@ pub struct ApiVm {
     pub socket: PathBuf,
     /// The guest's serial lines as they come.
     pub serial: mpsc::Receiver<String>,
+    /// The serial lines up to the ready line.
+    pub started: Vec<String>,
     stderr: Option<std::thread::JoinHandle<String>>,
 }
 
@@ -59,6 +61,7 @@ impl ApiVm {
             child,
             socket,
             serial,
+            started: Vec::new(),
             stderr,
         };
         let deadline = Instant::now() + Duration::from_secs(120);
@@ -83,6 +86,7 @@ impl ApiVm {
             }
         }
         assert_eq!(vm.http("GET", "/vm", None).0, 200);
+        vm.started = seen;
         vm
     }
 

@@ -68,6 +68,8 @@ pub struct AgentSetup {
     pub routes: Arc<Routes>,
     /// What the service counts (sessions, rejected frames).
     pub counters: Arc<crate::agent::AgentCounters>,
+    /// The reclaim-offers table guests' offers go to.
+    pub reclaim: Arc<crate::reclaim::Reclaim>,
 }
 
 /// Builds the virtio-console device (console + agent port), registers it and starts the agent service. `out`
@@ -113,6 +115,7 @@ pub fn attach(
         Arc::new(agent_out),
         agent.routes,
         agent.counters,
+        agent.reclaim,
     )?;
     tracing::info!(
         base = format_args!("{:#x}", slot.base),

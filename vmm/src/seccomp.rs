@@ -43,11 +43,13 @@ pub enum ThreadKind {
     AgentService,
     /// Forwards host stdin to the guest console.
     ConsoleInput,
+    /// Punches the ranges guests offered back, under a region's `auto` reclaim policy.
+    Reclaim,
 }
 
 impl ThreadKind {
     /// Every kind, for building and documenting.
-    pub const ALL: [ThreadKind; 8] = [
+    pub const ALL: [ThreadKind; 9] = [
         ThreadKind::Vcpu,
         ThreadKind::EventLoop,
         ThreadKind::FlushWorker,
@@ -56,6 +58,7 @@ impl ThreadKind {
         ThreadKind::Api,
         ThreadKind::AgentService,
         ThreadKind::ConsoleInput,
+        ThreadKind::Reclaim,
     ];
 }
 
@@ -208,6 +211,16 @@ pub fn allowed(kind: ThreadKind) -> Vec<(i64, &'static str)> {
             (libc::SYS_ppoll, "ppoll"),
         ],
         ThreadKind::ConsoleInput => &[],
+        // A punch through the mapper: probe and change the backing file, wait for holders.
+        ThreadKind::Reclaim => &[
+            (libc::SYS_fstat, "fstat"),
+            (libc::SYS_newfstatat, "newfstatat"),
+            (libc::SYS_statx, "statx"),
+            (libc::SYS_fstatfs, "fstatfs"),
+            (libc::SYS_fallocate, "fallocate"),
+            (libc::SYS_ftruncate, "ftruncate"),
+            (libc::SYS_munlock, "munlock"),
+        ],
         ThreadKind::AgentService => &[
             (libc::SYS_recvfrom, "recvfrom"),
             (libc::SYS_recvmsg, "recvmsg"),

@@ -46,6 +46,8 @@ pub enum StartError {
         mib: u64,
         source: vm_memory::mmap::FromRangesError,
     },
+    #[error("cannot start the reclaim thread: {0}")]
+    Reclaim(std::io::Error),
     #[error("cannot read CPUID from KVM: {0}")]
     Cpuid(kvm_ioctls::Error),
     #[error("{0}")]
@@ -177,6 +179,20 @@ pub fn run(config: &VmConfig) -> Result<VmExit, StartError> {
     pmem::attach::record_undo(&pmem_regions, &mut undo)?;
     let faults = FaultMap::new(&pmem_regions)?;
     event_loop.add_subscriber(Arc::new(Mutex::new(leases.subscriber()?)));
+    let reclaim = crate::reclaim::Reclaim::start(
+        leases.mapper().clone(),
+        events.clone(),
+        pmem_regions
+            .iter()
+            .map(|r| crate::reclaim::ReclaimRegion {
+                id: r.region,
+                name: r.id().to_owned(),
+                kind: r.backing.kind(),
+                size: r.backing.size(),
+            })
+            .collect(),
+    )
+    .map_err(StartError::Reclaim)?;
     // After the pmem devices, so their virtio-mmio windows keep their places.
     let console_out = host_files::open_output(&config.console, "--console", &mut undo)?;
     let console = crate::console::attach(
@@ -194,6 +210,7 @@ pub fn run(config: &VmConfig) -> Result<VmExit, StartError> {
                 .collect(),
             routes,
             counters: agent_counters.clone(),
+            reclaim: reclaim.clone(),
         },
     )?;
     let pmem_windows: Vec<(u64, u64)> = pmem_regions
@@ -231,6 +248,7 @@ pub fn run(config: &VmConfig) -> Result<VmExit, StartError> {
                 &leases,
                 events.clone(),
                 agent_counters.clone(),
+                reclaim.clone(),
                 &pmem_regions,
                 &state,
             ),
@@ -310,6 +328,7 @@ fn api_context(
     leases: &LeaseManager,
     events: Arc<crate::api::events::EventLog>,
     agent: Arc<crate::agent::AgentCounters>,
+    reclaim: Arc<crate::reclaim::Reclaim>,
     regions: &[pmem::PmemRegion],
     state: &Arc<RunState>,
 ) -> Arc<ApiContext> {
@@ -344,6 +363,7 @@ fn api_context(
         view,
         events,
         agent,
+        reclaim,
         Box::new(move || state.request_stop(StopReason::Operator)),
     )
 }

@@ -8,9 +8,9 @@
 //! | `size=N[K\|M\|G]` | bytes to write per pmem device (rounded down to 8) | whole region (`readonly-write`: 4K) |
 //! | `seed=N` | pattern seed, 0..=0xffff_ffff | 0 |
 //! | `mib=N` | MiB written by `pmem=bench` (capped to the region) | 64 |
-//! | `agent=MODE` | `hello`, `shared`, `exclusive-pin`, `hostile`, `bench` (see [`crate::modes::agent`]) | none |
+//! | `agent=MODE` | `hello`, `shared`, `exclusive-pin`, `hostile`, `bench`, `offer` (see [`crate::modes::agent`]) | none |
 //! | `breaks=N` | break notices `agent=shared` answers | 1 |
-//! | `hold=S` | seconds `agent=exclusive-pin` holds its pin, then waits after closing the port | 3 |
+//! | `hold=S` | seconds `agent=exclusive-pin` holds its pin, then waits after closing the port; seconds `agent=offer` keeps its session open | 3 |
 //! | `rounds=N` | acquire+release round trips of `agent=bench` | 1000 |
 //!
 //! Options whose key contains a dot (`virtio_mmio.device=...`, kernel module parameters a VMM may append for
@@ -71,6 +71,7 @@ pub enum AgentMode {
     ExclusivePin,
     Hostile,
     Bench,
+    Offer,
 }
 
 impl AgentMode {
@@ -81,6 +82,7 @@ impl AgentMode {
             "exclusive-pin" => AgentMode::ExclusivePin,
             "hostile" => AgentMode::Hostile,
             "bench" => AgentMode::Bench,
+            "offer" => AgentMode::Offer,
             _ => return None,
         })
     }
@@ -240,6 +242,7 @@ mod tests {
             ("exclusive-pin", AgentMode::ExclusivePin),
             ("hostile", AgentMode::Hostile),
             ("bench", AgentMode::Bench),
+            ("offer", AgentMode::Offer),
         ] {
             let line = format!("agent={m}");
             assert_eq!(parse(line.as_bytes()).unwrap().agent, Some(mode));

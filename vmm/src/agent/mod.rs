@@ -101,10 +101,12 @@ impl AgentService {
         out: Arc<dyn Outbox>,
         routes: Arc<Routes>,
         counters: Arc<AgentCounters>,
+        reclaim: Arc<crate::reclaim::Reclaim>,
     ) -> std::io::Result<Self> {
         let inbox = port.inbox();
         let slow = slow::SlowWorker::spawn(mapper.clone(), out.clone())?;
-        let mut svc = session::Service::new(mapper, regions.into(), out, routes, slow, counters);
+        let mut svc =
+            session::Service::new(mapper, regions.into(), out, routes, slow, counters, reclaim);
         let rx = inbox.clone();
         let thread = std::thread::Builder::new()
             .name("agent".into())

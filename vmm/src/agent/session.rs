@@ -93,6 +93,7 @@ pub(crate) struct Service {
     slow: SlowWorker,
     session: Option<Session>,
     counters: Arc<super::AgentCounters>,
+    reclaim: Arc<crate::reclaim::Reclaim>,
 }
 
 impl Service {
@@ -103,6 +104,7 @@ impl Service {
         routes: Arc<Routes>,
         slow: SlowWorker,
         counters: Arc<super::AgentCounters>,
+        reclaim: Arc<crate::reclaim::Reclaim>,
     ) -> Self {
         Service {
             mapper,
@@ -112,6 +114,7 @@ impl Service {
             slow,
             session: None,
             counters,
+            reclaim,
         }
     }
 
@@ -152,6 +155,7 @@ impl Service {
             return;
         };
         self.routes.end(s.id);
+        self.reclaim.end_session(s.id);
         self.counters.sessions_open.fetch_sub(1, Ordering::Relaxed);
         for owner in s.owners.keys() {
             if let Err(e) = self.mapper.owner_exit(*owner) {
@@ -282,6 +286,7 @@ impl Service {
                 Ok(o) => {
                     s.owners.remove(&o);
                     self.routes.remove_owner(o);
+                    self.reclaim.end_owner(o);
                     match m.owner_exit(o) {
                         Ok(()) => Message::Ok { value: 0 },
                         Err(e) => mapper_error(&e),
@@ -313,6 +318,7 @@ impl Service {
                         if let Some(n) = s.owners.get_mut(&owner) {
                             *n += 1;
                         }
+                        self.reclaim.withdraw(owner, entry.id, off, len);
                         tracing::debug!(session = s.id, %owner, %lease, id = %entry.name, off, len, %mode, "agent lease");
                         Message::LeaseGranted(Granted {
                             id: lease.to_raw(),
@@ -382,8 +388,10 @@ impl Service {
             {
                 Err(e) => error(e),
                 Ok((o, (entry, off, len))) => {
-                    tracing::info!(session = s.id, owner = %o, id = %entry.name, off, len, "guest offers the range back for reclaim");
-                    Message::Ok { value: 0 }
+                    match self.reclaim.offer(s.id, o, entry.id, off, len) {
+                        Ok(id) => Message::Ok { value: id },
+                        Err(e) => error(e.unsigned_abs()),
+                    }
                 }
             },
             Message::Heartbeat { seq } => Message::Ok { value: seq },

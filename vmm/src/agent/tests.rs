@@ -59,6 +59,7 @@ struct Rig {
     svc: Service,
     out: Arc<Collector>,
     region: u64,
+    reclaim: Arc<crate::reclaim::Reclaim>,
     _dir: tempfile::TempDir,
 }
 
@@ -88,6 +89,17 @@ fn rig() -> Rig {
         readonly: false,
     }]
     .into();
+    let reclaim = crate::reclaim::Reclaim::start(
+        mapper.clone(),
+        Arc::default(),
+        vec![crate::reclaim::ReclaimRegion {
+            id,
+            name: "pm0".into(),
+            kind: BackingKind::Regular,
+            size: SIZE,
+        }],
+    )
+    .unwrap();
     let svc = Service::new(
         mapper.clone(),
         regions,
@@ -95,12 +107,14 @@ fn rig() -> Rig {
         routes,
         slow,
         Arc::default(),
+        reclaim.clone(),
     );
     Rig {
         mapper,
         svc,
         out,
         region: id.to_raw(),
+        reclaim,
         _dir: dir,
     }
 }
@@ -343,4 +357,62 @@ fn garbage_is_answered_and_the_session_keeps_serving() {
     });
     let owner = r.open_owner("after-garbage");
     assert!(r.acquire(owner, 0, 0, LeaseMode::Shared).is_ok());
+}
+
+impl Rig {
+    fn offer(&mut self, owner: u64, offset: u64, len: u64) -> Result<u64, u32> {
+        let msg = Message::OfferReclaim(RangeRequest {
+            owner,
+            region: self.region,
+            offset,
+            len,
+        });
+        self.ask(11, &msg, |m| match m {
+            Message::Ok { value } => Ok(*value),
+            Message::Error(e) => Err(e.errno),
+            m => panic!("offer: {m:?}"),
+        })
+    }
+}
+
+#[test]
+fn offers_are_checked_recorded_and_dropped_with_their_session() {
+    let mut r = rig();
+    r.svc.start_session(5);
+    r.hello();
+    let owner = r.open_owner("app");
+    // Outside the window, and an owner this session never opened.
+    assert_eq!(r.offer(owner, SIZE, 0), Err(errno::ERANGE));
+    assert_eq!(r.offer(owner, 0, SIZE + 1), Err(errno::ERANGE));
+    assert_eq!(r.offer(owner + 1000, 0, 4096), Err(errno::ENOENT));
+    // Its own lease over the range: giving back what it holds is refused.
+    let lease = r.acquire(owner, 0, 8192, LeaseMode::Shared).unwrap();
+    assert_eq!(r.offer(owner, 4096, 4096), Err(errno::EBUSY));
+    assert!(r.reclaim.list(None).is_empty());
+    let id = r.offer(owner, 8192, 8192).unwrap();
+    let offers = r.reclaim.list(None);
+    assert_eq!(offers.len(), 1);
+    assert_eq!(
+        (
+            offers[0].id,
+            offers[0].offset,
+            offers[0].length,
+            offers[0].owner,
+            offers[0].session
+        ),
+        (id, 8192, 8192, owner, 5)
+    );
+    assert_eq!(
+        r.reclaim
+            .counters
+            .bytes_offered
+            .load(std::sync::atomic::Ordering::Relaxed),
+        8192
+    );
+    let _ = lease;
+    r.svc.end_session("test");
+    assert!(
+        r.reclaim.list(None).is_empty(),
+        "offers go with their session"
+    );
 }

@@ -55,6 +55,8 @@ pub struct ApiContext {
     pub metrics: ApiMetrics,
     /// The agent service's counters.
     pub agent: Arc<crate::agent::AgentCounters>,
+    /// Ranges guests offered back, and each region's reclaim policy.
+    pub reclaim: Arc<crate::reclaim::Reclaim>,
     stop: StopFn,
     stopping: std::sync::atomic::AtomicBool,
     operator: Mutex<Option<OwnerId>>,
@@ -70,6 +72,7 @@ impl ApiContext {
         config: VmConfigView,
         events: Arc<EventLog>,
         agent: Arc<crate::agent::AgentCounters>,
+        reclaim: Arc<crate::reclaim::Reclaim>,
         stop: StopFn,
     ) -> Arc<Self> {
         Arc::new(ApiContext {
@@ -81,6 +84,7 @@ impl ApiContext {
             events,
             metrics: ApiMetrics::default(),
             agent,
+            reclaim,
             stop,
             stopping: std::sync::atomic::AtomicBool::new(false),
             operator: Mutex::new(None),

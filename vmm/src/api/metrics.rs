@@ -1,7 +1,7 @@
 //! `GET /metrics`: Prometheus text (prometheus-client). Per region: flush requests, syncs, errors, coalescing,
 //! the flush latency histogram, rate-limiter throttles, leases and pins and the bytes under them, guard events.
 //! Operator changes: their duration histogram and outcomes. The guest agent channel: sessions and rejected
-//! frames.
+//! frames. Offer-reclaim: offers received, bytes offered, bytes reclaimed.
 
 use std::sync::Arc;
 
@@ -74,6 +74,9 @@ struct Sample {
     agent_sessions: u64,
     agent_sessions_total: u64,
     agent_frames_rejected: u64,
+    reclaim_offers: u64,
+    reclaim_bytes_offered: u64,
+    reclaim_bytes_reclaimed: u64,
 }
 
 #[derive(Debug)]
@@ -117,6 +120,9 @@ impl Sample {
             agent_sessions: load(&ctx.agent.sessions_open),
             agent_sessions_total: load(&ctx.agent.sessions_total),
             agent_frames_rejected: load(&ctx.agent.frames_rejected),
+            reclaim_offers: load(&ctx.reclaim.counters.offers),
+            reclaim_bytes_offered: load(&ctx.reclaim.counters.bytes_offered),
+            reclaim_bytes_reclaimed: load(&ctx.reclaim.counters.bytes_reclaimed),
         }
     }
 }
@@ -263,7 +269,7 @@ impl Collector for Sample {
             let enc = encoder.encode_descriptor(name, help, None, MetricType::Gauge)?;
             ConstGauge::new(v).encode(enc)?;
         }
-        let counters: [(&str, &str, u64); 2] = [
+        let counters: [(&str, &str, u64); 5] = [
             (
                 "daxvisor_agent_sessions_started",
                 "Guest agent sessions started",
@@ -273,6 +279,21 @@ impl Collector for Sample {
                 "daxvisor_agent_frames_rejected",
                 "Malformed agent frames answered with an error and skipped",
                 self.agent_frames_rejected,
+            ),
+            (
+                "daxvisor_reclaim_offers",
+                "Ranges guests offered back for reclaim (accepted offers)",
+                self.reclaim_offers,
+            ),
+            (
+                "daxvisor_reclaim_offered_bytes",
+                "Bytes in accepted reclaim offers",
+                self.reclaim_bytes_offered,
+            ),
+            (
+                "daxvisor_reclaim_reclaimed_bytes",
+                "Bytes of offered ranges punched",
+                self.reclaim_bytes_reclaimed,
             ),
         ];
         for (name, help, v) in counters {

@@ -6,7 +6,8 @@
 //! - [`routes`]: the router and the OpenAPI document, from one list.
 //! - [`context`]: what requests work on (the mapper, the regions as the operator named them, events, stop).
 //! - One module per resource group: [`vm`], [`regions`] (and flush rate limits), [`holds`] (owners, leases,
-//!   pins, breaks, the operator's own leases), [`changes`] (punch, zero, break), [`events`], [`metrics`].
+//!   pins, breaks, the operator's own leases), [`changes`] (punch, zero, break), [`reclaim`]
+//!   (offers guests gave back, the policy for them), [`events`], [`metrics`].
 //! - [`error`], [`json`]: every refusal is a JSON body naming the problem.
 
 pub mod changes;
@@ -16,6 +17,7 @@ pub mod events;
 pub mod holds;
 pub mod json;
 pub mod metrics;
+pub mod reclaim;
 pub mod regions;
 pub mod routes;
 pub mod server;

@@ -13,7 +13,7 @@ use utoipa_axum::routes;
 use super::context::ApiContext;
 use super::error::ApiError;
 use super::json::MAX_BODY;
-use super::{changes, events, holds, metrics, regions, vm};
+use super::{changes, events, holds, metrics, reclaim, regions, vm};
 
 #[derive(OpenApi)]
 #[openapi(
@@ -31,6 +31,7 @@ use super::{changes, events, holds, metrics, regions, vm};
         (name = "regions", description = "pmem regions and their flush rate limits"),
         (name = "holds", description = "Owners, leases, pins, breaks; the operator's own leases"),
         (name = "changes", description = "Punch, zero, break (evacuate)"),
+        (name = "reclaim", description = "Ranges guests offered back; the policy for punching them"),
         (name = "events", description = "The event stream"),
         (name = "metrics", description = "Prometheus metrics"),
     )
@@ -51,6 +52,10 @@ fn build() -> OpenApiRouter<Arc<ApiContext>> {
         .routes(routes!(changes::punch))
         .routes(routes!(changes::zero))
         .routes(routes!(changes::evacuate))
+        .routes(routes!(reclaim::list))
+        .routes(routes!(reclaim::region))
+        .routes(routes!(reclaim::set_policy))
+        .routes(routes!(reclaim::reclaim))
         .routes(routes!(events::get))
         .routes(routes!(metrics::get))
         .routes(routes!(openapi_json))

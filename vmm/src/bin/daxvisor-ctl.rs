@@ -16,8 +16,10 @@ use daxvisor::api::changes::{ChangeBody, ChangeResult, Policy};
 use daxvisor::api::error::ErrorBody;
 use daxvisor::api::events::Event;
 use daxvisor::api::holds::{BreakView, LeaseBody, LeaseView, Mode, OwnerView};
+use daxvisor::api::reclaim::{PolicyBody, ReclaimResult, RegionOffers};
 use daxvisor::api::regions::{describe, Bucket, RateLimit, RegionView};
 use daxvisor::api::vm::VmView;
+use daxvisor::reclaim::{Offer, ReclaimPolicy};
 use http_body_util::{BodyExt, Full};
 use hyper::body::Bytes;
 use hyper::{Method, Request, StatusCode};
@@ -88,8 +90,24 @@ enum Cmd {
         #[arg(long, value_name = "SIZE/MS", value_parser = parse_bucket)]
         bytes: Option<Bucket>,
     },
+    /// Ranges guests offered back for reclaim (of one region, with its policy, when named).
+    Offers { region: Option<String> },
+    /// Punch every offered range of a region now.
+    Reclaim { region: String },
+    /// Set what happens to a region's offers: listed until `reclaim` (manual) or punched at once (auto).
+    ReclaimPolicy {
+        region: String,
+        #[arg(value_enum)]
+        policy: ReclaimPolicyArg,
+    },
     /// Stop the VM gracefully.
     Stop,
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+enum ReclaimPolicyArg {
+    Manual,
+    Auto,
 }
 
 #[derive(clap::Args)]
@@ -527,6 +545,92 @@ async fn run(cli: Cli) -> Result<(), Failure> {
                 print_json(&raw);
             } else {
                 println!("{region}: {}", describe(&l));
+            }
+        }
+        Cmd::Offers { region } => {
+            let (offers, raw) = match &region {
+                None => {
+                    c.call::<Vec<Offer>>(Method::GET, "/reclaim", None::<&()>)
+                        .await?
+                }
+                Some(r) => {
+                    let (o, raw): (RegionOffers, _) = c
+                        .call(Method::GET, &format!("/regions/{r}/reclaim"), None::<&()>)
+                        .await?;
+                    if !json {
+                        println!("{}: reclaim policy {}", o.region, o.policy.name());
+                    }
+                    (o.offers, raw)
+                }
+            };
+            if json {
+                print_json(&raw);
+            } else {
+                let mut t = table(&["offer", "region", "range", "owner", "session"]);
+                for o in offers {
+                    t.add_row(vec![
+                        o.id.to_string(),
+                        o.region,
+                        range(o.offset, o.length),
+                        o.owner.to_string(),
+                        o.session.to_string(),
+                    ]);
+                }
+                println!("{t}");
+            }
+        }
+        Cmd::Reclaim { region } => {
+            let (r, raw): (ReclaimResult, _) = c
+                .call(
+                    Method::POST,
+                    &format!("/regions/{region}/reclaim"),
+                    None::<&()>,
+                )
+                .await?;
+            if json {
+                print_json(&raw);
+            } else {
+                let mut t = table(&["offer", "range", "owner", "outcome"]);
+                for o in &r.outcomes {
+                    t.add_row(vec![
+                        o.offer.id.to_string(),
+                        range(o.offer.offset, o.offer.length),
+                        o.offer.owner.to_string(),
+                        if o.punched {
+                            "punched".to_owned()
+                        } else {
+                            o.message.clone()
+                        },
+                    ]);
+                }
+                println!("{t}");
+                println!("{}: {} bytes reclaimed", r.region, r.reclaimed_bytes);
+            }
+            if r.outcomes.iter().any(|o| !o.punched) {
+                return Err(Failure {
+                    code: EXIT_REFUSED,
+                    message: "some offers were not punched (they stay listed)".into(),
+                });
+            }
+        }
+        Cmd::ReclaimPolicy { region, policy } => {
+            let body = PolicyBody {
+                policy: match policy {
+                    ReclaimPolicyArg::Manual => ReclaimPolicy::Manual,
+                    ReclaimPolicyArg::Auto => ReclaimPolicy::Auto,
+                },
+            };
+            let (p, raw): (PolicyBody, _) = c
+                .call(
+                    Method::PUT,
+                    &format!("/regions/{region}/reclaim-policy"),
+                    Some(&body),
+                )
+                .await?;
+            if json {
+                print_json(&raw);
+            } else {
+                println!("{region}: reclaim policy {}", p.policy.name());
             }
         }
         Cmd::Stop => {

@@ -11,6 +11,10 @@
 //!   flood of requests whose answers it never reads; then a new session that must be served normally
 //!   (`agent hostile: second session served`).
 //! - `bench`: `rounds=N` acquire+release round trips (`agent bench acquire_release rounds=N cycles=C`).
+//! - `offer`: takes nothing; offers a range past the region's end (`agent offer outside: ERRNO`), then the second
+//!   half of the first region back for reclaim (`agent offer id=N off=O len=L`, `agent offered`), and keeps the
+//!   session open `hold=S` seconds (an offer goes when its session ends). Run after `pmem=write` the range
+//!   holds data the host may punch.
 
 use daxvisor_proto::agent::{
     self, errno, name_field, name_str, Acquire, BreakNotice, FrameReader, Handle, Hello, LeaseMode,
@@ -297,6 +301,7 @@ fn run_inner(mode: AgentMode, opts: &Options, devices: &[Found]) -> Result<(), u
         AgentMode::ExclusivePin => exclusive_pin(&mut c, opts)?,
         AgentMode::Hostile => hostile(&mut c)?,
         AgentMode::Bench => bench(&mut c, opts)?,
+        AgentMode::Offer => offer(&mut c, opts)?,
     }
     Ok(())
 }
@@ -333,6 +338,49 @@ fn shared(c: &mut Client, opts: &Options) -> Result<(), u32> {
         }
     }
     say!("agent answered {} breaks", opts.breaks);
+    Ok(())
+}
+
+fn offer(c: &mut Client, opts: &Options) -> Result<(), u32> {
+    c.hello()?;
+    let region = c.first_region()?;
+    let owner = c.open_owner("testguest-offer")?;
+    let outside = Message::OfferReclaim(RangeRequest {
+        owner,
+        region: region.region,
+        offset: region.size,
+        len: 4096,
+    });
+    match c.call(&outside)? {
+        Reply::Error(e, _) => say!("agent offer outside: {}", errno::name(e)),
+        r => return Err(unexpected("offer outside the window", r)),
+    }
+    let half = region.size / 2;
+    let msg = Message::OfferReclaim(RangeRequest {
+        owner,
+        region: region.region,
+        offset: half,
+        len: region.size - half,
+    });
+    match c.call(&msg)? {
+        Reply::Ok(id) => say!(
+            "agent offer id={id} off={half:#x} len={:#x}",
+            region.size - half
+        ),
+        r => return Err(unexpected("offer", r)),
+    }
+    say!("agent offered");
+    let end = Deadline::after(opts.hold_s * CYCLES_PER_SECOND_MIN);
+    while !end.passed() {
+        // Nothing is held: a notice would be a bug, and replies are not expected; keep the port drained.
+        if let Some(Got::Notice(n)) = c.next(end) {
+            say!(
+                "FAIL agent: an owner holding nothing got a notice for lease {}",
+                n.lease
+            );
+            return Err(code::AGENT_PROTOCOL);
+        }
+    }
     Ok(())
 }
 
