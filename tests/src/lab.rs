@@ -94,6 +94,10 @@ pub fn run_scenario(name: &str, script: &str, opts: &LabOptions) -> Option<LabOu
         crate::missing_prerequisite(&format!("lab scenario {name}: {why}"));
         return None;
     }
+    // One lab at a time: each is a software-emulated machine that wants every core, and two at once on a
+    // 2-core host slow the emulated clock enough to trip the scenarios' own time limits.
+    static ONE_LAB: std::sync::Mutex<()> = std::sync::Mutex::new(());
+    let _one = ONE_LAB.lock().unwrap_or_else(|e| e.into_inner());
     let dir = tempfile::tempdir().expect("temporary directory for the scenario script");
     let path = dir.path().join(format!("{name}.sh"));
     std::fs::write(&path, script).expect("write the scenario script");
