@@ -98,6 +98,21 @@ pub fn run_scenario(name: &str, script: &str, opts: &LabOptions) -> Option<LabOu
     // 2-core host slow the emulated clock enough to trip the scenarios' own time limits.
     static ONE_LAB: std::sync::Mutex<()> = std::sync::Mutex::new(());
     let _one = ONE_LAB.lock().unwrap_or_else(|e| e.into_inner());
+    let first = run_once(name, script, opts);
+    if first.status != 124 {
+        return Some(first);
+    }
+    // A Linux guest booting under daxvisor inside the emulated lab has been seen, rarely, to make no progress
+    // until the hard timeout (an open problem, noted in the lab README); one more boot tells a hang of the
+    // lab from a scenario that fails, and both runs are in the test's output.
+    println!(
+        "lab: scenario {name} hit its hard timeout (exit 124; console log {}); running it once more",
+        first.log_path.display()
+    );
+    Some(run_once(name, script, opts))
+}
+
+fn run_once(name: &str, script: &str, opts: &LabOptions) -> LabOutcome {
     let dir = tempfile::tempdir().expect("temporary directory for the scenario script");
     let path = dir.path().join(format!("{name}.sh"));
     std::fs::write(&path, script).expect("write the scenario script");
@@ -135,12 +150,12 @@ pub fn run_scenario(name: &str, script: &str, opts: &LabOptions) -> Option<LabOu
         .find_map(|l| l.strip_prefix("lab console log: "))
         .map(PathBuf::from)
         .unwrap_or_default();
-    Some(LabOutcome {
+    LabOutcome {
         status,
         output,
         log_path,
         elapsed,
-    })
+    }
 }
 
 /// The scenario's output: the lines between `===== BEGIN scenario NAME =====` and the `===== END scenario` line.
