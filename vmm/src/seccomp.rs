@@ -188,8 +188,6 @@ pub fn allowed(kind: ThreadKind) -> Vec<(i64, &'static str)> {
             (libc::SYS_epoll_create1, "epoll_create1"),
             (libc::SYS_eventfd2, "eventfd2"),
             (libc::SYS_ioctl, "ioctl"),
-            (libc::SYS_fstat, "fstat"),
-            (libc::SYS_statx, "statx"),
             (libc::SYS_getsockopt, "getsockopt"),
             (libc::SYS_setsockopt, "setsockopt"),
             // Layout changes run on the runtime's blocking pool (a change waits for holders): the pool's
@@ -202,25 +200,12 @@ pub fn allowed(kind: ThreadKind) -> Vec<(i64, &'static str)> {
             (libc::SYS_rseq, "rseq"),
             (libc::SYS_prctl, "prctl"),
             (libc::SYS_sched_getaffinity, "sched_getaffinity"),
-            (libc::SYS_fstatfs, "fstatfs"),
-            (libc::SYS_newfstatat, "newfstatat"),
-            (libc::SYS_fallocate, "fallocate"),
-            (libc::SYS_ftruncate, "ftruncate"),
-            (libc::SYS_munlock, "munlock"),
             (libc::SYS_poll, "poll"),
             (libc::SYS_ppoll, "ppoll"),
         ],
         ThreadKind::ConsoleInput => &[],
-        // A punch through the mapper: probe and change the backing file, wait for holders.
-        ThreadKind::Reclaim => &[
-            (libc::SYS_fstat, "fstat"),
-            (libc::SYS_newfstatat, "newfstatat"),
-            (libc::SYS_statx, "statx"),
-            (libc::SYS_fstatfs, "fstatfs"),
-            (libc::SYS_fallocate, "fallocate"),
-            (libc::SYS_ftruncate, "ftruncate"),
-            (libc::SYS_munlock, "munlock"),
-        ],
+        // A punch through the mapper: MAPPER_CHANGES is all it needs.
+        ThreadKind::Reclaim => &[],
         ThreadKind::AgentService => &[
             (libc::SYS_recvfrom, "recvfrom"),
             (libc::SYS_recvmsg, "recvmsg"),
@@ -230,29 +215,40 @@ pub fn allowed(kind: ThreadKind) -> Vec<(i64, &'static str)> {
             (libc::SYS_epoll_ctl, "epoll_ctl"),
             (libc::SYS_poll, "poll"),
             (libc::SYS_ppoll, "ppoll"),
-            (libc::SYS_fstat, "fstat"),
-            (libc::SYS_statx, "statx"),
-            (libc::SYS_fallocate, "fallocate"),
             (libc::SYS_fdatasync, "fdatasync"),
             (libc::SYS_ioctl, "ioctl"),
             // Pins and prepares: probe the file, FIEMAP (ioctl), populate and lock the range.
-            (libc::SYS_fstatfs, "fstatfs"),
-            (libc::SYS_newfstatat, "newfstatat"),
             (libc::SYS_lseek, "lseek"),
             (libc::SYS_pread64, "pread64"),
             (libc::SYS_pwrite64, "pwrite64"),
             (libc::SYS_fsync, "fsync"),
-            (libc::SYS_ftruncate, "ftruncate"),
             (libc::SYS_fadvise64, "fadvise64"),
             (libc::SYS_mincore, "mincore"),
             (libc::SYS_mlock, "mlock"),
             (libc::SYS_mlock2, "mlock2"),
-            (libc::SYS_munlock, "munlock"),
         ],
     };
     v.extend_from_slice(extra);
+    if matches!(
+        kind,
+        ThreadKind::Api | ThreadKind::AgentService | ThreadKind::Reclaim
+    ) {
+        v.extend_from_slice(MAPPER_CHANGES);
+    }
     v
 }
+
+/// What a thread that asks the mapper for layout changes needs: probe the backing file, change its blocks or
+/// size, and let go of a revoked pin's mlock.
+const MAPPER_CHANGES: &[(i64, &str)] = &[
+    (libc::SYS_fstat, "fstat"),
+    (libc::SYS_newfstatat, "newfstatat"),
+    (libc::SYS_statx, "statx"),
+    (libc::SYS_fstatfs, "fstatfs"),
+    (libc::SYS_fallocate, "fallocate"),
+    (libc::SYS_ftruncate, "ftruncate"),
+    (libc::SYS_munlock, "munlock"),
+];
 
 /// Build the filter for `kind` under `mode`; `None` when `mode` is off.
 pub fn build(kind: ThreadKind, mode: SeccompMode) -> Result<Option<BpfProgram>, SeccompError> {
