@@ -271,6 +271,9 @@ pub fn run(config: &VmConfig) -> Result<VmExit, StartError> {
         )?;
         vcpus.push(v);
     }
+    if let Some(boot) = vcpus.first() {
+        pre_fault_in_kvm(vm.fd(), boot, &config.pmem, &pmem_regions);
+    }
     let signals = StopSignals::install(state.clone()).map_err(StartError::Signals)?;
     let mut threads = Vec::new();
     for v in vcpus {
@@ -323,6 +326,46 @@ pub fn run(config: &VmConfig) -> Result<VmExit, StartError> {
 }
 
 /// What the operator API works on: the mapper and the regions under the names the operator gave them.
+/// prefault=on regions into KVM's own page tables, where KVM offers it (see [`crate::vstate::pre_fault`]). A
+/// failure costs only speed, so it is logged and the VM starts.
+fn pre_fault_in_kvm(
+    vm: &kvm_ioctls::VmFd,
+    vcpu: &Vcpu,
+    configs: &[pmem::PmemConfig],
+    regions: &[pmem::PmemRegion],
+) {
+    let wanted: Vec<&pmem::PmemRegion> = configs
+        .iter()
+        .zip(regions)
+        .filter(|(c, _)| c.prefault)
+        .map(|(_, r)| r)
+        .collect();
+    if wanted.is_empty() {
+        return;
+    }
+    if !crate::vstate::pre_fault::offered_by(vm) {
+        tracing::info!(
+            "KVM_PRE_FAULT_MEMORY not offered (it needs EPT/NPT; shadow paging here): the guest's first touch of \
+             each page of a prefault=on region is still a KVM fault"
+        );
+        return;
+    }
+    for r in wanted {
+        let started = std::time::Instant::now();
+        match crate::vstate::pre_fault::pre_fault(vcpu.fd(), r.guest_addr, r.backing.size()) {
+            Ok(()) => tracing::info!(
+                id = %r.id(),
+                ms = format_args!("{:.1}", started.elapsed().as_secs_f64() * 1e3),
+                "pmem region pre-faulted in KVM (KVM_PRE_FAULT_MEMORY)"
+            ),
+            Err(e) => tracing::warn!(
+                id = %r.id(),
+                "KVM_PRE_FAULT_MEMORY failed ({e}); the guest faults the region in as it touches it"
+            ),
+        }
+    }
+}
+
 fn api_context(
     config: &VmConfig,
     leases: &LeaseManager,

@@ -217,6 +217,8 @@ impl Backing {
             private: cfg.discard_writes,
             want_sync: kind == BackingKind::FsDax && !cfg.readonly && !cfg.discard_writes,
             align: dev_dax.map_or(SIZE_ALIGN, |d| d.align.max(SIZE_ALIGN)),
+            // DAX maps its own 2 MiB entries; page-cache files and shmem fault 2 MiB pages in when asked.
+            huge_pages: matches!(kind, BackingKind::Regular | BackingKind::Ram),
         };
         let mapping = HostMapping::map(&file, 0, size, opts).map_err(|e| BackingError::Io {
             path: path.clone(),
@@ -638,6 +640,7 @@ mod tests {
                     private: false,
                     want_sync: true,
                     align: 2 * MIB,
+                    huge_pages: false,
                 },
             )
         });
