@@ -89,7 +89,10 @@ mod tests {
         if offered_by(&vm) {
             result.unwrap();
         } else {
-            assert!(result.is_err(), "KVM_PRE_FAULT_MEMORY worked though not offered");
+            assert!(
+                result.is_err(),
+                "KVM_PRE_FAULT_MEMORY worked though not offered"
+            );
         }
         drop(vcpu);
         drop(vm);
