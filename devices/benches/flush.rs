@@ -11,7 +11,8 @@
 //! - `qemu`: one fsync per request on a thread pool (QEMU's virtio-pmem; its pool has up to 64 threads).
 //!
 //! The ideal: a closed loop of depth d completes at most d requests per fdatasync of what those d requests
-//! dirtied. So each round also times bare fdatasyncs after dirtying d x 4 KiB, and ideal req/s = d / that time.
+//! dirtied. So each round also times bare fdatasyncs after dirtying d x 4 KiB, and ideal req/s = d / their mean
+//! time (the mean, as a strategy's req/s is an average over its slot too).
 //!
 //! The disk's weather changes by the second on a shared host (an fdatasync takes 0.08 ms to 4 ms, and stalls for
 //! 100 ms happen), so the cases run in many short rounds: each round runs the ideal and every strategy once, in
@@ -394,6 +395,7 @@ fn histogram(lat: &[Duration]) -> String {
 /// One round of one strategy, against the round's ideal.
 struct RoundResult {
     req_s: f64,
+    of_ideal: f64,
     req_per_sync: f64,
     p50: Duration,
     p99: Duration,
@@ -418,8 +420,7 @@ fn main() {
     println!(
         "flush benchmark: 64 MiB file (written and synced once) in {dir}, 4 KiB dirtied per request; {rounds} rounds, \
          each running every case for {secs} s in turn (ideal and strategies interleaved, the order rotating); \
-         figures are medians over the rounds (of ideal: the median req/s over the median ideal; x peer: the median \
-         of the rounds' ratios)"
+         figures are medians over the rounds; ratios (of ideal, x peer) are taken within each round, then the median"
     );
     let busy = std::env::var("FLUSH_BENCH_BUSY").is_ok_and(|v| v == "1");
     let spinning = Arc::new(AtomicBool::new(busy));
@@ -452,7 +453,10 @@ fn main() {
                     Some(s) => stats[case] = Some(run(&file, *s, depth, slot, &trace)),
                     None => {
                         let bare = bare_syncs(&file, depth, slot);
-                        ideal = depth as f64 / median(&bare).as_secs_f64();
+                        // d requests per fdatasync, at the mean fdatasync time: the same average over the
+                        // slot that a strategy's requests per second are.
+                        let total: Duration = bare.iter().sum();
+                        ideal = depth as f64 * bare.len() as f64 / total.as_secs_f64();
                         ideal_syncs.extend(bare);
                     }
                 }
@@ -462,6 +466,7 @@ fn main() {
                 let Some(st) = st else { continue };
                 results[i].push(RoundResult {
                     req_s: st.throughput(),
+                    of_ideal: st.throughput() / ideal,
                     req_per_sync: st.requests as f64 / st.syncs.max(1) as f64,
                     p50: st.percentile(0.5),
                     p99: st.percentile(0.99),
@@ -492,7 +497,7 @@ fn main() {
                 med(rs, &|r| r.req_per_sync),
                 med(rs, &|r| us(r.p50)),
                 med(rs, &|r| us(r.p99)),
-                med(rs, &|r| r.req_s) / median(&ideals),
+                med(rs, &|r| r.of_ideal),
             );
         }
         println!(
@@ -566,7 +571,7 @@ fn main() {
             us(percentile(&returning, 0.5)),
             us(percentile(&returning, 0.99)),
         );
-        summary.push((depth, median(&ideals), results));
+        summary.push((depth, results));
     }
 
     println!(
@@ -576,7 +581,7 @@ fn main() {
         "{:>5} {:>9} {:>12} {:>12} {:>12} {:>12}   p99: daxvisor vs best peer",
         "depth", "of ideal", "x per-req", "x cloud-hv", "x firecrack", "x qemu"
     );
-    for (depth, ideal, results) in &summary {
+    for (depth, results) in &summary {
         let of = |s: Strategy| &results[Strategy::ALL.iter().position(|x| *x == s).unwrap_or(0)];
         let d = of(Strategy::Daxvisor);
         // Ratios per round (same disk weather), then the median.
@@ -597,7 +602,7 @@ fn main() {
         let dp99 = p99(d);
         println!(
             "{depth:>5} {:>9.2} {:>11.2}x {:>11.2}x {:>11.2}x {:>11.2}x   {:.0} us vs {:.0} us ({}): {}",
-            median(&d.iter().map(|r| r.req_s).collect::<Vec<f64>>()) / ideal,
+            median(&d.iter().map(|r| r.of_ideal).collect::<Vec<f64>>()),
             x(Strategy::PerRequest),
             x(Strategy::CloudHypervisor),
             x(Strategy::Firecracker),
