@@ -89,6 +89,19 @@ impl Block {
         lo + self.entries[lo..hi].partition_point(|e| e.start < from)
     }
 
+    /// Index of the first entry whose key is >= `key` (where an insert goes, or where a present key is),
+    /// reading the fences and the run(s) of entries that share `key.0` as their start: one run unless many
+    /// entries start at the same offset.
+    fn position(&self, key: (u64, u64)) -> usize {
+        let segs = self.entries.len().div_ceil(SEG);
+        let fences = &self.fences[..segs];
+        let first = fences.partition_point(|f| *f < key.0);
+        let past = first + fences[first..].partition_point(|f| *f <= key.0);
+        let lo = first.saturating_sub(1) * SEG;
+        let hi = (past * SEG).min(self.entries.len());
+        lo + self.entries[lo..hi].partition_point(|e| e.key() < key)
+    }
+
     fn recompute(&mut self) {
         self.refence();
         self.max_end = self.entries.iter().map(|e| e.end).max().unwrap_or(0);
@@ -194,7 +207,7 @@ impl IntervalIndex {
         }
         let i = self.locate(e.key());
         let b = &mut self.blocks[i];
-        let pos = b.entries.partition_point(|x| x.key() < e.key());
+        let pos = b.position(e.key());
         b.entries.insert(pos, e);
         b.add(&e);
         b.refence_from(pos);
@@ -221,9 +234,10 @@ impl IntervalIndex {
         let key = (range.start, id);
         let i = self.locate(key);
         let b = &mut self.blocks[i];
-        let Ok(pos) = b.entries.binary_search_by(|x| x.key().cmp(&key)) else {
+        let pos = b.position(key);
+        if b.entries.get(pos).map(Entry::key) != Some(key) {
             return false;
-        };
+        }
         let gone = b.entries.remove(pos);
         self.len -= 1;
         if gone.end == b.max_end || gone.end - gone.start == b.max_len {

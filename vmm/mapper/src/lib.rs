@@ -64,6 +64,7 @@ mod interval;
 mod introspect;
 mod layout_change;
 mod lease;
+mod lease_table;
 mod owner;
 mod pin;
 mod pinnability;
