@@ -1,27 +1,33 @@
-//! Interval index: who holds what in a region. Entries are kept sorted by (start, id) in blocks of at most a few
-//! hundred, with a contiguous array of each block's first key (binary search) and a segment tree over each
-//! block's largest end. An overlap query binary-searches the blocks that start before the query's end, walks the
-//! segment tree down to the blocks whose largest end lies after the query's start, and scans only those; insert
-//! and remove touch one block and one tree path. So acquire, lookup and the break fan-out cost
-//! O(log n + B + k) for block size B, and with blocks contiguous in memory a query costs a handful of cache
-//! misses at a million leases, where a pointer tree costs one per level (DESIGN.md: 1M leases without
-//! degradation; `cargo bench --bench mapper` prints the growth).
+//! Interval index: who holds what in a region. Entries are kept sorted by (start, id) in blocks of at most
+//! [`MAX_BLOCK`]. Blocks live in a slab by slot and never move; the key order is a list of slots, and next to
+//! it a [`Summary`] keeps each block's first start and largest end with levels above them (an implicit B-tree
+//! of fanout [`FAN`], one cache line per node). An overlap query descends the summary by first starts to the
+//! last block that starts before the query's end, descends it again by largest ends to the blocks (before that
+//! one) whose largest end lies after the query's start, and scans only those; insert and remove touch one block
+//! and one summary path. So acquire, lookup and the break fan-out cost O(log n + B + k) for block size B
+//! (DESIGN.md: 1M leases without degradation; `cargo bench --bench mapper` prints the growth).
 //!
-//! Splitting or merging a block rebuilds the segment tree (O(n / B)); that happens at most once per B / 2
-//! inserts or removes, so it adds O(n / B^2) amortized: under 16 at a million leases with B = 256.
+//! Splitting or merging a block shifts the summary's bottom level and rebuilds the levels above it (O(n / B));
+//! that happens at most once per B / 2 inserts or removes, so it adds O(n / B^2) amortized.
 //!
-//! Inside a block, a query does not binary-search the entries themselves (a 6 KiB array that, at a million
-//! leases, is never in cache: one DRAM miss per probe). Each block carries, inline next to its bounds, the
-//! start of every [`SEG`]th entry (its fences, a few cache lines that stay cached with the block table); a query
-//! searches the fences and then reads one run of [`SEG`] adjacent entries: one miss instead of six or seven.
+//! Where the time goes at a million leases (`docs/performance.md`): the summary is 100 KiB and its top levels
+//! stay in L1, so a query's cache misses are the block it lands in: its fences, then one run of entries.
+//! Inside a block, a query does not bisect the entries (a 6 KiB array that is never in cache: one miss per
+//! probe). Each block carries, next to its bounds, the start of every [`SEG`]th entry (its fences); a query
+//! counts the fences below its start and then counts inside one run of [`SEG`] entries. Counting a sorted
+//! array gives its partition point with every load issued at once, where a bisection waits for each probe.
 
 use std::ops::ControlFlow;
 
+mod summary;
+
 use super::range::ByteRange;
+use summary::{Summary, FAN};
 
 const MAX_BLOCK: usize = 256;
-/// Entries per fence (see the module docs): a run of SEG entries is 192 bytes, three adjacent cache lines.
-const SEG: usize = 8;
+/// Entries per fence (see the module docs): a run of SEG entries is 384 bytes, six adjacent cache lines read
+/// at once; 8 (three lines, twice the fences) measured slower at a million leases.
+const SEG: usize = 16;
 /// Fences a block holds: one per SEG entries of a full block, plus the entry an insert adds before the split.
 const FENCES: usize = (MAX_BLOCK + 1).div_ceil(SEG);
 
@@ -36,6 +42,12 @@ impl Entry {
     fn key(&self) -> (u64, u64) {
         (self.start, self.id)
     }
+}
+
+/// How many of `sorted` satisfy `below`, which holds for a prefix of it: its partition point, found by counting
+/// (no data-dependent branch, every load issued at once; see [`Block::lower_bound`]).
+fn count_below<T>(sorted: &[T], below: impl Fn(&T) -> bool) -> usize {
+    sorted.iter().map(|x| usize::from(below(x))).sum()
 }
 
 #[derive(Clone, Debug)]
@@ -78,15 +90,19 @@ impl Block {
 
     /// Index of the first entry whose start is >= `from` (what `partition_point` over the entries gives),
     /// reading the fences and one run of SEG entries.
+    ///
+    /// Both steps count instead of bisecting: the fences and the run are sorted, so the number below `from` is
+    /// the partition point, and a count issues all its loads at once where a bisection waits for each probe
+    /// (at a million entries every line here is a cache miss).
     fn lower_bound(&self, from: u64) -> usize {
         let segs = self.entries.len().div_ceil(SEG);
-        let s = self.fences[..segs].partition_point(|f| *f < from);
+        let s = count_below(&self.fences[..segs], |f| *f < from);
         if s == 0 {
             return 0;
         }
         let lo = (s - 1) * SEG;
         let hi = (s * SEG).min(self.entries.len());
-        lo + self.entries[lo..hi].partition_point(|e| e.start < from)
+        lo + count_below(&self.entries[lo..hi], |e| e.start < from)
     }
 
     /// Index of the first entry whose key is >= `key` (where an insert goes, or where a present key is),
@@ -95,11 +111,11 @@ impl Block {
     fn position(&self, key: (u64, u64)) -> usize {
         let segs = self.entries.len().div_ceil(SEG);
         let fences = &self.fences[..segs];
-        let first = fences.partition_point(|f| *f < key.0);
-        let past = first + fences[first..].partition_point(|f| *f <= key.0);
+        let first = count_below(fences, |f| *f < key.0);
+        let past = first + count_below(&fences[first..], |f| *f <= key.0);
         let lo = first.saturating_sub(1) * SEG;
         let hi = (past * SEG).min(self.entries.len());
-        lo + self.entries[lo..hi].partition_point(|e| e.key() < key)
+        lo + count_below(&self.entries[lo..hi], |e| e.key() < key)
     }
 
     fn recompute(&mut self) {
@@ -122,12 +138,13 @@ impl Block {
 #[derive(Debug)]
 /// Ranges with ids, answering "which overlap this range" in O(log n + k) (see the module docs).
 pub struct IntervalIndex {
-    /// First key of each block, contiguous for the binary search.
-    firsts: Vec<(u64, u64)>,
+    /// Blocks by slot; a split takes a free slot or appends, so blocks never move.
     blocks: Vec<Block>,
-    /// Segment tree of `max_end` over blocks: leaf `i` at `cap + i`, parents are maxima.
-    seg: Vec<u64>,
-    cap: usize,
+    free: Vec<u32>,
+    /// Block slots in key order.
+    order: Vec<u32>,
+    /// First start and largest end of each block, in key order, with the levels above them.
+    summary: Summary,
     len: usize,
     max_block: usize,
 }
@@ -147,10 +164,10 @@ impl IntervalIndex {
     /// Small blocks exercise splits and merges in tests.
     pub fn with_block_size(max_block: usize) -> Self {
         IntervalIndex {
-            firsts: Vec::new(),
             blocks: Vec::new(),
-            seg: vec![0; 2],
-            cap: 1,
+            free: Vec::new(),
+            order: Vec::new(),
+            summary: Summary::new(),
             len: 0,
             max_block: max_block.clamp(2, MAX_BLOCK),
         }
@@ -166,28 +183,62 @@ impl IntervalIndex {
         self.len == 0
     }
 
-    /// The block whose key range holds `key` (the last block whose first key is <= key, or block 0).
+    fn block(&self, j: usize) -> &Block {
+        &self.blocks[self.order[j] as usize]
+    }
+
+    fn block_mut(&mut self, j: usize) -> &mut Block {
+        &mut self.blocks[self.order[j] as usize]
+    }
+
+    /// Stores a new block at position `j` of the key order.
+    fn add_block(&mut self, j: usize, b: Block) {
+        let (first, max_end) = (b.entries.first().map_or(0, |e| e.start), b.max_end);
+        let slot = match self.free.pop() {
+            Some(s) => {
+                self.blocks[s as usize] = b;
+                s
+            }
+            None => {
+                self.blocks.push(b);
+                // At most one block per two entries, and entries are far fewer than 2^32.
+                (self.blocks.len() - 1) as u32
+            }
+        };
+        self.order.insert(j, slot);
+        self.summary.insert(j, (first, max_end));
+    }
+
+    /// Forgets the block at position `j`, returning its entries.
+    fn drop_block(&mut self, j: usize) -> Vec<Entry> {
+        let slot = self.order.remove(j);
+        self.summary.remove(j);
+        self.free.push(slot);
+        std::mem::take(&mut self.blocks[slot as usize].entries)
+    }
+
+    /// Position of the block whose key range holds `key` (the last block whose first key is <= key, or 0).
     fn locate(&self, key: (u64, u64)) -> usize {
-        self.firsts.partition_point(|f| *f <= key).saturating_sub(1)
+        let mut j = self
+            .summary
+            .count_starts(|s| s <= key.0, &mut 0)
+            .saturating_sub(1);
+        // Blocks that start at key.0 with a larger id come after `key`.
+        while j > 0
+            && self.summary.get(j).0 == key.0
+            && self.block(j).entries.first().map(Entry::key) > Some(key)
+        {
+            j -= 1;
+        }
+        j
     }
 
-    fn rebuild(&mut self) {
-        self.cap = self.blocks.len().next_power_of_two().max(1);
-        self.seg = vec![0; 2 * self.cap];
-        for (i, b) in self.blocks.iter().enumerate() {
-            self.seg[self.cap + i] = b.max_end;
-        }
-        for p in (1..self.cap).rev() {
-            self.seg[p] = self.seg[2 * p].max(self.seg[2 * p + 1]);
-        }
-    }
-
-    fn seg_update(&mut self, i: usize) {
-        let mut p = self.cap + i;
-        self.seg[p] = self.blocks[i].max_end;
-        while p > 1 {
-            p /= 2;
-            self.seg[p] = self.seg[2 * p].max(self.seg[2 * p + 1]);
+    /// Re-reads block `j`'s first start and largest end into the summaries, where they changed.
+    fn resummarize(&mut self, j: usize) {
+        let b = self.block(j);
+        let now = (b.entries.first().map_or(0, |e| e.start), b.max_end);
+        if self.summary.get(j) != now {
+            self.summary.update(j, now);
         }
     }
 
@@ -199,80 +250,63 @@ impl IntervalIndex {
             end: range.end,
         };
         self.len += 1;
-        if self.blocks.is_empty() {
-            self.blocks.push(Block::new(vec![e]));
-            self.firsts.push(e.key());
-            self.rebuild();
+        if self.order.is_empty() {
+            self.add_block(0, Block::new(vec![e]));
             return;
         }
-        let i = self.locate(e.key());
-        let b = &mut self.blocks[i];
+        let j = self.locate(e.key());
+        let max_block = self.max_block;
+        let b = self.block_mut(j);
         let pos = b.position(e.key());
         b.entries.insert(pos, e);
         b.add(&e);
         b.refence_from(pos);
-        if pos == 0 {
-            self.firsts[i] = e.key();
-        }
-        if self.blocks[i].entries.len() > self.max_block {
-            let tail = self.blocks[i].entries.split_off(self.max_block / 2);
-            self.blocks[i].recompute();
-            let nb = Block::new(tail);
-            self.firsts.insert(i + 1, nb.entries[0].key());
-            self.blocks.insert(i + 1, nb);
-            self.rebuild();
+        if b.entries.len() > max_block {
+            let tail = b.entries.split_off(max_block / 2);
+            b.recompute();
+            self.resummarize(j);
+            self.add_block(j + 1, Block::new(tail));
         } else {
-            self.seg_update(i);
+            self.resummarize(j);
         }
     }
 
     /// Removes the entry `id` that was inserted with `range.start`. Returns whether it was there.
     pub fn remove(&mut self, range: ByteRange, id: u64) -> bool {
-        if self.blocks.is_empty() {
+        if self.order.is_empty() {
             return false;
         }
         let key = (range.start, id);
-        let i = self.locate(key);
-        let b = &mut self.blocks[i];
+        let j = self.locate(key);
+        let b = self.block_mut(j);
         let pos = b.position(key);
         if b.entries.get(pos).map(Entry::key) != Some(key) {
             return false;
         }
         let gone = b.entries.remove(pos);
-        self.len -= 1;
         if gone.end == b.max_end || gone.end - gone.start == b.max_len {
             b.recompute();
         } else {
             b.refence_from(pos);
         }
-        if b.entries.is_empty() {
-            self.blocks.remove(i);
-            self.firsts.remove(i);
-            self.rebuild();
+        let n = b.entries.len();
+        self.len -= 1;
+        if n == 0 {
+            self.drop_block(j);
             return true;
-        }
-        if pos == 0 {
-            self.firsts[i] = b.entries[0].key();
         }
         // Merge a block that fell to a quarter into its right neighbour when they fit together, so the block
         // count stays proportional to n.
-        let n = b.entries.len();
-        let small = n < self.max_block / 4;
-        if small
-            && i + 1 < self.blocks.len()
-            && n + self.blocks[i + 1].entries.len() <= self.max_block
+        if n < self.max_block / 4
+            && j + 1 < self.order.len()
+            && n + self.block(j + 1).entries.len() <= self.max_block
         {
-            let next = self.blocks.remove(i + 1);
-            self.firsts.remove(i + 1);
-            let b = &mut self.blocks[i];
-            b.entries.extend_from_slice(&next.entries);
-            b.max_end = b.max_end.max(next.max_end);
-            b.max_len = b.max_len.max(next.max_len);
-            b.refence();
-            self.rebuild();
-        } else {
-            self.seg_update(i);
+            let next = self.drop_block(j + 1);
+            let b = self.block_mut(j);
+            b.entries.extend_from_slice(&next);
+            b.recompute();
         }
+        self.resummarize(j);
         true
     }
 
@@ -281,32 +315,54 @@ impl IntervalIndex {
     where
         F: FnMut(ByteRange, u64) -> ControlFlow<()>,
     {
-        // Blocks from `hi` on start at or after q.end: nothing there can overlap.
-        let hi = self.firsts.partition_point(|k| k.0 < q.end);
-        if hi > 0 {
-            let _ = self.descend(1, 0, self.cap, hi, q, &mut f);
-        }
+        let _ = self.walk(q, &mut f, &mut 0);
     }
 
+    /// The walk behind [`Self::for_each_overlap`], counting in `work` the memory locations it reads.
+    fn walk<F>(&self, q: ByteRange, f: &mut F, work: &mut u64) -> ControlFlow<()>
+    where
+        F: FnMut(ByteRange, u64) -> ControlFlow<()>,
+    {
+        // Blocks from `hi` on start at or after q.end: nothing there can overlap.
+        let hi = self.summary.count_starts(|s| s < q.end, work);
+        if hi == 0 {
+            return ControlFlow::Continue(());
+        }
+        self.descend(self.summary.top(), 0, hi, q, f, work)
+    }
+
+    /// Visits, in order, the blocks below node `first / FAN` of level `k` of the largest ends whose largest
+    /// end lies after `q.start` (and that start before block `hi`).
     fn descend<F>(
         &self,
-        node: usize,
-        lo: usize,
-        width: usize,
+        k: usize,
+        first: usize,
         hi: usize,
         q: ByteRange,
         f: &mut F,
+        work: &mut u64,
     ) -> ControlFlow<()>
     where
         F: FnMut(ByteRange, u64) -> ControlFlow<()>,
     {
-        if lo >= hi || self.seg[node] <= q.start {
-            return ControlFlow::Continue(());
-        }
-        if width == 1 {
-            let b = &self.blocks[lo];
+        let span = FAN.pow(k as u32);
+        *work += 1;
+        // Children of this node that start before block `hi` and whose largest end lies after q.start.
+        let before_hi = hi.div_ceil(span).saturating_sub(first).min(FAN);
+        let mut wanted =
+            self.summary.node(k, first / FAN).ends_after(q.start) & ((1 << before_hi) - 1);
+        while wanted != 0 {
+            let i = first + wanted.trailing_zeros() as usize;
+            wanted &= wanted - 1;
+            if k > 0 {
+                self.descend(k - 1, i * FAN, hi, q, f, work)?;
+                continue;
+            }
+            let b = self.block(i);
             let first = b.lower_bound(q.start.saturating_sub(b.max_len));
+            *work += 2;
             for e in &b.entries[first..] {
+                *work += 1;
                 if e.start >= q.end {
                     break;
                 }
@@ -314,45 +370,17 @@ impl IntervalIndex {
                     f(ByteRange::new(e.start, e.end), e.id)?;
                 }
             }
-            return ControlFlow::Continue(());
         }
-        let half = width / 2;
-        self.descend(2 * node, lo, half, hi, q, f)?;
-        self.descend(2 * node + 1, lo + half, half, hi, q, f)
+        ControlFlow::Continue(())
     }
 
-    /// The work an overlap query for `q` does, in memory locations touched: binary-search probes over the block
-    /// keys, segment-tree nodes visited, and block entries probed or scanned. Wall-clock time at a million
-    /// entries also pays for DRAM misses that 1k entries never see; this count is what O(log n + k) is about,
-    /// and the benchmark prints both.
+    /// The work an overlap query for `q` does, in memory locations touched: summary nodes read (one line each)
+    /// and, per block visited, its fences and its run of entries, plus the entries scanned. Wall-clock time at
+    /// a million entries also pays for DRAM misses that 1k entries never see; this count is what
+    /// O(log n + k) is about, and the benchmark prints both.
     pub fn query_work(&self, q: ByteRange) -> u64 {
-        let probes = |n: usize| (usize::BITS - n.leading_zeros()) as u64;
-        let hi = self.firsts.partition_point(|k| k.0 < q.end);
-        let mut work = probes(self.firsts.len());
-        if hi == 0 {
-            return work;
-        }
-        let mut stack = vec![(1usize, 0usize, self.cap)];
-        while let Some((node, lo, width)) = stack.pop() {
-            work += 1;
-            if lo >= hi || self.seg[node] <= q.start {
-                continue;
-            }
-            if width == 1 {
-                let b = &self.blocks[lo];
-                let first = b.lower_bound(q.start.saturating_sub(b.max_len));
-                work += probes(b.entries.len().div_ceil(SEG)) + probes(SEG);
-                work += b.entries[first..]
-                    .iter()
-                    .take_while(|e| e.start < q.end)
-                    .count() as u64
-                    + 1;
-                continue;
-            }
-            let half = width / 2;
-            stack.push((2 * node + 1, lo + half, half));
-            stack.push((2 * node, lo, half));
-        }
+        let mut work = 0;
+        let _ = self.walk(q, &mut |_, _| ControlFlow::Continue(()), &mut work);
         work
     }
 
