@@ -5,15 +5,20 @@
 //! several DRAM misses per acquire (`docs/performance.md`). Hand-written because the id has to carry the slot
 //! and a generation (ids are never reused), which general slab crates do not expose as an id.
 //!
-//! Id layout: the low 32 bits are `slot + 1` (so no id is 0), the high 32 bits the slot's generation, bumped
-//! every time the slot is freed. A slot whose generation is exhausted is retired, never reused: an id names at
-//! most one lease ever, and an id the table never handed out (or one already released) names nothing.
+//! Id layout: the low 32 bits are `slot + 1` (so no id is 0), the bits above the slot's generation, bumped
+//! every time the slot is freed. A slot whose generation reaches [`MAX_GENERATION`] is retired, never reused:
+//! an id names at most one lease ever, an id the table never handed out (or one already released) names
+//! nothing, and ids stay below 2^53, exact in any JSON reader of the operator API.
 //!
 //! Each slot also keeps the lease's position in its owner's list (`Owner::leases`, a `Vec`): removal there is
 //! a swap with the last one, whose position is updated here, with no hash set per owner.
 
 use crate::ids::LeaseId;
 use crate::lease::Lease;
+
+/// The last generation a slot may have (21 bits above the 32 of the slot: ids below 2^53). A slot freed at
+/// this generation is retired: one slot of memory per two million reuses.
+const MAX_GENERATION: u32 = (1 << 21) - 1;
 
 #[derive(Debug)]
 struct Slot {
@@ -106,9 +111,9 @@ impl LeaseTable {
         }
         let lease = s.lease.take()?;
         let pos = s.owner_pos as usize;
-        if let Some(next) = s.generation.checked_add(1) {
-            s.generation = next;
-            // `slot` came from a u32 id.
+        if s.generation < MAX_GENERATION {
+            s.generation += 1;
+            // `slot` came from the low 32 bits of an id.
             self.free.push(slot as u32);
         }
         Some((lease, pos))
@@ -174,5 +179,18 @@ mod tests {
         let mut want = vec![b, c];
         want.sort();
         assert_eq!(ids, want);
+    }
+
+    #[test]
+    fn a_slot_at_its_last_generation_is_retired() {
+        let mut t = LeaseTable::default();
+        assert_eq!(split(t.insert(lease(0), 0).unwrap()), Some((0, 0)));
+        t.slots[0].generation = MAX_GENERATION;
+        let a = join(0, MAX_GENERATION);
+        assert!(a.to_raw() < 1 << 53);
+        assert!(t.remove(&a).is_some());
+        let b = t.insert(lease(0), 0).unwrap();
+        assert_eq!(split(b), Some((1, 0)), "a new slot, not the retired one");
+        assert!(t.get(&a).is_none());
     }
 }
