@@ -1,5 +1,6 @@
 //! Interval index: who holds what in a region. Entries are kept sorted by (start, id) in blocks of at most
-//! [`MAX_BLOCK`]. Blocks live in a slab by slot and never move; the key order is a list of slots, and next to
+//! [`MAX_BLOCK`]. Blocks live by slot and never move (headers in one `Vec`, entries in one arena advised for
+//! 2 MiB pages, see [`Arena`]); the key order is a list of slots, and next to
 //! it a [`Summary`] keeps each block's first start and largest end with levels above them (an implicit B-tree
 //! of fanout [`FAN`], one cache line per node). An overlap query descends the summary by first starts to the
 //! last block that starts before the query's end, descends it again by largest ends to the blocks (before that
@@ -10,7 +11,11 @@
 //! Splitting or merging a block shifts the summary's bottom level and rebuilds the levels above it (O(n / B));
 //! that happens at most once per B / 2 inserts or removes, so it adds O(n / B^2) amortized.
 //!
-//! Where the time goes at a million leases (`docs/performance.md`): the summary is 100 KiB and its top levels
+//! Hand-written: the interval crates we know are either built once and then read-only, or a node per entry
+//! (one dependent cache miss per tree level at a million leases); none keeps blocks with a summary sized
+//! for the cache, which is what the growth from 1k to 1M leases is about.
+//!
+//! Where the time goes at a million leases (`docs/performance.md`): the summary is 120 KiB and its top levels
 //! stay in L1, so a query's cache misses are the block it lands in: its fences, then one run of entries.
 //! Inside a block, a query does not bisect the entries (a 6 KiB array that is never in cache: one miss per
 //! probe). Each block carries, next to its bounds, the start of every [`SEG`]th entry (its fences); a query
@@ -31,7 +36,7 @@ const SEG: usize = 16;
 /// Fences a block holds: one per SEG entries of a full block, plus the entry an insert adds before the split.
 const FENCES: usize = (MAX_BLOCK + 1).div_ceil(SEG);
 
-#[derive(Clone, Copy, Debug)]
+#[derive(Clone, Copy, Debug, Default)]
 struct Entry {
     start: u64,
     id: u64,
@@ -50,96 +55,114 @@ fn count_below<T>(sorted: &[T], below: impl Fn(&T) -> bool) -> usize {
     sorted.iter().map(|x| usize::from(below(x))).sum()
 }
 
-#[derive(Clone, Debug)]
+/// A block's bounds and fences; its entries are `len` consecutive entries of the index's arena, at its slot.
+#[derive(Clone, Debug, Default)]
 struct Block {
-    entries: Vec<Entry>,
+    len: usize,
     max_end: u64,
-    /// Longest entry: a query only needs entries starting at or after `q.start - max_len`, which a binary
-    /// search finds (open-ended leases make this the whole block, which is still correct).
+    /// Longest entry: a query only needs entries starting at or after `q.start - max_len`, which the fences
+    /// find (open-ended leases make this the whole block, which is still correct).
     max_len: u64,
     /// `fences[s]` = start of entry `s * SEG`, for the segments that exist.
     fences: [u64; FENCES],
 }
 
 impl Block {
-    fn new(entries: Vec<Entry>) -> Self {
-        let mut b = Block {
-            entries,
-            max_end: 0,
-            max_len: 0,
-            fences: [0; FENCES],
-        };
-        b.recompute();
-        b
-    }
-
-    /// Re-read the fences after entries moved.
-    fn refence(&mut self) {
-        self.refence_from(0);
-    }
-
-    /// Re-read the fences of the entries from `pos` on (an insert or remove at `pos` moved only those, and
-    /// its memmove just brought them into cache).
-    fn refence_from(&mut self, pos: usize) {
+    /// Re-read the fences of `es` (this block's entries) from `pos` on (an insert or remove at `pos` moved
+    /// only those, and its memmove just brought them into cache).
+    fn refence_from(&mut self, es: &[Entry], pos: usize) {
         let first = pos / SEG;
         let fences = self.fences.iter_mut().skip(first);
-        for (f, e) in fences.zip(self.entries.iter().skip(first * SEG).step_by(SEG)) {
+        for (f, e) in fences.zip(es.iter().skip(first * SEG).step_by(SEG)) {
             *f = e.start;
         }
     }
 
-    /// Index of the first entry whose start is >= `from` (what `partition_point` over the entries gives),
-    /// reading the fences and one run of SEG entries.
+    /// Index of the first of `es` (this block's entries) whose start is >= `from` (what `partition_point`
+    /// gives), reading the fences and one run of SEG entries.
     ///
     /// Both steps count instead of bisecting: the fences and the run are sorted, so the number below `from` is
     /// the partition point, and a count issues all its loads at once where a bisection waits for each probe
     /// (at a million entries every line here is a cache miss).
-    fn lower_bound(&self, from: u64) -> usize {
-        let segs = self.entries.len().div_ceil(SEG);
+    fn lower_bound(&self, es: &[Entry], from: u64) -> usize {
+        let segs = es.len().div_ceil(SEG);
         let s = count_below(&self.fences[..segs], |f| *f < from);
         if s == 0 {
             return 0;
         }
         let lo = (s - 1) * SEG;
-        let hi = (s * SEG).min(self.entries.len());
-        lo + count_below(&self.entries[lo..hi], |e| e.start < from)
+        let hi = (s * SEG).min(es.len());
+        lo + count_below(&es[lo..hi], |e| e.start < from)
     }
 
-    /// Index of the first entry whose key is >= `key` (where an insert goes, or where a present key is),
+    /// Index of the first of `es` whose key is >= `key` (where an insert goes, or where a present key is),
     /// reading the fences and the run(s) of entries that share `key.0` as their start: one run unless many
     /// entries start at the same offset.
-    fn position(&self, key: (u64, u64)) -> usize {
-        let segs = self.entries.len().div_ceil(SEG);
+    fn position(&self, es: &[Entry], key: (u64, u64)) -> usize {
+        let segs = es.len().div_ceil(SEG);
         let fences = &self.fences[..segs];
         let first = count_below(fences, |f| *f < key.0);
         let past = first + count_below(&fences[first..], |f| *f <= key.0);
         let lo = first.saturating_sub(1) * SEG;
-        let hi = (past * SEG).min(self.entries.len());
-        lo + count_below(&self.entries[lo..hi], |e| e.key() < key)
+        let hi = (past * SEG).min(es.len());
+        lo + count_below(&es[lo..hi], |e| e.key() < key)
     }
 
-    fn recompute(&mut self) {
-        self.refence();
-        self.max_end = self.entries.iter().map(|e| e.end).max().unwrap_or(0);
-        self.max_len = self
-            .entries
-            .iter()
-            .map(|e| e.end - e.start)
-            .max()
-            .unwrap_or(0);
+    fn recompute(&mut self, es: &[Entry]) {
+        self.len = es.len();
+        self.refence_from(es, 0);
+        self.max_end = es.iter().map(|e| e.end).max().unwrap_or(0);
+        self.max_len = es.iter().map(|e| e.end - e.start).max().unwrap_or(0);
+    }
+}
+
+/// Where every block's entries live: `cap` entries per block slot, one allocation, advised to the kernel for
+/// 2 MiB pages once it spans them. At a million entries the blocks hold 35 MiB; with 4 KiB pages nearly every
+/// query's run of entries also misses the TLB, and on a nested host (shadow page tables) a TLB miss costs
+/// about as much as the cache miss itself. One allocation also keeps the blocks together instead of spread
+/// between whatever else the heap holds.
+#[derive(Debug, Default)]
+struct Arena {
+    entries: Vec<Entry>,
+}
+
+impl Arena {
+    /// Room for `slots` blocks of `cap` entries.
+    fn grow(&mut self, slots: usize, cap: usize) {
+        let want = slots * cap;
+        if want <= self.entries.len() {
+            return;
+        }
+        if want > self.entries.capacity() {
+            self.entries.reserve(want - self.entries.len());
+            self.advise_huge_pages();
+        }
+        self.entries.resize(want, Entry::default());
     }
 
-    fn add(&mut self, e: &Entry) {
-        self.max_end = self.max_end.max(e.end);
-        self.max_len = self.max_len.max(e.end - e.start);
+    /// Asks for 2 MiB pages over the whole 2 MiB-aligned part of the allocation (before its new part is
+    /// touched, so those faults get them). Only a hint: a kernel without THP, or one that refuses, is fine.
+    fn advise_huge_pages(&self) {
+        const HUGE: usize = 2 << 20;
+        let start = self.entries.as_ptr() as usize;
+        let end = start + self.entries.capacity() * std::mem::size_of::<Entry>();
+        let (lo, hi) = (start.next_multiple_of(HUGE), end / HUGE * HUGE);
+        if hi > lo {
+            // SAFETY: [lo, hi) lies inside the Vec's allocation, which this arena owns; MADV_HUGEPAGE changes
+            // only how the kernel backs those pages, never their contents or whether they are mapped.
+            let _ = unsafe { libc::madvise(lo as *mut libc::c_void, hi - lo, libc::MADV_HUGEPAGE) };
+        }
     }
 }
 
 #[derive(Debug)]
 /// Ranges with ids, answering "which overlap this range" in O(log n + k) (see the module docs).
 pub struct IntervalIndex {
-    /// Blocks by slot; a split takes a free slot or appends, so blocks never move.
+    /// Block headers by slot; a split takes a free slot or appends, so blocks never move.
     blocks: Vec<Block>,
+    /// Their entries, `cap` per slot.
+    arena: Arena,
+    cap: usize,
     free: Vec<u32>,
     /// Block slots in key order.
     order: Vec<u32>,
@@ -163,13 +186,16 @@ impl IntervalIndex {
 
     /// Small blocks exercise splits and merges in tests.
     pub fn with_block_size(max_block: usize) -> Self {
+        let max_block = max_block.clamp(2, MAX_BLOCK);
         IntervalIndex {
             blocks: Vec::new(),
+            arena: Arena::default(),
+            cap: max_block + 1,
             free: Vec::new(),
             order: Vec::new(),
             summary: Summary::new(),
             len: 0,
-            max_block: max_block.clamp(2, MAX_BLOCK),
+            max_block,
         }
     }
 
@@ -183,38 +209,53 @@ impl IntervalIndex {
         self.len == 0
     }
 
-    fn block(&self, j: usize) -> &Block {
-        &self.blocks[self.order[j] as usize]
+    /// The header and entries of the block at position `j` of the key order.
+    fn block(&self, j: usize) -> (&Block, &[Entry]) {
+        let slot = self.order[j] as usize;
+        let b = &self.blocks[slot];
+        let base = slot * self.cap;
+        (b, &self.arena.entries[base..base + b.len])
     }
 
-    fn block_mut(&mut self, j: usize) -> &mut Block {
-        &mut self.blocks[self.order[j] as usize]
+    /// The same, mutable; the entries slice is the whole slot (`cap` entries).
+    fn block_mut(&mut self, j: usize) -> (&mut Block, &mut [Entry]) {
+        let slot = self.order[j] as usize;
+        let base = slot * self.cap;
+        (
+            &mut self.blocks[slot],
+            &mut self.arena.entries[base..base + self.cap],
+        )
     }
 
-    /// Stores a new block at position `j` of the key order.
-    fn add_block(&mut self, j: usize, b: Block) {
-        let (first, max_end) = (b.entries.first().map_or(0, |e| e.start), b.max_end);
+    /// A new block at position `j` of the key order, holding the `n` entries that start at arena index
+    /// `from` (the tail of a block that split, or one entry just written at the arena's spare slot end).
+    fn add_block(&mut self, j: usize, from: usize, n: usize) {
         let slot = match self.free.pop() {
-            Some(s) => {
-                self.blocks[s as usize] = b;
-                s
-            }
+            Some(s) => s as usize,
             None => {
-                self.blocks.push(b);
-                // At most one block per two entries, and entries are far fewer than 2^32.
-                (self.blocks.len() - 1) as u32
+                self.blocks.push(Block::default());
+                self.arena.grow(self.blocks.len(), self.cap);
+                self.blocks.len() - 1
             }
         };
-        self.order.insert(j, slot);
-        self.summary.insert(j, (first, max_end));
+        let base = slot * self.cap;
+        self.arena.entries.copy_within(from..from + n, base);
+        let b = &mut self.blocks[slot];
+        b.recompute(&self.arena.entries[base..base + n]);
+        let now = (self.arena.entries[base].start, b.max_end);
+        // At most one block per two entries, and entries are far fewer than 2^32.
+        self.order.insert(j, slot as u32);
+        self.summary.insert(j, now);
     }
 
-    /// Forgets the block at position `j`, returning its entries.
-    fn drop_block(&mut self, j: usize) -> Vec<Entry> {
+    /// Forgets the block at position `j`, returning the arena index and count of its entries (they stay
+    /// there until the slot is reused).
+    fn drop_block(&mut self, j: usize) -> (usize, usize) {
         let slot = self.order.remove(j);
         self.summary.remove(j);
         self.free.push(slot);
-        std::mem::take(&mut self.blocks[slot as usize].entries)
+        let b = std::mem::take(&mut self.blocks[slot as usize]);
+        (slot as usize * self.cap, b.len)
     }
 
     /// Position of the block whose key range holds `key` (the last block whose first key is <= key, or 0).
@@ -226,17 +267,17 @@ impl IntervalIndex {
         // Blocks that start at key.0 with a larger id come after `key`.
         while j > 0
             && self.summary.get(j).0 == key.0
-            && self.block(j).entries.first().map(Entry::key) > Some(key)
+            && self.block(j).1.first().map(Entry::key) > Some(key)
         {
             j -= 1;
         }
         j
     }
 
-    /// Re-reads block `j`'s first start and largest end into the summaries, where they changed.
+    /// Re-reads block `j`'s first start and largest end into the summary, where they changed.
     fn resummarize(&mut self, j: usize) {
-        let b = self.block(j);
-        let now = (b.entries.first().map_or(0, |e| e.start), b.max_end);
+        let (b, es) = self.block(j);
+        let now = (es.first().map_or(0, |e| e.start), b.max_end);
         if self.summary.get(j) != now {
             self.summary.update(j, now);
         }
@@ -251,21 +292,31 @@ impl IntervalIndex {
         };
         self.len += 1;
         if self.order.is_empty() {
-            self.add_block(0, Block::new(vec![e]));
+            // The first block (the index is fresh: see `remove`): write the entry at slot 0 and adopt it.
+            self.blocks.push(Block::default());
+            self.arena.grow(1, self.cap);
+            self.arena.entries[0] = e;
+            self.blocks[0].recompute(&self.arena.entries[..1]);
+            self.order.push(0);
+            self.summary.insert(0, (e.start, e.end));
             return;
         }
         let j = self.locate(e.key());
         let max_block = self.max_block;
-        let b = self.block_mut(j);
-        let pos = b.position(e.key());
-        b.entries.insert(pos, e);
-        b.add(&e);
-        b.refence_from(pos);
-        if b.entries.len() > max_block {
-            let tail = b.entries.split_off(max_block / 2);
-            b.recompute();
+        let (b, es) = self.block_mut(j);
+        let pos = b.position(&es[..b.len], e.key());
+        es.copy_within(pos..b.len, pos + 1);
+        es[pos] = e;
+        b.len += 1;
+        b.max_end = b.max_end.max(e.end);
+        b.max_len = b.max_len.max(e.end - e.start);
+        b.refence_from(&es[..b.len], pos);
+        if b.len > max_block {
+            let (keep, n) = (max_block / 2, b.len - max_block / 2);
+            b.recompute(&es[..keep]);
+            let from = self.order[j] as usize * self.cap + keep;
             self.resummarize(j);
-            self.add_block(j + 1, Block::new(tail));
+            self.add_block(j + 1, from, n);
         } else {
             self.resummarize(j);
         }
@@ -278,33 +329,40 @@ impl IntervalIndex {
         }
         let key = (range.start, id);
         let j = self.locate(key);
-        let b = self.block_mut(j);
-        let pos = b.position(key);
-        if b.entries.get(pos).map(Entry::key) != Some(key) {
+        let (b, es) = self.block_mut(j);
+        let pos = b.position(&es[..b.len], key);
+        if pos >= b.len || es[pos].key() != key {
             return false;
         }
-        let gone = b.entries.remove(pos);
+        let gone = es[pos];
+        es.copy_within(pos + 1..b.len, pos);
+        b.len -= 1;
         if gone.end == b.max_end || gone.end - gone.start == b.max_len {
-            b.recompute();
+            b.recompute(&es[..b.len]);
         } else {
-            b.refence_from(pos);
+            b.refence_from(&es[..b.len], pos);
         }
-        let n = b.entries.len();
+        let n = b.len;
         self.len -= 1;
         if n == 0 {
             self.drop_block(j);
+            if self.order.is_empty() {
+                // Give the memory back: an index that held a million entries and drained keeps nothing.
+                *self = Self::with_block_size(self.max_block);
+            }
             return true;
         }
         // Merge a block that fell to a quarter into its right neighbour when they fit together, so the block
         // count stays proportional to n.
         if n < self.max_block / 4
             && j + 1 < self.order.len()
-            && n + self.block(j + 1).entries.len() <= self.max_block
+            && n + self.block(j + 1).0.len <= self.max_block
         {
-            let next = self.drop_block(j + 1);
-            let b = self.block_mut(j);
-            b.entries.extend_from_slice(&next);
-            b.recompute();
+            let (from, m) = self.drop_block(j + 1);
+            let base = self.order[j] as usize * self.cap;
+            self.arena.entries.copy_within(from..from + m, base + n);
+            let b = &mut self.blocks[self.order[j] as usize];
+            b.recompute(&self.arena.entries[base..base + n + m]);
         }
         self.resummarize(j);
         true
@@ -331,8 +389,8 @@ impl IntervalIndex {
         self.descend(self.summary.top(), 0, hi, q, f, work)
     }
 
-    /// Visits, in order, the blocks below node `first / FAN` of level `k` of the largest ends whose largest
-    /// end lies after `q.start` (and that start before block `hi`).
+    /// Visits, in order, the blocks below node `first / FAN` of level `k` of the summary whose largest end
+    /// lies after `q.start` (and that start before block `hi`).
     fn descend<F>(
         &self,
         k: usize,
@@ -358,10 +416,10 @@ impl IntervalIndex {
                 self.descend(k - 1, i * FAN, hi, q, f, work)?;
                 continue;
             }
-            let b = self.block(i);
-            let first = b.lower_bound(q.start.saturating_sub(b.max_len));
+            let (b, es) = self.block(i);
+            let first = b.lower_bound(es, q.start.saturating_sub(b.max_len));
             *work += 2;
-            for e in &b.entries[first..] {
+            for e in &es[first..] {
                 *work += 1;
                 if e.start >= q.end {
                     break;
