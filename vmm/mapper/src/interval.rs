@@ -292,7 +292,10 @@ impl IntervalIndex {
         };
         self.len += 1;
         if self.order.is_empty() {
-            // The first block (the index is fresh: see `remove`): write the entry at slot 0 and adopt it.
+            // The first block (the index is fresh or kept one free slot: see `remove`): write the entry at
+            // slot 0 and adopt it.
+            self.blocks.clear();
+            self.free.clear();
             self.blocks.push(Block::default());
             self.arena.grow(1, self.cap);
             self.arena.entries[0] = e;
@@ -346,8 +349,10 @@ impl IntervalIndex {
         self.len -= 1;
         if n == 0 {
             self.drop_block(j);
-            if self.order.is_empty() {
-                // Give the memory back: an index that held a million entries and drained keeps nothing.
+            if self.order.is_empty() && self.blocks.len() > 1 {
+                // Give the memory back: an index that held a million entries and drained keeps nothing. One
+                // block's slot stays (an index that goes between empty and a few entries, such as the
+                // transient pins of flushes, would otherwise reallocate it every time).
                 *self = Self::with_block_size(self.max_block);
             }
             return true;
@@ -486,6 +491,24 @@ mod tests {
         assert!(!ix.remove(ByteRange::new(5, 20), 2));
         assert_eq!(ix.overlapping(ByteRange::new(0, 100)), vec![1, 3]);
         assert_eq!(ix.len(), 2);
+    }
+
+    #[test]
+    fn a_drained_index_gives_its_memory_back_and_a_small_one_keeps_its_block() {
+        let mut ix = IntervalIndex::with_block_size(4);
+        for i in 0..1000u64 {
+            ix.insert(ByteRange::new(i * 10, i * 10 + 5), i);
+        }
+        assert!(ix.arena.entries.len() >= 1000);
+        for i in 0..1000u64 {
+            assert!(ix.remove(ByteRange::new(i * 10, i * 10 + 5), i));
+        }
+        assert!(ix.is_empty() && ix.arena.entries.is_empty() && ix.blocks.is_empty());
+        ix.insert(ByteRange::new(7, 9), 1);
+        assert!(ix.remove(ByteRange::new(7, 9), 1));
+        assert_eq!(ix.arena.entries.len(), ix.cap, "one block's slot kept");
+        ix.insert(ByteRange::new(3, 4), 2);
+        assert_eq!(ix.overlapping(ByteRange::new(0, 100)), vec![2]);
     }
 
     proptest! {
