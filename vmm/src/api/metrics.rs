@@ -88,6 +88,7 @@ struct RegionSample {
     bytes_leased: u64,
     bytes_pinned: u64,
     guard_events: u64,
+    guard_denied: u64,
 }
 
 impl Sample {
@@ -109,6 +110,18 @@ impl Sample {
                         .guard_events
                         .iter()
                         .filter(|g| g.region == r.region)
+                        .count() as u64,
+                    guard_denied: snap
+                        .guard_events
+                        .iter()
+                        .filter(|g| {
+                            g.region == r.region
+                                && matches!(
+                                    g.outcome,
+                                    daxvisor_mapper::GuardOutcome::Denied
+                                        | daxvisor_mapper::GuardOutcome::HeldDenied
+                                )
+                        })
                         .count() as u64,
                 }
             })
@@ -181,8 +194,13 @@ const PER_REGION: &[PerRegion] = &[
     ),
     (
         "daxvisor_guard_events",
-        "Foreign opens of the backing file the host guard saw",
+        "Foreign accesses of the backing file the host guard saw (opens, and truncates the kernel lease saw)",
         |r| Value::Counter(r.guard_events),
+    ),
+    (
+        "daxvisor_guard_denied",
+        "Foreign opens of the backing file the host guard refused (EPERM)",
+        |r| Value::Counter(r.guard_denied),
     ),
     ("daxvisor_leases", "Layout leases on the region", |r| {
         Value::Gauge(r.leases as i64)

@@ -152,12 +152,23 @@ fn view(r: &RegionHandle, snap: &Snapshot) -> RegionView {
         guard: GuardView {
             watched: r.kind.has_layout(),
             events: guard.len() as u64,
-            last: guard.last().map(|g| match &g.outcome {
-                Ok(()) => format!(
-                    "foreign open; whole-file break done in {} ms",
-                    g.answered_in.as_millis()
-                ),
-                Err(why) => format!("foreign open while held: {why}"),
+            last: guard.last().map(|g| {
+                let who = g.pid.map_or_else(
+                    || "a truncate or unseen open".to_owned(),
+                    |p| format!("pid {p} ({})", g.command),
+                );
+                match &g.refused_by {
+                    None => format!(
+                        "foreign open by {who}, mode {}: {} in {} ms",
+                        g.mode,
+                        g.outcome,
+                        g.answered_in.as_millis()
+                    ),
+                    Some(why) => format!(
+                        "foreign open by {who}, mode {}: {} while held: {why}",
+                        g.mode, g.outcome
+                    ),
+                }
             }),
         },
         leases,
