@@ -106,23 +106,8 @@ impl Sample {
                     pins,
                     bytes_leased,
                     bytes_pinned,
-                    guard_events: snap
-                        .guard_events
-                        .iter()
-                        .filter(|g| g.region == r.region)
-                        .count() as u64,
-                    guard_denied: snap
-                        .guard_events
-                        .iter()
-                        .filter(|g| {
-                            g.region == r.region
-                                && matches!(
-                                    g.outcome,
-                                    daxvisor_mapper::GuardOutcome::Denied
-                                        | daxvisor_mapper::GuardOutcome::HeldDenied
-                                )
-                        })
-                        .count() as u64,
+                    guard_events: snap.guard_counts.get(&r.region).map_or(0, |c| c.events),
+                    guard_denied: snap.guard_counts.get(&r.region).map_or(0, |c| c.denied),
                 }
             })
             .collect();

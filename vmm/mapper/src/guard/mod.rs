@@ -150,6 +150,19 @@ pub struct GuardEvent {
     pub answered_in: Duration,
 }
 
+/// How many events introspection keeps (a process that opens a guarded file in a loop must not grow the VMM
+/// without bound); [`GuardCounts`] count them all.
+pub const GUARD_HISTORY: usize = 1024;
+
+/// Host guard events on one region, since the start.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct GuardCounts {
+    /// Every foreign access seen.
+    pub events: u64,
+    /// Opens refused (`denied`, `held+denied`).
+    pub denied: u64,
+}
+
 /// The regions armed on one file, with their policies.
 type Regions = Vec<(RegionId, GuardPolicy)>;
 
@@ -482,7 +495,17 @@ impl HostGuard {
     }
 
     fn record(&self, ev: GuardEvent) -> GuardEvent {
-        self.mapper.lock().guard_events.push(ev.clone());
+        let mut st = self.mapper.lock();
+        let denied = matches!(ev.outcome, GuardOutcome::Denied | GuardOutcome::HeldDenied);
+        for r in &ev.regions {
+            let c = st.guard_counts.entry(*r).or_default();
+            c.events += 1;
+            c.denied += u64::from(denied);
+        }
+        if st.guard_events.len() >= GUARD_HISTORY {
+            st.guard_events.pop_front();
+        }
+        st.guard_events.push_back(ev.clone());
         ev
     }
 
@@ -1181,5 +1204,47 @@ mod tests {
         );
         g.none_within(Duration::from_millis(300));
         assert!(g.armed(), "not re-armed after the truncate");
+    }
+
+    #[test]
+    fn the_event_history_is_bounded_and_the_counts_are_not() {
+        let t = TestRegion::on_tmp(2);
+        let guard = HostGuard::lease_only(t.mapper.clone(), guard_signal()).unwrap();
+        let ev = |i: u32, outcome| GuardEvent {
+            region: t.region,
+            regions: vec![t.region],
+            at: SystemTime::now(),
+            seen_by: SeenBy::Fanotify,
+            pid: Some(i),
+            command: "loop".into(),
+            mode: OpenMode::Write,
+            policy: GuardPolicy::Deny,
+            outcome,
+            refused_by: None,
+            notified: Vec::new(),
+            revoked: Vec::new(),
+            answered_in: Duration::ZERO,
+        };
+        let n = GUARD_HISTORY as u32 + 10;
+        for i in 0..n {
+            guard.record(ev(
+                i,
+                if i % 2 == 0 {
+                    GuardOutcome::Denied
+                } else {
+                    GuardOutcome::Allowed
+                },
+            ));
+        }
+        let snap = t.mapper.snapshot();
+        assert_eq!(snap.guard_events.len(), GUARD_HISTORY);
+        assert_eq!(snap.guard_events[0].pid, Some(10), "the oldest go first");
+        assert_eq!(
+            snap.guard_counts[&t.region],
+            GuardCounts {
+                events: u64::from(n),
+                denied: u64::from(n / 2)
+            }
+        );
     }
 }
