@@ -94,7 +94,7 @@ pub use dma::{DmaMapper, DmaRange};
 pub use error::{errno_name, Held, HoldKind, MapperError, Missing, Result};
 pub use guard::{
     guard_signal, lease_break_time, GuardCounts, GuardEvent, GuardOutcome, GuardPolicy, HostGuard,
-    OpenMode, SeenBy,
+    OpenMode, SeenBy, GUARD_HISTORY,
 };
 pub use host::{
     allocate, dev_dax_info, extend, first_problem, fs_kind, holes, probe, punch, read_extents,
