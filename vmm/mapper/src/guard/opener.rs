@@ -1,7 +1,7 @@
 //! Who is opening a guarded file, read from /proc while the opener is held in its open: the process id and
 //! command line, and the open's mode from the blocked thread's `/proc/TID/syscall` (the syscall number and its
-//! arguments). Hand-written: no crate reads the arguments of a blocked syscall, and procfs crates parse whole
-//! files unbounded. Every read is bounded; a process that is gone, a syscall that is not a plain open, or a file
+//! arguments). Hand-written: three small bounded reads, where a procfs crate would add a dependency tree to a
+//! crate that keeps its dependencies to libc, thiserror and tracing. Every read is bounded; a process that is gone, a syscall that is not a plain open, or a file
 //! we may not read gives `OpenMode::Unknown`, which the guard treats as a write.
 
 use std::io::Read;
