@@ -614,29 +614,44 @@ impl HostGuard {
                 })
                 .collect()
         };
+        let mut closed = Vec::new();
         for ev in fan.read() {
             if ev.is_open_perm() {
                 out.extend(self.on_open(fan, ev));
             } else if ev.is_close() {
-                self.on_close(ev);
+                closed.extend(self.on_close(ev));
             } else if ev.fd.is_none() {
                 tracing::error!(
                     "fanotify queue overflow: closes may have been missed; the kernel lease is re-armed at the next close"
                 );
             }
         }
-        self.resume_leases(&paused);
+        self.resume_leases(&paused, &closed);
         out
     }
 
-    /// Takes the kernel lease again on every file with no open left and no foreign change pending.
-    fn resume_leases(&self, paused: &[RawFd]) {
+    /// Takes the kernel lease again on every file with no open left. The kernel reports a close before the
+    /// closer has let go of the file (its open count drops a moment later), so on a file just closed a refusal
+    /// (EAGAIN) is retried for a short while.
+    fn resume_leases(&self, paused: &[RawFd], closed: &[RawFd]) {
+        const TRIES: u32 = 200;
+        const EVERY: Duration = Duration::from_millis(1);
         let mut files = self.files();
         for (fd, g) in files.iter_mut() {
             if g.armed || g.opens > 0 {
                 continue;
             }
-            match self.take_lease(&g.file) {
+            let mut res = self.take_lease(&g.file);
+            if closed.contains(fd) {
+                for _ in 0..TRIES {
+                    if !matches!(&res, Err(e) if e.errno() == libc::EAGAIN) {
+                        break;
+                    }
+                    std::thread::sleep(EVERY);
+                    res = self.take_lease(&g.file);
+                }
+            }
+            match res {
                 Ok(()) => {
                     g.armed = true;
                     if !paused.contains(fd) {
@@ -717,19 +732,15 @@ impl HostGuard {
 
     /// A close ends one counted open (the lease is taken again once none is left, see
     /// [`HostGuard::service_fanotify`]).
-    fn on_close(&self, ev: FanEvent) {
-        let Some(file) = ev.fd.map(File::from) else {
-            return;
-        };
-        let Some((lease_fd, _, _)) = self.lookup(&file) else {
-            return;
-        };
+    /// Returns the file's lease descriptor.
+    fn on_close(&self, ev: FanEvent) -> Option<RawFd> {
+        let file = File::from(ev.fd?);
+        let (lease_fd, _, _) = self.lookup(&file)?;
         drop(file);
         let mut files = self.files();
-        let Some(g) = files.get_mut(&lease_fd) else {
-            return;
-        };
+        let g = files.get_mut(&lease_fd)?;
         g.opens = g.opens.saturating_sub(1);
+        Some(lease_fd)
     }
 
     /// The guard's loop, on the thread that called [`HostGuard::set_thread`]: waits for fanotify events and
