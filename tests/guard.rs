@@ -94,6 +94,41 @@ fn start(img: &Path, policy: &str, cmdline: &str, ready: &str) -> RunningVm {
     vm
 }
 
+/// A VM whose guest wrote its pattern over the whole region, flushed, and spins.
+fn spinning(img: &Path, policy: &str) -> RunningVm {
+    start(
+        img,
+        policy,
+        &format!("pmem=write-flush-spin seed={SEED}"),
+        "spinning until killed",
+    )
+}
+
+/// The three writes were refused with EPERM, the read let through.
+fn writes_refused_read_allowed(done: &[Done]) {
+    for d in &done[..3] {
+        assert!(
+            !d.ok && d.stderr.contains("Operation not permitted"),
+            "{}: {}",
+            d.what,
+            d.stderr
+        );
+    }
+    assert!(done[3].ok, "cat: {}", done[3].stderr);
+}
+
+/// Every access got through.
+fn all_allowed(done: &[Done]) {
+    for d in done {
+        assert!(d.ok, "{}: {}", d.what, d.stderr);
+    }
+}
+
+/// What a write's line says, a read's being `allowed` under every policy.
+fn write_outcome(write: &'static str) -> impl Fn(&Done) -> &'static str {
+    move |d| if d.mode == "read" { "allowed" } else { write }
+}
+
 fn stop(vm: RunningVm) -> RunOutcome {
     vm.signal(libc::SIGTERM);
     let r = vm.finish(Duration::from_secs(60));
@@ -184,30 +219,11 @@ fn deny_refuses_every_write_and_lets_cat_read() {
     }
     let dir = tempfile::tempdir().unwrap();
     let img = dir.path().join("vm.img");
-    let vm = start(
-        &img,
-        "deny",
-        &format!("pmem=write-flush-spin seed={SEED}"),
-        "spinning until killed",
-    );
+    let vm = spinning(&img, "deny");
     let done = go_at_the_file(&img);
-    for d in &done[..3] {
-        assert!(
-            !d.ok && d.stderr.contains("Operation not permitted"),
-            "{}: {}",
-            d.what,
-            d.stderr
-        );
-    }
-    assert!(done[3].ok, "cat: {}", done[3].stderr);
+    writes_refused_read_allowed(&done);
     let r = stop(vm);
-    logged_once_each(&r, &done, |d| {
-        if d.mode == "read" {
-            "allowed"
-        } else {
-            "denied"
-        }
-    });
+    logged_once_each(&r, &done, write_outcome("denied"));
     let bytes = std::fs::read(&img).unwrap();
     assert_eq!(bytes.len() as u64, SIZE, "the file's size changed");
     assert!(is_pattern(&bytes, 0, SIZE), "the guest's data changed");
@@ -220,24 +236,11 @@ fn hold_breaks_first_then_lets_the_change_happen() {
     }
     let dir = tempfile::tempdir().unwrap();
     let img = dir.path().join("vm.img");
-    let vm = start(
-        &img,
-        "hold",
-        &format!("pmem=write-flush-spin seed={SEED}"),
-        "spinning until killed",
-    );
+    let vm = spinning(&img, "hold");
     let done = go_at_the_file(&img);
-    for d in &done {
-        assert!(d.ok, "{}: {}", d.what, d.stderr);
-    }
+    all_allowed(&done);
     let r = stop(vm);
-    logged_once_each(&r, &done, |d| {
-        if d.mode == "read" {
-            "allowed"
-        } else {
-            "held+allowed"
-        }
-    });
+    logged_once_each(&r, &done, write_outcome("held+allowed"));
     assert!(r.stderr.contains("whole-file break done"), "{}", r.stderr);
     let bytes = std::fs::read(&img).unwrap();
     assert_eq!(bytes.len() as u64, 3 * MIB, "truncate -s 3M did not happen");
@@ -260,23 +263,9 @@ fn hold_refuses_while_the_guest_holds_a_pin_and_names_the_holder() {
     let vm = start(&img, "hold", "agent=exclusive-pin hold=60", "agent holding");
     let before = std::fs::read(&img).unwrap();
     let done = go_at_the_file(&img);
-    for d in &done[..3] {
-        assert!(
-            !d.ok && d.stderr.contains("Operation not permitted"),
-            "{}: {}",
-            d.what,
-            d.stderr
-        );
-    }
-    assert!(done[3].ok, "cat: {}", done[3].stderr);
+    writes_refused_read_allowed(&done);
     let r = stop(vm);
-    logged_once_each(&r, &done, |d| {
-        if d.mode == "read" {
-            "allowed"
-        } else {
-            "held+denied"
-        }
-    });
+    logged_once_each(&r, &done, write_outcome("held+denied"));
     for line in guard_lines(&r.stderr)
         .iter()
         .filter(|l| l.contains("held+denied"))
@@ -302,18 +291,11 @@ fn log_lets_every_access_through_and_logs_each_once() {
     }
     let dir = tempfile::tempdir().unwrap();
     let img = dir.path().join("vm.img");
-    let vm = start(
-        &img,
-        "log",
-        &format!("pmem=write-flush-spin seed={SEED}"),
-        "spinning until killed",
-    );
+    let vm = spinning(&img, "log");
     let done = go_at_the_file(&img);
-    for d in &done {
-        assert!(d.ok, "{}: {}", d.what, d.stderr);
-    }
+    all_allowed(&done);
     let r = stop(vm);
-    logged_once_each(&r, &done, |_| "allowed");
+    logged_once_each(&r, &done, write_outcome("allowed"));
     let bytes = std::fs::read(&img).unwrap();
     assert_eq!(bytes.len() as u64, 3 * MIB);
     assert!(is_zero(&bytes, 0, MIB) && is_zero(&bytes, DD_AT, DD_AT + 4096));
