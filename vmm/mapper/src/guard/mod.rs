@@ -196,6 +196,9 @@ pub struct HostGuard {
     fan: Option<Fanotify>,
     fan_error: Option<io::Error>,
     files: Mutex<HashMap<RawFd, Guarded>>,
+    /// Held while fanotify events are read and answered (leases paused) and while a file is armed, so a lease
+    /// taken by `arm` is never held while the guard reads an event of that file (which would wait on it).
+    serving: Mutex<()>,
     /// Deadline and policy for the whole-file break (the deadline is capped below lease-break-time).
     pub deadline: Duration,
     /// What happens to holders that do not answer in time.
@@ -320,6 +323,7 @@ impl HostGuard {
             fan,
             fan_error,
             files: Mutex::new(HashMap::new()),
+            serving: Mutex::new(()),
             deadline,
             policy: BreakPolicy::Revoke,
         })
@@ -374,6 +378,7 @@ impl HostGuard {
             let reg = st.region(region)?;
             (reg.desc.file.clone(), reg.key, reg.desc.name.clone())
         };
+        let _serving = self.serving.lock().unwrap_or_else(|e| e.into_inner());
         if let Some(g) = self.files().values_mut().find(|g| g.key == key) {
             g.regions.push((region, policy));
             tracing::info!(id = %name, %region, %policy, "host guard armed (file already guarded)");
@@ -572,7 +577,7 @@ impl HostGuard {
     /// After a bare lease break (truncate by path) the accessor re-checks for leases once it is woken: a lease
     /// taken before that would be broken again by the same access. fanotify reports nothing for truncate(2),
     /// so the end of the change is read from the file itself (its ctime and size move), for at most a second;
-    /// an access that changed nothing leaves the lease to the next open's close.
+    /// after an access that changed nothing the lease is taken again after the next fanotify event.
     fn rearm_after_change(&self, fd: RawFd, before: Option<(i64, i64, u64)>) {
         const TRIES: u32 = 200;
         const EVERY: Duration = Duration::from_millis(5);
@@ -601,6 +606,7 @@ impl HostGuard {
         let Some(fan) = &self.fan else {
             return Vec::new();
         };
+        let _serving = self.serving.lock().unwrap_or_else(|e| e.into_inner());
         let mut out = self.service();
         let paused: Vec<RawFd> = {
             let mut files = self.files();
