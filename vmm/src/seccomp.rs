@@ -33,7 +33,7 @@ pub enum ThreadKind {
     EventLoop,
     /// One per pmem device: fdatasync for the guest's flushes.
     FlushWorker,
-    /// The host guard, when it runs on a thread of its own (fanotify).
+    /// The host guard (`host-guard`): fanotify events and kernel lease breaks.
     Guard,
     /// Turns SIGINT/SIGTERM into a stop.
     Signals,
@@ -152,19 +152,15 @@ pub fn allowed(kind: ThreadKind) -> Vec<(i64, &'static str)> {
             (libc::SYS_statx, "statx"),
         ],
         ThreadKind::Guard => &[
-            (libc::SYS_fanotify_init, "fanotify_init"),
-            (libc::SYS_fanotify_mark, "fanotify_mark"),
+            // The fanotify group and its marks are made on the main thread at setup; this thread polls the group
+            // and the lease signalfd, answers events (write, COMMON), reads /proc for the opener (openat, statx),
+            // identifies the file (fstat), and runs whole-file breaks and kernel lease re-arms (fcntl, COMMON).
             (libc::SYS_openat, "openat"),
-            (libc::SYS_readlinkat, "readlinkat"),
             (libc::SYS_fstat, "fstat"),
             (libc::SYS_newfstatat, "newfstatat"),
             (libc::SYS_statx, "statx"),
             (libc::SYS_ppoll, "ppoll"),
             (libc::SYS_poll, "poll"),
-            (libc::SYS_epoll_wait, "epoll_wait"),
-            (libc::SYS_epoll_pwait, "epoll_pwait"),
-            (libc::SYS_epoll_ctl, "epoll_ctl"),
-            // Today's guard thread: whole-file breaks through the mapper, kernel lease re-arm (fcntl).
             (libc::SYS_fstatfs, "fstatfs"),
             (libc::SYS_munlock, "munlock"),
             (libc::SYS_tgkill, "tgkill"),

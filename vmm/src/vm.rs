@@ -26,7 +26,7 @@ use crate::signals::StopSignals;
 use crate::vstate::cpuid;
 use crate::vstate::vcpu::{self, RunState, StopReason, Vcpu, VcpuError};
 use crate::vstate::vm::{Vm, VmError};
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 
 /// Errors before the guest runs: the operator's input or the host environment. Exit code 2.
 #[derive(Debug, thiserror::Error)]
@@ -157,7 +157,8 @@ pub fn run(config: &VmConfig) -> Result<VmExit, StartError> {
     let serial_out = host_files::open_output(&config.serial, "--serial", &mut undo)?;
     let mut devices = DeviceManager::new(vm.fd(), serial_out, state.stopper())?;
     let mut event_loop = EventLoop::new(state.clone())?;
-    // Before pmem::attach: its flush workers must inherit the host guard's blocked signal.
+    // Before pmem::attach: its flush workers must inherit the host guard's blocked signal, and the guard's
+    // fanotify group and marks are made here, during setup (before capabilities are dropped).
     // The VM's event log: the lease manager records notices and guard events; the operator API serves it.
     let events = Arc::new(crate::api::events::EventLog::default());
     let routes = crate::agent::Routes::new();
@@ -178,7 +179,6 @@ pub fn run(config: &VmConfig) -> Result<VmExit, StartError> {
     )?;
     pmem::attach::record_undo(&pmem_regions, &mut undo)?;
     let faults = FaultMap::new(&pmem_regions)?;
-    event_loop.add_subscriber(Arc::new(Mutex::new(leases.subscriber()?)));
     let reclaim = crate::reclaim::Reclaim::start(
         leases.mapper().clone(),
         events.clone(),
