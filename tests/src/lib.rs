@@ -221,9 +221,13 @@ pub struct RunningVm {
 impl RunningVm {
     /// Start `daxvisor <args>`.
     pub fn spawn(args: &[&str]) -> RunningVm {
+        Self::spawn_with(Command::new(daxvisor_bin()).args(args))
+    }
+
+    /// Start `cmd`, a command that runs daxvisor (e.g. through `setpriv`, which execs it: same pid).
+    pub fn spawn_with(cmd: &mut Command) -> RunningVm {
         use std::io::BufRead;
-        let mut child = Command::new(daxvisor_bin())
-            .args(args)
+        let mut child = cmd
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
             .stderr(Stdio::piped())

@@ -72,6 +72,11 @@ pub enum SeccompError {
         kind: ThreadKind,
         source: seccompiler::BackendError,
     },
+    #[error("a {kind:?} thread: {source}")]
+    Privileges {
+        kind: ThreadKind,
+        source: crate::privileges::PrivilegesError,
+    },
     #[error("installing the seccomp filter for a {kind:?} thread: {source}")]
     Apply {
         kind: ThreadKind,
@@ -376,9 +381,12 @@ pub fn init(mode: SeccompMode) -> Result<(), SeccompError> {
     Ok(())
 }
 
-/// Install the filter for `kind` on the calling thread: what every thread does before it handles guest or
-/// operator input. Nothing happens before [`init`] (library use, unit tests) or with `--seccomp off`.
+/// Drop the capabilities start-up needed ([`crate::privileges`]) and install the filter for `kind` on the
+/// calling thread: what every thread does before it handles guest or operator input. Neither happens before
+/// [`init`] and [`crate::privileges::init`] (library use, unit tests); no filter with `--seccomp off`.
 pub fn apply_for_thread(kind: ThreadKind) -> Result<(), SeccompError> {
+    crate::privileges::drop_on_this_thread()
+        .map_err(|source| SeccompError::Privileges { kind, source })?;
     match FILTERS.get() {
         Some(f) => f.apply(kind),
         None => Ok(()),
