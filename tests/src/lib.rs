@@ -288,6 +288,11 @@ impl RunningVm {
         );
     }
 
+    /// Whether the VMM is still running.
+    pub fn running(&mut self) -> bool {
+        matches!(self.child.try_wait(), Ok(None))
+    }
+
     /// Send `signal` to the VMM.
     pub fn signal(&self, signal: libc::c_int) {
         let pid = libc::pid_t::try_from(self.child.id()).expect("pid");

@@ -77,6 +77,12 @@ pub enum SeccompError {
         kind: ThreadKind,
         source: crate::privileges::PrivilegesError,
     },
+    #[error("a {kind:?} thread blocking SIGINT/SIGTERM: {error}")]
+    StopSignals {
+        kind: ThreadKind,
+        // vmm-sys-util's signal error is Display but not std::error::Error.
+        error: vmm_sys_util::signal::Error,
+    },
     #[error("installing the seccomp filter for a {kind:?} thread: {source}")]
     Apply {
         kind: ThreadKind,
@@ -381,12 +387,18 @@ pub fn init(mode: SeccompMode) -> Result<(), SeccompError> {
     Ok(())
 }
 
-/// Drop the capabilities start-up needed ([`crate::privileges`]) and install the filter for `kind` on the
-/// calling thread: what every thread does before it handles guest or operator input. Neither happens before
-/// [`init`] and [`crate::privileges::init`] (library use, unit tests); no filter with `--seccomp off`.
+/// Drop the capabilities start-up needed ([`crate::privileges`]), leave SIGINT/SIGTERM to the signal thread
+/// ([`crate::signals::leave_to_signal_thread`]) and install the filter for `kind` on the calling thread: what
+/// every thread does before it handles guest or operator input. No capability is dropped before
+/// [`crate::privileges::init`] and no filter installed before [`init`] (library use, unit tests) or with
+/// `--seccomp off`.
 pub fn apply_for_thread(kind: ThreadKind) -> Result<(), SeccompError> {
     crate::privileges::drop_on_this_thread()
         .map_err(|source| SeccompError::Privileges { kind, source })?;
+    if kind != ThreadKind::Signals {
+        crate::signals::leave_to_signal_thread()
+            .map_err(|error| SeccompError::StopSignals { kind, error })?;
+    }
     match FILTERS.get() {
         Some(f) => f.apply(kind),
         None => Ok(()),
