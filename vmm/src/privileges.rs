@@ -21,7 +21,7 @@ use caps::{CapSet, Capability};
 pub const KEPT: &[(Capability, &str)] = &[
     (
         Capability::CAP_IPC_LOCK,
-        "pins lock their pages (mlock) and map them for devices (VFIO) beyond RLIMIT_MEMLOCK",
+        "pins lock their pages (mlock) beyond RLIMIT_MEMLOCK (VFIO DMA mappings count the same)",
     ),
     (
         Capability::CAP_LEASE,

@@ -273,20 +273,14 @@ mod ioctl {
     pub const KVM_GET_SREGS: u64 = 0x8138_ae83;
     /// `_IOWR('f', 11, struct fiemap)`
     pub const FS_IOC_FIEMAP: u64 = 0xc020_660b;
-    /// `_IO(VFIO_TYPE, VFIO_BASE + 13)`
-    pub const VFIO_IOMMU_MAP_DMA: u64 = 0x3b71;
-    /// `_IO(VFIO_TYPE, VFIO_BASE + 14)`
-    pub const VFIO_IOMMU_UNMAP_DMA: u64 = 0x3b72;
 }
-
-/// Tearing down a revoked or released pin's device mappings: what every thread that ends owners or runs
-/// layout changes (a revoke past the deadline) may issue.
-const UNMAP_DMA: (u64, &str) = (ioctl::VFIO_IOMMU_UNMAP_DMA, "VFIO_IOMMU_UNMAP_DMA");
 
 /// The ioctl requests a thread of `kind` may issue: `ioctl` is allowed only with one of these as its request
 /// (second argument), and not at all for a kind whose list is empty. Everything else daxvisor asks of KVM
 /// (creating the VM, its memory, irqfds, ioeventfds, vCPU setup) happens at start, before any filter.
 /// Terminal queries (`isatty`: TCGETS) also happen only at start (the log format, the prefault progress bar).
+/// The VMM wires no VFIO device mapper yet: when it does, the threads that pin (agent) and revoke or end owners
+/// (API, reclaim, guard, event loop) need `VFIO_IOMMU_MAP_DMA` / `VFIO_IOMMU_UNMAP_DMA` here.
 pub fn allowed_ioctls(kind: ThreadKind) -> &'static [(u64, &'static str)] {
     match kind {
         ThreadKind::Vcpu => &[
@@ -295,17 +289,15 @@ pub fn allowed_ioctls(kind: ThreadKind) -> &'static [(u64, &'static str)] {
             (ioctl::KVM_GET_REGS, "KVM_GET_REGS"),
             (ioctl::KVM_GET_SREGS, "KVM_GET_SREGS"),
         ],
-        // The stop sequence ends the mapper's owners: their pins' DMA mappings are torn down.
-        ThreadKind::EventLoop => &[UNMAP_DMA],
-        // Whole-file breaks, API changes and reclaim punches revoke pins past their deadline.
-        ThreadKind::Guard | ThreadKind::Api | ThreadKind::Reclaim => &[UNMAP_DMA],
-        // Pins and prepares check the file's extents (FIEMAP) and map pinned ranges for devices.
-        ThreadKind::AgentService => &[
-            (ioctl::FS_IOC_FIEMAP, "FS_IOC_FIEMAP"),
-            (ioctl::VFIO_IOMMU_MAP_DMA, "VFIO_IOMMU_MAP_DMA"),
-            UNMAP_DMA,
-        ],
-        ThreadKind::FlushWorker | ThreadKind::Signals | ThreadKind::ConsoleInput => &[],
+        // Pins and prepares check the file's extents.
+        ThreadKind::AgentService => &[(ioctl::FS_IOC_FIEMAP, "FS_IOC_FIEMAP")],
+        ThreadKind::EventLoop
+        | ThreadKind::FlushWorker
+        | ThreadKind::Guard
+        | ThreadKind::Signals
+        | ThreadKind::Api
+        | ThreadKind::ConsoleInput
+        | ThreadKind::Reclaim => &[],
     }
 }
 
@@ -576,14 +568,10 @@ mod tests {
         #[allow(dead_code)]
         struct Fiemap([u64; 2], [u32; 4]);
         ioctl_iowr_nr!(fs_ioc_fiemap, b'f' as u32, 11, Fiemap);
-        ioctl_io_nr!(vfio_map_dma, b';' as u32, 100 + 13);
-        ioctl_io_nr!(vfio_unmap_dma, b';' as u32, 100 + 14);
         assert_eq!(kvm_run(), ioctl::KVM_RUN);
         assert_eq!(kvm_get_regs(), ioctl::KVM_GET_REGS);
         assert_eq!(kvm_get_sregs(), ioctl::KVM_GET_SREGS);
         assert_eq!(fs_ioc_fiemap(), ioctl::FS_IOC_FIEMAP);
-        assert_eq!(vfio_map_dma(), ioctl::VFIO_IOMMU_MAP_DMA);
-        assert_eq!(vfio_unmap_dma(), ioctl::VFIO_IOMMU_UNMAP_DMA);
     }
 
     #[test]
