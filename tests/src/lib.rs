@@ -224,7 +224,7 @@ impl RunningVm {
         Self::spawn_with(Command::new(daxvisor_bin()).args(args))
     }
 
-    /// Start `cmd`, a daxvisor run behind a wrapper (setpriv, ...).
+    /// Start `cmd`, a command that runs daxvisor (e.g. through `setpriv`, which execs it: same pid).
     pub fn spawn_with(cmd: &mut Command) -> RunningVm {
         use std::io::BufRead;
         let mut child = cmd
@@ -286,6 +286,11 @@ impl RunningVm {
             "no line ending with {suffix:?} within {RUN_TIMEOUT:?}: {:?}",
             self.seen
         );
+    }
+
+    /// Whether the VMM is still running.
+    pub fn running(&mut self) -> bool {
+        matches!(self.child.try_wait(), Ok(None))
     }
 
     /// Send `signal` to the VMM.

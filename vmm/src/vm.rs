@@ -134,6 +134,8 @@ fn resolve_kernel(config: &VmConfig) -> Result<Kernel, StartError> {
 pub fn run(config: &VmConfig) -> Result<VmExit, StartError> {
     config.validate()?;
     seccomp::init(config.seccomp)?;
+    // Threads started from here on drop the capabilities start-up needed when they begin (privileges.rs).
+    crate::privileges::init();
     let kernel = resolve_kernel(config)?;
     if let Some(initrd) = &config.initrd {
         host_files::open_regular(initrd, "--initrd")?;
@@ -277,7 +279,8 @@ pub fn run(config: &VmConfig) -> Result<VmExit, StartError> {
         threads.push(v.spawn()?);
     }
     undo.commit();
-    // The main thread now only runs the event loop and the stop sequence.
+    // The end of start-up. The main thread now only runs the event loop and the stop sequence: it drops the
+    // capabilities start-up needed (every other thread did so when it began) and installs its filter.
     seccomp::apply_for_thread(ThreadKind::EventLoop)?;
 
     let loop_result = event_loop.run();

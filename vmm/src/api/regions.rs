@@ -189,7 +189,8 @@ fn to_view(l: FlushLimits) -> RateLimit {
     }
 }
 
-fn from_view(l: RateLimit) -> Result<FlushLimits, ApiError> {
+/// A rate-limit body into the limits it sets; zero sizes or refill times are refused.
+pub fn from_view(l: RateLimit) -> Result<FlushLimits, ApiError> {
     let b = |name: &str, v: Bucket| {
         if v.size == 0 || v.refill_ms == 0 {
             return Err(ApiError::bad_request(format!(
