@@ -221,9 +221,13 @@ pub struct RunningVm {
 impl RunningVm {
     /// Start `daxvisor <args>`.
     pub fn spawn(args: &[&str]) -> RunningVm {
+        Self::spawn_with(Command::new(daxvisor_bin()).args(args))
+    }
+
+    /// Start `cmd`, a command that runs daxvisor (e.g. through `setpriv`, which execs it: same pid).
+    pub fn spawn_with(cmd: &mut Command) -> RunningVm {
         use std::io::BufRead;
-        let mut child = Command::new(daxvisor_bin())
-            .args(args)
+        let mut child = cmd
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
             .stderr(Stdio::piped())
@@ -282,6 +286,11 @@ impl RunningVm {
             "no line ending with {suffix:?} within {RUN_TIMEOUT:?}: {:?}",
             self.seen
         );
+    }
+
+    /// Whether the VMM is still running.
+    pub fn running(&mut self) -> bool {
+        matches!(self.child.try_wait(), Ok(None))
     }
 
     /// Send `signal` to the VMM.

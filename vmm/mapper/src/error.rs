@@ -195,6 +195,12 @@ pub enum MapperError {
         /// The length.
         len: u64,
     },
+    /// The table of `what` has no slot left (ENOSPC; 2^32 - 1 held at once).
+    #[error("no room for another {what}")]
+    TableFull {
+        /// What could not be stored.
+        what: &'static str,
+    },
     /// A new region whose window is not page-aligned, or larger than its mapping (EINVAL).
     #[error("bad region: {0}")]
     BadRegion(&'static str),
@@ -301,6 +307,7 @@ impl MapperError {
             | MapperError::NoExtentMap { .. }
             | MapperError::DmaNotPinnable { .. } => libc::EOPNOTSUPP,
             MapperError::NotFound(_) => libc::ENOENT,
+            MapperError::TableFull { .. } => libc::ENOSPC,
             MapperError::Io { source, .. } => source.raw_os_error().unwrap_or(libc::EIO),
         }
     }
@@ -429,6 +436,11 @@ mod tests {
                 MapperError::NotFound(Missing::Owner(o)),
                 libc::ENOENT,
                 "ENOENT",
+            ),
+            (
+                MapperError::TableFull { what: "lease" },
+                libc::ENOSPC,
+                "ENOSPC",
             ),
             (
                 MapperError::io("x", io::Error::from_raw_os_error(libc::ENOSPC)),

@@ -1,31 +1,42 @@
-//! Interval index: who holds what in a region. Entries are kept sorted by (start, id) in blocks of at most a few
-//! hundred, with a contiguous array of each block's first key (binary search) and a segment tree over each
-//! block's largest end. An overlap query binary-searches the blocks that start before the query's end, walks the
-//! segment tree down to the blocks whose largest end lies after the query's start, and scans only those; insert
-//! and remove touch one block and one tree path. So acquire, lookup and the break fan-out cost
-//! O(log n + B + k) for block size B, and with blocks contiguous in memory a query costs a handful of cache
-//! misses at a million leases, where a pointer tree costs one per level (DESIGN.md: 1M leases without
-//! degradation; `cargo bench --bench mapper` prints the growth).
+//! Interval index: who holds what in a region. Entries are kept sorted by (start, id) in blocks of at most
+//! [`MAX_BLOCK`]. Blocks live by slot and never move (headers in one `Vec`, entries in one arena advised for
+//! 2 MiB pages, see [`Arena`]); the key order is a list of slots, and next to
+//! it a [`Summary`] keeps each block's first start and largest end with levels above them (an implicit B-tree
+//! of fanout [`FAN`], one cache line per node). An overlap query descends the summary by first starts to the
+//! last block that starts before the query's end, descends it again by largest ends to the blocks (before that
+//! one) whose largest end lies after the query's start, and scans only those; insert and remove touch one block
+//! and one summary path. So acquire, lookup and the break fan-out cost O(log n + B + k) for block size B
+//! (DESIGN.md: 1M leases without degradation; `cargo bench --bench mapper` prints the growth).
 //!
-//! Splitting or merging a block rebuilds the segment tree (O(n / B)); that happens at most once per B / 2
-//! inserts or removes, so it adds O(n / B^2) amortized: under 16 at a million leases with B = 256.
+//! Splitting or merging a block shifts the summary's bottom level and rebuilds the levels above it (O(n / B));
+//! that happens at most once per B / 2 inserts or removes, so it adds O(n / B^2) amortized.
 //!
-//! Inside a block, a query does not binary-search the entries themselves (a 6 KiB array that, at a million
-//! leases, is never in cache: one DRAM miss per probe). Each block carries, inline next to its bounds, the
-//! start of every [`SEG`]th entry (its fences, a few cache lines that stay cached with the block table); a query
-//! searches the fences and then reads one run of [`SEG`] adjacent entries: one miss instead of six or seven.
+//! Hand-written: the interval crates we know are either built once and then read-only, or a node per entry
+//! (one dependent cache miss per tree level at a million leases); none keeps blocks with a summary sized
+//! for the cache, which is what the growth from 1k to 1M leases is about.
+//!
+//! Where the time goes at a million leases (`docs/performance.md`): the summary is 120 KiB and its top levels
+//! stay in L1, so a query's cache misses are the block it lands in: its fences, then one run of entries.
+//! Inside a block, a query does not bisect the entries (a 6 KiB array that is never in cache: one miss per
+//! probe). Each block carries, next to its bounds, the start of every [`SEG`]th entry (its fences); a query
+//! counts the fences below its start and then counts inside one run of [`SEG`] entries. Counting a sorted
+//! array gives its partition point with every load issued at once, where a bisection waits for each probe.
 
 use std::ops::ControlFlow;
 
+mod summary;
+
 use super::range::ByteRange;
+use summary::{Summary, FAN};
 
 const MAX_BLOCK: usize = 256;
-/// Entries per fence (see the module docs): a run of SEG entries is 192 bytes, three adjacent cache lines.
-const SEG: usize = 8;
+/// Entries per fence (see the module docs): a run of SEG entries is 384 bytes, six adjacent cache lines read
+/// at once; 8 (three lines, twice the fences) measured slower at a million leases.
+const SEG: usize = 16;
 /// Fences a block holds: one per SEG entries of a full block, plus the entry an insert adds before the split.
 const FENCES: usize = (MAX_BLOCK + 1).div_ceil(SEG);
 
-#[derive(Clone, Copy, Debug)]
+#[derive(Clone, Copy, Debug, Default)]
 struct Entry {
     start: u64,
     id: u64,
@@ -38,83 +49,125 @@ impl Entry {
     }
 }
 
-#[derive(Clone, Debug)]
+/// How many of `sorted` satisfy `below`, which holds for a prefix of it: its partition point, found by counting
+/// (no data-dependent branch, every load issued at once; see [`Block::lower_bound`]).
+fn count_below<T>(sorted: &[T], below: impl Fn(&T) -> bool) -> usize {
+    sorted.iter().map(|x| usize::from(below(x))).sum()
+}
+
+/// A block's bounds and fences; its entries are `len` consecutive entries of the index's arena, at its slot.
+#[derive(Clone, Debug, Default)]
 struct Block {
-    entries: Vec<Entry>,
+    len: usize,
     max_end: u64,
-    /// Longest entry: a query only needs entries starting at or after `q.start - max_len`, which a binary
-    /// search finds (open-ended leases make this the whole block, which is still correct).
+    /// Longest entry: a query only needs entries starting at or after `q.start - max_len`, which the fences
+    /// find (open-ended leases make this the whole block, which is still correct).
     max_len: u64,
     /// `fences[s]` = start of entry `s * SEG`, for the segments that exist.
     fences: [u64; FENCES],
 }
 
 impl Block {
-    fn new(entries: Vec<Entry>) -> Self {
-        let mut b = Block {
-            entries,
-            max_end: 0,
-            max_len: 0,
-            fences: [0; FENCES],
-        };
-        b.recompute();
-        b
-    }
-
-    /// Re-read the fences after entries moved.
-    fn refence(&mut self) {
-        self.refence_from(0);
-    }
-
-    /// Re-read the fences of the entries from `pos` on (an insert or remove at `pos` moved only those, and
-    /// its memmove just brought them into cache).
-    fn refence_from(&mut self, pos: usize) {
+    /// Re-read the fences of `es` (this block's entries) from `pos` on (an insert or remove at `pos` moved
+    /// only those, and its memmove just brought them into cache).
+    fn refence_from(&mut self, es: &[Entry], pos: usize) {
         let first = pos / SEG;
         let fences = self.fences.iter_mut().skip(first);
-        for (f, e) in fences.zip(self.entries.iter().skip(first * SEG).step_by(SEG)) {
+        for (f, e) in fences.zip(es.iter().skip(first * SEG).step_by(SEG)) {
             *f = e.start;
         }
     }
 
-    /// Index of the first entry whose start is >= `from` (what `partition_point` over the entries gives),
-    /// reading the fences and one run of SEG entries.
-    fn lower_bound(&self, from: u64) -> usize {
-        let segs = self.entries.len().div_ceil(SEG);
-        let s = self.fences[..segs].partition_point(|f| *f < from);
+    /// Index of the first of `es` (this block's entries) whose start is >= `from` (what `partition_point`
+    /// gives), reading the fences and one run of SEG entries.
+    ///
+    /// Both steps count instead of bisecting: the fences and the run are sorted, so the number below `from` is
+    /// the partition point, and a count issues all its loads at once where a bisection waits for each probe
+    /// (at a million entries every line here is a cache miss).
+    fn lower_bound(&self, es: &[Entry], from: u64) -> usize {
+        let segs = es.len().div_ceil(SEG);
+        let s = count_below(&self.fences[..segs], |f| *f < from);
         if s == 0 {
             return 0;
         }
         let lo = (s - 1) * SEG;
-        let hi = (s * SEG).min(self.entries.len());
-        lo + self.entries[lo..hi].partition_point(|e| e.start < from)
+        let hi = (s * SEG).min(es.len());
+        lo + count_below(&es[lo..hi], |e| e.start < from)
     }
 
-    fn recompute(&mut self) {
-        self.refence();
-        self.max_end = self.entries.iter().map(|e| e.end).max().unwrap_or(0);
-        self.max_len = self
-            .entries
-            .iter()
-            .map(|e| e.end - e.start)
-            .max()
-            .unwrap_or(0);
+    /// Index of the first of `es` whose key is >= `key` (where an insert goes, or where a present key is),
+    /// reading the fences and the run(s) of entries that share `key.0` as their start: one run unless many
+    /// entries start at the same offset.
+    fn position(&self, es: &[Entry], key: (u64, u64)) -> usize {
+        let segs = es.len().div_ceil(SEG);
+        let fences = &self.fences[..segs];
+        let first = count_below(fences, |f| *f < key.0);
+        let past = first + count_below(&fences[first..], |f| *f <= key.0);
+        let lo = first.saturating_sub(1) * SEG;
+        let hi = (past * SEG).min(es.len());
+        lo + count_below(&es[lo..hi], |e| e.key() < key)
     }
 
-    fn add(&mut self, e: &Entry) {
-        self.max_end = self.max_end.max(e.end);
-        self.max_len = self.max_len.max(e.end - e.start);
+    fn recompute(&mut self, es: &[Entry]) {
+        self.len = es.len();
+        self.refence_from(es, 0);
+        self.max_end = es.iter().map(|e| e.end).max().unwrap_or(0);
+        self.max_len = es.iter().map(|e| e.end - e.start).max().unwrap_or(0);
+    }
+}
+
+/// Where every block's entries live: `cap` entries per block slot, one allocation, advised to the kernel for
+/// 2 MiB pages once it spans them. At a million entries the blocks hold 35 MiB; with 4 KiB pages nearly every
+/// query's run of entries also misses the TLB, and on a nested host (shadow page tables) a TLB miss costs
+/// about as much as the cache miss itself. One allocation also keeps the blocks together instead of spread
+/// between whatever else the heap holds.
+#[derive(Debug, Default)]
+struct Arena {
+    entries: Vec<Entry>,
+}
+
+impl Arena {
+    /// Room for `slots` blocks of `cap` entries.
+    fn grow(&mut self, slots: usize, cap: usize) {
+        let want = slots * cap;
+        if want <= self.entries.len() {
+            return;
+        }
+        if want > self.entries.capacity() {
+            self.entries.reserve(want - self.entries.len());
+            self.advise_huge_pages();
+        }
+        self.entries.resize(want, Entry::default());
+    }
+
+    /// Asks for 2 MiB pages over the whole 2 MiB-aligned part of the allocation (before its new part is
+    /// touched, so those faults get them). Only a hint: a kernel without THP, or one that refuses, is fine.
+    fn advise_huge_pages(&self) {
+        const HUGE: usize = 2 << 20;
+        let start = self.entries.as_ptr() as usize;
+        let end = start + self.entries.capacity() * std::mem::size_of::<Entry>();
+        let (lo, hi) = (start.next_multiple_of(HUGE), end / HUGE * HUGE);
+        if hi > lo {
+            // SAFETY: [lo, hi) lies inside the Vec's allocation, which this arena owns; MADV_HUGEPAGE changes
+            // only how the kernel backs those pages, never their contents or whether they are mapped.
+            let _ = unsafe { libc::madvise(lo as *mut libc::c_void, hi - lo, libc::MADV_HUGEPAGE) };
+        }
     }
 }
 
 #[derive(Debug)]
 /// Ranges with ids, answering "which overlap this range" in O(log n + k) (see the module docs).
 pub struct IntervalIndex {
-    /// First key of each block, contiguous for the binary search.
-    firsts: Vec<(u64, u64)>,
+    /// Block headers by slot; a split takes a free slot or appends, so blocks never move.
     blocks: Vec<Block>,
-    /// Segment tree of `max_end` over blocks: leaf `i` at `cap + i`, parents are maxima.
-    seg: Vec<u64>,
+    /// Their entries, `cap` per slot.
+    arena: Arena,
     cap: usize,
+    free: Vec<u32>,
+    /// Block slots in key order.
+    order: Vec<u32>,
+    /// First start and largest end of each block, in key order, with the levels above them.
+    summary: Summary,
     len: usize,
     max_block: usize,
 }
@@ -133,13 +186,16 @@ impl IntervalIndex {
 
     /// Small blocks exercise splits and merges in tests.
     pub fn with_block_size(max_block: usize) -> Self {
+        let max_block = max_block.clamp(2, MAX_BLOCK);
         IntervalIndex {
-            firsts: Vec::new(),
             blocks: Vec::new(),
-            seg: vec![0; 2],
-            cap: 1,
+            arena: Arena::default(),
+            cap: max_block + 1,
+            free: Vec::new(),
+            order: Vec::new(),
+            summary: Summary::new(),
             len: 0,
-            max_block: max_block.clamp(2, MAX_BLOCK),
+            max_block,
         }
     }
 
@@ -153,28 +209,77 @@ impl IntervalIndex {
         self.len == 0
     }
 
-    /// The block whose key range holds `key` (the last block whose first key is <= key, or block 0).
+    /// The header and entries of the block at position `j` of the key order.
+    fn block(&self, j: usize) -> (&Block, &[Entry]) {
+        let slot = self.order[j] as usize;
+        let b = &self.blocks[slot];
+        let base = slot * self.cap;
+        (b, &self.arena.entries[base..base + b.len])
+    }
+
+    /// The same, mutable; the entries slice is the whole slot (`cap` entries).
+    fn block_mut(&mut self, j: usize) -> (&mut Block, &mut [Entry]) {
+        let slot = self.order[j] as usize;
+        let base = slot * self.cap;
+        (
+            &mut self.blocks[slot],
+            &mut self.arena.entries[base..base + self.cap],
+        )
+    }
+
+    /// A new block at position `j` of the key order, holding the `n` entries that start at arena index
+    /// `from` (the tail of a block that split, or one entry just written at the arena's spare slot end).
+    fn add_block(&mut self, j: usize, from: usize, n: usize) {
+        let slot = match self.free.pop() {
+            Some(s) => s as usize,
+            None => {
+                self.blocks.push(Block::default());
+                self.arena.grow(self.blocks.len(), self.cap);
+                self.blocks.len() - 1
+            }
+        };
+        let base = slot * self.cap;
+        self.arena.entries.copy_within(from..from + n, base);
+        let b = &mut self.blocks[slot];
+        b.recompute(&self.arena.entries[base..base + n]);
+        let now = (self.arena.entries[base].start, b.max_end);
+        // At most one block per two entries, and entries are far fewer than 2^32.
+        self.order.insert(j, slot as u32);
+        self.summary.insert(j, now);
+    }
+
+    /// Forgets the block at position `j`, returning the arena index and count of its entries (they stay
+    /// there until the slot is reused).
+    fn drop_block(&mut self, j: usize) -> (usize, usize) {
+        let slot = self.order.remove(j);
+        self.summary.remove(j);
+        self.free.push(slot);
+        let b = std::mem::take(&mut self.blocks[slot as usize]);
+        (slot as usize * self.cap, b.len)
+    }
+
+    /// Position of the block whose key range holds `key` (the last block whose first key is <= key, or 0).
     fn locate(&self, key: (u64, u64)) -> usize {
-        self.firsts.partition_point(|f| *f <= key).saturating_sub(1)
+        let mut j = self
+            .summary
+            .count_starts(|s| s <= key.0, &mut 0)
+            .saturating_sub(1);
+        // Blocks that start at key.0 with a larger id come after `key`.
+        while j > 0
+            && self.summary.get(j).0 == key.0
+            && self.block(j).1.first().map(Entry::key) > Some(key)
+        {
+            j -= 1;
+        }
+        j
     }
 
-    fn rebuild(&mut self) {
-        self.cap = self.blocks.len().next_power_of_two().max(1);
-        self.seg = vec![0; 2 * self.cap];
-        for (i, b) in self.blocks.iter().enumerate() {
-            self.seg[self.cap + i] = b.max_end;
-        }
-        for p in (1..self.cap).rev() {
-            self.seg[p] = self.seg[2 * p].max(self.seg[2 * p + 1]);
-        }
-    }
-
-    fn seg_update(&mut self, i: usize) {
-        let mut p = self.cap + i;
-        self.seg[p] = self.blocks[i].max_end;
-        while p > 1 {
-            p /= 2;
-            self.seg[p] = self.seg[2 * p].max(self.seg[2 * p + 1]);
+    /// Re-reads block `j`'s first start and largest end into the summary, where they changed.
+    fn resummarize(&mut self, j: usize) {
+        let (b, es) = self.block(j);
+        let now = (es.first().map_or(0, |e| e.start), b.max_end);
+        if self.summary.get(j) != now {
+            self.summary.update(j, now);
         }
     }
 
@@ -186,79 +291,85 @@ impl IntervalIndex {
             end: range.end,
         };
         self.len += 1;
-        if self.blocks.is_empty() {
-            self.blocks.push(Block::new(vec![e]));
-            self.firsts.push(e.key());
-            self.rebuild();
+        if self.order.is_empty() {
+            // The first block (the index is fresh or kept one free slot: see `remove`): write the entry at
+            // slot 0 and adopt it.
+            self.blocks.clear();
+            self.free.clear();
+            self.blocks.push(Block::default());
+            self.arena.grow(1, self.cap);
+            self.arena.entries[0] = e;
+            self.blocks[0].recompute(&self.arena.entries[..1]);
+            self.order.push(0);
+            self.summary.insert(0, (e.start, e.end));
             return;
         }
-        let i = self.locate(e.key());
-        let b = &mut self.blocks[i];
-        let pos = b.entries.partition_point(|x| x.key() < e.key());
-        b.entries.insert(pos, e);
-        b.add(&e);
-        b.refence_from(pos);
-        if pos == 0 {
-            self.firsts[i] = e.key();
-        }
-        if self.blocks[i].entries.len() > self.max_block {
-            let tail = self.blocks[i].entries.split_off(self.max_block / 2);
-            self.blocks[i].recompute();
-            let nb = Block::new(tail);
-            self.firsts.insert(i + 1, nb.entries[0].key());
-            self.blocks.insert(i + 1, nb);
-            self.rebuild();
+        let j = self.locate(e.key());
+        let max_block = self.max_block;
+        let (b, es) = self.block_mut(j);
+        let pos = b.position(&es[..b.len], e.key());
+        es.copy_within(pos..b.len, pos + 1);
+        es[pos] = e;
+        b.len += 1;
+        b.max_end = b.max_end.max(e.end);
+        b.max_len = b.max_len.max(e.end - e.start);
+        b.refence_from(&es[..b.len], pos);
+        if b.len > max_block {
+            let (keep, n) = (max_block / 2, b.len - max_block / 2);
+            b.recompute(&es[..keep]);
+            let from = self.order[j] as usize * self.cap + keep;
+            self.resummarize(j);
+            self.add_block(j + 1, from, n);
         } else {
-            self.seg_update(i);
+            self.resummarize(j);
         }
     }
 
     /// Removes the entry `id` that was inserted with `range.start`. Returns whether it was there.
     pub fn remove(&mut self, range: ByteRange, id: u64) -> bool {
-        if self.blocks.is_empty() {
+        if self.order.is_empty() {
             return false;
         }
         let key = (range.start, id);
-        let i = self.locate(key);
-        let b = &mut self.blocks[i];
-        let Ok(pos) = b.entries.binary_search_by(|x| x.key().cmp(&key)) else {
+        let j = self.locate(key);
+        let (b, es) = self.block_mut(j);
+        let pos = b.position(&es[..b.len], key);
+        if pos >= b.len || es[pos].key() != key {
             return false;
-        };
-        let gone = b.entries.remove(pos);
-        self.len -= 1;
+        }
+        let gone = es[pos];
+        es.copy_within(pos + 1..b.len, pos);
+        b.len -= 1;
         if gone.end == b.max_end || gone.end - gone.start == b.max_len {
-            b.recompute();
+            b.recompute(&es[..b.len]);
         } else {
-            b.refence_from(pos);
+            b.refence_from(&es[..b.len], pos);
         }
-        if b.entries.is_empty() {
-            self.blocks.remove(i);
-            self.firsts.remove(i);
-            self.rebuild();
+        let n = b.len;
+        self.len -= 1;
+        if n == 0 {
+            self.drop_block(j);
+            if self.order.is_empty() && self.blocks.len() > 1 {
+                // Give the memory back: an index that held a million entries and drained keeps nothing. One
+                // block's slot stays (an index that goes between empty and a few entries, such as the
+                // transient pins of flushes, would otherwise reallocate it every time).
+                *self = Self::with_block_size(self.max_block);
+            }
             return true;
-        }
-        if pos == 0 {
-            self.firsts[i] = b.entries[0].key();
         }
         // Merge a block that fell to a quarter into its right neighbour when they fit together, so the block
         // count stays proportional to n.
-        let n = b.entries.len();
-        let small = n < self.max_block / 4;
-        if small
-            && i + 1 < self.blocks.len()
-            && n + self.blocks[i + 1].entries.len() <= self.max_block
+        if n < self.max_block / 4
+            && j + 1 < self.order.len()
+            && n + self.block(j + 1).0.len <= self.max_block
         {
-            let next = self.blocks.remove(i + 1);
-            self.firsts.remove(i + 1);
-            let b = &mut self.blocks[i];
-            b.entries.extend_from_slice(&next.entries);
-            b.max_end = b.max_end.max(next.max_end);
-            b.max_len = b.max_len.max(next.max_len);
-            b.refence();
-            self.rebuild();
-        } else {
-            self.seg_update(i);
+            let (from, m) = self.drop_block(j + 1);
+            let base = self.order[j] as usize * self.cap;
+            self.arena.entries.copy_within(from..from + m, base + n);
+            let b = &mut self.blocks[self.order[j] as usize];
+            b.recompute(&self.arena.entries[base..base + n + m]);
         }
+        self.resummarize(j);
         true
     }
 
@@ -267,32 +378,54 @@ impl IntervalIndex {
     where
         F: FnMut(ByteRange, u64) -> ControlFlow<()>,
     {
-        // Blocks from `hi` on start at or after q.end: nothing there can overlap.
-        let hi = self.firsts.partition_point(|k| k.0 < q.end);
-        if hi > 0 {
-            let _ = self.descend(1, 0, self.cap, hi, q, &mut f);
-        }
+        let _ = self.walk(q, &mut f, &mut 0);
     }
 
+    /// The walk behind [`Self::for_each_overlap`], counting in `work` the memory locations it reads.
+    fn walk<F>(&self, q: ByteRange, f: &mut F, work: &mut u64) -> ControlFlow<()>
+    where
+        F: FnMut(ByteRange, u64) -> ControlFlow<()>,
+    {
+        // Blocks from `hi` on start at or after q.end: nothing there can overlap.
+        let hi = self.summary.count_starts(|s| s < q.end, work);
+        if hi == 0 {
+            return ControlFlow::Continue(());
+        }
+        self.descend(self.summary.top(), 0, hi, q, f, work)
+    }
+
+    /// Visits, in order, the blocks below node `first / FAN` of level `k` of the summary whose largest end
+    /// lies after `q.start` (and that start before block `hi`).
     fn descend<F>(
         &self,
-        node: usize,
-        lo: usize,
-        width: usize,
+        k: usize,
+        first: usize,
         hi: usize,
         q: ByteRange,
         f: &mut F,
+        work: &mut u64,
     ) -> ControlFlow<()>
     where
         F: FnMut(ByteRange, u64) -> ControlFlow<()>,
     {
-        if lo >= hi || self.seg[node] <= q.start {
-            return ControlFlow::Continue(());
-        }
-        if width == 1 {
-            let b = &self.blocks[lo];
-            let first = b.lower_bound(q.start.saturating_sub(b.max_len));
-            for e in &b.entries[first..] {
+        let span = FAN.pow(k as u32);
+        *work += 1;
+        // Children of this node that start before block `hi` and whose largest end lies after q.start.
+        let before_hi = hi.div_ceil(span).saturating_sub(first).min(FAN);
+        let mut wanted =
+            self.summary.node(k, first / FAN).ends_after(q.start) & ((1 << before_hi) - 1);
+        while wanted != 0 {
+            let i = first + wanted.trailing_zeros() as usize;
+            wanted &= wanted - 1;
+            if k > 0 {
+                self.descend(k - 1, i * FAN, hi, q, f, work)?;
+                continue;
+            }
+            let (b, es) = self.block(i);
+            let first = b.lower_bound(es, q.start.saturating_sub(b.max_len));
+            *work += 2;
+            for e in &es[first..] {
+                *work += 1;
                 if e.start >= q.end {
                     break;
                 }
@@ -300,45 +433,17 @@ impl IntervalIndex {
                     f(ByteRange::new(e.start, e.end), e.id)?;
                 }
             }
-            return ControlFlow::Continue(());
         }
-        let half = width / 2;
-        self.descend(2 * node, lo, half, hi, q, f)?;
-        self.descend(2 * node + 1, lo + half, half, hi, q, f)
+        ControlFlow::Continue(())
     }
 
-    /// The work an overlap query for `q` does, in memory locations touched: binary-search probes over the block
-    /// keys, segment-tree nodes visited, and block entries probed or scanned. Wall-clock time at a million
-    /// entries also pays for DRAM misses that 1k entries never see; this count is what O(log n + k) is about,
-    /// and the benchmark prints both.
+    /// The work an overlap query for `q` does, in memory locations touched: summary nodes read (one line each)
+    /// and, per block visited, its fences and its run of entries, plus the entries scanned. Wall-clock time at
+    /// a million entries also pays for DRAM misses that 1k entries never see; this count is what
+    /// O(log n + k) is about, and the benchmark prints both.
     pub fn query_work(&self, q: ByteRange) -> u64 {
-        let probes = |n: usize| (usize::BITS - n.leading_zeros()) as u64;
-        let hi = self.firsts.partition_point(|k| k.0 < q.end);
-        let mut work = probes(self.firsts.len());
-        if hi == 0 {
-            return work;
-        }
-        let mut stack = vec![(1usize, 0usize, self.cap)];
-        while let Some((node, lo, width)) = stack.pop() {
-            work += 1;
-            if lo >= hi || self.seg[node] <= q.start {
-                continue;
-            }
-            if width == 1 {
-                let b = &self.blocks[lo];
-                let first = b.lower_bound(q.start.saturating_sub(b.max_len));
-                work += probes(b.entries.len().div_ceil(SEG)) + probes(SEG);
-                work += b.entries[first..]
-                    .iter()
-                    .take_while(|e| e.start < q.end)
-                    .count() as u64
-                    + 1;
-                continue;
-            }
-            let half = width / 2;
-            stack.push((2 * node + 1, lo + half, half));
-            stack.push((2 * node, lo, half));
-        }
+        let mut work = 0;
+        let _ = self.walk(q, &mut |_, _| ControlFlow::Continue(()), &mut work);
         work
     }
 
@@ -386,6 +491,24 @@ mod tests {
         assert!(!ix.remove(ByteRange::new(5, 20), 2));
         assert_eq!(ix.overlapping(ByteRange::new(0, 100)), vec![1, 3]);
         assert_eq!(ix.len(), 2);
+    }
+
+    #[test]
+    fn a_drained_index_gives_its_memory_back_and_a_small_one_keeps_its_block() {
+        let mut ix = IntervalIndex::with_block_size(4);
+        for i in 0..1000u64 {
+            ix.insert(ByteRange::new(i * 10, i * 10 + 5), i);
+        }
+        assert!(ix.arena.entries.len() >= 1000);
+        for i in 0..1000u64 {
+            assert!(ix.remove(ByteRange::new(i * 10, i * 10 + 5), i));
+        }
+        assert!(ix.is_empty() && ix.arena.entries.is_empty() && ix.blocks.is_empty());
+        ix.insert(ByteRange::new(7, 9), 1);
+        assert!(ix.remove(ByteRange::new(7, 9), 1));
+        assert_eq!(ix.arena.entries.len(), ix.cap, "one block's slot kept");
+        ix.insert(ByteRange::new(3, 4), 2);
+        assert_eq!(ix.overlapping(ByteRange::new(0, 100)), vec![2]);
     }
 
     proptest! {

@@ -63,17 +63,13 @@ impl Mapper {
             });
         }
         let key = reg.key;
-        let id = LeaseId::from_raw(st.next_id());
-        st.insert_lease(
-            id,
-            Lease {
-                owner,
-                region,
-                key,
-                range,
-                mode,
-            },
-        );
+        let id = st.insert_lease(Lease {
+            owner,
+            region,
+            key,
+            range,
+            mode,
+        })?;
         tracing::debug!(%owner, %id, %range, %mode, "lease acquired");
         Ok(id)
     }

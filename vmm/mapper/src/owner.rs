@@ -10,7 +10,8 @@ use crate::Mapper;
 #[derive(Debug)]
 pub(crate) struct Owner {
     pub name: String,
-    pub leases: HashSet<LeaseId>,
+    /// Its leases; each lease's slot records its position here (`LeaseTable::owner_pos`).
+    pub leases: Vec<LeaseId>,
     pub pins: HashSet<PinId>,
 }
 
@@ -23,7 +24,7 @@ impl Mapper {
             id,
             Owner {
                 name: name.to_string(),
-                leases: HashSet::new(),
+                leases: Vec::new(),
                 pins: HashSet::new(),
             },
         );

@@ -7,11 +7,12 @@ use std::collections::HashMap;
 use crate::breaks::BreakState;
 use crate::dma::DmaMapper;
 use crate::error::{MapperError, Missing, Result};
-use crate::guard::GuardEvent;
+use crate::guard::{GuardCounts, GuardEvent};
 use crate::host::FileKey;
 use crate::ids::{BreakId, LeaseId, OwnerId, PinId, RegionId};
 use crate::interval::IntervalIndex;
 use crate::lease::Lease;
+use crate::lease_table::LeaseTable;
 use crate::owner::Owner;
 use crate::pin::Pin;
 use crate::range::ByteRange;
@@ -67,13 +68,16 @@ pub(crate) struct State {
     pub owners: HashMap<OwnerId, Owner>,
     pub regions: HashMap<RegionId, Region>,
     pub files: HashMap<FileKey, FileHolds>,
-    pub leases: HashMap<LeaseId, Lease>,
+    pub leases: LeaseTable,
     pub pins: HashMap<PinId, Pin>,
     pub breaks: HashMap<BreakId, BreakState>,
     /// Transient pins and draining changes: (file, file range).
     pub transients: HashMap<u64, (FileKey, ByteRange)>,
     pub draining: HashMap<u64, (FileKey, ByteRange)>,
-    pub guard_events: Vec<GuardEvent>,
+    /// The latest host guard events, at most [`crate::guard::GUARD_HISTORY`], oldest first.
+    pub guard_events: std::collections::VecDeque<GuardEvent>,
+    /// Every host guard event ever, counted per region.
+    pub guard_counts: HashMap<RegionId, GuardCounts>,
 }
 
 impl State {
@@ -130,24 +134,36 @@ impl State {
         Some(r)
     }
 
-    pub fn insert_lease(&mut self, id: LeaseId, lease: Lease) {
-        if let Some(f) = self.files.get_mut(&lease.key) {
-            f.leases.insert(lease.range, id.to_raw());
+    /// Stores a new lease and returns its id (ENOSPC once the table has no slot left).
+    pub fn insert_lease(&mut self, lease: Lease) -> Result<LeaseId> {
+        let (key, range, owner) = (lease.key, lease.range, lease.owner);
+        let pos = self.owners.get(&owner).map_or(0, |o| o.leases.len());
+        let id = self
+            .leases
+            .insert(lease, pos)
+            .ok_or(MapperError::TableFull { what: "lease" })?;
+        if let Some(f) = self.files.get_mut(&key) {
+            f.leases.insert(range, id.to_raw());
         }
-        if let Some(o) = self.owners.get_mut(&lease.owner) {
-            o.leases.insert(id);
+        if let Some(o) = self.owners.get_mut(&owner) {
+            o.leases.push(id);
         }
-        self.leases.insert(id, lease);
+        Ok(id)
     }
 
     /// Forgets a lease everywhere (table, file index, owner).
     pub fn drop_lease(&mut self, id: LeaseId) -> Option<Lease> {
-        let l = self.leases.remove(&id)?;
+        let (l, pos) = self.leases.remove(&id)?;
         if let Some(f) = self.files.get_mut(&l.key) {
             f.leases.remove(l.range, id.to_raw());
         }
         if let Some(o) = self.owners.get_mut(&l.owner) {
-            o.leases.remove(&id);
+            if o.leases.get(pos) == Some(&id) {
+                o.leases.swap_remove(pos);
+                if let Some(moved) = o.leases.get(pos) {
+                    self.leases.set_owner_pos(*moved, pos);
+                }
+            }
         }
         Some(l)
     }

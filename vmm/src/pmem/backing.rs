@@ -121,6 +121,7 @@ pub struct Backing {
     size: u64,
     readonly: bool,
     discard_writes: bool,
+    guard: daxvisor_mapper::GuardPolicy,
     dev_dax: Option<DevDaxInfo>,
     mapping: Arc<HostMapping>,
     /// This open created the file (create=on).
@@ -245,6 +246,7 @@ impl Backing {
             size,
             readonly: cfg.readonly,
             discard_writes: cfg.discard_writes,
+            guard: cfg.guard,
             dev_dax,
             mapping: Arc::new(mapping),
             created: was_created,
@@ -287,6 +289,11 @@ impl Backing {
 
     pub fn readonly(&self) -> bool {
         self.readonly
+    }
+
+    /// The host guard's policy for foreign opens of the file (`guard=`).
+    pub fn guard(&self) -> daxvisor_mapper::GuardPolicy {
+        self.guard
     }
 
     pub fn discard_writes(&self) -> bool {
