@@ -55,13 +55,11 @@ enum Strategy {
     CloudHypervisor,
     Firecracker,
     Qemu,
-    Overlap,
 }
 
 impl Strategy {
-    const ALL: [Strategy; 6] = [
+    const ALL: [Strategy; 5] = [
         Strategy::Daxvisor,
-        Strategy::Overlap,
         Strategy::PerRequest,
         Strategy::CloudHypervisor,
         Strategy::Firecracker,
@@ -80,7 +78,6 @@ impl Strategy {
             Strategy::CloudHypervisor => "cloud-hv",
             Strategy::Firecracker => "firecracker",
             Strategy::Qemu => "qemu",
-            Strategy::Overlap => "overlap",
         }
     }
 }
@@ -201,35 +198,7 @@ fn server(
                 }
                 t.answered.lock().expect("trace").push(Instant::now());
             };
-            worker_with(
-                Arc::new(timed),
-                FlushPolicy::Coalesce,
-                daxvisor_devices::virtio::pmem::FLUSH_SLOTS,
-                Box::new(answers),
-            )
-        }
-        Strategy::Overlap => {
-            if let Some(f) = std::env::var("FLUSH_BENCH_STALL")
-                .ok()
-                .and_then(|v| v.parse().ok())
-            {
-                daxvisor_devices::virtio::pmem::flush::OVERLAP_STALL_FACTOR
-                    .store(f, Ordering::Relaxed);
-            }
-            let slots = std::env::var("FLUSH_BENCH_SLOTS")
-                .ok()
-                .and_then(|v| v.parse().ok())
-                .unwrap_or(2);
-            worker_with(
-                Arc::new(fdatasync),
-                FlushPolicy::Coalesce,
-                slots,
-                Box::new(move |batch: Vec<usize>| {
-                    for who in batch {
-                        let _ = answers[who].send(());
-                    }
-                }),
-            )
+            worker_with(Arc::new(timed), FlushPolicy::Coalesce, Box::new(answers))
         }
         Strategy::PerRequest => worker(Arc::new(fdatasync), FlushPolicy::PerRequest, answers),
         Strategy::CloudHypervisor => worker(Arc::new(fsync), FlushPolicy::PerRequest, answers),
@@ -266,11 +235,9 @@ fn server(
 
 /// A [`FlushWorker`] answering each request on its requester's channel.
 fn worker(flush: Arc<dyn Flush>, policy: FlushPolicy, answers: Vec<mpsc::Sender<()>>) -> Submit {
-    // One thread, as every peer's single-threaded flush is.
     worker_with(
         flush,
         policy,
-        1,
         Box::new(move |batch: Vec<usize>| {
             for who in batch {
                 let _ = answers[who].send(());
@@ -283,14 +250,12 @@ fn worker(flush: Arc<dyn Flush>, policy: FlushPolicy, answers: Vec<mpsc::Sender<
 fn worker_with(
     flush: Arc<dyn Flush>,
     policy: FlushPolicy,
-    slots: usize,
     mut answer: Box<dyn FnMut(Vec<usize>) + Send>,
 ) -> Submit {
-    let w = FlushWorker::spawn_slots(
+    let w = FlushWorker::spawn(
         "bench-flush",
         flush,
         policy,
-        slots,
         Box::new(move |batch: Vec<usize>, res: &std::io::Result<()>| {
             res.as_ref().expect("flush failed");
             answer(batch);
@@ -640,18 +605,6 @@ fn main() {
             .min_by_key(|(_, p)| *p)
             .unwrap_or(("none", Duration::ZERO));
         let dp99 = p99(d);
-        println!(
-            "{depth:>5} overlap: {:.2}x daxvisor req/s (within rounds), p99 {:.0} us vs daxvisor {:.0} us",
-            median(
-                &of(Strategy::Overlap)
-                    .iter()
-                    .zip(d)
-                    .map(|(a, b)| a.req_s / b.req_s.max(1e-9))
-                    .collect::<Vec<f64>>()
-            ),
-            us(p99(of(Strategy::Overlap))),
-            us(dp99)
-        );
         println!(
             "{depth:>5} {:>9.2} {:>12.2} {:>11.2}x {:>11.2}x {:>11.2}x {:>11.2}x   {:.0} us vs {:.0} us ({}): {}",
             median(&d.iter().map(|r| r.of_ideal).collect::<Vec<f64>>()),

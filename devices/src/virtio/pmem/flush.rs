@@ -27,11 +27,6 @@ pub const MAX_LINGER: Duration = Duration::from_millis(2);
 const LINGER_DIVISOR: u32 = 2;
 /// How many recent flush durations the wait is taken from (the shortest of them).
 pub const FLUSH_TIMES: usize = 4;
-/// How many flushes may run at once (see the module docs).
-pub const FLUSH_SLOTS: usize = 1;
-#[doc(hidden)]
-pub static OVERLAP_STALL_FACTOR: std::sync::atomic::AtomicU32 =
-    std::sync::atomic::AtomicU32::new(0);
 
 use super::rate_limit::{Admission, FlushRateLimit};
 
@@ -76,51 +71,30 @@ pub type Completion<R> = Box<dyn FnMut(Vec<R>, &io::Result<()>) + Send>;
 struct State<R> {
     pending: VecDeque<R>,
     shutdown: bool,
-    /// fdatasyncs running now (batch taken, flush not yet returned).
-    in_flight: usize,
-    /// Threads asleep waiting for any request (a submit wakes one).
-    idle: usize,
-    /// Set while one thread waits for the last group to come back; it wants this many queued.
-    collecting: Option<usize>,
-    /// The requests the last finished flush answered and the durations of the last [`FLUSH_TIMES`] flushes.
-    last_size: usize,
-    recent: VecDeque<Duration>,
-    /// When each running flush started.
-    running: Vec<Instant>,
+    /// Only a submit that brings the queue to this many requests wakes the worker: the worker waits for that
+    /// many (a wake below it would be a context switch per returning requester for nothing), and while it
+    /// flushes nobody waits (it checks the queue before it sleeps again).
+    wanted: usize,
 }
 
 struct Shared<R> {
     state: Mutex<State<R>>,
-    /// Idle threads wait here for a request.
     wake: Condvar,
-    /// The collecting thread waits here for its group.
-    filled: Condvar,
-    slots: usize,
-    policy: FlushPolicy,
-    max_linger: Duration,
 }
 
 impl<R> Shared<R> {
     fn lock(&self) -> MutexGuard<'_, State<R>> {
-        // The state is a queue and counters, consistent at every instant; survive a poisoned lock.
+        // The state is a queue and a flag, consistent at every instant; survive a poisoned lock.
         self.state.lock().unwrap_or_else(|e| e.into_inner())
     }
 }
 
-/// The per-device flush threads: run the [`Flush`] and hand each batch of requests to the completion.
+/// The per-device flush thread: runs the [`Flush`] and hands each batch of requests to the completion.
 pub struct FlushWorker<R: Send + 'static> {
     shared: Arc<Shared<R>>,
     /// Lifted at shutdown so queued requests are answered at once.
     limit: Option<Arc<FlushRateLimit>>,
-    threads: Vec<JoinHandle<()>>,
-}
-
-/// What one worker thread shares with the others.
-struct Job<R> {
-    shared: Arc<Shared<R>>,
-    flush: Arc<dyn Flush>,
-    limit: Option<Arc<Limiter>>,
-    complete: Arc<Mutex<Completion<R>>>,
+    thread: Option<JoinHandle<()>>,
 }
 
 impl<R: Send + 'static> FlushWorker<R> {
@@ -131,18 +105,7 @@ impl<R: Send + 'static> FlushWorker<R> {
         policy: FlushPolicy,
         complete: Completion<R>,
     ) -> io::Result<Self> {
-        Self::spawn_inner(name, flush, policy, None, complete, MAX_LINGER, FLUSH_SLOTS)
-    }
-
-    /// As [`FlushWorker::spawn`], with at most `slots` flushes in flight (1: one at a time).
-    pub fn spawn_slots(
-        name: &str,
-        flush: Arc<dyn Flush>,
-        policy: FlushPolicy,
-        slots: usize,
-        complete: Completion<R>,
-    ) -> io::Result<Self> {
-        Self::spawn_inner(name, flush, policy, None, complete, MAX_LINGER, slots)
+        Self::spawn_inner(name, flush, policy, None, complete, MAX_LINGER)
     }
 
     /// As [`FlushWorker::spawn`], with each batch admitted by `limit` before its flush: a throttled batch waits
@@ -155,15 +118,7 @@ impl<R: Send + 'static> FlushWorker<R> {
         limit: Option<Limiter>,
         complete: Completion<R>,
     ) -> io::Result<Self> {
-        Self::spawn_inner(
-            name,
-            flush,
-            policy,
-            limit,
-            complete,
-            MAX_LINGER,
-            FLUSH_SLOTS,
-        )
+        Self::spawn_inner(name, flush, policy, limit, complete, MAX_LINGER)
     }
 
     /// As [`FlushWorker::spawn`], waiting at most `max_linger` for returning requesters (tests use a long one,
@@ -176,7 +131,7 @@ impl<R: Send + 'static> FlushWorker<R> {
         complete: Completion<R>,
         max_linger: Duration,
     ) -> io::Result<Self> {
-        Self::spawn_inner(name, flush, policy, None, complete, max_linger, FLUSH_SLOTS)
+        Self::spawn_inner(name, flush, policy, None, complete, max_linger)
     }
 
     fn spawn_inner(
@@ -184,54 +139,52 @@ impl<R: Send + 'static> FlushWorker<R> {
         flush: Arc<dyn Flush>,
         policy: FlushPolicy,
         limit: Option<Limiter>,
-        complete: Completion<R>,
+        mut complete: Completion<R>,
         max_linger: Duration,
-        slots: usize,
     ) -> io::Result<Self> {
-        let slots = match policy {
-            // One flush per request in arrival order: one at a time.
-            FlushPolicy::PerRequest => 1,
-            FlushPolicy::Coalesce => slots.max(1),
-        };
         let shared = Arc::new(Shared {
             state: Mutex::new(State {
                 pending: VecDeque::new(),
                 shutdown: false,
-                in_flight: 0,
-                idle: 0,
-                collecting: None,
-                last_size: 0,
-                recent: VecDeque::with_capacity(FLUSH_TIMES),
-                running: Vec::with_capacity(slots),
+                wanted: 1,
             }),
             wake: Condvar::new(),
-            filled: Condvar::new(),
-            slots,
-            policy,
-            max_linger,
         });
+        let worker_shared = shared.clone();
         let limit_handle = limit.as_ref().map(|(l, _)| l.clone());
-        let limit = limit.map(Arc::new);
-        let complete = Arc::new(Mutex::new(complete));
-        let mut worker = FlushWorker {
-            shared: shared.clone(),
+        let thread = std::thread::Builder::new()
+            .name(name.to_owned())
+            .spawn(move || {
+                let ready = flush.on_worker_start();
+                let mut group = Group::default();
+                let mut recent = VecDeque::with_capacity(FLUSH_TIMES);
+                while let Some(batch) = next_batch(&worker_shared, policy, group) {
+                    if let Some((limit, on_admit)) = &limit {
+                        on_admit(batch.len() as u64, limit.admit(batch.len() as u64));
+                    }
+                    let size = batch.len();
+                    let started = Instant::now();
+                    let result = match &ready {
+                        Ok(()) => flush.flush(),
+                        Err(e) => Err(io::Error::new(e.kind(), e.to_string())),
+                    };
+                    if recent.len() == FLUSH_TIMES {
+                        recent.pop_front();
+                    }
+                    recent.push_back(started.elapsed());
+                    complete(batch, &result);
+                    let typical = recent.iter().min().copied().unwrap_or_default();
+                    group = Group {
+                        size,
+                        linger: (typical / LINGER_DIVISOR).min(max_linger),
+                    };
+                }
+            })?;
+        Ok(FlushWorker {
+            shared,
             limit: limit_handle,
-            threads: Vec::with_capacity(slots),
-        };
-        for _ in 0..slots {
-            let job = Job {
-                shared: shared.clone(),
-                flush: flush.clone(),
-                limit: limit.clone(),
-                complete: complete.clone(),
-            };
-            // On error the threads already started are stopped by the worker's drop.
-            let thread = std::thread::Builder::new()
-                .name(name.to_owned())
-                .spawn(move || job.run())?;
-            worker.threads.push(thread);
-        }
-        Ok(worker)
+            thread: Some(thread),
+        })
     }
 
     /// Queue requests for the next flush. Never blocks on a flush in progress.
@@ -239,117 +192,50 @@ impl<R: Send + 'static> FlushWorker<R> {
         let mut st = self.shared.lock();
         let before = st.pending.len();
         st.pending.extend(requests);
-        if st.pending.len() == before {
-            return;
-        }
-        match st.collecting {
-            Some(want) if st.pending.len() >= want => self.shared.filled.notify_one(),
-            Some(_) => {}
-            None if st.idle > 0 => self.shared.wake.notify_one(),
-            None => {}
+        if st.pending.len() != before && st.pending.len() >= st.wanted {
+            self.shared.wake.notify_one();
         }
     }
 }
 
-impl<R> Job<R> {
-    fn run(self) {
-        let ready = self.flush.on_worker_start();
-        while let Some((batch, started)) = self.next_batch() {
-            if let Some((limit, on_admit)) = self.limit.as_deref() {
-                on_admit(batch.len() as u64, limit.admit(batch.len() as u64));
-            }
-            let size = batch.len();
-            let result = match &ready {
-                Ok(()) => self.flush.flush(),
-                Err(e) => Err(io::Error::new(e.kind(), e.to_string())),
-            };
-            {
-                let mut st = self.shared.lock();
-                st.in_flight -= 1;
-                if let Some(i) = st.running.iter().position(|t| *t == started) {
-                    st.running.swap_remove(i);
-                }
-                if st.recent.len() == FLUSH_TIMES {
-                    st.recent.pop_front();
-                }
-                st.recent.push_back(started.elapsed());
-                st.last_size = size;
-            }
-            let mut complete = self.complete.lock().unwrap_or_else(|e| e.into_inner());
-            (*complete)(batch, &result);
-        }
-    }
+/// The requests the last flush answered: how many, and how long to wait for them to come back.
+#[derive(Clone, Copy, Default)]
+struct Group {
+    size: usize,
+    linger: Duration,
+}
 
-    /// Wait for work; `None` once shut down and drained.
-    fn next_batch(&self) -> Option<(Vec<R>, Instant)> {
-        let shared = &*self.shared;
-        let mut st = shared.lock();
-        let factor = OVERLAP_STALL_FACTOR.load(std::sync::atomic::Ordering::Relaxed);
-        loop {
-            if st.pending.is_empty() && st.shutdown {
-                return None;
-            }
-            let mut until = None;
-            if !st.pending.is_empty() && st.collecting.is_none() {
-                let typical = st.recent.iter().min().copied().unwrap_or_default();
-                match st.running.iter().min() {
-                    Some(oldest) if factor > 0 && !st.shutdown => {
-                        let at = *oldest + typical * factor;
-                        if Instant::now() >= at {
-                            break;
-                        }
-                        until = Some(at);
-                    }
-                    _ => break,
-                }
-            }
-            st.idle += 1;
-            st = match until {
-                Some(at) => shared
-                    .wake
-                    .wait_timeout(st, at.saturating_duration_since(Instant::now()))
-                    .map(|(g, _)| g)
-                    .unwrap_or_else(|e| e.into_inner().0),
-                None => shared.wake.wait(st).unwrap_or_else(|e| e.into_inner()),
-            };
-            st.idle -= 1;
-        }
-        // Group commit, only while no flush runs: a free slot beside a running flush starts at once.
-        let group = st.last_size;
-        if shared.policy == FlushPolicy::Coalesce
-            && st.in_flight == 0
-            && st.pending.len() < group
-            && !st.shutdown
-        {
-            let typical = st.recent.iter().min().copied().unwrap_or_default();
-            let deadline = Instant::now() + (typical / LINGER_DIVISOR).min(shared.max_linger);
-            st.collecting = Some(group);
-            while st.pending.len() < group && !st.shutdown && st.in_flight == 0 {
-                let left = deadline.saturating_duration_since(Instant::now());
-                if left.is_zero() {
-                    break;
-                }
-                st = shared
-                    .filled
-                    .wait_timeout(st, left)
-                    .map(|(g, _)| g)
-                    .unwrap_or_else(|e| e.into_inner().0);
-            }
-            st.collecting = None;
-        }
-        st.in_flight += 1;
-        let started = Instant::now();
-        st.running.push(started);
-        let batch: Vec<R> = match shared.policy {
-            FlushPolicy::Coalesce => st.pending.drain(..).collect(),
-            FlushPolicy::PerRequest => st.pending.pop_front().into_iter().collect(),
-        };
-        // Requests left behind (one per request) and a free slot: let an idle thread take them.
-        if !st.pending.is_empty() && st.in_flight < shared.slots && st.idle > 0 {
-            shared.wake.notify_one();
-        }
-        Some((batch, started))
+/// Wait for work; `None` once shut down and drained.
+fn next_batch<R>(shared: &Shared<R>, policy: FlushPolicy, last: Group) -> Option<Vec<R>> {
+    let mut st = shared.lock();
+    st.wanted = 1;
+    while st.pending.is_empty() && !st.shutdown {
+        st = shared.wake.wait(st).unwrap_or_else(|e| e.into_inner());
     }
+    if st.pending.is_empty() {
+        return None;
+    }
+    if policy == FlushPolicy::Coalesce && st.pending.len() < last.size {
+        let deadline = Instant::now() + last.linger;
+        st.wanted = last.size;
+        while st.pending.len() < last.size && !st.shutdown {
+            let left = deadline.saturating_duration_since(Instant::now());
+            if left.is_zero() {
+                break;
+            }
+            st = shared
+                .wake
+                .wait_timeout(st, left)
+                .map(|(g, _)| g)
+                .unwrap_or_else(|e| e.into_inner().0);
+        }
+    }
+    // Flushing now: nobody waits on the condvar until the worker comes back (and looks at the queue first).
+    st.wanted = usize::MAX;
+    Some(match policy {
+        FlushPolicy::Coalesce => st.pending.drain(..).collect(),
+        FlushPolicy::PerRequest => st.pending.pop_front().into_iter().collect(),
+    })
 }
 
 impl<R: Send + 'static> Drop for FlushWorker<R> {
@@ -357,12 +243,11 @@ impl<R: Send + 'static> Drop for FlushWorker<R> {
     /// a throttle); then the thread ends.
     fn drop(&mut self) {
         self.shared.lock().shutdown = true;
-        self.shared.wake.notify_all();
-        self.shared.filled.notify_all();
+        self.shared.wake.notify_one();
         if let Some(l) = &self.limit {
             l.set(super::rate_limit::FlushLimits::default());
         }
-        for t in self.threads.drain(..) {
+        if let Some(t) = self.thread.take() {
             if t.join().is_err() {
                 tracing::error!("pmem flush worker panicked");
             }

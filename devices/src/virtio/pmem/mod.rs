@@ -22,7 +22,7 @@ pub mod request;
 mod queue_proptest;
 
 pub use device::{Pmem, PmemConfig};
-pub use flush::{Flush, FlushPolicy, FlushWorker, FLUSH_SLOTS};
+pub use flush::{Flush, FlushPolicy, FlushWorker};
 pub use metrics::{PmemMetrics, PmemMetricsSnapshot};
 pub use rate_limit::{BucketConfig, FlushLimits, FlushRateLimit};
 pub use readonly::ReadonlyWindow;
