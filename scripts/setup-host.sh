@@ -10,9 +10,11 @@
 #   kmod             depmod for the extracted kernel modules
 #   gzip             initramfs compression
 #   acpica-tools     iasl and acpiexec: the ACPI table round-trip tests
+#   python3-fusepy   the FUSE file system with a slow fsync (tests/fixtures/slow_fsync_fs.py: the second-signal test)
+#   libfuse2         the library fusepy loads
 set -euo pipefail
 
-PACKAGES=(qemu-system-x86 busybox-static cpio e2fsprogs xfsprogs kmod gzip acpica-tools)
+PACKAGES=(qemu-system-x86 busybox-static cpio e2fsprogs xfsprogs kmod gzip acpica-tools python3-fusepy libfuse2)
 
 missing=()
 for p in "${PACKAGES[@]}"; do

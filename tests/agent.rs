@@ -24,7 +24,8 @@ struct Vm {
 
 impl Vm {
     fn start(img: &Path, extra: &[&str], cmdline: &str) -> Vm {
-        let pmem = format!("file={},size=2M,create=on", img.display());
+        // hold: a foreign open for writing is held for the whole-file break the guest answers.
+        let pmem = format!("file={},size=2M,create=on,guard=hold", img.display());
         let mut child = Command::new(daxvisor_bin())
             .args(["run", "--pmem", &pmem, "--cmdline", cmdline])
             .args(extra)
@@ -147,12 +148,21 @@ fn exclusive_lease_and_pin_refuse_the_break_naming_the_guest_owner_and_closing_t
     let mut vm = Vm::start(&img, &[], "agent=exclusive-pin hold=10");
     vm.wait_for("agent pinned ");
     vm.wait_for("agent holding");
-    foreign_open_for_writing(&img);
+    // Under guard=hold, a pin refuses the whole-file break, and so the open.
+    let refused = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open(&img);
+    assert_eq!(
+        refused.map(|_| ()).map_err(|e| e.raw_os_error()),
+        Err(Some(libc::EPERM)),
+        "a write-open got past the guest's pin"
+    );
     vm.wait_for("agent port closed");
     let (code, log, _) = vm.finish();
     assert_eq!(code, Some(0), "{log}");
     assert!(
-        log.contains("while it is held: ETXTBSY")
+        log.contains("while the file is held: ETXTBSY")
             && log.contains("held by owner:2 (agent:testguest-dma) with a pin"),
         "the break was not refused with the guest owner as holder:\n{log}"
     );

@@ -1,6 +1,7 @@
 //! End-to-end: the host side holds. A refused start leaves the directory as it was, special files are refused
-//! at once, a second daxvisor cannot take a running VM's file, SIGTERM stops the VM cleanly, and a backing file
-//! that shrinks or fills its file system ends the VM with the region, file and offset named.
+//! at once, a second daxvisor cannot take a running VM's file, SIGTERM stops the VM cleanly (and a second one
+//! ends a stop that hangs at once), and a backing file that shrinks or fills its file system ends the VM with the
+//! region, file and offset named.
 
 // End-to-end tests: helpers fail the calling test with their message.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
@@ -10,7 +11,8 @@ use std::process::Command;
 use std::time::Duration;
 
 use daxvisor_tests::{
-    daxvisor, guest_lines, pattern_mismatches, run_with_timeout, RunOutcome, RunningVm,
+    daxvisor, guest_lines, missing_prerequisite, pattern_mismatches, run_with_timeout, RunOutcome,
+    RunningVm,
 };
 
 const MIB: usize = 1 << 20;
@@ -249,13 +251,119 @@ fn sigterm_and_sigint_stop_a_writing_guest_cleanly() {
     }
 }
 
+/// The FUSE file system of `tests/fixtures/slow_fsync_fs.py` (a passthrough view of `under` at `mnt` whose
+/// fsync can be made slow), unmounted and stopped on drop.
+struct SlowFsyncFs {
+    fs: std::process::Child,
+    under: PathBuf,
+    mnt: PathBuf,
+}
+
+impl SlowFsyncFs {
+    /// Mount it in `dir`; `None` (after `missing_prerequisite`) where FUSE or fusepy is missing.
+    fn mount(dir: &Path) -> Option<SlowFsyncFs> {
+        let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("fixtures/slow_fsync_fs.py");
+        let (under, mnt) = (dir.join("under"), dir.join("mnt"));
+        std::fs::create_dir(&under).unwrap();
+        std::fs::create_dir(&mnt).unwrap();
+        let fs = Command::new(&script)
+            .arg(&under)
+            .arg(&mnt)
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::piped())
+            .spawn();
+        let Ok(mut fs) = fs else {
+            missing_prerequisite(&format!("cannot run {}", script.display()));
+            return None;
+        };
+        let mounted = |mnt: &Path| {
+            let info = std::fs::read_to_string("/proc/self/mountinfo").unwrap();
+            let at = format!(" {} ", mnt.display());
+            info.lines()
+                .any(|l| l.contains(&at) && l.contains(" - fuse"))
+        };
+        let deadline = std::time::Instant::now() + Duration::from_secs(10);
+        while !mounted(&mnt) {
+            if std::time::Instant::now() > deadline || !matches!(fs.try_wait(), Ok(None)) {
+                let _ = fs.kill();
+                let out = fs.wait_with_output().unwrap();
+                missing_prerequisite(&format!(
+                    "FUSE mount by {} failed (python3-fusepy, libfuse2, /dev/fuse: scripts/setup-host.sh): {}",
+                    script.display(),
+                    String::from_utf8_lossy(&out.stderr)
+                ));
+                return None;
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        Some(SlowFsyncFs { fs, under, mnt })
+    }
+}
+
+impl Drop for SlowFsyncFs {
+    fn drop(&mut self) {
+        let _ = Command::new("umount").arg("-l").arg(&self.mnt).status();
+        let _ = self.fs.kill();
+        let _ = self.fs.wait();
+    }
+}
+
+#[test]
+fn a_second_sigterm_ends_a_hung_stop_at_once_with_status_3() {
+    let dir = tempfile::tempdir().unwrap();
+    let Some(fs) = SlowFsyncFs::mount(dir.path()) else {
+        return;
+    };
+    std::fs::File::create(fs.under.join("vm.img"))
+        .unwrap()
+        .set_len(2 * MIB as u64)
+        .unwrap();
+    let mut vm = spin_vm(&fs.mnt.join("vm.img"), ",id=data", "write-flush-spin");
+    vm.wait_for_line("spinning until killed");
+    // From now on an fsync through the mount takes two minutes: the clean stop's final fdatasync hangs there.
+    const SLOW_FSYNC: Duration = Duration::from_secs(120);
+    std::fs::write(
+        fs.under.join(".slow-fsync"),
+        SLOW_FSYNC.as_secs().to_string(),
+    )
+    .unwrap();
+    vm.signal(libc::SIGTERM);
+    let entered = fs.under.join(".fsync-entered");
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    while !entered.exists() {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the stop never reached the final fdatasync"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    std::thread::sleep(Duration::from_millis(500));
+    assert!(vm.running(), "the stop did not hang in the final fdatasync");
+    let second = std::time::Instant::now();
+    vm.signal(libc::SIGTERM);
+    // Generous: the point is that it ends long before the fdatasync it was waiting for.
+    let r = vm.finish(SLOW_FSYNC / 4);
+    let took = second.elapsed();
+    eprintln!("exit {:?} {took:?} after the second SIGTERM", r.code);
+    assert_eq!(r.code, Some(3), "{r:?}");
+    assert!(
+        r.stderr.contains("second signal: exiting now"),
+        "{}",
+        r.stderr
+    );
+    // It did not wait for the flush: no final fdatasync, no counters.
+    for absent in ["final fdatasync done", "pmem counters"] {
+        assert!(!r.stderr.contains(absent), "{absent:?}:\n{}", r.stderr);
+    }
+}
+
 #[test]
 fn a_backing_file_shrunk_under_the_vm_is_named_in_the_efault_error() {
     let dir = tempfile::tempdir().unwrap();
     let img = dir.path().join("shrinks.img");
-    let mut vm = spin_vm(&img, ",size=4M,create=on,id=data", "write-loop");
+    let mut vm = spin_vm(&img, ",size=4M,create=on,id=data,guard=log", "write-loop");
     vm.wait_for_line("pmem0 pass 1 flushed");
-    // A blocking open for writing waits for daxvisor to give up its kernel lease, then the file shrinks.
+    // guard=log lets a host open for writing through (logged), and the file shrinks under the guest.
     let f = std::fs::OpenOptions::new().write(true).open(&img).unwrap();
     f.set_len(MIB as u64).unwrap();
     let r = vm.finish(Duration::from_secs(60));

@@ -442,7 +442,7 @@ GUEST
 guest=$(base64 /tmp/agent-guest.sh | tr -d '\n')
 start=$(date +%s)
 daxvisor run --kernel "$LAB_LINUX_KERNEL" --initrd "$LAB_LINUX_INITRD" --memory 256 --serial stdout \
-    --pmem file=$LAB_DAX_MNT/agent.img,size=64M,create=on \
+    --pmem file=$LAB_DAX_MNT/agent.img,size=64M,create=on,guard=hold \
     --cmdline "console=ttyS0 reboot=k panic=1 quiet dvagent_hook=/tmp/hook.sh -- echo $guest | base64 -d | sh" \
     >/tmp/guest.log 2>&1 &
 pid=$!

@@ -58,7 +58,8 @@ fn wait_line(rx: &Lines, what: &str) -> Instant {
 }
 
 fn vm(img: &Path, cmdline: &str) -> (Child, Lines, Lines) {
-    let pmem = format!("file={},size=2M,create=on", img.display());
+    // hold: the host's open for writing is held for the whole-file break (deny, the default, would refuse it).
+    let pmem = format!("file={},size=2M,create=on,guard=hold", img.display());
     let mut child = Command::new(daxvisor_tests::daxvisor_bin())
         .args(["run", "--pmem", &pmem, "--cmdline", cmdline])
         .env("DAXVISOR_LOG", "info")

@@ -221,9 +221,13 @@ pub struct RunningVm {
 impl RunningVm {
     /// Start `daxvisor <args>`.
     pub fn spawn(args: &[&str]) -> RunningVm {
+        Self::spawn_with(Command::new(daxvisor_bin()).args(args))
+    }
+
+    /// Start `cmd`, a command that runs daxvisor (e.g. through `setpriv`, which execs it: same pid).
+    pub fn spawn_with(cmd: &mut Command) -> RunningVm {
         use std::io::BufRead;
-        let mut child = Command::new(daxvisor_bin())
-            .args(args)
+        let mut child = cmd
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
             .stderr(Stdio::piped())
@@ -284,6 +288,11 @@ impl RunningVm {
         );
     }
 
+    /// Whether the VMM is still running.
+    pub fn running(&mut self) -> bool {
+        matches!(self.child.try_wait(), Ok(None))
+    }
+
     /// Send `signal` to the VMM.
     pub fn signal(&self, signal: libc::c_int) {
         let pid = libc::pid_t::try_from(self.child.id()).expect("pid");
@@ -340,6 +349,11 @@ pub mod lab;
 /// Resident KiB of process `pid`'s mappings of `path`, from /proc/PID/smaps (page-table entries present in that
 /// process, not the page cache). `None` if the process maps no such file.
 pub fn mapped_rss_kib(pid: u32, path: &Path) -> Option<u64> {
+    mapped_smaps_kib(pid, path, "Rss:")
+}
+
+/// As [`mapped_rss_kib`], for another kB field of smaps (`field` with its colon, e.g. "ShmemPmdMapped:").
+pub fn mapped_smaps_kib(pid: u32, path: &Path, field: &str) -> Option<u64> {
     let smaps = std::fs::read_to_string(format!("/proc/{pid}/smaps")).ok()?;
     let name = path.to_string_lossy();
     let mut in_mapping = false;
@@ -352,7 +366,7 @@ pub fn mapped_rss_kib(pid: u32, path: &Path) -> Option<u64> {
             in_mapping = line.ends_with(&*name);
         } else if in_mapping {
             if let Some(kib) = line
-                .strip_prefix("Rss:")
+                .strip_prefix(field)
                 .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<u64>().ok())
             {
                 *total.get_or_insert(0) += kib;

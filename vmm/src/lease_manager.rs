@@ -1,8 +1,9 @@
-//! The VM's layout-lease manager: one [`Mapper`] over the VM's pmem regions, and the host guard on the event
-//! loop. Every region is registered before its device is built, so the device's flushes run under transient
-//! pins (a punch waits for a flush in flight). While the VM runs, a foreign process that opens or truncates a
-//! backing file the VMM opened alone is seen at once (the kernel breaks the VMM's write lease), handled as a
-//! whole-file break, logged and recorded.
+//! The VM's layout-lease manager: one [`Mapper`] over the VM's pmem regions, and the host guard on its own
+//! `host-guard` thread. Every region is registered before its device is built, so the device's flushes run under
+//! transient pins (a punch waits for a flush in flight). While the VM runs, a foreign process that opens a
+//! backing file is seen before its open completes (fanotify) and refused, held for a whole-file break, or
+//! allowed as the region's `guard=` says; a truncate by path is delayed by the kernel lease for a whole-file
+//! break. Each is logged once, recorded and counted (the mapper crate's guard module has the mechanics).
 //!
 //! Break and revoke notices go through the notifier the VM gives it: the agent channel's
 //! ([`crate::agent::AgentNotifier`]) for guest owners; [`LogNotifier`] logs them where nothing else listens.
@@ -11,23 +12,18 @@
 
 use std::collections::HashMap;
 use std::os::fd::AsRawFd;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
-use std::time::Duration;
 
 use daxvisor_mapper::{
-    guard_signal, BreakNotice, BreakNotifier, HostGuard, Mapper, MapperError, RegionDesc, RegionId,
-    RevokeNotice,
+    guard_signal, BreakNotice, BreakNotifier, GuardEvent, GuardOutcome, HostGuard, Mapper,
+    MapperError, RegionDesc, RegionId, RevokeNotice, SeenBy,
 };
-use event_manager::{EventOps, Events, MutEventSubscriber};
-use vmm_sys_util::epoll::EventSet;
-use vmm_sys_util::timerfd::TimerFd;
+use vmm_sys_util::eventfd::EventFd;
 
 use crate::api::events::{EventLog, NewEvent};
 use crate::pmem::flush::FlushFence;
 use crate::pmem::Backing;
-
-/// How often the guard retries taking its lease on files a foreign open took it from.
-const REARM_INTERVAL: Duration = Duration::from_secs(1);
 
 /// Break notices with no guest channel to carry them: logged.
 pub struct LogNotifier;
@@ -98,8 +94,11 @@ impl BreakNotifier for RecordingNotifier {
 pub struct LeaseManager {
     mapper: Mapper,
     guard: Arc<HostGuard>,
-    events: Arc<EventLog>,
     names: Names,
+    /// The `host-guard` thread and what stops it.
+    guard_thread: Option<(EventFd, std::thread::JoinHandle<()>)>,
+    /// The warning that fanotify is not in use was given.
+    lease_only_warned: AtomicBool,
 }
 
 impl LeaseManager {
@@ -111,7 +110,9 @@ impl LeaseManager {
     }
 
     /// As [`LeaseManager::new`], with the notifier that carries break and revoke notices to holders (the agent
-    /// channel's, for a VM that has one).
+    /// channel's, for a VM that has one). Opens the host guard's fanotify group here, during VM setup and before
+    /// capabilities are dropped, and starts the `host-guard` thread: from now on opens of guarded files wait
+    /// for its answer, the VMM's own included, so it runs for as long as this manager lives.
     pub fn with_notifier(
         notifier: Arc<dyn BreakNotifier>,
         events: Arc<EventLog>,
@@ -124,11 +125,41 @@ impl LeaseManager {
         };
         let mapper = Mapper::new(Arc::new(recording), None);
         let guard = Arc::new(HostGuard::new(mapper.clone(), guard_signal())?);
+        let io = |op: &'static str| move |source| MapperError::Io { op, source };
+        let stop = EventFd::new(libc::EFD_NONBLOCK).map_err(io("host guard eventfd"))?;
+        let stop_fd = stop.as_raw_fd();
+        let (ready_tx, ready) = std::sync::mpsc::channel::<Result<(), String>>();
+        let (g, log, n) = (guard.clone(), events, names.clone());
+        let thread = std::thread::Builder::new()
+            .name("host-guard".into())
+            .spawn(move || {
+                let setup = g.set_thread().map_err(|e| e.to_string()).and_then(|()| {
+                    crate::seccomp::apply_for_thread(crate::seccomp::ThreadKind::Guard)
+                        .map_err(|e| e.to_string())
+                });
+                let ok = setup.is_ok();
+                let _ = ready_tx.send(setup);
+                if ok {
+                    g.run(stop_fd, |ev| log_guard_event(ev, &log, &n));
+                }
+            })
+            .map_err(io("spawn the host-guard thread"))?;
+        let started = ready
+            .recv()
+            .unwrap_or_else(|_| Err("the host-guard thread ended at start".into()));
+        if let Err(why) = started {
+            let _ = thread.join();
+            return Err(MapperError::Io {
+                op: "start the host-guard thread",
+                source: std::io::Error::other(why),
+            });
+        }
         Ok(LeaseManager {
             mapper,
             guard,
-            events,
             names,
+            guard_thread: Some((stop, thread)),
+            lease_only_warned: AtomicBool::new(false),
         })
     }
 
@@ -160,7 +191,8 @@ impl LeaseManager {
             .unwrap_or_else(|p| p.into_inner())
             .insert(id, b.id().to_owned());
         if b.kind().has_layout() {
-            if let Err(e) = self.guard.arm(id) {
+            self.warn_if_lease_only();
+            if let Err(e) = self.guard.arm(id, b.guard()) {
                 tracing::warn!(
                     id = b.id(),
                     path = %b.path().display(),
@@ -170,6 +202,23 @@ impl LeaseManager {
             }
         }
         Ok(id)
+    }
+
+    /// Without fanotify (no CAP_SYS_ADMIN) the kernel lease is all the guard has: said once, at start.
+    fn warn_if_lease_only(&self) {
+        let Some(why) = self.guard.fanotify_unavailable() else {
+            return;
+        };
+        if self.lease_only_warned.swap(true, Ordering::Relaxed) {
+            return;
+        }
+        tracing::warn!(
+            error = %why,
+            "host guard: fanotify permission events are not available (they need CAP_SYS_ADMIN); only the kernel \
+             write lease guards the backing files: a foreign open or truncate is delayed for a whole-file break, \
+             never refused (guard=deny and guard=hold refuse nothing), its pid and command are not known, and a \
+             file opened elsewhere is not guarded at all"
+        );
     }
 
     /// At VM end: end every owner still registered (their leases and pins go), one log line each.
@@ -186,130 +235,84 @@ impl LeaseManager {
             }
         }
     }
-
-    /// The event-loop side: the guard's signalfd and its re-arm timer. The whole-file breaks themselves run on
-    /// the `host-guard` thread this starts: a break waits for guest holders, whose answers arrive through the
-    /// event loop (the agent port), so it must never wait on it.
-    pub fn subscriber(&self) -> std::io::Result<GuardSubscriber> {
-        let mut timer = TimerFd::new()?;
-        timer.reset(REARM_INTERVAL, Some(REARM_INTERVAL))?;
-        // One pending wake-up is enough: the worker looks at every guarded file each time it runs.
-        let (work, rx) = std::sync::mpsc::sync_channel::<()>(1);
-        let guard = self.guard.clone();
-        let (log, names) = (self.events.clone(), self.names.clone());
-        std::thread::Builder::new()
-            .name("host-guard".into())
-            .spawn(move || {
-                if let Err(e) = crate::seccomp::apply_for_thread(crate::seccomp::ThreadKind::Guard)
-                {
-                    tracing::error!("host guard thread not started: {e}");
-                    return;
-                }
-                while rx.recv().is_ok() {
-                    // Everything armed now, the breaking files included (they are disarmed by `service`).
-                    let armed = guard.rearm();
-                    log_guard_events(&guard.service(), &log, &names);
-                    rearm_soon(&guard, armed);
-                }
-            })?;
-        Ok(GuardSubscriber {
-            guard: self.guard.clone(),
-            timer,
-            work,
-        })
-    }
 }
 
-pub struct GuardSubscriber {
-    guard: Arc<HostGuard>,
-    timer: TimerFd,
-    work: std::sync::mpsc::SyncSender<()>,
-}
-
-/// After a foreign open the guard can take its kernel lease back only once the opener closed the file. Most
-/// openers are short (a backup reading a block, a tool checking a header), so try every few milliseconds for a
-/// while before leaving it to the one-second timer: a file is unguarded for as short a time as possible.
-fn rearm_soon(guard: &HostGuard, armed_before: usize) {
-    const TRIES: u32 = 100;
-    const EVERY: Duration = Duration::from_millis(10);
-    for _ in 0..TRIES {
-        if guard.rearm() >= armed_before {
-            return;
-        }
-        std::thread::sleep(EVERY);
-    }
-}
-
-/// Reads every queued siginfo from the guard's (non-blocking) signalfd. The kernel directs the lease-break
-/// signal at the event-loop thread, so only this thread can take it off the signalfd; the worker finds the
-/// breaking files by asking each for its lease state.
-fn drain_signalfd(fd: std::os::fd::RawFd) {
-    let mut info = [0u8; std::mem::size_of::<libc::signalfd_siginfo>()];
-    loop {
-        // SAFETY: reads at most `info.len()` bytes into a buffer of that size; `fd` is the guard's signalfd,
-        // which lives as long as the guard this subscriber holds.
-        let n = unsafe { libc::read(fd, info.as_mut_ptr().cast(), info.len()) };
-        if n != info.len() as isize {
-            return;
-        }
-    }
-}
-
-/// Logs each guard event and records it in the VM's event log.
-fn log_guard_events(events: &[daxvisor_mapper::GuardEvent], log: &EventLog, names: &Names) {
-    for ev in events {
-        log.push(NewEvent {
-            kind: "guard",
-            region: Some(name_of(names, ev.region)),
-            owners: ev.notified.iter().map(|o| o.to_raw()).collect(),
-            errno: None,
-            message: match &ev.outcome {
-                Ok(()) => format!(
-                    "a foreign process opened the backing file; whole-file break done in {} ms ({} notified, {} revoked)",
-                    ev.answered_in.as_millis(),
-                    ev.notified.len(),
-                    ev.revoked.len()
-                ),
-                Err(why) => format!("a foreign process opened the backing file while it is held: {why}"),
-            },
-        });
-        match &ev.outcome {
-            Ok(()) => tracing::warn!(
-                region = %ev.region,
-                notified = ?ev.notified,
-                revoked = ?ev.revoked,
-                answered_in_ms = ev.answered_in.as_millis() as u64,
-                "host guard: a foreign process opened a backing file; whole-file break done"
-            ),
-            Err(why) => tracing::error!(
-                region = %ev.region,
-                answered_in_ms = ev.answered_in.as_millis() as u64,
-                "host guard: a foreign process opened a backing file while it is held: {why}"
-            ),
-        }
-    }
-}
-
-impl MutEventSubscriber for GuardSubscriber {
-    fn process(&mut self, events: Events, _ops: &mut EventOps) {
-        if events.fd() == self.timer.as_raw_fd() {
-            let _ = self.timer.wait();
-            self.guard.rearm();
-            return;
-        }
-        drain_signalfd(self.guard.fd());
-        // Full means a wake-up is already pending, which covers this one too.
-        let _ = self.work.try_send(());
-    }
-
-    fn init(&mut self, ops: &mut EventOps) {
-        for (fd, what) in [
-            (self.guard.fd(), "guard signalfd"),
-            (self.timer.as_raw_fd(), "guard timer"),
-        ] {
-            if let Err(e) = ops.add(Events::with_data_raw(fd, 0, EventSet::IN)) {
-                tracing::error!("cannot watch the {what}: {e}");
+impl Drop for LeaseManager {
+    fn drop(&mut self) {
+        if let Some((stop, thread)) = self.guard_thread.take() {
+            if let Err(e) = stop.write(1) {
+                tracing::error!("cannot stop the host-guard thread: {e}");
+                return;
             }
+            let _ = thread.join();
         }
     }
+}
+
+/// One log line for a guard event, and its record in the VM's event log.
+fn log_guard_event(ev: &GuardEvent, log: &EventLog, names: &Names) {
+    let ids = ev
+        .regions
+        .iter()
+        .map(|r| name_of(names, *r))
+        .collect::<Vec<_>>()
+        .join(",");
+    let pid = ev.pid.map_or_else(|| "?".to_owned(), |p| p.to_string());
+    let why = ev.refused_by.as_deref().unwrap_or("");
+    let what = match (ev.seen_by, ev.outcome) {
+        (SeenBy::KernelLease, _) if why.is_empty() => {
+            "host guard: a foreign truncate or an open fanotify cannot see (kernel lease); delayed for a whole-file break, whole-file break done".to_owned()
+        }
+        (SeenBy::KernelLease, _) => format!(
+            "host guard: a foreign truncate or an open fanotify cannot see (kernel lease) while the file is held: {why}; delayed, then let through (a kernel lease cannot refuse)"
+        ),
+        (_, GuardOutcome::Allowed) => "host guard: foreign open of a backing file allowed".to_owned(),
+        (_, GuardOutcome::Denied) => "host guard: foreign open of a backing file denied (EPERM)".to_owned(),
+        (_, GuardOutcome::HeldAllowed) => {
+            "host guard: foreign open of a backing file held; whole-file break done, allowed".to_owned()
+        }
+        (_, GuardOutcome::HeldDenied | GuardOutcome::Delayed) => format!(
+            "host guard: foreign open of a backing file held and denied (EPERM) while the file is held: {why}"
+        ),
+    };
+    let answered_in_ms = ev.answered_in.as_millis() as u64;
+    match ev.outcome {
+        GuardOutcome::HeldDenied => tracing::error!(
+            id = %ids, pid = %pid, command = %ev.command, mode = %ev.mode, outcome = %ev.outcome,
+            policy = %ev.policy, notified = ?ev.notified, revoked = ?ev.revoked, answered_in_ms, "{what}"
+        ),
+        _ => tracing::warn!(
+            id = %ids, pid = %pid, command = %ev.command, mode = %ev.mode, outcome = %ev.outcome,
+            policy = %ev.policy, notified = ?ev.notified, revoked = ?ev.revoked, answered_in_ms, "{what}"
+        ),
+    }
+    let who = match ev.seen_by {
+        SeenBy::Fanotify => format!(
+            "a foreign process opened the backing file (pid {pid}, {:?}, mode {})",
+            ev.command, ev.mode
+        ),
+        SeenBy::KernelLease => {
+            "a foreign process truncated or opened the backing file unseen by fanotify (kernel lease)"
+                .to_owned()
+        }
+    };
+    log.push(NewEvent {
+        kind: "guard",
+        region: Some(name_of(names, ev.region)),
+        owners: ev.notified.iter().map(|o| o.to_raw()).collect(),
+        errno: ev
+            .refused_by
+            .as_deref()
+            .and_then(|w| w.split(':').next())
+            .map(str::to_owned),
+        message: match &ev.refused_by {
+            None => format!(
+                "{who}: {}; {} holder(s) notified, {} revoked, answered in {answered_in_ms} ms",
+                ev.outcome,
+                ev.notified.len(),
+                ev.revoked.len()
+            ),
+            Some(why) => format!("{who}: {} while it is held: {why}", ev.outcome),
+        },
+    });
 }

@@ -29,6 +29,7 @@ pub mod host_files;
 pub mod layout;
 pub mod lease_manager;
 pub mod pmem;
+pub mod privileges;
 pub mod reclaim;
 pub mod seccomp;
 pub mod signals;

@@ -10,7 +10,10 @@
 use std::collections::BTreeMap;
 use std::sync::OnceLock;
 
-use seccompiler::{BpfProgram, SeccompAction, SeccompFilter, TargetArch};
+use seccompiler::{
+    BpfProgram, SeccompAction, SeccompCmpArgLen, SeccompCmpOp, SeccompCondition, SeccompFilter,
+    SeccompRule, TargetArch,
+};
 
 /// What a syscall outside a thread's list does.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, clap::ValueEnum)]
@@ -33,7 +36,7 @@ pub enum ThreadKind {
     EventLoop,
     /// One per pmem device: fdatasync for the guest's flushes.
     FlushWorker,
-    /// The host guard, when it runs on a thread of its own (fanotify).
+    /// The host guard (`host-guard`): fanotify events and kernel lease breaks.
     Guard,
     /// Turns SIGINT/SIGTERM into a stop.
     Signals,
@@ -68,6 +71,17 @@ pub enum SeccompError {
     Build {
         kind: ThreadKind,
         source: seccompiler::BackendError,
+    },
+    #[error("a {kind:?} thread: {source}")]
+    Privileges {
+        kind: ThreadKind,
+        source: crate::privileges::PrivilegesError,
+    },
+    #[error("a {kind:?} thread blocking SIGINT/SIGTERM: {error}")]
+    StopSignals {
+        kind: ThreadKind,
+        // vmm-sys-util's signal error is Display but not std::error::Error.
+        error: vmm_sys_util::signal::Error,
     },
     #[error("installing the seccomp filter for a {kind:?} thread: {source}")]
     Apply {
@@ -112,7 +126,6 @@ pub fn allowed(kind: ThreadKind) -> Vec<(i64, &'static str)> {
     let mut v = COMMON.to_vec();
     let extra: &[(i64, &str)] = match kind {
         ThreadKind::Vcpu => &[
-            (libc::SYS_ioctl, "ioctl"),
             // Kicking a sibling out of KVM_RUN, and the end of the VM.
             (libc::SYS_tgkill, "tgkill"),
         ],
@@ -120,7 +133,6 @@ pub fn allowed(kind: ThreadKind) -> Vec<(i64, &'static str)> {
             (libc::SYS_epoll_wait, "epoll_wait"),
             (libc::SYS_epoll_pwait, "epoll_pwait"),
             (libc::SYS_epoll_ctl, "epoll_ctl"),
-            (libc::SYS_ioctl, "ioctl"),
             (libc::SYS_fdatasync, "fdatasync"),
             (libc::SYS_fsync, "fsync"),
             (libc::SYS_fstat, "fstat"),
@@ -152,19 +164,15 @@ pub fn allowed(kind: ThreadKind) -> Vec<(i64, &'static str)> {
             (libc::SYS_statx, "statx"),
         ],
         ThreadKind::Guard => &[
-            (libc::SYS_fanotify_init, "fanotify_init"),
-            (libc::SYS_fanotify_mark, "fanotify_mark"),
+            // The fanotify group and its marks are made on the main thread at setup; this thread polls the group
+            // and the lease signalfd, answers events (write, COMMON), reads /proc for the opener (openat, statx),
+            // identifies the file (fstat), and runs whole-file breaks and kernel lease re-arms (fcntl, COMMON).
             (libc::SYS_openat, "openat"),
-            (libc::SYS_readlinkat, "readlinkat"),
             (libc::SYS_fstat, "fstat"),
             (libc::SYS_newfstatat, "newfstatat"),
             (libc::SYS_statx, "statx"),
             (libc::SYS_ppoll, "ppoll"),
             (libc::SYS_poll, "poll"),
-            (libc::SYS_epoll_wait, "epoll_wait"),
-            (libc::SYS_epoll_pwait, "epoll_pwait"),
-            (libc::SYS_epoll_ctl, "epoll_ctl"),
-            // Today's guard thread: whole-file breaks through the mapper, kernel lease re-arm (fcntl).
             (libc::SYS_fstatfs, "fstatfs"),
             (libc::SYS_munlock, "munlock"),
             (libc::SYS_tgkill, "tgkill"),
@@ -187,7 +195,6 @@ pub fn allowed(kind: ThreadKind) -> Vec<(i64, &'static str)> {
             (libc::SYS_epoll_ctl, "epoll_ctl"),
             (libc::SYS_epoll_create1, "epoll_create1"),
             (libc::SYS_eventfd2, "eventfd2"),
-            (libc::SYS_ioctl, "ioctl"),
             (libc::SYS_getsockopt, "getsockopt"),
             (libc::SYS_setsockopt, "setsockopt"),
             // Layout changes run on the runtime's blocking pool (a change waits for holders): the pool's
@@ -216,7 +223,6 @@ pub fn allowed(kind: ThreadKind) -> Vec<(i64, &'static str)> {
             (libc::SYS_poll, "poll"),
             (libc::SYS_ppoll, "ppoll"),
             (libc::SYS_fdatasync, "fdatasync"),
-            (libc::SYS_ioctl, "ioctl"),
             // Pins and prepares: probe the file, FIEMAP (ioctl), populate and lock the range.
             (libc::SYS_lseek, "lseek"),
             (libc::SYS_pread64, "pread64"),
@@ -229,6 +235,9 @@ pub fn allowed(kind: ThreadKind) -> Vec<(i64, &'static str)> {
         ],
     };
     v.extend_from_slice(extra);
+    if !allowed_ioctls(kind).is_empty() {
+        v.push((libc::SYS_ioctl, "ioctl"));
+    }
     if matches!(
         kind,
         ThreadKind::Api | ThreadKind::AgentService | ThreadKind::Reclaim
@@ -250,6 +259,58 @@ const MAPPER_CHANGES: &[(i64, &str)] = &[
     (libc::SYS_munlock, "munlock"),
 ];
 
+/// ioctl requests, as the kernel defines them (checked against the `_IOC` encoding in the tests).
+mod ioctl {
+    /// `_IO(KVMIO, 0x80)`
+    pub const KVM_RUN: u64 = 0xae80;
+    /// `_IOR(KVMIO, 0x81, struct kvm_regs)`
+    pub const KVM_GET_REGS: u64 = 0x8090_ae81;
+    /// `_IOR(KVMIO, 0x83, struct kvm_sregs)`
+    pub const KVM_GET_SREGS: u64 = 0x8138_ae83;
+    /// `_IOWR('f', 11, struct fiemap)`
+    pub const FS_IOC_FIEMAP: u64 = 0xc020_660b;
+}
+
+/// The ioctl requests a thread of `kind` may issue: `ioctl` is allowed only with one of these as its request
+/// (second argument), and not at all for a kind whose list is empty. Everything else daxvisor asks of KVM
+/// (creating the VM, its memory, irqfds, ioeventfds, vCPU setup) happens at start, before any filter.
+/// Terminal queries (`isatty`: TCGETS) also happen only at start (the log format, the prefault progress bar).
+/// The VMM wires no VFIO device mapper yet: when it does, the threads that pin (agent) and revoke or end owners
+/// (API, reclaim, guard, event loop) need `VFIO_IOMMU_MAP_DMA` / `VFIO_IOMMU_UNMAP_DMA` here.
+pub fn allowed_ioctls(kind: ThreadKind) -> &'static [(u64, &'static str)] {
+    match kind {
+        ThreadKind::Vcpu => &[
+            (ioctl::KVM_RUN, "KVM_RUN"),
+            // The register dump of a guest crash report.
+            (ioctl::KVM_GET_REGS, "KVM_GET_REGS"),
+            (ioctl::KVM_GET_SREGS, "KVM_GET_SREGS"),
+        ],
+        // Pins and prepares check the file's extents.
+        ThreadKind::AgentService => &[(ioctl::FS_IOC_FIEMAP, "FS_IOC_FIEMAP")],
+        ThreadKind::EventLoop
+        | ThreadKind::FlushWorker
+        | ThreadKind::Guard
+        | ThreadKind::Signals
+        | ThreadKind::Api
+        | ThreadKind::ConsoleInput
+        | ThreadKind::Reclaim => &[],
+    }
+}
+
+/// `kind`'s rules for `ioctl`: one per allowed request, matching the request's 32 bits (the kernel's `cmd` is
+/// an `unsigned int`).
+fn ioctl_rules(kind: ThreadKind) -> Result<Vec<SeccompRule>, SeccompError> {
+    let err = |source| SeccompError::Build { kind, source };
+    allowed_ioctls(kind)
+        .iter()
+        .map(|&(request, _)| {
+            let cond = SeccompCondition::new(1, SeccompCmpArgLen::Dword, SeccompCmpOp::Eq, request)
+                .map_err(err)?;
+            SeccompRule::new(vec![cond]).map_err(err)
+        })
+        .collect()
+}
+
 /// Build the filter for `kind` under `mode`; `None` when `mode` is off.
 pub fn build(kind: ThreadKind, mode: SeccompMode) -> Result<Option<BpfProgram>, SeccompError> {
     let mismatch = match mode {
@@ -257,10 +318,13 @@ pub fn build(kind: ThreadKind, mode: SeccompMode) -> Result<Option<BpfProgram>, 
         SeccompMode::On => SeccompAction::KillProcess,
         SeccompMode::Log => SeccompAction::Log,
     };
-    let rules: BTreeMap<i64, Vec<seccompiler::SeccompRule>> = allowed(kind)
+    let mut rules: BTreeMap<i64, Vec<SeccompRule>> = allowed(kind)
         .into_iter()
         .map(|(nr, _)| (nr, Vec::new()))
         .collect();
+    if let Some(ioctl) = rules.get_mut(&libc::SYS_ioctl) {
+        *ioctl = ioctl_rules(kind)?;
+    }
     let err = |source| SeccompError::Build { kind, source };
     let filter = SeccompFilter::new(rules, mismatch, SeccompAction::Allow, TargetArch::x86_64)
         .map_err(err)?;
@@ -311,9 +375,18 @@ pub fn init(mode: SeccompMode) -> Result<(), SeccompError> {
     Ok(())
 }
 
-/// Install the filter for `kind` on the calling thread: what every thread does before it handles guest or
-/// operator input. Nothing happens before [`init`] (library use, unit tests) or with `--seccomp off`.
+/// Drop the capabilities start-up needed ([`crate::privileges`]), leave SIGINT/SIGTERM to the signal thread
+/// ([`crate::signals::leave_to_signal_thread`]) and install the filter for `kind` on the calling thread: what
+/// every thread does before it handles guest or operator input. No capability is dropped before
+/// [`crate::privileges::init`] and no filter installed before [`init`] (library use, unit tests) or with
+/// `--seccomp off`.
 pub fn apply_for_thread(kind: ThreadKind) -> Result<(), SeccompError> {
+    crate::privileges::drop_on_this_thread()
+        .map_err(|source| SeccompError::Privileges { kind, source })?;
+    if kind != ThreadKind::Signals {
+        crate::signals::leave_to_signal_thread()
+            .map_err(|error| SeccompError::StopSignals { kind, error })?;
+    }
     match FILTERS.get() {
         Some(f) => f.apply(kind),
         None => Ok(()),
@@ -407,6 +480,94 @@ mod tests {
                 assert!(attempts < 8, "{kind:?}: no seccomp log line in dmesg");
             }
         }
+    }
+
+    /// In a forked child: install `kind`'s filter and issue `request` on a descriptor that is not open (so an
+    /// allowed request fails with EBADF and does nothing), then exit 0. Returns the wait status.
+    fn try_ioctl(kind: ThreadKind, request: u64) -> libc::c_int {
+        let prog = build(kind, SeccompMode::On).unwrap().unwrap();
+        // SAFETY: as in `try_forbidden`: the child only makes raw syscalls.
+        let pid = unsafe { libc::fork() };
+        assert!(pid >= 0, "fork");
+        if pid == 0 {
+            if seccompiler::apply_filter(&prog).is_err() {
+                // SAFETY: _exit ends the child at once.
+                unsafe { libc::_exit(2) };
+            }
+            // SAFETY: an ioctl on a descriptor that is not open: the kernel answers EBADF, nothing is read.
+            let rc = unsafe { libc::syscall(libc::SYS_ioctl, -1, request, 0) };
+            let ebadf =
+                rc == -1 && std::io::Error::last_os_error().raw_os_error() == Some(libc::EBADF);
+            // SAFETY: as above.
+            unsafe { libc::_exit(if ebadf { 0 } else { 3 }) };
+        }
+        let mut status = 0;
+        // SAFETY: waiting for our own child.
+        let rc = unsafe { libc::waitpid(pid, &mut status, 0) };
+        assert_eq!(rc, pid);
+        status
+    }
+
+    /// A terminal query (what `isatty` issues): in no thread's list.
+    const TCGETS: u64 = 0x5401;
+
+    #[test]
+    fn every_thread_kind_is_killed_for_an_ioctl_request_outside_its_list() {
+        for kind in ThreadKind::ALL {
+            assert!(allowed_ioctls(kind).iter().all(|&(r, _)| r != TCGETS));
+            let status = try_ioctl(kind, TCGETS);
+            assert!(
+                libc::WIFSIGNALED(status) && libc::WTERMSIG(status) == libc::SIGSYS,
+                "{kind:?}: TCGETS: status {status:#x}"
+            );
+            // A request of another thread kind is refused too: the vCPU's KVM_RUN anywhere else.
+            if kind != ThreadKind::Vcpu {
+                let status = try_ioctl(kind, ioctl::KVM_RUN);
+                assert!(
+                    libc::WIFSIGNALED(status) && libc::WTERMSIG(status) == libc::SIGSYS,
+                    "{kind:?}: KVM_RUN: status {status:#x}"
+                );
+            }
+        }
+    }
+
+    #[test]
+    fn every_listed_ioctl_request_passes_its_threads_filter() {
+        for kind in ThreadKind::ALL {
+            for &(request, name) in allowed_ioctls(kind) {
+                let status = try_ioctl(kind, request);
+                assert!(
+                    libc::WIFEXITED(status) && libc::WEXITSTATUS(status) == 0,
+                    "{kind:?}: {name}: status {status:#x}"
+                );
+            }
+        }
+    }
+
+    #[test]
+    fn ioctl_numbers_match_their_ioc_encoding() {
+        use vmm_sys_util::{ioctl_io_nr, ioctl_ior_nr, ioctl_iowr_nr};
+        ioctl_io_nr!(kvm_run, kvm_bindings::KVMIO, 0x80);
+        ioctl_ior_nr!(
+            kvm_get_regs,
+            kvm_bindings::KVMIO,
+            0x81,
+            kvm_bindings::kvm_regs
+        );
+        ioctl_ior_nr!(
+            kvm_get_sregs,
+            kvm_bindings::KVMIO,
+            0x83,
+            kvm_bindings::kvm_sregs
+        );
+        /// `struct fiemap` without its flexible array of extents.
+        #[allow(dead_code)]
+        struct Fiemap([u64; 2], [u32; 4]);
+        ioctl_iowr_nr!(fs_ioc_fiemap, b'f' as u32, 11, Fiemap);
+        assert_eq!(kvm_run(), ioctl::KVM_RUN);
+        assert_eq!(kvm_get_regs(), ioctl::KVM_GET_REGS);
+        assert_eq!(kvm_get_sregs(), ioctl::KVM_GET_SREGS);
+        assert_eq!(fs_ioc_fiemap(), ioctl::FS_IOC_FIEMAP);
     }
 
     #[test]

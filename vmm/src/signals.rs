@@ -29,6 +29,21 @@ fn name(signal: i32) -> &'static str {
     }
 }
 
+/// Block SIGINT and SIGTERM on the calling thread: every daxvisor thread but the signal thread does so when it
+/// starts (and the main thread at the end of start-up), so the kernel hands these signals to the signal thread.
+/// Otherwise it may pick a thread that sleeps uninterruptibly (the main thread in a final fdatasync on a file
+/// system that hangs), where the handler cannot run until that sleep ends, and the second signal that should
+/// end a hung stop at once waits for the hang.
+pub fn leave_to_signal_thread() -> Result<(), vmm_sys_util::signal::Error> {
+    for signal in [SIGINT, SIGTERM] {
+        match vmm_sys_util::signal::block_signal(signal) {
+            Ok(()) | Err(vmm_sys_util::signal::Error::SignalAlreadyBlocked(_)) => {}
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(())
+}
+
 /// The thread that turns SIGINT/SIGTERM into a VM stop. Dropping it stops watching (the default actions
 /// return only when the process exits; nothing runs after the VM then).
 pub struct StopSignals {

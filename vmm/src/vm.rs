@@ -26,7 +26,7 @@ use crate::signals::StopSignals;
 use crate::vstate::cpuid;
 use crate::vstate::vcpu::{self, RunState, StopReason, Vcpu, VcpuError};
 use crate::vstate::vm::{Vm, VmError};
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 
 /// Errors before the guest runs: the operator's input or the host environment. Exit code 2.
 #[derive(Debug, thiserror::Error)]
@@ -134,6 +134,8 @@ fn resolve_kernel(config: &VmConfig) -> Result<Kernel, StartError> {
 pub fn run(config: &VmConfig) -> Result<VmExit, StartError> {
     config.validate()?;
     seccomp::init(config.seccomp)?;
+    // Threads started from here on drop the capabilities start-up needed when they begin (privileges.rs).
+    crate::privileges::init();
     let kernel = resolve_kernel(config)?;
     if let Some(initrd) = &config.initrd {
         host_files::open_regular(initrd, "--initrd")?;
@@ -157,7 +159,8 @@ pub fn run(config: &VmConfig) -> Result<VmExit, StartError> {
     let serial_out = host_files::open_output(&config.serial, "--serial", &mut undo)?;
     let mut devices = DeviceManager::new(vm.fd(), serial_out, state.stopper())?;
     let mut event_loop = EventLoop::new(state.clone())?;
-    // Before pmem::attach: its flush workers must inherit the host guard's blocked signal.
+    // Before pmem::attach: its flush workers must inherit the host guard's blocked signal, and the guard's
+    // fanotify group and marks are made here, during setup (before capabilities are dropped).
     // The VM's event log: the lease manager records notices and guard events; the operator API serves it.
     let events = Arc::new(crate::api::events::EventLog::default());
     let routes = crate::agent::Routes::new();
@@ -178,7 +181,6 @@ pub fn run(config: &VmConfig) -> Result<VmExit, StartError> {
     )?;
     pmem::attach::record_undo(&pmem_regions, &mut undo)?;
     let faults = FaultMap::new(&pmem_regions)?;
-    event_loop.add_subscriber(Arc::new(Mutex::new(leases.subscriber()?)));
     let reclaim = crate::reclaim::Reclaim::start(
         leases.mapper().clone(),
         events.clone(),
@@ -271,13 +273,17 @@ pub fn run(config: &VmConfig) -> Result<VmExit, StartError> {
         )?;
         vcpus.push(v);
     }
+    if let Some(boot) = vcpus.first() {
+        pre_fault_in_kvm(vm.fd(), boot, &config.pmem, &pmem_regions);
+    }
     let signals = StopSignals::install(state.clone()).map_err(StartError::Signals)?;
     let mut threads = Vec::new();
     for v in vcpus {
         threads.push(v.spawn()?);
     }
     undo.commit();
-    // The main thread now only runs the event loop and the stop sequence.
+    // The end of start-up. The main thread now only runs the event loop and the stop sequence: it drops the
+    // capabilities start-up needed (every other thread did so when it began) and installs its filter.
     seccomp::apply_for_thread(ThreadKind::EventLoop)?;
 
     let loop_result = event_loop.run();
@@ -323,6 +329,46 @@ pub fn run(config: &VmConfig) -> Result<VmExit, StartError> {
 }
 
 /// What the operator API works on: the mapper and the regions under the names the operator gave them.
+/// prefault=on regions into KVM's own page tables, where KVM offers it (see [`crate::vstate::pre_fault`]). A
+/// failure costs only speed, so it is logged and the VM starts.
+fn pre_fault_in_kvm(
+    vm: &kvm_ioctls::VmFd,
+    vcpu: &Vcpu,
+    configs: &[pmem::PmemConfig],
+    regions: &[pmem::PmemRegion],
+) {
+    let wanted: Vec<&pmem::PmemRegion> = configs
+        .iter()
+        .zip(regions)
+        .filter(|(c, _)| c.prefault)
+        .map(|(_, r)| r)
+        .collect();
+    if wanted.is_empty() {
+        return;
+    }
+    if !crate::vstate::pre_fault::offered_by(vm) {
+        tracing::info!(
+            "KVM_PRE_FAULT_MEMORY not offered (it needs EPT/NPT; shadow paging here): the guest's first touch of \
+             each page of a prefault=on region is still a KVM fault"
+        );
+        return;
+    }
+    for r in wanted {
+        let started = std::time::Instant::now();
+        match crate::vstate::pre_fault::pre_fault(vcpu.fd(), r.guest_addr, r.backing.size()) {
+            Ok(()) => tracing::info!(
+                id = %r.id(),
+                ms = format_args!("{:.1}", started.elapsed().as_secs_f64() * 1e3),
+                "pmem region pre-faulted in KVM (KVM_PRE_FAULT_MEMORY)"
+            ),
+            Err(e) => tracing::warn!(
+                id = %r.id(),
+                "KVM_PRE_FAULT_MEMORY failed ({e}); the guest faults the region in as it touches it"
+            ),
+        }
+    }
+}
+
 fn api_context(
     config: &VmConfig,
     leases: &LeaseManager,

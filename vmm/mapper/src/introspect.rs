@@ -4,7 +4,7 @@
 
 use std::time::Instant;
 
-use crate::guard::GuardEvent;
+use crate::guard::{GuardCounts, GuardEvent};
 use crate::host::{BackingKind, FileKey};
 use crate::ids::{BreakId, LeaseId, OwnerId, PinId, RegionId};
 use crate::lease::LeaseMode;
@@ -111,8 +111,10 @@ pub struct Snapshot {
     pub owners: Vec<OwnerView>,
     /// By break id.
     pub breaks: Vec<BreakView>,
-    /// What the host guard saw, oldest first.
+    /// What the host guard saw, oldest first: the latest [`crate::GUARD_HISTORY`] events.
     pub guard_events: Vec<GuardEvent>,
+    /// Every event the host guard saw, counted per region (the history above is bounded, these are not).
+    pub guard_counts: std::collections::HashMap<RegionId, GuardCounts>,
 }
 
 impl Snapshot {
@@ -244,7 +246,8 @@ impl Mapper {
             regions,
             owners,
             breaks,
-            guard_events: st.guard_events.clone(),
+            guard_events: st.guard_events.iter().cloned().collect(),
+            guard_counts: st.guard_counts.clone(),
         }
     }
 }

@@ -20,7 +20,8 @@
 //!   up front with EOPNOTSUPP naming it;
 //! - a **layout change** ([`Mapper::change`], [`Mapper::punch`], ...) checks pins, then exclusive leases, breaks
 //!   shared leases and waits, waits for in-flight [`TransientPin`]s (the VMM's own I/O), then applies;
-//! - the **host guard** ([`HostGuard`]) turns a foreign open of a backing file into a whole-file break.
+//! - the **host guard** ([`HostGuard`]) sees foreign opens of backing files before they complete (fanotify) and
+//!   refuses, holds (a whole-file break) or logs them per [`GuardPolicy`]; a kernel lease catches truncate by path.
 //!
 //! ```no_run
 //! use std::sync::Arc;
@@ -92,7 +93,10 @@ pub use breaks::{
 pub use dma::RecordingDma;
 pub use dma::{DmaMapper, DmaRange};
 pub use error::{errno_name, Held, HoldKind, MapperError, Missing, Result};
-pub use guard::{guard_signal, lease_break_time, GuardEvent, HostGuard};
+pub use guard::{
+    guard_signal, lease_break_time, GuardCounts, GuardEvent, GuardOutcome, GuardPolicy, HostGuard,
+    OpenMode, SeenBy, GUARD_HISTORY,
+};
 pub use host::{
     allocate, dev_dax_info, extend, first_problem, fs_kind, holes, probe, punch, read_extents,
     unshare, zero, BackingKind, DevDaxInfo, Extent, ExtentFlags, ExtentProblem, FileKey, FsKind,

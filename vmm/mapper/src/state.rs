@@ -7,7 +7,7 @@ use std::collections::HashMap;
 use crate::breaks::BreakState;
 use crate::dma::DmaMapper;
 use crate::error::{MapperError, Missing, Result};
-use crate::guard::GuardEvent;
+use crate::guard::{GuardCounts, GuardEvent};
 use crate::host::FileKey;
 use crate::ids::{BreakId, LeaseId, OwnerId, PinId, RegionId};
 use crate::interval::IntervalIndex;
@@ -74,7 +74,10 @@ pub(crate) struct State {
     /// Transient pins and draining changes: (file, file range).
     pub transients: HashMap<u64, (FileKey, ByteRange)>,
     pub draining: HashMap<u64, (FileKey, ByteRange)>,
-    pub guard_events: Vec<GuardEvent>,
+    /// The latest host guard events, at most [`crate::guard::GUARD_HISTORY`], oldest first.
+    pub guard_events: std::collections::VecDeque<GuardEvent>,
+    /// Every host guard event ever, counted per region.
+    pub guard_counts: HashMap<RegionId, GuardCounts>,
 }
 
 impl State {

@@ -1,10 +1,11 @@
 //! Request bodies and queries: axum's extractors, with every rejection turned into the API's JSON error naming
 //! the problem (malformed JSON, an unknown field, a wrong type, a body over the size bound).
 
-use axum::extract::rejection::{JsonRejection, QueryRejection};
+use axum::body::Bytes;
+use axum::extract::rejection::{BytesRejection, QueryRejection};
 use axum::extract::{FromRequest, FromRequestParts, Query, Request};
 use axum::http::request::Parts;
-use axum::http::StatusCode;
+use axum::http::{header, HeaderMap, StatusCode};
 use axum::Json;
 use serde::de::DeserializeOwned;
 
@@ -20,26 +21,50 @@ impl<T: DeserializeOwned, S: Send + Sync> FromRequest<S> for ApiJson<T> {
     type Rejection = ApiError;
 
     async fn from_request(req: Request, state: &S) -> Result<Self, ApiError> {
-        match Json::<T>::from_request(req, state).await {
-            Ok(Json(v)) => Ok(ApiJson(v)),
-            Err(r) => Err(json_rejection(r)),
+        if !json_content_type(req.headers()) {
+            return Err(ApiError::new(
+                StatusCode::UNSUPPORTED_MEDIA_TYPE,
+                "Expected request with `Content-Type: application/json`",
+            ));
         }
+        let bytes = Bytes::from_request(req, state)
+            .await
+            .map_err(bytes_rejection)?;
+        parse_body(&bytes).map(ApiJson)
     }
 }
 
-fn json_rejection(r: JsonRejection) -> ApiError {
-    let status = match &r {
-        JsonRejection::MissingJsonContentType(_) => StatusCode::UNSUPPORTED_MEDIA_TYPE,
-        JsonRejection::BytesRejection(_) if r.status() == StatusCode::PAYLOAD_TOO_LARGE => {
-            StatusCode::PAYLOAD_TOO_LARGE
-        }
-        _ => StatusCode::BAD_REQUEST,
-    };
-    let mut text = r.body_text();
-    if status == StatusCode::PAYLOAD_TOO_LARGE {
-        text = format!("request body larger than {MAX_BODY} bytes");
+/// A request body's bytes into `T`, or the API's error naming what is wrong (malformed JSON, an unknown field, a
+/// wrong type): what every handler taking a JSON body runs on it (and what the fuzz target `api_json` calls).
+pub fn parse_body<T: DeserializeOwned>(bytes: &[u8]) -> Result<T, ApiError> {
+    match Json::<T>::from_bytes(bytes) {
+        Ok(Json(v)) => Ok(v),
+        Err(r) => Err(ApiError::bad_request(r.body_text())),
     }
-    ApiError::new(status, text)
+}
+
+/// `application/json` or `application/*+json`, as axum's `Json` extractor accepts.
+fn json_content_type(headers: &HeaderMap) -> bool {
+    let Some(mime) = headers
+        .get(header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse::<mime::Mime>().ok())
+    else {
+        return false;
+    };
+    mime.type_() == "application"
+        && (mime.subtype() == "json" || mime.suffix().is_some_and(|s| s == "json"))
+}
+
+fn bytes_rejection(r: BytesRejection) -> ApiError {
+    if r.status() == StatusCode::PAYLOAD_TOO_LARGE {
+        ApiError::new(
+            StatusCode::PAYLOAD_TOO_LARGE,
+            format!("request body larger than {MAX_BODY} bytes"),
+        )
+    } else {
+        ApiError::bad_request(r.body_text())
+    }
 }
 
 /// `Query<T>` whose rejections are [`ApiError`]s.
@@ -58,4 +83,44 @@ impl<T: DeserializeOwned, S: Send + Sync> FromRequestParts<S> for ApiQuery<T> {
 
 fn query_rejection(r: QueryRejection) -> ApiError {
     ApiError::bad_request(r.body_text())
+}
+
+#[cfg(test)]
+mod tests {
+    use axum::http::HeaderValue;
+
+    use super::*;
+    use crate::api::changes::ChangeBody;
+
+    #[test]
+    fn a_body_parses_or_is_refused_with_a_400_naming_the_problem() {
+        let ok: ChangeBody = parse_body(br#"{"offset":4096}"#).unwrap();
+        assert_eq!((ok.offset, ok.length), (4096, 0));
+        let cases: [(&[u8], &str); 4] = [
+            (b"{not json", "JSON"),
+            (br#"{"offset":0,"bogus":1}"#, "unknown field `bogus`"),
+            (br#"{"offset":"zero"}"#, "invalid type"),
+            (b"", "EOF"),
+        ];
+        for (body, want) in cases {
+            let e = parse_body::<ChangeBody>(body).unwrap_err();
+            assert_eq!(e.status, StatusCode::BAD_REQUEST);
+            assert!(e.body.error.contains(want), "{want}: {}", e.body.error);
+        }
+    }
+
+    #[test]
+    fn json_and_plus_json_content_types_are_json() {
+        let with = |v: &'static str| {
+            let mut h = HeaderMap::new();
+            h.insert(header::CONTENT_TYPE, HeaderValue::from_static(v));
+            json_content_type(&h)
+        };
+        assert!(with("application/json"));
+        assert!(with("application/json; charset=utf-8"));
+        assert!(with("application/problem+json"));
+        assert!(!with("text/plain"));
+        assert!(!with("application/jsonx"));
+        assert!(!json_content_type(&HeaderMap::new()));
+    }
 }

@@ -88,6 +88,7 @@ struct RegionSample {
     bytes_leased: u64,
     bytes_pinned: u64,
     guard_events: u64,
+    guard_denied: u64,
 }
 
 impl Sample {
@@ -105,11 +106,8 @@ impl Sample {
                     pins,
                     bytes_leased,
                     bytes_pinned,
-                    guard_events: snap
-                        .guard_events
-                        .iter()
-                        .filter(|g| g.region == r.region)
-                        .count() as u64,
+                    guard_events: snap.guard_counts.get(&r.region).map_or(0, |c| c.events),
+                    guard_denied: snap.guard_counts.get(&r.region).map_or(0, |c| c.denied),
                 }
             })
             .collect();
@@ -181,8 +179,13 @@ const PER_REGION: &[PerRegion] = &[
     ),
     (
         "daxvisor_guard_events",
-        "Foreign opens of the backing file the host guard saw",
+        "Foreign accesses of the backing file the host guard saw (opens, and truncates the kernel lease saw)",
         |r| Value::Counter(r.guard_events),
+    ),
+    (
+        "daxvisor_guard_denied",
+        "Foreign opens of the backing file the host guard refused (EPERM)",
+        |r| Value::Counter(r.guard_denied),
     ),
     ("daxvisor_leases", "Layout leases on the region", |r| {
         Value::Gauge(r.leases as i64)

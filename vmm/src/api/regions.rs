@@ -130,7 +130,7 @@ fn view(r: &RegionHandle, snap: &Snapshot) -> RegionView {
     let guard: Vec<_> = snap
         .guard_events
         .iter()
-        .filter(|g| g.region == r.region)
+        .filter(|g| g.regions.contains(&r.region))
         .collect();
     RegionView {
         id: r.name.clone(),
@@ -151,13 +151,24 @@ fn view(r: &RegionHandle, snap: &Snapshot) -> RegionView {
         rate_limit: to_view(r.rate_limit.limits()),
         guard: GuardView {
             watched: r.kind.has_layout(),
-            events: guard.len() as u64,
-            last: guard.last().map(|g| match &g.outcome {
-                Ok(()) => format!(
-                    "foreign open; whole-file break done in {} ms",
-                    g.answered_in.as_millis()
-                ),
-                Err(why) => format!("foreign open while held: {why}"),
+            events: snap.guard_counts.get(&r.region).map_or(0, |c| c.events),
+            last: guard.last().map(|g| {
+                let who = g.pid.map_or_else(
+                    || "a truncate or unseen open".to_owned(),
+                    |p| format!("pid {p} ({})", g.command),
+                );
+                match &g.refused_by {
+                    None => format!(
+                        "foreign open by {who}, mode {}: {} in {} ms",
+                        g.mode,
+                        g.outcome,
+                        g.answered_in.as_millis()
+                    ),
+                    Some(why) => format!(
+                        "foreign open by {who}, mode {}: {} while held: {why}",
+                        g.mode, g.outcome
+                    ),
+                }
             }),
         },
         leases,
@@ -178,7 +189,8 @@ fn to_view(l: FlushLimits) -> RateLimit {
     }
 }
 
-fn from_view(l: RateLimit) -> Result<FlushLimits, ApiError> {
+/// A rate-limit body into the limits it sets; zero sizes or refill times are refused.
+pub fn from_view(l: RateLimit) -> Result<FlushLimits, ApiError> {
     let b = |name: &str, v: Bucket| {
         if v.size == 0 || v.refill_ms == 0 {
             return Err(ApiError::bad_request(format!(

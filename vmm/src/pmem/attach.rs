@@ -329,6 +329,7 @@ fn attach_one(
         path = %backing.path().display(),
         kind = %backing.kind(),
         flags = %backing.mmap_flags_str(),
+        huge_pages = backing.mapping().is_huge_advised(),
         readonly = backing.readonly(),
         guest_addr = format_args!("{gpa:#x}"),
         size = backing.size(),

@@ -121,6 +121,7 @@ pub struct Backing {
     size: u64,
     readonly: bool,
     discard_writes: bool,
+    guard: daxvisor_mapper::GuardPolicy,
     dev_dax: Option<DevDaxInfo>,
     mapping: Arc<HostMapping>,
     /// This open created the file (create=on).
@@ -217,6 +218,7 @@ impl Backing {
             private: cfg.discard_writes,
             want_sync: kind == BackingKind::FsDax && !cfg.readonly && !cfg.discard_writes,
             align: dev_dax.map_or(SIZE_ALIGN, |d| d.align.max(SIZE_ALIGN)),
+            huge_pages: wants_huge_pages(kind, &file, size, cfg.prefault),
         };
         let mapping = HostMapping::map(&file, 0, size, opts).map_err(|e| BackingError::Io {
             path: path.clone(),
@@ -244,6 +246,7 @@ impl Backing {
             size,
             readonly: cfg.readonly,
             discard_writes: cfg.discard_writes,
+            guard: cfg.guard,
             dev_dax,
             mapping: Arc::new(mapping),
             created: was_created,
@@ -286,6 +289,11 @@ impl Backing {
 
     pub fn readonly(&self) -> bool {
         self.readonly
+    }
+
+    /// The host guard's policy for foreign opens of the file (`guard=`).
+    pub fn guard(&self) -> daxvisor_mapper::GuardPolicy {
+        self.guard
     }
 
     pub fn discard_writes(&self) -> bool {
@@ -529,6 +537,16 @@ fn check_size(
     Ok(())
 }
 
+/// Whether to ask for 2 MiB pages (see [`MapOptions::huge_pages`]). DAX maps its own 2 MiB entries. A page-cache
+/// file or shmem faults a whole 2 MiB page in when asked, and a write into a hole then allocates the 2 MiB around
+/// it instead of 4 KiB: so only where that changes nothing, when the window's blocks (or pages) are all allocated
+/// already, or with prefault=on, which fills every hole anyway.
+fn wants_huge_pages(kind: BackingKind, file: &File, size: u64, prefault: bool) -> bool {
+    use std::os::unix::fs::MetadataExt;
+    let allocated = file.metadata().map(|m| m.blocks() * 512).unwrap_or(0);
+    matches!(kind, BackingKind::Regular | BackingKind::Ram) && (prefault || allocated >= size)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -603,6 +621,32 @@ mod tests {
         (out, text)
     }
 
+    /// 2 MiB pages are asked for where they allocate nothing a guest write would not: an allocated file, or a
+    /// sparse one with prefault=on (which fills its holes); a sparse file without prefault keeps 4 KiB steps.
+    #[test]
+    fn huge_pages_only_where_they_change_no_allocation() {
+        let dir = tempfile::tempdir_in("/var/tmp").unwrap();
+        let sparse = file_of(dir.path(), "sparse.img", 4 * MIB);
+        let b = Backing::open(&cfg(&sparse, ""), "t").unwrap();
+        assert!(!b.mapping().is_huge_advised(), "sparse, no prefault");
+        drop(b);
+        let b = Backing::open(&cfg(&sparse, "prefault=on"), "t").unwrap();
+        assert!(b.mapping().is_huge_advised(), "sparse, prefault=on");
+        drop(b);
+        let created = dir.path().join("created.img");
+        let b = Backing::open(&cfg(&created, "size=4M,create=on"), "t").unwrap();
+        assert!(
+            b.mapping().is_huge_advised(),
+            "create=on allocates the file"
+        );
+        drop(b);
+        let ro = Backing::open(&cfg(&created, "discard_writes=on"), "t").unwrap();
+        assert!(
+            !ro.mapping().is_huge_advised(),
+            "private copies are not advised"
+        );
+    }
+
     /// Check the regular-file path on the file system of `dir`: kind, flags, alignment, writes reach the file,
     /// fdatasync flush; and that MAP_SYNC is refused there and falls back with the warning.
     fn check_regular_fs(dir: &Path) {
@@ -638,6 +682,7 @@ mod tests {
                     private: false,
                     want_sync: true,
                     align: 2 * MIB,
+                    huge_pages: false,
                 },
             )
         });

@@ -1,10 +1,13 @@
-//! `--pmem file=PATH[,size=SIZE][,readonly=on][,discard_writes=on][,id=NAME][,create=on][,prefault=on]`.
+//! `--pmem file=PATH[,size=SIZE][,readonly=on][,discard_writes=on][,id=NAME][,create=on][,prefault=on]
+//! [,guard=deny|hold|log]`.
 //!
 //! Parsing only checks the syntax and combinations; the file itself is checked by [`super::backing`]. Paths
 //! containing a comma are written with the comma doubled (`file=a,,b` is the file `a,b`), as QEMU does.
 
 use std::path::PathBuf;
 use std::str::FromStr;
+
+use daxvisor_mapper::GuardPolicy;
 
 use crate::layout::MIB;
 
@@ -23,6 +26,8 @@ pub struct PmemConfig {
     pub create: bool,
     /// Populate the whole mapping before the guest starts (see [`super::prefault`]).
     pub prefault: bool,
+    /// What the host guard does with a foreign open for writing of the file (default deny).
+    pub guard: GuardPolicy,
 }
 
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
@@ -30,7 +35,7 @@ pub enum PmemConfigError {
     #[error("--pmem: missing file=PATH")]
     MissingFile,
     #[error(
-        "--pmem: unknown key '{0}' (expected file, size, readonly, discard_writes, id, create, prefault)"
+        "--pmem: unknown key '{0}' (expected file, size, readonly, discard_writes, id, create, prefault, guard)"
     )]
     UnknownKey(String),
     #[error("--pmem: '{0}' needs a value ({0}=...)")]
@@ -64,6 +69,19 @@ fn split_options(s: &str) -> Vec<String> {
     }
     parts.push(cur);
     parts
+}
+
+fn parse_guard(value: &str) -> Result<GuardPolicy, PmemConfigError> {
+    match value {
+        "deny" => Ok(GuardPolicy::Deny),
+        "hold" => Ok(GuardPolicy::Hold),
+        "log" => Ok(GuardPolicy::Log),
+        _ => Err(PmemConfigError::BadValue {
+            key: "guard",
+            value: value.to_owned(),
+            expected: "expected deny (refuse foreign opens for writing), hold (whole-file break first, then allow unless pinned) or log",
+        }),
+    }
 }
 
 fn parse_bool(key: &'static str, value: &str) -> Result<bool, PmemConfigError> {
@@ -111,6 +129,7 @@ impl FromStr for PmemConfig {
         let mut id = None;
         let mut create = None;
         let mut prefault = None;
+        let mut guard = None;
 
         fn set<T>(slot: &mut Option<T>, key: &str, v: T) -> Result<(), PmemConfigError> {
             if slot.is_some() {
@@ -127,7 +146,7 @@ impl FromStr for PmemConfig {
             let Some((key, value)) = part.split_once('=') else {
                 return Err(match part.as_str() {
                     "file" | "size" | "readonly" | "discard_writes" | "id" | "create"
-                    | "prefault" => PmemConfigError::MissingValue(part),
+                    | "prefault" | "guard" => PmemConfigError::MissingValue(part),
                     _ => PmemConfigError::UnknownKey(part),
                 });
             };
@@ -147,6 +166,7 @@ impl FromStr for PmemConfig {
                 )?,
                 "create" => set(&mut create, key, parse_bool("create", value)?)?,
                 "prefault" => set(&mut prefault, key, parse_bool("prefault", value)?)?,
+                "guard" => set(&mut guard, key, parse_guard(value)?)?,
                 "id" => {
                     let ok = !value.is_empty()
                         && value.len() <= 32
@@ -174,6 +194,7 @@ impl FromStr for PmemConfig {
             id,
             create: create.unwrap_or(false),
             prefault: prefault.unwrap_or(false),
+            guard: guard.unwrap_or_default(),
         };
         if cfg.readonly && cfg.discard_writes {
             return Err(PmemConfigError::Conflict(
@@ -220,6 +241,34 @@ mod tests {
 
     fn p(s: &str) -> Result<PmemConfig, PmemConfigError> {
         s.parse()
+    }
+
+    #[test]
+    fn guard_policy_defaults_to_deny_and_lists_the_choices_when_wrong() {
+        assert_eq!(p("file=x").unwrap().guard, GuardPolicy::Deny);
+        for (v, want) in [
+            ("deny", GuardPolicy::Deny),
+            ("hold", GuardPolicy::Hold),
+            ("log", GuardPolicy::Log),
+        ] {
+            assert_eq!(p(&format!("file=x,guard={v}")).unwrap().guard, want);
+        }
+        let e = p("file=x,guard=allow").unwrap_err().to_string();
+        assert!(
+            e.contains("guard=allow")
+                && e.contains("deny")
+                && e.contains("hold")
+                && e.contains("log"),
+            "{e}"
+        );
+        assert_eq!(
+            p("file=x,guard"),
+            Err(PmemConfigError::MissingValue("guard".into()))
+        );
+        assert_eq!(
+            p("file=x,guard=log,guard=deny"),
+            Err(PmemConfigError::DuplicateKey("guard".into()))
+        );
     }
 
     #[test]

@@ -145,6 +145,11 @@ impl Vcpu {
         })
     }
 
+    /// The vCPU's KVM file descriptor (for VM-wide ioctls that go through a vCPU before it runs).
+    pub fn fd(&self) -> &VcpuFd {
+        &self.fd
+    }
+
     /// Set CPUID, MSRs, FPU, LAPIC LINT pins, and (boot vCPU only) the 64-bit entry registers.
     pub fn configure(&mut self, cpuid: &CpuId, entry: Option<&BootEntry>) -> Result<(), VcpuError> {
         let index = self.index;

@@ -9,9 +9,11 @@
 //! Group commit: a guest with d flushes in flight answers each one by dirtying more and flushing again, so the d
 //! requests a flush answered come back right after it. Left alone they would trickle in while the next flush
 //! already runs, split the d requesters into two groups that alternate, and halve what one flush answers. So
-//! after a flush answered n requests, the worker gives them a short while (a fraction of that flush's time,
-//! bounded by [`MAX_LINGER`]) to come back before it starts the next one; it starts at once when n are queued.
-//! A lone request therefore waits at most that while longer, and a requester at depth 1 not at all.
+//! after a flush answered n requests, the worker gives them a short while (half the shortest of the last
+//! [`FLUSH_TIMES`] flushes, bounded by [`MAX_LINGER`]) to come back before it starts the next one; it starts at
+//! once when n are queued. A lone request therefore waits at most that while longer, and a requester at depth 1
+//! not at all. The shortest, not the last: one flush that stalled (a disk hiccup, a completion that waited for a
+//! timer tick on an idle host CPU) must not make the requests queued after it wait longer too.
 
 use std::collections::VecDeque;
 use std::io;
@@ -21,8 +23,10 @@ use std::time::{Duration, Instant};
 
 /// The longest the worker waits for the requesters of its last flush to come back (see the module docs).
 pub const MAX_LINGER: Duration = Duration::from_millis(2);
-/// The wait is this fraction of the last flush's duration: a fast disk gets a short one.
+/// The wait is this fraction of a recent flush's duration: a fast disk gets a short one.
 const LINGER_DIVISOR: u32 = 2;
+/// How many recent flush durations the wait is taken from (the shortest of them).
+pub const FLUSH_TIMES: usize = 4;
 
 use super::rate_limit::{Admission, FlushRateLimit};
 
@@ -67,6 +71,10 @@ pub type Completion<R> = Box<dyn FnMut(Vec<R>, &io::Result<()>) + Send>;
 struct State<R> {
     pending: VecDeque<R>,
     shutdown: bool,
+    /// Only a submit that brings the queue to this many requests wakes the worker: the worker waits for that
+    /// many (a wake below it would be a context switch per returning requester for nothing), and while it
+    /// flushes nobody waits (it checks the queue before it sleeps again).
+    wanted: usize,
 }
 
 struct Shared<R> {
@@ -138,6 +146,7 @@ impl<R: Send + 'static> FlushWorker<R> {
             state: Mutex::new(State {
                 pending: VecDeque::new(),
                 shutdown: false,
+                wanted: 1,
             }),
             wake: Condvar::new(),
         });
@@ -148,6 +157,7 @@ impl<R: Send + 'static> FlushWorker<R> {
             .spawn(move || {
                 let ready = flush.on_worker_start();
                 let mut group = Group::default();
+                let mut recent = VecDeque::with_capacity(FLUSH_TIMES);
                 while let Some(batch) = next_batch(&worker_shared, policy, group) {
                     if let Some((limit, on_admit)) = &limit {
                         on_admit(batch.len() as u64, limit.admit(batch.len() as u64));
@@ -158,11 +168,15 @@ impl<R: Send + 'static> FlushWorker<R> {
                         Ok(()) => flush.flush(),
                         Err(e) => Err(io::Error::new(e.kind(), e.to_string())),
                     };
-                    let took = started.elapsed();
+                    if recent.len() == FLUSH_TIMES {
+                        recent.pop_front();
+                    }
+                    recent.push_back(started.elapsed());
                     complete(batch, &result);
+                    let typical = recent.iter().min().copied().unwrap_or_default();
                     group = Group {
                         size,
-                        linger: (took / LINGER_DIVISOR).min(max_linger),
+                        linger: (typical / LINGER_DIVISOR).min(max_linger),
                     };
                 }
             })?;
@@ -178,7 +192,7 @@ impl<R: Send + 'static> FlushWorker<R> {
         let mut st = self.shared.lock();
         let before = st.pending.len();
         st.pending.extend(requests);
-        if st.pending.len() != before {
+        if st.pending.len() != before && st.pending.len() >= st.wanted {
             self.shared.wake.notify_one();
         }
     }
@@ -194,6 +208,7 @@ struct Group {
 /// Wait for work; `None` once shut down and drained.
 fn next_batch<R>(shared: &Shared<R>, policy: FlushPolicy, last: Group) -> Option<Vec<R>> {
     let mut st = shared.lock();
+    st.wanted = 1;
     while st.pending.is_empty() && !st.shutdown {
         st = shared.wake.wait(st).unwrap_or_else(|e| e.into_inner());
     }
@@ -202,6 +217,7 @@ fn next_batch<R>(shared: &Shared<R>, policy: FlushPolicy, last: Group) -> Option
     }
     if policy == FlushPolicy::Coalesce && st.pending.len() < last.size {
         let deadline = Instant::now() + last.linger;
+        st.wanted = last.size;
         while st.pending.len() < last.size && !st.shutdown {
             let left = deadline.saturating_duration_since(Instant::now());
             if left.is_zero() {
@@ -214,6 +230,8 @@ fn next_batch<R>(shared: &Shared<R>, policy: FlushPolicy, last: Group) -> Option
                 .unwrap_or_else(|e| e.into_inner().0);
         }
     }
+    // Flushing now: nobody waits on the condvar until the worker comes back (and looks at the queue first).
+    st.wanted = usize::MAX;
     Some(match policy {
         FlushPolicy::Coalesce => st.pending.drain(..).collect(),
         FlushPolicy::PerRequest => st.pending.pop_front().into_iter().collect(),
@@ -293,6 +311,11 @@ mod tests {
     const TEST_LINGER: Duration = Duration::from_millis(50);
 
     fn rig(policy: FlushPolicy, gated: bool) -> Rig {
+        rig_lingering(policy, gated, TEST_LINGER)
+    }
+
+    /// As [`rig`], the worker waiting at most `max_linger` for returning requesters.
+    fn rig_lingering(policy: FlushPolicy, gated: bool, max_linger: Duration) -> Rig {
         let dir = std::env::temp_dir();
         let mut file = tempfile::tempfile_in(dir).unwrap();
         file.write_all(&[0u8; 4096]).unwrap();
@@ -321,7 +344,7 @@ mod tests {
                     tx.send((id, arrived, start)).unwrap();
                 }
             }),
-            TEST_LINGER,
+            max_linger,
         )
         .unwrap();
         Rig {
@@ -424,7 +447,11 @@ mod tests {
     /// Eight requests arrive during a held first sync and are answered together by the second; later syncs
     /// take `slow_us` longer.
     fn eight_answered_together(slow_us: u64) -> Rig {
-        let mut r = rig(FlushPolicy::Coalesce, true);
+        eight_answered_together_lingering(slow_us, TEST_LINGER)
+    }
+
+    fn eight_answered_together_lingering(slow_us: u64, max_linger: Duration) -> Rig {
+        let mut r = rig_lingering(FlushPolicy::Coalesce, true, max_linger);
         r.sub.request(100);
         r.started.recv().unwrap();
         for id in 0..8 {
@@ -464,6 +491,34 @@ mod tests {
         let answer = r.answers.recv_timeout(Duration::from_secs(10));
         assert!(answer.is_ok(), "a lone request was never answered");
         assert_eq!(r.sync.syncs.load(Ordering::SeqCst), 3);
+    }
+
+    #[test]
+    fn a_stalled_flush_does_not_hold_the_requests_after_it() {
+        // The worker may wait up to a minute here, so only its rule decides how long it waits.
+        let r = eight_answered_together_lingering(0, Duration::from_secs(60));
+        // The eight come back together and their flush stalls for 4 s (a disk hiccup).
+        r.sync.slow_us.store(4_000_000, Ordering::SeqCst);
+        let batch: Vec<_> = (0..8)
+            .map(|id| (id, r.sub.clock.fetch_add(1, Ordering::SeqCst)))
+            .collect();
+        r.sub.worker.submit(batch);
+        for _ in 0..8 {
+            r.answers.recv().unwrap();
+        }
+        r.sync.slow_us.store(0, Ordering::SeqCst);
+        assert_eq!(r.sync.syncs.load(Ordering::SeqCst), 3);
+        // One of them comes back alone: the wait for the other seven follows the flushes before the stall (a
+        // few ms), not the stall (it would be 2 s).
+        let asked = Instant::now();
+        r.sub.request(0);
+        let (_, arrived, start) = r.answers.recv().unwrap();
+        assert!(start > arrived);
+        let waited = asked.elapsed();
+        assert!(
+            waited < Duration::from_millis(1500),
+            "a lone request after a stalled flush waited {waited:?}"
+        );
     }
 
     #[test]

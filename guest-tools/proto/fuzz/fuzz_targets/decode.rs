@@ -8,7 +8,8 @@ use libfuzzer_sys::fuzz_target;
 fuzz_target!(|data: &[u8]| {
     if let Ok((frame, used)) = decode(data) {
         let mut out = [0u8; MAX_FRAME];
-        let n = encode(&frame.message, frame.request_id, &mut out).expect("a decoded frame re-encodes");
+        let n =
+            encode(&frame.message, frame.request_id, &mut out).expect("a decoded frame re-encodes");
         assert_eq!(&out[..n], &data[..used]);
     }
     // The first byte picks the piece size, so the fuzzer explores how the stream is cut.

@@ -1,6 +1,7 @@
 //! Mapping a window of a backing file into the host: MAP_SHARED_VALIDATE|MAP_SYNC on fs-dax (falling back to
 //! MAP_SHARED with a warning where the kernel refuses), MAP_PRIVATE for copy-on-write views, at an address
-//! aligned as the caller asks (2 MiB for huge pages and guest memslots, more for device-DAX).
+//! aligned as the caller asks (2 MiB for huge pages and guest memslots, more for device-DAX), with
+//! MADV_HUGEPAGE where the caller says the backing can use transparent huge pages.
 //!
 //! [`HostMapping`] owns the mapping and unmaps it on drop. The mapper keeps an `Arc` of it per region, so the
 //! addresses it hands to mlock and to the DMA mapper are always a live mapping of the region's own window:
@@ -24,6 +25,10 @@ pub struct MapOptions {
     pub want_sync: bool,
     /// Alignment of the host address (a power of two; at least the page size).
     pub align: u64,
+    /// Advise MADV_HUGEPAGE on a shared mapping: page-cache files whose file system has large folios and
+    /// shmem (tmpfs, memfd) allowed to `advise` then fault whole 2 MiB pages in and map them with one entry,
+    /// which lets KVM map the guest's 2 MiB pages with one entry too. Only advice: refused, it is ignored.
+    pub huge_pages: bool,
 }
 
 impl Default for MapOptions {
@@ -33,6 +38,7 @@ impl Default for MapOptions {
             private: false,
             want_sync: false,
             align: 4096,
+            huge_pages: false,
         }
     }
 }
@@ -45,6 +51,7 @@ pub struct HostMapping {
     flags: libc::c_int,
     map_sync: bool,
     writable: bool,
+    huge_advised: bool,
 }
 
 // SAFETY: the mapping is plain memory owned by this value; its address is only handed to the kernel (KVM,
@@ -148,12 +155,22 @@ impl HostMapping {
                 unmap(aligned + len, start + reserve_len - (aligned + len));
                 let addr = NonNull::new(aligned as *mut u8)
                     .ok_or_else(|| io::Error::from_raw_os_error(libc::ENOMEM))?;
+                let huge_advised = opts.huge_pages
+                    && !opts.private
+                    && match memory::advise_huge_pages(aligned, len) {
+                        Ok(()) => true,
+                        Err(e) => {
+                            tracing::debug!("MADV_HUGEPAGE refused ({e}); mapping with base pages");
+                            false
+                        }
+                    };
                 Ok(HostMapping {
                     addr,
                     len,
                     flags,
                     map_sync,
                     writable: opts.writable,
+                    huge_advised,
                 })
             }
             Err(e) => {
@@ -181,6 +198,11 @@ impl HostMapping {
     /// Whether the mapping is MAP_SYNC (stores are durable once flushed from the CPU cache).
     pub fn is_sync(&self) -> bool {
         self.map_sync
+    }
+
+    /// Whether the kernel took MADV_HUGEPAGE for the mapping.
+    pub fn is_huge_advised(&self) -> bool {
+        self.huge_advised
     }
 
     /// Whether the mapping is writable.
@@ -289,6 +311,51 @@ mod tests {
     #[allow(unused_imports)]
     use crate::*;
     use std::io::Write;
+
+    /// The VmFlags line of the mapping at `addr`, from /proc/self/smaps.
+    fn vm_flags(addr: usize) -> String {
+        let smaps = std::fs::read_to_string("/proc/self/smaps").unwrap();
+        let mut inside = false;
+        for line in smaps.lines() {
+            let range = line.split(' ').next().and_then(|r| r.split_once('-'));
+            if let Some((a, b)) = range.and_then(|(a, b)| {
+                Some((
+                    usize::from_str_radix(a, 16).ok()?,
+                    usize::from_str_radix(b, 16).ok()?,
+                ))
+            }) {
+                inside = (a..b).contains(&addr);
+            } else if inside && line.starts_with("VmFlags:") {
+                return line.to_owned();
+            }
+        }
+        panic!("no mapping at {addr:#x}");
+    }
+
+    #[test]
+    fn huge_pages_are_advised_on_shared_mappings_only() {
+        let f = tempfile::tempfile().unwrap();
+        f.set_len(4 << 20).unwrap();
+        let huge = |private| MapOptions {
+            align: 2 << 20,
+            private,
+            huge_pages: true,
+            ..MapOptions::default()
+        };
+        let shared = HostMapping::map(&f, 0, 4 << 20, huge(false)).unwrap();
+        assert!(shared.is_huge_advised());
+        // "hg": VM_HUGEPAGE, what MADV_HUGEPAGE sets.
+        assert!(
+            vm_flags(shared.addr()).contains(" hg"),
+            "{}",
+            vm_flags(shared.addr())
+        );
+        let private = HostMapping::map(&f, 0, 4 << 20, huge(true)).unwrap();
+        assert!(!private.is_huge_advised());
+        assert!(!vm_flags(private.addr()).contains(" hg"));
+        let plain = HostMapping::map(&f, 0, 4 << 20, MapOptions::default()).unwrap();
+        assert!(!vm_flags(plain.addr()).contains(" hg"));
+    }
 
     #[test]
     fn maps_a_window_at_an_offset_aligned_and_sees_the_file() {

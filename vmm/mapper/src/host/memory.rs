@@ -1,4 +1,5 @@
-//! Residency of a host mapping: populate (fault pages in without touching data) and mlock. Crate-private on raw
+//! Residency of a host mapping: populate (fault pages in without touching data), mlock, and the page size it
+//! is faulted in with (MADV_HUGEPAGE). Crate-private on raw
 //! addresses; the public face is [`HostMapping`](super::HostMapping)'s bounds-checked methods, so no safe call
 //! outside the crate can aim these at an address that is not a live mapping.
 
@@ -17,6 +18,15 @@ pub(crate) fn populate_read(addr: usize, len: usize) -> io::Result<()> {
 pub(crate) fn populate_write(addr: usize, len: usize) -> io::Result<()> {
     // SAFETY: madvise on a range of a mapping the caller owns; MADV_POPULATE_WRITE does not change contents.
     if unsafe { libc::madvise(addr as *mut libc::c_void, len, libc::MADV_POPULATE_WRITE) } < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(())
+}
+
+/// Asks for transparent huge pages on `[addr, addr+len)`.
+pub(crate) fn advise_huge_pages(addr: usize, len: usize) -> io::Result<()> {
+    // SAFETY: madvise on a range of a mapping the caller owns; MADV_HUGEPAGE changes no contents.
+    if unsafe { libc::madvise(addr as *mut libc::c_void, len, libc::MADV_HUGEPAGE) } < 0 {
         return Err(io::Error::last_os_error());
     }
     Ok(())
