@@ -2,10 +2,10 @@
 //! [`MAX_BLOCK`]. Blocks live by slot and never move (headers in one `Vec`, entries in one arena advised for
 //! 2 MiB pages, see [`Arena`]); the key order is a list of slots, and next to
 //! it a [`Summary`] keeps each block's first start and largest end with levels above them (an implicit B-tree
-//! of fanout [`FAN`], one cache line per node). An overlap query descends the summary by first starts to the
-//! last block that starts before the query's end, descends it again by largest ends to the blocks (before that
-//! one) whose largest end lies after the query's start, and scans only those; insert and remove touch one block
-//! and one summary path. So acquire, lookup and the break fan-out cost O(log n + B + k) for block size B
+//! of fanout [`FAN`], one cache line per node). An overlap query descends the summary once, by first starts, to
+//! the last block that starts before the query's end, and from the lines on that path also to the blocks
+//! before it whose largest end lies after the query's start (see [`IntervalIndex::walk`]); it scans only
+//! those. Insert and remove touch one block and one summary path. So acquire, lookup and the break fan-out cost O(log n + B + k) for block size B
 //! (DESIGN.md: 1M leases without degradation; `cargo bench --bench mapper` prints the growth).
 //!
 //! Splitting or merging a block shifts the summary's bottom level and rebuilds the levels above it (O(n / B));
@@ -16,7 +16,8 @@
 //! for the cache, which is what the growth from 1k to 1M leases is about.
 //!
 //! Where the time goes at a million leases (`docs/performance.md`): the summary is 120 KiB and its top levels
-//! stay in L1, so a query's cache misses are the block it lands in: its fences, then one run of entries.
+//! stay in L1, so a query reads seven summary lines (mostly cache hits) and then misses on the block it lands
+//! in: its fences, then one run of entries.
 //! Inside a block, a query does not bisect the entries (a 6 KiB array that is never in cache: one miss per
 //! probe). Each block carries, next to its bounds, the start of every [`SEG`]th entry (its fences); a query
 //! counts the fences below its start and then counts inside one run of [`SEG`] entries. Counting a sorted
@@ -134,24 +135,29 @@ impl Arena {
             return;
         }
         if want > self.entries.capacity() {
-            self.entries.reserve(want - self.entries.len());
-            self.advise_huge_pages();
+            // A new allocation, advised before anything touches it, and the entries copied over: growing in
+            // place (`reserve`) lets the allocator move the old pages as they are (`mremap`), 4 KiB ones, so
+            // most of a grown arena never got 2 MiB pages (at a million entries, 10 of its 35 MiB did).
+            let mut grown = Vec::with_capacity(want.max(self.entries.capacity() * 2));
+            advise_huge_pages(&grown);
+            grown.extend_from_slice(&self.entries);
+            self.entries = grown;
         }
         self.entries.resize(want, Entry::default());
     }
+}
 
-    /// Asks for 2 MiB pages over the whole 2 MiB-aligned part of the allocation (before its new part is
-    /// touched, so those faults get them). Only a hint: a kernel without THP, or one that refuses, is fine.
-    fn advise_huge_pages(&self) {
-        const HUGE: usize = 2 << 20;
-        let start = self.entries.as_ptr() as usize;
-        let end = start + self.entries.capacity() * std::mem::size_of::<Entry>();
-        let (lo, hi) = (start.next_multiple_of(HUGE), end / HUGE * HUGE);
-        if hi > lo {
-            // SAFETY: [lo, hi) lies inside the Vec's allocation, which this arena owns; MADV_HUGEPAGE changes
-            // only how the kernel backs those pages, never their contents or whether they are mapped.
-            let _ = unsafe { libc::madvise(lo as *mut libc::c_void, hi - lo, libc::MADV_HUGEPAGE) };
-        }
+/// Asks for 2 MiB pages over the whole 2 MiB-aligned part of `entries`' allocation (before anything touches
+/// it, so its page faults get them). Only a hint: a kernel without THP, or one that refuses, is fine.
+fn advise_huge_pages(entries: &Vec<Entry>) {
+    const HUGE: usize = 2 << 20;
+    let start = entries.as_ptr() as usize;
+    let end = start + entries.capacity() * std::mem::size_of::<Entry>();
+    let (lo, hi) = (start.next_multiple_of(HUGE), end / HUGE * HUGE);
+    if hi > lo {
+        // SAFETY: [lo, hi) lies inside the allocation `entries` owns (borrowed here); MADV_HUGEPAGE changes
+        // only how the kernel backs those pages, never their contents or whether they are mapped.
+        let _ = unsafe { libc::madvise(lo as *mut libc::c_void, hi - lo, libc::MADV_HUGEPAGE) };
     }
 }
 
@@ -382,25 +388,54 @@ impl IntervalIndex {
     }
 
     /// The walk behind [`Self::for_each_overlap`], counting in `work` the memory locations it reads.
+    ///
+    /// One descent of the summary by first starts, to the last block that starts before `q.end` (nothing
+    /// after it can overlap); on the way down, each node's children left of that path whose largest end lies
+    /// after `q.start` hold overlaps too, and come earlier in key order: they are visited first, from the
+    /// same line (rarely any: only long leases reach that far). A separate count of the blocks below `q.end`
+    /// followed by a descent by largest ends read every summary line twice: at a million entries that second
+    /// pass of seven levels cost about as much as the miss on the block's fences.
     fn walk<F>(&self, q: ByteRange, f: &mut F, work: &mut u64) -> ControlFlow<()>
     where
         F: FnMut(ByteRange, u64) -> ControlFlow<()>,
     {
-        // Blocks from `hi` on start at or after q.end: nothing there can overlap.
-        let hi = self.summary.count_starts(|s| s < q.end, work);
-        if hi == 0 {
+        if self.summary.len() == 0 {
             return ControlFlow::Continue(());
         }
-        self.descend(self.summary.top(), 0, hi, q, f, work)
+        // Position, in level k, of the path's node.
+        let mut n = 0;
+        for k in (0..=self.summary.top()).rev() {
+            *work += 1;
+            let node = self.summary.node(k, n);
+            // A child's first start is its parent's, so below the top the path's child always exists.
+            let Some(path) = node.count_starts(|s| s < q.end).checked_sub(1) else {
+                return ControlFlow::Continue(());
+            };
+            let ends = node.ends_after(q.start);
+            let mut left = ends & ((1 << path) - 1);
+            while left != 0 {
+                let c = n * FAN + left.trailing_zeros() as usize;
+                left &= left - 1;
+                if k > 0 {
+                    self.descend(k - 1, c * FAN, q, f, work)?;
+                } else {
+                    self.scan_block(c, q, f, work)?;
+                }
+            }
+            if ends & (1 << path) == 0 {
+                return ControlFlow::Continue(());
+            }
+            n = n * FAN + path;
+        }
+        self.scan_block(n, q, f, work)
     }
 
     /// Visits, in order, the blocks below node `first / FAN` of level `k` of the summary whose largest end
-    /// lies after `q.start` (and that start before block `hi`).
+    /// lies after `q.start` (all of them start before `q.end`: see [`Self::walk`]).
     fn descend<F>(
         &self,
         k: usize,
         first: usize,
-        hi: usize,
         q: ByteRange,
         f: &mut F,
         work: &mut u64,
@@ -408,30 +443,37 @@ impl IntervalIndex {
     where
         F: FnMut(ByteRange, u64) -> ControlFlow<()>,
     {
-        let span = FAN.pow(k as u32);
         *work += 1;
-        // Children of this node that start before block `hi` and whose largest end lies after q.start.
-        let before_hi = hi.div_ceil(span).saturating_sub(first).min(FAN);
-        let mut wanted =
-            self.summary.node(k, first / FAN).ends_after(q.start) & ((1 << before_hi) - 1);
+        // Padding children have no end after any start, so they never show here.
+        let mut wanted = self.summary.node(k, first / FAN).ends_after(q.start);
         while wanted != 0 {
             let i = first + wanted.trailing_zeros() as usize;
             wanted &= wanted - 1;
             if k > 0 {
-                self.descend(k - 1, i * FAN, hi, q, f, work)?;
-                continue;
+                self.descend(k - 1, i * FAN, q, f, work)?;
+            } else {
+                self.scan_block(i, q, f, work)?;
             }
-            let (b, es) = self.block(i);
-            let first = b.lower_bound(es, q.start.saturating_sub(b.max_len));
-            *work += 2;
-            for e in &es[first..] {
-                *work += 1;
-                if e.start >= q.end {
-                    break;
-                }
-                if e.end > q.start {
-                    f(ByteRange::new(e.start, e.end), e.id)?;
-                }
+        }
+        ControlFlow::Continue(())
+    }
+
+    /// Visits the entries of the block at position `i` that overlap `q`: from the first that may (found by
+    /// its fences and one run) to the first that starts at or after `q.end`.
+    fn scan_block<F>(&self, i: usize, q: ByteRange, f: &mut F, work: &mut u64) -> ControlFlow<()>
+    where
+        F: FnMut(ByteRange, u64) -> ControlFlow<()>,
+    {
+        let (b, es) = self.block(i);
+        let first = b.lower_bound(es, q.start.saturating_sub(b.max_len));
+        *work += 2;
+        for e in &es[first..] {
+            *work += 1;
+            if e.start >= q.end {
+                break;
+            }
+            if e.end > q.start {
+                f(ByteRange::new(e.start, e.end), e.id)?;
             }
         }
         ControlFlow::Continue(())

@@ -68,7 +68,9 @@ pub fn write_flush(n: usize, pmem: &mut PmemDevice, opts: &Options) -> u32 {
 /// Passes reported by `write_loop`; later passes are silent (the serial port is slow).
 const LOOP_REPORTED_PASSES: u64 = 3;
 
-/// Write and flush forever; returns only if a flush fails.
+/// Write and flush until the VM is stopped. A failed flush is reported and the loop goes on, as a guest
+/// retrying would: a file shrunk under the guest then ends in the access fault that names it, whether the
+/// shrink landed during a write pass or during a flush.
 pub fn write_loop(n: usize, pmem: &mut PmemDevice, opts: &Options) -> u32 {
     let len = byte_count(opts, pmem.size, None);
     let mut pass: u64 = 0;
@@ -77,8 +79,8 @@ pub fn write_loop(n: usize, pmem: &mut PmemDevice, opts: &Options) -> u32 {
         write_pattern(pmem, len, opts.seed);
         let result = pmem.flush();
         if !matches!(result, FlushResult::Ok { .. }) {
-            say!("FAIL pmem{n} flush in pass {pass}: {result}");
-            return code::FLUSH_FAILED;
+            say!("pmem{n} flush in pass {pass} failed: {result}; writing on");
+            continue;
         }
         if pass <= LOOP_REPORTED_PASSES {
             say!("pmem{n} pass {pass} flushed");
