@@ -1,0 +1,456 @@
+//! The host guard against real files, real foreign processes and the real kernel lease and fanotify group.
+
+use super::*;
+use crate::test_files::TestRegion;
+#[allow(unused_imports)]
+use crate::*;
+use crate::{BreakEvent, LeaseMode, RegionDesc};
+use std::io::Read;
+use std::process::{Command, Stdio};
+
+fn spawn_opener(script: &str, path: &std::path::Path) -> std::process::Child {
+    Command::new("sh")
+        .arg("-c")
+        .arg(script)
+        .arg(path)
+        .stdout(Stdio::piped())
+        .spawn()
+        .unwrap()
+}
+
+#[test]
+fn a_foreign_open_is_a_whole_file_break_and_the_opener_waits_for_it() {
+    let mut t = TestRegion::on_tmp(8);
+    let m = t.mapper.clone();
+    let guard = HostGuard::lease_only(m.clone(), guard_signal()).unwrap();
+    guard.arm(t.region, GuardPolicy::Hold).unwrap();
+    let holder = m.add_owner("guest-agent");
+    let l = m
+        .acquire(holder, t.region, 4 * t.page, t.page, LeaseMode::Shared)
+        .unwrap();
+
+    // A real foreign process opens the backing file for reading and reports when open() returned.
+    let mut child = spawn_opener("exec 3<\"$0\"; echo opened", &t.path);
+    assert!(
+        guard.wait(Duration::from_secs(10)),
+        "no lease-break signal within 10 s"
+    );
+    // The opener is held in open() while the break is being resolved.
+    std::thread::sleep(Duration::from_millis(200));
+    assert!(
+        child.try_wait().unwrap().is_none(),
+        "opener got through before the break resolved"
+    );
+
+    // The scripted holder gets a whole-file break for exactly its lease's range and releases it late.
+    let events = t.events.take().unwrap();
+    let (m2, page) = (m.clone(), t.page);
+    let h = std::thread::spawn(move || {
+        let ev = events.recv_timeout(Duration::from_secs(10)).unwrap();
+        let BreakEvent::Notice(n) = ev else {
+            panic!("{ev:?}")
+        };
+        assert_eq!(n.reason, "host-open");
+        assert_eq!(
+            n.leases,
+            vec![(l, crate::ByteRange::new(4 * page, 5 * page))]
+        );
+        std::thread::sleep(Duration::from_millis(300));
+        assert_eq!(
+            m2.snapshot().breaks.len(),
+            1,
+            "break not visible while in progress"
+        );
+        m2.release(n.owner, l).unwrap();
+    });
+    let evs = guard.service();
+    h.join().unwrap();
+    assert_eq!(evs.len(), 1);
+    assert_eq!(evs[0].outcome, GuardOutcome::Delayed);
+    assert_eq!(evs[0].refused_by, None);
+    assert_eq!(evs[0].seen_by, SeenBy::KernelLease);
+    assert_eq!(evs[0].notified, vec![holder]);
+    assert!(
+        evs[0].answered_in >= Duration::from_millis(300) && evs[0].answered_in < lease_break_time()
+    );
+
+    let status = child.wait().unwrap();
+    assert!(status.success());
+    let mut out = String::new();
+    child
+        .stdout
+        .take()
+        .unwrap()
+        .read_to_string(&mut out)
+        .unwrap();
+    assert_eq!(out.trim(), "opened");
+    assert_eq!(m.snapshot().guard_events, evs, "event not in introspection");
+    // The opener closed its fd: the guard can take the lease again, and sees the next open too.
+    assert_eq!(guard.rearm(), 1);
+    let mut child = spawn_opener("exec 3<\"$0\"", &t.path);
+    assert!(
+        guard.wait(Duration::from_secs(10)),
+        "re-armed guard missed the second open"
+    );
+    assert_eq!(guard.service().len(), 1);
+    assert!(child.wait().unwrap().success());
+    assert_eq!(m.snapshot().guard_events.len(), 2);
+}
+
+#[test]
+fn a_foreign_open_of_a_pinned_file_is_recorded_with_the_holder() {
+    let t = TestRegion::on_tmp(8);
+    let m = &t.mapper;
+    let guard = HostGuard::lease_only(m.clone(), guard_signal()).unwrap();
+    guard.arm(t.region, GuardPolicy::Hold).unwrap();
+    let dma = m.add_owner("dma-ctx");
+    m.acquire(dma, t.region, 0, t.page, LeaseMode::Exclusive)
+        .unwrap();
+    m.pin(dma, t.region, 0, t.page).unwrap();
+    let mut child = spawn_opener("exec 3<\"$0\"; echo opened", &t.path);
+    assert!(guard.wait(Duration::from_secs(10)));
+    let evs = guard.service();
+    // Pins are checked first: the whole-file break is ETXTBSY naming the pin's owner. The kernel lets the
+    // opener in regardless (it would break our lease itself), so the guard answers at once and reports it.
+    let outcome = evs[0].refused_by.as_ref().unwrap();
+    assert!(
+        outcome.starts_with("ETXTBSY") && outcome.contains(&format!("{dma} (dma-ctx)")),
+        "{outcome}"
+    );
+    assert!(child.wait().unwrap().success());
+    assert_eq!(m.snapshot().guard_events[0], evs[0]);
+    assert_eq!(m.snapshot().pins().len(), 1, "the pin stays");
+}
+
+#[test]
+fn the_mappers_own_changes_do_not_trip_the_guard() {
+    let t = TestRegion::on_tmp(8);
+    let m = &t.mapper;
+    let guard = HostGuard::lease_only(m.clone(), guard_signal()).unwrap();
+    guard.arm(t.region, GuardPolicy::Hold).unwrap();
+    let t0 = Instant::now();
+    m.punch(None, t.region, 0, t.page).unwrap();
+    m.zero(None, t.region, t.page, t.page).unwrap();
+    m.shrink(None, t.region, 4 * t.page).unwrap();
+    m.grow(None, t.region, 8 * t.page).unwrap();
+    assert!(
+        t0.elapsed() < Duration::from_secs(5),
+        "a change waited on our own lease"
+    );
+    assert!(
+        !guard.wait(Duration::from_millis(100)),
+        "our own change broke our lease"
+    );
+    assert!(guard.service().is_empty());
+}
+
+#[test]
+fn arming_a_file_someone_else_has_open_is_refused() {
+    let t = TestRegion::on_tmp(2);
+    let other = File::open(&t.path).unwrap();
+    let guard = HostGuard::lease_only(t.mapper.clone(), guard_signal()).unwrap();
+    assert_eq!(
+        guard.arm(t.region, GuardPolicy::Deny).unwrap_err().errno(),
+        libc::EAGAIN
+    );
+    drop(other);
+    guard.arm(t.region, GuardPolicy::Deny).unwrap();
+}
+
+/// A guard with fanotify running on its own thread, as the VMM runs it; its events arrive on a channel.
+struct Running {
+    guard: Arc<HostGuard>,
+    stop: std::os::unix::net::UnixStream,
+    events: std::sync::mpsc::Receiver<GuardEvent>,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+impl Running {
+    fn start(t: &TestRegion, policies: &[(RegionId, GuardPolicy)]) -> Option<Running> {
+        let guard = Arc::new(HostGuard::new(t.mapper.clone(), guard_signal()).unwrap());
+        if let Some(e) = guard.fanotify_unavailable() {
+            assert!(
+                std::env::var("CI").as_deref() != Ok("true"),
+                "fanotify unavailable under CI=true: {e}"
+            );
+            eprintln!("SKIP: fanotify unavailable here: {e}");
+            return None;
+        }
+        for (r, p) in policies {
+            guard.arm(*r, *p).unwrap();
+        }
+        let (stop, theirs) = std::os::unix::net::UnixStream::pair().unwrap();
+        let (tx, events) = std::sync::mpsc::channel();
+        let (ready_tx, ready) = std::sync::mpsc::channel();
+        let g = guard.clone();
+        let thread = std::thread::spawn(move || {
+            g.set_thread().unwrap();
+            ready_tx.send(()).unwrap();
+            g.run(theirs.as_raw_fd(), |ev| {
+                let _ = tx.send(ev.clone());
+            });
+        });
+        ready.recv().unwrap();
+        Some(Running {
+            guard,
+            stop,
+            events,
+            thread: Some(thread),
+        })
+    }
+
+    fn next(&self) -> GuardEvent {
+        self.events.recv_timeout(Duration::from_secs(20)).unwrap()
+    }
+
+    fn none_within(&self, d: Duration) {
+        if let Ok(ev) = self.events.recv_timeout(d) {
+            panic!("unexpected second event: {ev:?}");
+        }
+    }
+
+    fn armed(&self) -> bool {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            if self.guard.files().values().all(|g| g.armed) {
+                return true;
+            }
+            if Instant::now() > deadline {
+                return false;
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        }
+    }
+}
+
+impl Drop for Running {
+    fn drop(&mut self) {
+        use std::io::Write;
+        let _ = self.stop.write_all(b"x");
+        if let Some(t) = self.thread.take() {
+            t.join().unwrap();
+        }
+    }
+}
+
+fn run_sh(script: &str, path: &std::path::Path) -> (u32, bool) {
+    let mut c = Command::new("sh")
+        .arg("-c")
+        .arg(script)
+        .arg(path)
+        .stderr(Stdio::null())
+        .stdout(Stdio::null())
+        .spawn()
+        .unwrap();
+    (c.id(), c.wait().unwrap().success())
+}
+
+#[test]
+fn deny_refuses_a_write_open_with_eperm_and_lets_a_read_through_each_logged_once() {
+    let t = TestRegion::on_tmp(4);
+    let before = std::fs::read(&t.path).unwrap();
+    let Some(g) = Running::start(&t, &[(t.region, GuardPolicy::Deny)]) else {
+        return;
+    };
+    let (pid, ok) = run_sh("exec 3>>\"$0\"; echo x >&3", &t.path);
+    assert!(!ok, "the write-open got through");
+    let ev = g.next();
+    assert_eq!(
+        (ev.pid, ev.mode, ev.outcome, ev.seen_by, ev.policy),
+        (
+            Some(pid),
+            OpenMode::Write,
+            GuardOutcome::Denied,
+            SeenBy::Fanotify,
+            GuardPolicy::Deny
+        )
+    );
+    assert!(ev.command.starts_with("sh -c exec 3>>"), "{}", ev.command);
+    let (pid, ok) = run_sh("exec 3<\"$0\"; head -c1 <&3 >/dev/null", &t.path);
+    assert!(ok, "a read-only open was refused");
+    let ev = g.next();
+    assert_eq!(
+        (ev.pid, ev.mode, ev.outcome),
+        (Some(pid), OpenMode::Read, GuardOutcome::Allowed)
+    );
+    // The read broke the kernel lease: the same access, not a second event; re-armed at its close.
+    g.none_within(Duration::from_millis(300));
+    assert!(
+        g.armed(),
+        "the kernel lease was not taken back after the close"
+    );
+    assert_eq!(std::fs::read(&t.path).unwrap(), before);
+    assert_eq!(t.mapper.snapshot().guard_events.len(), 2);
+    // Our own opens pass silently.
+    std::fs::OpenOptions::new()
+        .write(true)
+        .open(&t.path)
+        .unwrap();
+    g.none_within(Duration::from_millis(200));
+}
+
+#[test]
+fn hold_breaks_the_whole_file_first_and_refuses_when_a_pin_is_in_the_way() {
+    let mut t = TestRegion::on_tmp(4);
+    let m = t.mapper.clone();
+    let Some(g) = Running::start(&t, &[(t.region, GuardPolicy::Hold)]) else {
+        return;
+    };
+    // A shared holder: told, releases, then the open proceeds.
+    let holder = m.add_owner("guest-agent");
+    let l = m
+        .acquire(holder, t.region, 0, t.page, LeaseMode::Shared)
+        .unwrap();
+    let events = t.events.take().unwrap();
+    let m2 = m.clone();
+    let answer = std::thread::spawn(move || {
+        let BreakEvent::Notice(n) = events.recv_timeout(Duration::from_secs(10)).unwrap() else {
+            panic!("no notice")
+        };
+        assert_eq!(n.reason, "host-open");
+        m2.release(n.owner, l).unwrap();
+    });
+    let (pid, ok) = run_sh("exec 3>>\"$0\"", &t.path);
+    answer.join().unwrap();
+    assert!(ok);
+    let ev = g.next();
+    assert_eq!(
+        (ev.pid, ev.outcome, ev.notified.clone()),
+        (Some(pid), GuardOutcome::HeldAllowed, vec![holder])
+    );
+    g.none_within(Duration::from_millis(300));
+    assert!(g.armed());
+    // A pin: the break is refused naming the holder, and so is the open.
+    let dma = m.add_owner("dma-ctx");
+    m.acquire(dma, t.region, 0, t.page, LeaseMode::Exclusive)
+        .unwrap();
+    m.pin(dma, t.region, 0, t.page).unwrap();
+    let (pid, ok) = run_sh("exec 3>>\"$0\"", &t.path);
+    assert!(!ok, "a write-open got past a pin");
+    let ev = g.next();
+    assert_eq!((ev.pid, ev.outcome), (Some(pid), GuardOutcome::HeldDenied));
+    let why = ev.refused_by.unwrap();
+    assert!(
+        why.starts_with("ETXTBSY") && why.contains(&format!("{dma} (dma-ctx)")),
+        "{why}"
+    );
+    assert_eq!(m.snapshot().pins().len(), 1, "the pin stays");
+}
+
+#[test]
+fn the_strictest_policy_of_a_files_regions_wins_and_log_lets_writes_through() {
+    let t = TestRegion::on_tmp(4);
+    let kind = t.mapper.snapshot().regions[0].kind;
+    let second = t
+        .mapper
+        .add_region(RegionDesc::new(t.file.clone(), 0, 2 * t.page, kind))
+        .unwrap();
+    {
+        let Some(g) = Running::start(
+            &t,
+            &[(t.region, GuardPolicy::Log), (second, GuardPolicy::Deny)],
+        ) else {
+            return;
+        };
+        let (pid, ok) = run_sh("exec 3>>\"$0\"", &t.path);
+        assert!(!ok);
+        let ev = g.next();
+        assert_eq!(
+            (ev.pid, ev.policy, ev.outcome, ev.regions.clone()),
+            (
+                Some(pid),
+                GuardPolicy::Deny,
+                GuardOutcome::Denied,
+                vec![t.region, second]
+            )
+        );
+    }
+    let Some(g) = Running::start(
+        &t,
+        &[(t.region, GuardPolicy::Log), (second, GuardPolicy::Log)],
+    ) else {
+        return;
+    };
+    let (pid, ok) = run_sh("exec 3>>\"$0\"; printf x >&3", &t.path);
+    assert!(ok);
+    let ev = g.next();
+    assert_eq!((ev.pid, ev.outcome), (Some(pid), GuardOutcome::Allowed));
+    g.none_within(Duration::from_millis(300));
+    assert!(g.armed());
+    assert_eq!(
+        std::fs::metadata(&t.path).unwrap().len(),
+        4 * t.page + 1,
+        "log lets the write through"
+    );
+}
+
+#[test]
+fn a_truncate_by_path_is_seen_by_the_kernel_lease_once_and_re_armed_after() {
+    let t = TestRegion::on_tmp(4);
+    let Some(g) = Running::start(&t, &[(t.region, GuardPolicy::Deny)]) else {
+        return;
+    };
+    // truncate(2) by path opens nothing: fanotify cannot see it; the lease delays it for a whole-file break.
+    let mut child = Command::new("perl")
+        .args(["-e", "truncate($ARGV[0], $ARGV[1]) or die \"truncate: $!\""])
+        .arg(&t.path)
+        .arg((8 * t.page).to_string())
+        .spawn()
+        .unwrap();
+    let ev = g.next();
+    assert!(child.wait().unwrap().success());
+    assert_eq!(std::fs::metadata(&t.path).unwrap().len(), 8 * t.page);
+    assert_eq!(
+        (ev.seen_by, ev.outcome, ev.pid, ev.mode),
+        (
+            SeenBy::KernelLease,
+            GuardOutcome::Delayed,
+            None,
+            OpenMode::Unknown
+        )
+    );
+    g.none_within(Duration::from_millis(300));
+    assert!(g.armed(), "not re-armed after the truncate");
+}
+
+#[test]
+fn the_event_history_is_bounded_and_the_counts_are_not() {
+    let t = TestRegion::on_tmp(2);
+    let guard = HostGuard::lease_only(t.mapper.clone(), guard_signal()).unwrap();
+    let ev = |i: u32, outcome| GuardEvent {
+        region: t.region,
+        regions: vec![t.region],
+        at: SystemTime::now(),
+        seen_by: SeenBy::Fanotify,
+        pid: Some(i),
+        command: "loop".into(),
+        mode: OpenMode::Write,
+        policy: GuardPolicy::Deny,
+        outcome,
+        refused_by: None,
+        notified: Vec::new(),
+        revoked: Vec::new(),
+        answered_in: Duration::ZERO,
+    };
+    let n = GUARD_HISTORY as u32 + 10;
+    for i in 0..n {
+        guard.record(ev(
+            i,
+            if i % 2 == 0 {
+                GuardOutcome::Denied
+            } else {
+                GuardOutcome::Allowed
+            },
+        ));
+    }
+    let snap = t.mapper.snapshot();
+    assert_eq!(snap.guard_events.len(), GUARD_HISTORY);
+    assert_eq!(snap.guard_events[0].pid, Some(10), "the oldest go first");
+    assert_eq!(
+        snap.guard_counts[&t.region],
+        GuardCounts {
+            events: u64::from(n),
+            denied: u64::from(n / 2)
+        }
+    );
+}
