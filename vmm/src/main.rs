@@ -67,8 +67,7 @@ struct RunArgs {
     #[arg(long, value_enum, default_value_t = CpuidMask::Auto)]
     cpuid_mask: CpuidMask,
     /// Persistent memory backed by a host file or device-DAX, as a virtio-pmem device (repeatable):
-    /// file=PATH[,size=SIZE][,readonly=on][,discard_writes=on][,id=NAME][,create=on][,prefault=on]
-    /// [,guard=deny|hold|log].
+    /// file=PATH[,size=SIZE][,readonly=on][,discard_writes=on][,id=NAME][,create=on][,prefault=on][,guard=deny|hold|log].
     /// SIZE defaults to the file's size and must be a multiple of 2 MiB. prefault=on populates the whole
     /// region before the guest starts (slower start, no first-touch faults in the guest). guard= says what a
     /// foreign process opening the file for writing meets: deny (EPERM, the default), hold (a whole-file break
