@@ -536,7 +536,7 @@ fn the_socket_is_exclusive_stale_ones_are_replaced_and_other_files_left_alone() 
     assert!(third.stderr.contains("not a socket"), "{}", third.stderr);
     assert_eq!(std::fs::read(&file).unwrap(), b"data");
     // SIGTERM stops the VM cleanly: exit 128+15 (docs/security.md), socket removed.
-    let pid = vm.child.id().to_string();
+    let pid = vm.pid().to_string();
     assert!(Command::new("kill")
         .args(["-TERM", &pid])
         .status()
@@ -789,7 +789,7 @@ fn a_guest_holding_a_range_shared_is_asked_releases_and_the_punch_drops_the_bloc
     std::fs::write(&img, vec![0x5au8; 8 * MIB as usize]).unwrap();
     let arg = format!("file={},id=data", img.display());
     // breaks=2: the guest re-acquires after the first break and waits, so the VM outlives the punch.
-    let vm = ApiVm::start(
+    let mut vm = ApiVm::start(
         dir.path(),
         &["--pmem", &arg, "--cmdline", "agent=shared breaks=2"],
         "agent waiting for a break",
@@ -823,7 +823,7 @@ fn a_guest_holding_a_range_shared_is_asked_releases_and_the_punch_drops_the_bloc
     let deadline = Instant::now() + Duration::from_secs(30);
     while !seen.iter().any(|l: &String| l.contains("agent released")) {
         assert!(Instant::now() < deadline, "{seen:?}");
-        if let Ok(l) = vm.serial.recv_timeout(Duration::from_millis(100)) {
+        if let Some(l) = vm.serial_line(Duration::from_millis(100)) {
             seen.push(l);
         }
     }

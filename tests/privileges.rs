@@ -110,7 +110,7 @@ fn every_thread_of_a_running_vm_holds_only_the_kept_capabilities() {
     );
     // A layout change through the API: its runtime starts a blocking-pool thread for it.
     vm.ctl_ok(&["punch", "data", "--offset", "1M", "--length", "4K"]);
-    let pid = vm.child.id();
+    let pid = vm.pid();
     let (threads, off) = settled(pid, KEPT, KEPT);
     assert!(off.is_empty(), "threads holding other sets: {off:#?}");
     let names: Vec<&str> = threads.iter().map(|t| t.name.as_str()).collect();

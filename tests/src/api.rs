@@ -2,24 +2,20 @@
 //! deliberately small raw HTTP/1.1 client for what a well-behaved client would never send (malformed requests,
 //! oversized bodies, idle and slow connections).
 
-use std::io::{BufRead, BufReader, Read, Write};
+use std::io::{Read, Write};
 use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
-use std::sync::mpsc;
-use std::time::{Duration, Instant};
+use std::process::Command;
+use std::time::Duration;
 
-use crate::{daxvisor_bin, run_with_timeout, RunOutcome};
+use crate::{daxvisor_bin, run_with_timeout, RunOutcome, RunningVm};
 
 /// A running VM with its API socket. Killed on drop if it is still running.
 pub struct ApiVm {
-    pub child: Child,
+    vm: RunningVm,
     pub socket: PathBuf,
-    /// The guest's serial lines as they come.
-    pub serial: mpsc::Receiver<String>,
     /// The serial lines up to the ready line.
     pub started: Vec<String>,
-    stderr: Option<std::thread::JoinHandle<String>>,
 }
 
 /// The daxvisor-ctl binary next to daxvisor (built with it).
@@ -28,66 +24,35 @@ pub fn ctl_bin() -> PathBuf {
 }
 
 impl ApiVm {
-    /// `daxvisor run --api-socket <dir>/api.sock --serial stdout <args>`; returns once the guest printed a line
-    /// ending in `ready` (e.g. "spinning until killed") and the API answers.
+    /// `daxvisor run --api-socket <dir>/api.sock <args>`; returns once the guest printed a line ending in `ready`
+    /// (e.g. "spinning until killed") and the API answers.
     pub fn start(dir: &Path, args: &[&str], ready: &str) -> ApiVm {
         let socket = dir.join("api.sock");
-        let mut child = Command::new(daxvisor_bin())
-            .arg("run")
-            .arg("--api-socket")
-            .arg(&socket)
-            .args(args)
-            .stdin(Stdio::null())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .spawn()
-            .expect("spawn daxvisor");
-        let stdout = child.stdout.take().expect("stdout");
-        let (tx, serial) = mpsc::channel();
-        std::thread::spawn(move || {
-            for line in BufReader::new(stdout).lines().map_while(Result::ok) {
-                if tx.send(line).is_err() {
-                    break;
-                }
-            }
-        });
-        let mut err = child.stderr.take().expect("stderr");
-        let stderr = Some(std::thread::spawn(move || {
-            let mut s = String::new();
-            let _ = err.read_to_string(&mut s);
-            s
-        }));
-        let mut vm = ApiVm {
-            child,
+        let mut vm = RunningVm::spawn_with(
+            Command::new(daxvisor_bin())
+                .arg("run")
+                .arg("--api-socket")
+                .arg(&socket)
+                .args(args),
+        );
+        vm.wait_for_line(ready);
+        let started = vm.seen.clone();
+        let vm = ApiVm {
+            vm,
             socket,
-            serial,
-            started: Vec::new(),
-            stderr,
+            started,
         };
-        let deadline = Instant::now() + Duration::from_secs(120);
-        let mut seen = Vec::new();
-        loop {
-            assert!(
-                Instant::now() < deadline,
-                "the guest never printed '{ready}': {seen:?}"
-            );
-            if let Ok(Some(st)) = vm.child.try_wait() {
-                panic!(
-                    "daxvisor exited early ({st}): {seen:?}\n{}",
-                    vm.stderr_text()
-                );
-            }
-            if let Ok(l) = vm.serial.recv_timeout(Duration::from_millis(100)) {
-                let done = l.ends_with(ready);
-                seen.push(l);
-                if done {
-                    break;
-                }
-            }
-        }
         assert_eq!(vm.http("GET", "/vm", None).0, 200);
-        vm.started = seen;
         vm
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.vm.pid()
+    }
+
+    /// The guest's next serial line after the ready line, if one comes within `timeout`.
+    pub fn serial_line(&mut self, timeout: Duration) -> Option<String> {
+        self.vm.line_within(timeout)
     }
 
     /// Run `daxvisor-ctl --api-socket <socket> <args>`.
@@ -132,33 +97,9 @@ impl ApiVm {
     }
 
     /// Wait for the VM to exit (after a stop) and return its exit code and stderr.
-    pub fn wait(mut self, timeout: Duration) -> (Option<i32>, String) {
-        let deadline = Instant::now() + timeout;
-        loop {
-            if let Some(st) = self.child.try_wait().expect("wait") {
-                return (st.code(), self.stderr_text());
-            }
-            assert!(Instant::now() < deadline, "daxvisor did not exit");
-            std::thread::sleep(Duration::from_millis(20));
-        }
-    }
-
-    fn stderr_text(&mut self) -> String {
-        if self.child.try_wait().ok().flatten().is_none() {
-            let _ = self.child.kill();
-            let _ = self.child.wait();
-        }
-        self.stderr
-            .take()
-            .and_then(|h| h.join().ok())
-            .unwrap_or_default()
-    }
-}
-
-impl Drop for ApiVm {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
+    pub fn wait(self, timeout: Duration) -> (Option<i32>, String) {
+        let r = self.vm.finish(timeout);
+        (r.code, r.stderr)
     }
 }
 

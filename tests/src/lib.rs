@@ -275,8 +275,9 @@ impl RunningVm {
                 }
             }
             if let Ok(Some(status)) = self.child.try_wait() {
+                let stderr = self.stderr_text();
                 panic!(
-                    "daxvisor ended ({status}) before printing {suffix:?}: {:?}",
+                    "daxvisor ended ({status}) before printing {suffix:?}: {:?}\n{stderr}",
                     self.seen
                 );
             }
@@ -286,6 +287,25 @@ impl RunningVm {
             "no line ending with {suffix:?} within {RUN_TIMEOUT:?}: {:?}",
             self.seen
         );
+    }
+
+    /// The next stdout line, if one comes within `timeout` (also kept in `seen`).
+    pub fn line_within(&mut self, timeout: Duration) -> Option<String> {
+        let l = self.lines.recv_timeout(timeout).ok()?;
+        self.seen.push(l.clone());
+        Some(l)
+    }
+
+    /// Everything the VMM wrote to stderr; only once it has ended (the reader thread ends with it).
+    fn stderr_text(&mut self) -> String {
+        String::from_utf8_lossy(
+            &self
+                .stderr
+                .take()
+                .and_then(|t| t.join().ok())
+                .unwrap_or_default(),
+        )
+        .into_owned()
     }
 
     /// Whether the VMM is still running.
@@ -321,14 +341,7 @@ impl RunningVm {
         RunOutcome {
             code: status.code(),
             stdout: self.seen.join("\n"),
-            stderr: String::from_utf8_lossy(
-                &self
-                    .stderr
-                    .take()
-                    .and_then(|t| t.join().ok())
-                    .unwrap_or_default(),
-            )
-            .into_owned(),
+            stderr: self.stderr_text(),
         }
     }
 }
