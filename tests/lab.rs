@@ -197,6 +197,18 @@ lab-probe pattern "$LAB_DEVDAX" 7 4194304
     );
 }
 
+/// The end of a Linux-guest session script (`$pid` the background daxvisor, `$start` when it started): stops
+/// daxvisor if it still runs, prints the guest's log without colour codes, then daxvisor's exit status.
+const SESSION_END: &str = r#"if kill -0 $pid 2>/dev/null; then
+    echo "lab: daxvisor still running after $(( $(date +%s) - start ))s: stopped"
+    kill -9 $pid
+fi
+wait $pid
+rc=$?
+sed 's/\x1b\[[0-9;]*m//g' /tmp/guest.log
+echo "lab: daxvisor exit status $rc after $(( $(date +%s) - start ))s"
+"#;
+
 /// Runs daxvisor in the background on the Linux guest image and stops it at the latest LIMIT seconds after start,
 /// or 3 s after the guest printed STOP_AT (the guest resets by itself when its init is done; a guest that hangs
 /// must not hold the session until the lab's hard timeout).
@@ -213,15 +225,7 @@ while kill -0 $pid 2>/dev/null && [ $(( $(date +%s) - start )) -lt {limit_s} ]; 
     [ -n "$seen" ] && [ $(( $(date +%s) - seen )) -ge 3 ] && break
     sleep 1
 done
-if kill -0 $pid 2>/dev/null; then
-    echo "lab: daxvisor still running after $(( $(date +%s) - start ))s: stopped"
-    kill -9 $pid
-fi
-wait $pid
-rc=$?
-sed 's/\x1b\[[0-9;]*m//g' /tmp/guest.log
-echo "lab: daxvisor exit status $rc after $(( $(date +%s) - start ))s"
-{after}
+{SESSION_END}{after}
 "#
     )
 }
@@ -421,7 +425,8 @@ fn linux_guest_agent_answers_a_break_with_its_hook_and_releases_the_lease() {
     let name = "linux-agent";
     // The guest's part goes through the kernel command line base64-encoded (the kernel strips double quotes and
     // the lab's shell would expand `$`): a hook that reports its environment, the CLI, a held lease.
-    let script = r#"
+    let script = [
+        r#"
 cat >/tmp/agent-guest.sh <<'GUEST'
 printf '#!/bin/sh\necho "<2>dvguest: hook region=$DAXVISOR_REGION offset=$DAXVISOR_OFFSET length=$DAXVISOR_LENGTH reason=$DAXVISOR_REASON lease=$DAXVISOR_LEASE" >/dev/kmsg\n' >/tmp/hook.sh
 chmod +x /tmp/hook.sh
@@ -457,20 +462,15 @@ while kill -0 $pid 2>/dev/null && [ $(( $(date +%s) - start )) -lt 240 ]; do
     fi
     sleep 1
 done
-if kill -0 $pid 2>/dev/null; then
-    echo "lab: daxvisor still running after $(( $(date +%s) - start ))s: stopped"
-    kill -9 $pid
-fi
-wait $pid
-rc=$?
-sed 's/\x1b\[[0-9;]*m//g' /tmp/guest.log
-echo "lab: daxvisor exit status $rc after $(( $(date +%s) - start ))s"
-"#;
+"#,
+        SESSION_END,
+    ]
+    .concat();
     let opts = LabOptions {
         timeout: Duration::from_secs(360),
         ..LabOptions::default()
     };
-    let Some(out) = run_scenario(name, script, &opts) else {
+    let Some(out) = run_scenario(name, &script, &opts) else {
         return;
     };
     assert_ok(name, &out);
@@ -568,7 +568,8 @@ echo "nonzero bytes in the punched range: $(dd if="$img" bs=1M skip=1 count=2 2>
 #[test]
 fn daxvisor_ctl_punch_asks_the_linux_guest_agent_which_releases_and_reads_zeros_after() {
     let name = "api-linux-agent";
-    let script = r#"
+    let script = [
+        r#"
 cat >/tmp/agent-guest.sh <<'GUEST'
 printf '#!/bin/sh\necho "<2>dvguest: hook region=$DAXVISOR_REGION offset=$DAXVISOR_OFFSET length=$DAXVISOR_LENGTH reason=$DAXVISOR_REASON" >/dev/kmsg\n' >/tmp/hook.sh
 chmod +x /tmp/hook.sh
@@ -613,20 +614,15 @@ while kill -0 $pid 2>/dev/null && [ $(( $(date +%s) - start )) -lt 240 ]; do
     fi
     sleep 1
 done
-if kill -0 $pid 2>/dev/null; then
-    echo "lab: daxvisor still running after $(( $(date +%s) - start ))s: stopped"
-    kill -9 $pid
-fi
-wait $pid
-rc=$?
-sed 's/\x1b\[[0-9;]*m//g' /tmp/guest.log
-echo "lab: daxvisor exit status $rc after $(( $(date +%s) - start ))s"
-"#;
+"#,
+        SESSION_END,
+    ]
+    .concat();
     let opts = LabOptions {
         timeout: Duration::from_secs(360),
         ..LabOptions::default()
     };
-    let Some(out) = run_scenario(name, script, &opts) else {
+    let Some(out) = run_scenario(name, &script, &opts) else {
         return;
     };
     assert_ok(name, &out);
