@@ -155,9 +155,8 @@ fn advise_huge_pages(entries: &Vec<Entry>) {
     let end = start + entries.capacity() * std::mem::size_of::<Entry>();
     let (lo, hi) = (start.next_multiple_of(HUGE), end / HUGE * HUGE);
     if hi > lo {
-        // SAFETY: [lo, hi) lies inside the allocation `entries` owns (borrowed here); MADV_HUGEPAGE changes
-        // only how the kernel backs those pages, never their contents or whether they are mapped.
-        let _ = unsafe { libc::madvise(lo as *mut libc::c_void, hi - lo, libc::MADV_HUGEPAGE) };
+        // [lo, hi) lies inside the allocation `entries` owns; a refusal only means 4 KiB pages.
+        let _ = crate::host::advise_huge_pages(lo, hi - lo);
     }
 }
 

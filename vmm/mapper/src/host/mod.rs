@@ -14,4 +14,5 @@ pub use extents::{first_problem, read_extents, Extent, ExtentFlags, ExtentProble
 pub use kind::{BackingKind, FsKind};
 pub use lock::{lock_file, refuse_if_locked, FileLockError, Holder};
 pub use mapping::{HostMapping, MapOptions};
+pub(crate) use memory::advise_huge_pages;
 pub use probe::{dev_dax_info, fs_kind, probe, DevDaxInfo, FileKey, Probe, ProbeError};
