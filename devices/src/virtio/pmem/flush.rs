@@ -72,9 +72,11 @@ struct State<R> {
     pending: VecDeque<R>,
     shutdown: bool,
     /// Only a submit that brings the queue to this many requests wakes the worker: the worker waits for that
-    /// many (a wake below it would be a context switch per returning requester for nothing), and while it
-    /// flushes nobody waits (it checks the queue before it sleeps again).
+    /// many (a wake below it would be a context switch per returning requester for nothing, the first one
+    /// included), and while it flushes nobody waits (it checks the queue before it sleeps again).
     wanted: usize,
+    /// When the oldest queued request arrived: the group-commit wait counts from it.
+    first_at: Option<Instant>,
 }
 
 struct Shared<R> {
@@ -147,6 +149,7 @@ impl<R: Send + 'static> FlushWorker<R> {
                 pending: VecDeque::new(),
                 shutdown: false,
                 wanted: 1,
+                first_at: None,
             }),
             wake: Condvar::new(),
         });
@@ -192,6 +195,9 @@ impl<R: Send + 'static> FlushWorker<R> {
         let mut st = self.shared.lock();
         let before = st.pending.len();
         st.pending.extend(requests);
+        if before == 0 && !st.pending.is_empty() {
+            st.first_at = Some(Instant::now());
+        }
         if st.pending.len() != before && st.pending.len() >= st.wanted {
             self.shared.wake.notify_one();
         }
@@ -206,36 +212,62 @@ struct Group {
 }
 
 /// Wait for work; `None` once shut down and drained.
+///
+/// After a flush that answered a group, the worker sleeps until the whole group is queued again (one wake, by
+/// the submit that completes it) or until the linger has passed since the first of them came back (or since the
+/// worker came back to wait, when requesters returned while it was still answering the others). While none
+/// has come back it wakes once after a linger and then sleeps until the first arrives, so an idle device costs
+/// no periodic wake-ups.
 fn next_batch<R>(shared: &Shared<R>, policy: FlushPolicy, last: Group) -> Option<Vec<R>> {
+    let group = match policy {
+        FlushPolicy::Coalesce => last.size.max(1),
+        FlushPolicy::PerRequest => 1,
+    };
+    let back = Instant::now();
     let mut st = shared.lock();
-    st.wanted = 1;
-    while st.pending.is_empty() && !st.shutdown {
-        st = shared.wake.wait(st).unwrap_or_else(|e| e.into_inner());
+    st.wanted = group;
+    let mut idle = false;
+    while st.pending.len() < group && !st.shutdown {
+        let wait = match st.first_at {
+            // Nobody queued yet: wait a linger for the group, then for anyone.
+            None if group > 1 && !idle => Some(last.linger),
+            None => {
+                st.wanted = 1;
+                None
+            }
+            Some(first) => {
+                st.wanted = group;
+                let left =
+                    (first.max(back) + last.linger).saturating_duration_since(Instant::now());
+                if left.is_zero() {
+                    break;
+                }
+                Some(left)
+            }
+        };
+        st = match wait {
+            Some(left) => {
+                let (g, timeout) = shared
+                    .wake
+                    .wait_timeout(st, left)
+                    .unwrap_or_else(|e| e.into_inner());
+                idle |= timeout.timed_out() && g.pending.is_empty();
+                g
+            }
+            None => shared.wake.wait(st).unwrap_or_else(|e| e.into_inner()),
+        };
     }
     if st.pending.is_empty() {
         return None;
     }
-    if policy == FlushPolicy::Coalesce && st.pending.len() < last.size {
-        let deadline = Instant::now() + last.linger;
-        st.wanted = last.size;
-        while st.pending.len() < last.size && !st.shutdown {
-            let left = deadline.saturating_duration_since(Instant::now());
-            if left.is_zero() {
-                break;
-            }
-            st = shared
-                .wake
-                .wait_timeout(st, left)
-                .map(|(g, _)| g)
-                .unwrap_or_else(|e| e.into_inner().0);
-        }
-    }
     // Flushing now: nobody waits on the condvar until the worker comes back (and looks at the queue first).
     st.wanted = usize::MAX;
-    Some(match policy {
+    let batch = match policy {
         FlushPolicy::Coalesce => st.pending.drain(..).collect(),
         FlushPolicy::PerRequest => st.pending.pop_front().into_iter().collect(),
-    })
+    };
+    st.first_at = (!st.pending.is_empty()).then(Instant::now);
+    Some(batch)
 }
 
 impl<R: Send + 'static> Drop for FlushWorker<R> {
