@@ -77,6 +77,9 @@ struct State<R> {
     wanted: usize,
     /// When the oldest queued request arrived: the group-commit wait counts from it.
     first_at: Option<Instant>,
+    /// How many times the worker woke from a wait (tests count them).
+    #[cfg(test)]
+    wakes: u64,
 }
 
 struct Shared<R> {
@@ -150,6 +153,8 @@ impl<R: Send + 'static> FlushWorker<R> {
                 shutdown: false,
                 wanted: 1,
                 first_at: None,
+                #[cfg(test)]
+                wakes: 0,
             }),
             wake: Condvar::new(),
         });
@@ -256,6 +261,10 @@ fn next_batch<R>(shared: &Shared<R>, policy: FlushPolicy, last: Group) -> Option
             }
             None => shared.wake.wait(st).unwrap_or_else(|e| e.into_inner()),
         };
+        #[cfg(test)]
+        {
+            st.wakes += 1;
+        }
     }
     if st.pending.is_empty() {
         return None;
@@ -513,6 +522,30 @@ mod tests {
             assert!(start > arrived, "request {id} covered by an older sync");
         }
         assert_eq!(r.sync.syncs.load(Ordering::SeqCst), 3);
+    }
+
+    #[test]
+    fn a_returning_group_wakes_the_worker_once_and_an_idle_one_sleeps() {
+        // 100 ms syncs: the worker waits its longest (50 ms) for the eight to come back.
+        let r = eight_answered_together(100_000);
+        let wakes = || r.sub.worker.shared.lock().wakes;
+        let before = wakes();
+        for id in 0..8 {
+            r.sub.request(id);
+        }
+        for _ in 0..8 {
+            r.answers.recv().unwrap();
+        }
+        // Only the submit that completed the group woke the worker, not the first of the eight too.
+        assert_eq!(wakes() - before, 1);
+        assert_eq!(r.sync.syncs.load(Ordering::SeqCst), 3);
+        // Nobody comes back: the worker wakes once (its wait for the group ends) and then sleeps.
+        let idle = wakes();
+        std::thread::sleep(TEST_LINGER * 6);
+        assert_eq!(wakes() - idle, 1);
+        r.sub.request(0);
+        r.answers.recv().unwrap();
+        assert_eq!(r.sync.syncs.load(Ordering::SeqCst), 4);
     }
 
     #[test]
