@@ -526,8 +526,12 @@ mod tests {
 
     #[test]
     fn a_returning_group_wakes_the_worker_once_and_an_idle_one_sleeps() {
-        // 100 ms syncs: the worker waits its longest (50 ms) for the eight to come back.
-        let r = eight_answered_together(100_000);
+        // 400 ms syncs: the worker waits up to 200 ms for the eight to come back, far longer than they take.
+        let r = eight_answered_together_lingering(400_000, Duration::from_secs(60));
+        let waiting_for_eight = || r.sub.worker.shared.lock().wanted == 8;
+        while !waiting_for_eight() {
+            std::thread::sleep(Duration::from_micros(100));
+        }
         let wakes = || r.sub.worker.shared.lock().wakes;
         let before = wakes();
         for id in 0..8 {
@@ -541,8 +545,9 @@ mod tests {
         assert_eq!(r.sync.syncs.load(Ordering::SeqCst), 3);
         // Nobody comes back: the worker wakes once (its wait for the group ends) and then sleeps.
         let idle = wakes();
-        std::thread::sleep(TEST_LINGER * 6);
+        std::thread::sleep(Duration::from_millis(800));
         assert_eq!(wakes() - idle, 1);
+        r.sync.slow_us.store(0, Ordering::SeqCst);
         r.sub.request(0);
         r.answers.recv().unwrap();
         assert_eq!(r.sync.syncs.load(Ordering::SeqCst), 4);
