@@ -2,12 +2,15 @@
 //! strategy, all measured in one run on the same file system.
 //!
 //! `depth` requester threads each loop: dirty 4 KiB of a real file (pwrite), submit a flush request, wait for its
-//! answer: a guest with `depth` flushes in flight. Strategies:
+//! answer: a guest with `depth` flushes in flight. Answers reach them through a [`Doorbell`], as a virtio
+//! device's reach a guest. Strategies:
 //! - `daxvisor`: the device's [`FlushWorker`] with [`FlushPolicy::Coalesce`] and fdatasync;
 //! - `per-request`: the same worker, one fdatasync per request (the baseline of earlier runs);
 //! - `cloud-hv`: one fsync per request on one thread (Cloud Hypervisor's virtio-pmem);
-//! - `firecracker`: an msync(MS_SYNC) of the whole mapping per queue notification, on one (event) thread, which
-//!   answers every request the notification found;
+//! - `firecracker`: Firecracker's event thread, an msync(MS_SYNC) of the whole mapping per queue notification
+//!   answering the requests queued when it started (see [`event_thread`]);
+//! - `fc-shipped`: the same as Firecracker's code does it, answering requests that arrived during the msync too;
+//!   not durable for them, so shown but not counted as a peer;
 //! - `qemu`: one fsync per request on a thread pool (QEMU's virtio-pmem; its pool has up to 64 threads).
 //!
 //! The ideal: a closed loop of depth d completes at most d requests per fdatasync of what those d requests
@@ -21,10 +24,9 @@
 //! how long its fdatasyncs took against the bare ones, and the time between two flushes split into answering
 //! the requests (waking their requesters) and the requesters coming back.
 //!
-//! A host that is itself a VM may take a disk's completion interrupt on an idle vCPU only at its next timer tick
-//! (this one: an fdatasync takes ~4 ms with both CPUs idle, ~0.1 ms with one busy), so every figure depends on
-//! what else the machine runs. FLUSH_BENCH_BUSY=1 keeps one CPU busy with a spinning thread for the whole run,
-//! the same for every case.
+//! A host that is itself a VM wakes a halted vCPU late (on some days an fdatasync took ~4 ms with both CPUs idle
+//! and ~0.1 ms with one busy), so every figure depends on what else the machine runs. FLUSH_BENCH_BUSY=1 keeps
+//! one CPU busy with a spinning thread for the whole run, the same for every case.
 //!
 //! cargo bench -p daxvisor-devices --bench flush [-- SECONDS_PER_CASE_PER_ROUND] (default 0.25; env
 //! FLUSH_BENCH_ROUNDS, default 12; FLUSH_BENCH_DEPTHS, default 1,8,32; FLUSH_BENCH_DIR picks the file system)
