@@ -159,8 +159,6 @@ struct Trace {
     batches: Mutex<Vec<usize>>,
     /// When each flush's answers were all sent.
     answered: Mutex<Vec<Instant>>,
-    /// How long each early writeback took to start.
-    early: Mutex<Vec<Duration>>,
 }
 
 /// Accepts `who`'s flush request; the answer arrives through the [`Doorbell`].
@@ -292,10 +290,12 @@ fn server(
     };
     match strategy {
         Strategy::Daxvisor => {
-            let timed = DaxvisorFlush {
-                fdatasync: Box::new(fdatasync),
-                fd: file.as_raw_fd(),
-                trace: trace.clone(),
+            let t = trace.clone();
+            let timed = move || {
+                let start = Instant::now();
+                let r = fdatasync();
+                t.syncs.lock().expect("trace").push((start, Instant::now()));
+                r
             };
             let t = trace;
             let answer = move |batch: Vec<usize>| {
@@ -334,38 +334,6 @@ fn server(
             let tx = Mutex::new(tx);
             Box::new(move |who| tx.lock().expect("queue").send(who).expect("pool"))
         }
-    }
-}
-
-/// What the VMM's flush of a page-cache file does (fdatasync, early writeback with sync_file_range), timing
-/// each fdatasync for the trace.
-struct DaxvisorFlush {
-    fdatasync: Box<dyn Fn() -> std::io::Result<()> + Send + Sync>,
-    fd: std::os::fd::RawFd,
-    trace: Arc<Trace>,
-}
-
-impl Flush for DaxvisorFlush {
-    fn flush(&self) -> std::io::Result<()> {
-        let start = Instant::now();
-        let r = (self.fdatasync)();
-        self.trace
-            .syncs
-            .lock()
-            .expect("trace")
-            .push((start, Instant::now()));
-        r
-    }
-
-    fn start_writeback(&self) {
-        let start = Instant::now();
-        // SAFETY: sync_file_range on the bench's open file (it outlives every server); no memory is passed.
-        unsafe { libc::sync_file_range(self.fd, 0, 0, libc::SYNC_FILE_RANGE_WRITE) };
-        self.trace
-            .early
-            .lock()
-            .expect("trace")
-            .push(start.elapsed());
     }
 }
 
@@ -743,13 +711,6 @@ fn main() {
         println!(
             "depth {depth}: daxvisor requests per flush (size:share of flushes): {}",
             shown.join(" ")
-        );
-        let early = trace.early.lock().expect("trace").clone();
-        println!(
-            "depth {depth}: daxvisor early writebacks: {:.2} per flush, p50/p99 {:.0}/{:.0} us to start",
-            early.len() as f64 / syncs.len().max(1) as f64,
-            us(percentile(&early, 0.5)),
-            us(percentile(&early, 0.99)),
         );
         println!(
             "depth {depth}: daxvisor fdatasync p50/p99/max {:.0}/{:.0}/{:.0} us (bare: {:.0}/{:.0}/{:.0}); \

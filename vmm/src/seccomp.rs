@@ -156,8 +156,6 @@ pub fn allowed(kind: ThreadKind) -> Vec<(i64, &'static str)> {
         ],
         ThreadKind::FlushWorker => &[
             (libc::SYS_fdatasync, "fdatasync"),
-            // Early writeback while a group of requests comes back.
-            (libc::SYS_sync_file_range, "sync_file_range"),
             (libc::SYS_fsync, "fsync"),
             (libc::SYS_fstat, "fstat"),
             (libc::SYS_newfstatat, "newfstatat"),

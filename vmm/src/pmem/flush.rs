@@ -9,10 +9,6 @@
 //! | Ram (tmpfs, memfd, hugetlbfs)   | nothing               | RAM: nothing can be made durable                  |
 //! | readonly=on / discard_writes=on | nothing               | the file is never written                         |
 //!
-//! While a flush's requests are coming back, the worker may start their writeback early (`start_writeback`:
-//! sync_file_range with SYNC_FILE_RANGE_WRITE, for the backings whose flush is an fdatasync); the fdatasync
-//! still decides durability and reports any error.
-//!
 //! Every flush first checks the file did not shrink under the VM; if it did, the guest gets EIO (its data past
 //! the new end is gone) and the host log says so. Failure is sticky: after a shrink or a failed fdatasync every
 //! later flush fails too, because a later fdatasync that succeeds says nothing about the pages whose writeback
@@ -20,7 +16,6 @@
 
 use std::fs::File;
 use std::io;
-use std::os::fd::AsRawFd;
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, Ordering};
 
@@ -106,26 +101,6 @@ impl Flush for BackingFlush {
             tracing::error!(path = %self.path.display(), "{e}; this region's flushes will fail");
             io::Error::other(e.to_string())
         })
-    }
-
-    fn start_writeback(&self) {
-        if self.action != FlushAction::Fdatasync || self.failed.load(Ordering::Acquire) {
-            return;
-        }
-        // SYNC_FILE_RANGE_WRITE alone starts writing the dirty pages out and returns: it neither waits nor checks
-        // the file's writeback error, so the fdatasync after it still reports one. Offset 0, length 0: the whole
-        // file, as the fdatasync.
-        // SAFETY: sync_file_range on a descriptor this object owns; no memory is passed.
-        let r = unsafe {
-            libc::sync_file_range(self.file.as_raw_fd(), 0, 0, libc::SYNC_FILE_RANGE_WRITE)
-        };
-        if r != 0 {
-            tracing::debug!(
-                path = %self.path.display(),
-                "early writeback not started: {}",
-                io::Error::last_os_error()
-            );
-        }
     }
 
     fn flush(&self) -> io::Result<()> {

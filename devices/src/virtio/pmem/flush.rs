@@ -14,12 +14,6 @@
 //! once when n are queued. A lone request therefore waits at most that while longer, and a requester at depth 1
 //! not at all. The shortest, not the last: one flush that stalled (a disk hiccup, a completion that waited for a
 //! timer tick on an idle host CPU) must not make the requests queued after it wait longer too.
-//!
-//! Early writeback: most of an fdatasync after a group's writes is writing their pages (here ~235 of ~300 us for
-//! 32 scattered 4 KiB pages; the device cache flush is the rest). Once half a group of at least
-//! [`EARLY_WRITEBACK_GROUP`] is back, the worker starts writing out what is dirty ([`Flush::start_writeback`])
-//! and then waits for the other half, so those writes overlap the time the group takes to come back. A page
-//! written again after that is written twice; the flush still covers everything.
 
 use std::collections::VecDeque;
 use std::io;
@@ -33,8 +27,6 @@ pub const MAX_LINGER: Duration = Duration::from_millis(2);
 const LINGER_DIVISOR: u32 = 2;
 /// How many recent flush durations the wait is taken from (the shortest of them).
 pub const FLUSH_TIMES: usize = 4;
-/// Groups at least this large get an early writeback when half of them is back (see the module docs).
-pub const EARLY_WRITEBACK_GROUP: usize = 4;
 
 use super::rate_limit::{Admission, FlushRateLimit};
 
@@ -44,11 +36,6 @@ use super::rate_limit::{Admission, FlushRateLimit};
 pub trait Flush: Send + Sync {
     /// Return only once everything written to the region before the call is durable.
     fn flush(&self) -> io::Result<()>;
-
-    /// Start writing out what is dirty now, without waiting for it: a hint, given while the worker waits for
-    /// the rest of a group of requests, so that the flush after it finds less left to write. Only
-    /// [`Flush::flush`] promises anything; an implementation must not consume an error that flush has to report.
-    fn start_writeback(&self) {}
 
     /// Called first thing on the worker thread, before any request (the VMM installs the thread's seccomp
     /// filter here). An error fails every flush of this worker.
@@ -179,12 +166,7 @@ impl<R: Send + 'static> FlushWorker<R> {
                 let ready = flush.on_worker_start();
                 let mut group = Group::default();
                 let mut recent = VecDeque::with_capacity(FLUSH_TIMES);
-                let early = || {
-                    if ready.is_ok() {
-                        flush.start_writeback();
-                    }
-                };
-                while let Some(batch) = next_batch(&worker_shared, policy, group, &early) {
+                while let Some(batch) = next_batch(&worker_shared, policy, group) {
                     if let Some((limit, on_admit)) = &limit {
                         on_admit(batch.len() as u64, limit.admit(batch.len() as u64));
                     }
@@ -238,48 +220,28 @@ struct Group {
 ///
 /// After a flush that answered a group, the worker sleeps until the whole group is queued again (one wake, by
 /// the submit that completes it) or until the linger has passed since the first of them came back (or since the
-/// worker came back to wait, when requesters returned while it was still answering the others). A group of at
-/// least [`EARLY_WRITEBACK_GROUP`] wakes it once more, when half of it is back, for `early` (the early
-/// writeback). While none has come back it wakes once after a linger and then sleeps until the first arrives, so
-/// an idle device costs no periodic wake-ups.
-fn next_batch<R>(
-    shared: &Shared<R>,
-    policy: FlushPolicy,
-    last: Group,
-    early: &dyn Fn(),
-) -> Option<Vec<R>> {
+/// worker came back to wait, when requesters returned while it was still answering the others). While none
+/// has come back it wakes once after a linger and then sleeps until the first arrives, so an idle device costs
+/// no periodic wake-ups.
+fn next_batch<R>(shared: &Shared<R>, policy: FlushPolicy, last: Group) -> Option<Vec<R>> {
     let group = match policy {
         FlushPolicy::Coalesce => last.size.max(1),
         FlushPolicy::PerRequest => 1,
     };
-    let mut half =
-        (policy == FlushPolicy::Coalesce && group >= EARLY_WRITEBACK_GROUP).then_some(group / 2);
     let back = Instant::now();
     let mut st = shared.lock();
+    st.wanted = group;
     let mut idle = false;
     while st.pending.len() < group && !st.shutdown {
-        if half.is_some_and(|h| st.pending.len() >= h) {
-            half = None;
-            // Nobody needs to wake the worker meanwhile: it looks at the queue again right after.
-            st.wanted = usize::MAX;
-            drop(st);
-            early();
-            st = shared.lock();
-            continue;
-        }
-        let target = half.unwrap_or(group);
         let wait = match st.first_at {
             // Nobody queued yet: wait a linger for the group, then for anyone.
-            None if group > 1 && !idle => {
-                st.wanted = target;
-                Some(last.linger)
-            }
+            None if group > 1 && !idle => Some(last.linger),
             None => {
                 st.wanted = 1;
                 None
             }
             Some(first) => {
-                st.wanted = target;
+                st.wanted = group;
                 let left =
                     (first.max(back) + last.linger).saturating_duration_since(Instant::now());
                 if left.is_zero() {
