@@ -197,6 +197,17 @@ lab-probe pattern "$LAB_DEVDAX" 7 4194304
     );
 }
 
+/// Started right after a Linux-guest session's daxvisor (`$pid`, `$start`): the guest's log goes to the lab
+/// console as it comes, and a heartbeat each second names daxvisor's state. A session that hits the lab's hard
+/// timeout then shows in the console log how far the guest got and when the lab itself stopped (see "Known
+/// problem" in images/lab/README.md).
+const SESSION_WATCH: &str = r#"(tail -f /tmp/guest.log | sed 's/^/guest| /' >/dev/console) 2>/dev/null &
+(while kill -0 $pid 2>/dev/null; do
+    echo "lab: session +$(( $(date +%s) - start ))s, daxvisor $(grep '^State' /proc/$pid/status 2>/dev/null)" >/dev/console
+    sleep 1
+done) &
+"#;
+
 /// The end of a Linux-guest session script (`$pid` the background daxvisor, `$start` when it started): stops
 /// daxvisor if it still runs, prints the guest's log without colour codes, then daxvisor's exit status.
 const SESSION_END: &str = r#"if kill -0 $pid 2>/dev/null; then
@@ -219,7 +230,7 @@ start=$(date +%s)
 daxvisor run --kernel "$LAB_LINUX_KERNEL" --initrd "$LAB_LINUX_INITRD" --memory 256 --serial stdout {daxvisor_args} \
     >/tmp/guest.log 2>&1 &
 pid=$!
-seen=
+{SESSION_WATCH}seen=
 while kill -0 $pid 2>/dev/null && [ $(( $(date +%s) - start )) -lt {limit_s} ]; do
     if [ -z "$seen" ] && grep -q '{stop_at}' /tmp/guest.log; then seen=$(date +%s); fi
     [ -n "$seen" ] && [ $(( $(date +%s) - seen )) -ge 3 ] && break
@@ -451,7 +462,9 @@ daxvisor run --kernel "$LAB_LINUX_KERNEL" --initrd "$LAB_LINUX_INITRD" --memory 
     --cmdline "console=ttyS0 reboot=k panic=1 quiet dvagent_hook=/tmp/hook.sh -- echo $guest | base64 -d | sh" \
     >/tmp/guest.log 2>&1 &
 pid=$!
-opened=
+"#,
+        SESSION_WATCH,
+        r#"opened=
 while kill -0 $pid 2>/dev/null && [ $(( $(date +%s) - start )) -lt 240 ]; do
     if [ -z "$opened" ] && grep -q 'dvguest: lease held' /tmp/guest.log; then
         t0=$(date +%s)
@@ -602,7 +615,9 @@ daxvisor run --kernel "$LAB_LINUX_KERNEL" --initrd "$LAB_LINUX_INITRD" --memory 
     --cmdline "console=ttyS0 reboot=k panic=1 quiet dvagent_hook=/tmp/hook.sh -- echo $guest | base64 -d | sh" \
     >/tmp/guest.log 2>&1 &
 pid=$!
-punched=
+"#,
+        SESSION_WATCH,
+        r#"punched=
 while kill -0 $pid 2>/dev/null && [ $(( $(date +%s) - start )) -lt 240 ]; do
     if [ -z "$punched" ] && grep -q 'dvguest: lease held' /tmp/guest.log; then
         punched=yes

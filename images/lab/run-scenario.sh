@@ -11,7 +11,8 @@
 #   --keep         keep the NVDIMM backing files (printed) instead of deleting them
 #   --shell        no scenario: an interactive shell on the lab console once it is set up (Ctrl-A X quits QEMU)
 #
-# QEMU (TCG, -cpu max: SVM) boots the lab kernel with two emulated NVDIMMs backed by fresh files; the lab's /init
+# QEMU (TCG, -cpu max: SVM, two vCPUs: with one, the lab froze now and then while a nested Linux guest booted, see
+# README.md) boots the lab kernel with two emulated NVDIMMs backed by fresh files; the lab's /init
 # makes one fs-dax (mounted at /mnt/dax) and the other device-DAX, loads kvm-amd, then runs SCENARIO.sh with:
 #   LAB_DAX_MNT=/mnt/dax  LAB_FS=ext4|xfs  LAB_PMEM_DEV=/dev/pmemN  LAB_DEVDAX=/dev/daxN.M  LAB_DEVDAX_SIZE=bytes
 #   LAB_LINUX_KERNEL, LAB_LINUX_INITRD (the Linux guest image)  and the project binaries in PATH (/usr/bin);
@@ -98,7 +99,7 @@ fi
 # shellcheck disable=SC2054
 QEMU_ARGS=(
     -nodefaults -display none -no-reboot
-    "${MACHINE[@]}" -cpu max -smp 1 -m 2G,slots=4,maxmem=8G
+    "${MACHINE[@]}" -cpu max -smp 2 -m 2G,slots=4,maxmem=8G
     -object memory-backend-file,id=mem1,share=on,"mem-path=$WORK/nvdimm-fsdax,size=$FSDAX_SIZE"
     -device nvdimm,id=nv1,memdev=mem1
     -object memory-backend-file,id=mem2,share=on,"mem-path=$WORK/nvdimm-devdax,size=$DEVDAX_SIZE"
