@@ -106,7 +106,9 @@ QEMU_ARGS=(
     -device nvdimm,id=nv2,memdev=mem2
     -kernel "$OUT/vmlinuz" -initrd "$WORK/initrd.gz"
 )
-APPEND="console=ttyS0 quiet panic=-1 lab.fs=$FS lab.fsdax_size=$FSDAX_SIZE lab.devdax_size=$DEVDAX_SIZE"
+# Not quiet: the lab kernel's boot messages go to the console log, so a lab that stops while booting shows where
+# (one CI run saw a lab stop before its /init said anything).
+APPEND="console=ttyS0 panic=-1 lab.fs=$FS lab.fsdax_size=$FSDAX_SIZE lab.devdax_size=$DEVDAX_SIZE"
 # no_timer_check: with interrupt remapping the kernel panics ("timer doesn't work through Interrupt-remapped
 # IO-APIC") when its boot-time timer check runs late, which TCG on a busy host makes it do now and then.
 [ "$IOMMU" = 1 ] && APPEND="$APPEND intel_iommu=on no_timer_check lab.iommu=1"
