@@ -72,16 +72,14 @@ fn split_options(s: &str) -> Vec<String> {
 }
 
 fn parse_guard(value: &str) -> Result<GuardPolicy, PmemConfigError> {
-    match value {
-        "deny" => Ok(GuardPolicy::Deny),
-        "hold" => Ok(GuardPolicy::Hold),
-        "log" => Ok(GuardPolicy::Log),
-        _ => Err(PmemConfigError::BadValue {
+    GuardPolicy::ALL
+        .into_iter()
+        .find(|p| p.as_str() == value)
+        .ok_or_else(|| PmemConfigError::BadValue {
             key: "guard",
             value: value.to_owned(),
             expected: "expected deny (refuse foreign opens for writing), hold (whole-file break first, then allow unless pinned) or log",
-        }),
-    }
+        })
 }
 
 fn parse_bool(key: &'static str, value: &str) -> Result<bool, PmemConfigError> {

@@ -64,6 +64,9 @@ pub enum GuardPolicy {
 }
 
 impl GuardPolicy {
+    /// Every policy, for parsers that look one up by its name.
+    pub const ALL: [GuardPolicy; 3] = [GuardPolicy::Deny, GuardPolicy::Hold, GuardPolicy::Log];
+
     /// `deny`, `hold` or `log`.
     pub fn as_str(self) -> &'static str {
         match self {
