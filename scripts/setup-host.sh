@@ -12,9 +12,10 @@
 #   acpica-tools     iasl and acpiexec: the ACPI table round-trip tests
 #   python3-fusepy   the FUSE file system with a slow fsync (tests/fixtures/slow_fsync_fs.py: the second-signal test)
 #   libfuse2         the library fusepy loads
+#   prometheus       a real Prometheus scrapes daxvisor --metrics-addr (tests/fleet.rs)
 set -euo pipefail
 
-PACKAGES=(qemu-system-x86 busybox-static cpio e2fsprogs xfsprogs kmod gzip acpica-tools python3-fusepy libfuse2)
+PACKAGES=(qemu-system-x86 busybox-static cpio e2fsprogs xfsprogs kmod gzip acpica-tools python3-fusepy libfuse2 prometheus)
 
 missing=()
 for p in "${PACKAGES[@]}"; do

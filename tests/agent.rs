@@ -135,7 +135,7 @@ fn a_shared_lease_holder_gets_the_notice_for_the_range_releases_and_the_host_ope
         "{log}"
     );
     assert!(
-        log.contains("whole-file break done") && log.contains("notified=[OwnerId(2)]"),
+        log.contains("whole-file break done") && log.contains("notified=owner:2"),
         "the host change did not proceed after the release:\n{log}"
     );
 }

@@ -425,3 +425,32 @@ fn a_failed_prefault_on_a_full_file_system_refuses_the_start_and_gives_the_block
         .collect();
     assert_eq!(names, vec![std::ffi::OsString::from("sparse.img")]);
 }
+
+/// The panic policy: a panic in any VMM thread (injected here through the debug-build-only
+/// `DAXVISOR_TEST_PANIC`) stops the VM cleanly: one line naming the thread, the final flush, exit 1.
+#[test]
+fn a_panic_in_a_service_thread_stops_the_vm_cleanly_naming_the_thread() {
+    for thread in ["agent", "reclaim", "api"] {
+        let dir = tempfile::tempdir().unwrap();
+        let img = dir.path().join("vm.img");
+        let sock = dir.path().join("api.sock");
+        let r = run_with_timeout(
+            Command::new(daxvisor_bin())
+                .args(["run", "--pmem"])
+                .arg(pmem_arg(&img, ",size=4M,create=on"))
+                .args(["--cmdline", "pmem=write-loop seed=5", "--api-socket"])
+                .arg(&sock)
+                .env("DAXVISOR_TEST_PANIC", thread),
+            Duration::from_secs(120),
+        );
+        assert_eq!(r.code, Some(1), "{thread}: {r:?}");
+        let needle = format!("thread '{thread}' panicked: injected by DAXVISOR_TEST_PANIC");
+        assert!(r.stderr.contains(&needle), "{thread}: {}", r.stderr);
+        assert!(
+            r.stderr.contains("final fdatasync done"),
+            "{thread}: the stop was not clean: {}",
+            r.stderr
+        );
+        assert!(!sock.exists(), "{thread}: the API socket was left behind");
+    }
+}

@@ -1,6 +1,7 @@
 //! End-to-end: once a VM runs, every daxvisor thread holds only the capabilities the runtime needs
-//! (CAP_IPC_LOCK, CAP_LEASE, CAP_SYS_PTRACE: `vmm/src/privileges.rs` says why), in its effective, permitted and
-//! bounding sets, nothing inheritable, and no_new_privs set. A daxvisor started with fewer capabilities runs
+//! (CAP_IPC_LOCK, CAP_LEASE, CAP_SYS_PTRACE, and on the `host-guard` thread alone CAP_LINUX_IMMUTABLE:
+//! `vmm/src/privileges.rs` says why), in its effective, permitted and bounding sets, nothing inheritable, and
+//! no_new_privs set. A daxvisor started with fewer capabilities runs
 //! as before and keeps what it had of that set.
 
 // End-to-end tests: helpers fail the calling test with their message.
@@ -16,6 +17,7 @@ use daxvisor_tests::{daxvisor_bin, missing_prerequisite, RunningVm};
 const CAP_IPC_LOCK: u32 = 14;
 const CAP_SYS_PTRACE: u32 = 19;
 const CAP_LEASE: u32 = 28;
+const CAP_LINUX_IMMUTABLE: u32 = 9;
 /// The kept set, as /proc shows it (a bit per capability number).
 const KEPT: u64 = (1 << CAP_IPC_LOCK) | (1 << CAP_SYS_PTRACE) | (1 << CAP_LEASE);
 
@@ -52,15 +54,26 @@ fn threads(pid: u32) -> Vec<ThreadPrivileges> {
     v
 }
 
-/// The threads whose sets differ from `effective`/`bounding` (inheritable must be empty, no_new_privs 1).
-fn off_set(threads: &[ThreadPrivileges], effective: u64, bounding: u64) -> Vec<String> {
+/// The threads whose sets differ from `effective`/`bounding` (inheritable must be empty, no_new_privs 1); the
+/// `host-guard` thread's hold `guard_extra` besides.
+fn off_set(
+    threads: &[ThreadPrivileges],
+    effective: u64,
+    bounding: u64,
+    guard_extra: u64,
+) -> Vec<String> {
     threads
         .iter()
         .filter(|t| {
-            t.mask("CapEff") != effective
-                || t.mask("CapPrm") != effective
+            let extra = if t.name == "host-guard" {
+                guard_extra
+            } else {
+                0
+            };
+            t.mask("CapEff") != effective | extra
+                || t.mask("CapPrm") != effective | extra
                 || t.mask("CapInh") != 0
-                || t.mask("CapBnd") != bounding
+                || t.mask("CapBnd") != bounding | extra
                 || t.fields["NoNewPrivs"] != "1"
         })
         .map(|t| {
@@ -79,11 +92,16 @@ fn off_set(threads: &[ThreadPrivileges], effective: u64, bounding: u64) -> Vec<S
 
 /// The threads of `pid` once every one of them has dropped (the main thread drops at the end of start-up, which
 /// can come a moment after the guest's first line); the offenders if some still differ after 10 s.
-fn settled(pid: u32, effective: u64, bounding: u64) -> (Vec<ThreadPrivileges>, Vec<String>) {
+fn settled(
+    pid: u32,
+    effective: u64,
+    bounding: u64,
+    guard_extra: u64,
+) -> (Vec<ThreadPrivileges>, Vec<String>) {
     let deadline = Instant::now() + Duration::from_secs(10);
     loop {
         let t = threads(pid);
-        let off = off_set(&t, effective, bounding);
+        let off = off_set(&t, effective, bounding, guard_extra);
         if off.is_empty() || Instant::now() > deadline {
             return (t, off);
         }
@@ -111,7 +129,7 @@ fn every_thread_of_a_running_vm_holds_only_the_kept_capabilities() {
     // A layout change through the API: its runtime starts a blocking-pool thread for it.
     vm.ctl_ok(&["punch", "data", "--offset", "1M", "--length", "4K"]);
     let pid = vm.pid();
-    let (threads, off) = settled(pid, KEPT, KEPT);
+    let (threads, off) = settled(pid, KEPT, KEPT, 1 << CAP_LINUX_IMMUTABLE);
     assert!(off.is_empty(), "threads holding other sets: {off:#?}");
     let names: Vec<&str> = threads.iter().map(|t| t.name.as_str()).collect();
     for want in [
@@ -154,7 +172,7 @@ fn a_daxvisor_with_fewer_capabilities_runs_and_keeps_what_it_had() {
             .args(["run", "--pmem", &arg, "--cmdline", "pmem=write-flush-spin"]),
     );
     vm.wait_for_line("spinning until killed");
-    let (_, off) = settled(vm.pid(), ipc_lock, ipc_lock);
+    let (_, off) = settled(vm.pid(), ipc_lock, ipc_lock, 0);
     assert!(off.is_empty(), "threads holding other sets: {off:#?}");
     vm.signal(libc::SIGTERM);
     let r = vm.finish(Duration::from_secs(60));

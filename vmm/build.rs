@@ -57,6 +57,7 @@ fn main() {
         println!("cargo:rerun-if-changed={path}");
     }
     println!("cargo:rerun-if-changed=build.rs");
+    commit(&repo);
 
     let target_dir = out_dir.join("testguest-target");
     build_guest(&guest_dir, &target_dir);
@@ -112,4 +113,29 @@ fn build_guest(guest_dir: &Path, target_dir: &Path) {
             guest_dir.display()
         );
     }
+}
+
+/// `--version` names the commit it was built from: DAXVISOR_COMMIT (short hash; `unknown` outside a git
+/// checkout). Rerun when HEAD moves.
+fn commit(repo: &Path) {
+    let git = |args: &[&str]| {
+        Command::new("git")
+            .args(args)
+            .current_dir(repo)
+            .stderr(Stdio::null())
+            .output()
+            .ok()
+            .filter(|o| o.status.success())
+            .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_owned())
+    };
+    let hash = git(&["rev-parse", "--short=12", "HEAD"]);
+    for watched in ["HEAD", "logs/HEAD"] {
+        if let Some(p) = git(&["rev-parse", "--path-format=absolute", "--git-path", watched]) {
+            println!("cargo:rerun-if-changed={p}");
+        }
+    }
+    println!(
+        "cargo:rustc-env=DAXVISOR_COMMIT={}",
+        hash.as_deref().unwrap_or("unknown")
+    );
 }

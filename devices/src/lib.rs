@@ -5,11 +5,13 @@
 //!
 //! - [`bus`]: address-range dispatch for port I/O and MMIO exits.
 //! - [`legacy`]: the 16550 serial port and the exit/reset ports that end the VM.
-//! - [`virtio`]: the virtio-mmio transport and the virtio device models (pmem).
+//! - [`pci`]: PCI configuration space, the root bus (ECAM, 0xCF8/0xCFC) and MSI-X.
+//! - [`virtio`]: the virtio-mmio and virtio-pci transports and the virtio device models (pmem, console).
 
 #![forbid(unsafe_code)]
 #![warn(missing_docs)]
 
 pub mod bus;
 pub mod legacy;
+pub mod pci;
 pub mod virtio;

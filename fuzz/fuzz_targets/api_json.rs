@@ -8,7 +8,8 @@
 
 use std::fmt::Debug;
 
-use daxvisor::api::changes::{window_range, ChangeBody};
+use daxvisor::actions::window_range;
+use daxvisor::api::changes::ChangeBody;
 use daxvisor::api::holds::LeaseBody;
 use daxvisor::api::json::{parse_body, MAX_BODY};
 use daxvisor::api::reclaim::PolicyBody;

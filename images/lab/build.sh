@@ -56,6 +56,8 @@ lab_stage_modules "$BASE" --order modules.iommu.order "${LAB_IOMMU_MODULES[@]}"
 lab_stage_dynamic "$BASE" "$(command -v mke2fs)"
 ln -sf mke2fs "$BASE$(dirname "$(command -v mke2fs)")/mkfs.ext4"
 lab_stage_dynamic "$BASE" "$(command -v mkfs.xfs)"
+# e2fsck checks a guest's filesystem in its backing file after the guest unmounted it.
+lab_stage_dynamic "$BASE" "$(command -v e2fsck)"
 [ -f /etc/mke2fs.conf ] && cp /etc/mke2fs.conf "$BASE/etc/"
 install -m 0755 "$LAB_DIR/init" "$BASE/init"
 echo "root:x:0:0:root:/root:/bin/sh" >"$BASE/etc/passwd"
@@ -82,7 +84,7 @@ if [ "$WITH_CARGO" = 1 ]; then
 fi
 
 lab_log "linux guest image ($(lab_elapsed))"
-AGENT_BIN="$BINS/usr/bin/daxvisor-agent" \
+AGENT_BIN="$BINS/usr/bin/daxvisor-agent" DMA_READ_BIN="$BINS/usr/bin/dma-read" \
     KERNEL_VERSION="$KERNEL_VERSION" KERNEL_ROOT="$KERNEL_ROOT" KERNEL_IMAGE="$KERNEL_IMAGE" "$REPO_ROOT/images/linux/build.sh"
 cp -p "$REPO_ROOT/images/linux/build/vmlinuz" "$REPO_ROOT/images/linux/build/initrd.gz" "$BINS/images/linux/"
 lab_pack_initramfs "$BINS" "$OUT/bins.cpio.gz"

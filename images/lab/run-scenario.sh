@@ -4,7 +4,8 @@
 # Usage: images/lab/run-scenario.sh SCENARIO.sh [--xfs] [--iommu] [--timeout SECS] [--file PATH]... [--no-build] [--keep]
 #        images/lab/run-scenario.sh --shell [--xfs] [--iommu] [--file PATH]...
 #   --xfs          the fs-dax mount is XFS with -o dax=always (default: ext4 with -o dax)
-#   --iommu        q35 with an intel-iommu and an e1000e bound to vfio-pci (LAB_VFIO_GROUP=/dev/vfio/N)
+#   --iommu        q35 with an intel-iommu, an e1000e and an NVMe bound to vfio-pci (LAB_VFIO_GROUP=/dev/vfio/N,
+#                  LAB_NVME_DEVICE)
 #   --timeout S    hard limit for the whole QEMU run (default 600; none with --shell); QEMU is killed past it
 #   --file PATH    copy PATH into the lab as /lab/files/NAME (repeatable)
 #   --no-build     use the lab image as built (default: run build.sh first, seconds when nothing changed)
@@ -91,8 +92,12 @@ SCEN_OUT="$LOGS/scenario.out"
 # vfio-pci, on a user-mode netdev that goes nowhere.
 # shellcheck disable=SC2054 # commas belong to QEMU's option syntax
 if [ "$IOMMU" = 1 ]; then
+    # An emulated NVMe for passthrough to a guest under daxvisor (LAB_NVME_DEVICE): 8 MiB whose every 16-byte
+    # line names its own byte offset ("dv" and 13 digits), so a DMA read lands recognisably.
+    awk 'BEGIN { for (i = 0; i < 524288; i++) printf "dv%013d\n", i * 16 }' >"$WORK/nvme.img"
     MACHINE=(-M q35,nvdimm=on,kernel-irqchip=split -device intel-iommu,intremap=on
-        -netdev user,id=n0,restrict=on -device e1000e,netdev=n0)
+        -netdev user,id=n0,restrict=on -device e1000e,netdev=n0
+        -drive file="$WORK/nvme.img",if=none,id=nvm,format=raw -device nvme,serial=dvnvme,drive=nvm)
 else
     MACHINE=(-M pc,nvdimm=on)
 fi

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Builds the Linux guest image for guests under daxvisor: the lab's generic Debian 6.1 kernel and a tiny
-# initramfs (busybox, virtio_mmio, virtio_pmem, nd_pmem, virtio_console, ext4, mke2fs, and daxvisor-agent when
+# initramfs (busybox, virtio_mmio, virtio_pci, virtio_pmem, nd_pmem, virtio_console, ext4, mke2fs, and daxvisor-agent when
 # AGENT_BIN names a static build of it) whose /init mounts the
 # virtio-pmem device with DAX and runs a command. Output:
 #   images/linux/build/vmlinuz     bzImage for `daxvisor run --kernel`
@@ -18,9 +18,10 @@ mkdir -p "$OUT"
 [ -n "${KERNEL_VERSION:-}" ] || lab_fetch_kernel
 cp -p "$KERNEL_IMAGE" "$OUT/vmlinuz"
 
-# virtio_mmio finds the devices daxvisor describes in ACPI (LNRO0005); virtio_pmem makes the nd region that
-# nd_pmem turns into /dev/pmem0; virtio_console carries the agent channel; ext4 needs crc32c from the crypto API.
-GUEST_MODULES=(virtio_mmio virtio_pmem nd_pmem virtio_console crc16 crc32c_generic mbcache jbd2 ext4)
+# virtio_mmio finds the devices daxvisor describes in ACPI (LNRO0005), virtio_pci the virtio-pci functions of
+# `--transport pci`; virtio_pmem makes the nd region that nd_pmem turns into /dev/pmem0; virtio_console carries
+# the agent channel; ext4 needs crc32c from the crypto API.
+GUEST_MODULES=(virtio_mmio virtio_pci virtio_pmem nd_pmem virtio_console crc16 crc32c_generic mbcache jbd2 ext4 nvme-core nvme)
 
 ROOT="$LAB_BUILD/stage/linux-guest"
 rm -rf "$ROOT"
@@ -31,8 +32,14 @@ lab_stage_dynamic "$ROOT" "$(command -v mke2fs)"
 ln -sf mke2fs "$ROOT$(dirname "$(command -v mke2fs)")/mkfs.ext4"
 [ -f /etc/mke2fs.conf ] && cp /etc/mke2fs.conf "$ROOT/etc/"
 install -m 0755 "$LINUX_DIR/init" "$ROOT/init"
+# The agent's default hook: mounts a hot-added pmem, unmounts one about to be removed.
+install -D -m 0755 "$LINUX_DIR/agent-hook" "$ROOT/usr/lib/daxvisor-agent/hook"
 # The guest agent (a static binary), when the caller built one (the lab build passes AGENT_BIN).
 if [ -n "${AGENT_BIN:-}" ] && [ -x "$AGENT_BIN" ]; then
     install -D -m 0755 "$AGENT_BIN" "$ROOT/usr/bin/daxvisor-agent"
+fi
+# The passthrough scenario's guest side: O_DIRECT reads from a device into a mapped file.
+if [ -n "${DMA_READ_BIN:-}" ] && [ -x "$DMA_READ_BIN" ]; then
+    install -D -m 0755 "$DMA_READ_BIN" "$ROOT/usr/bin/dma-read"
 fi
 lab_pack_initramfs "$ROOT" "$OUT/initrd.gz"

@@ -1,7 +1,8 @@
 //! Benchmark: wall time from `daxvisor run` start to the test guest's first serial byte and to VM exit,
 //! medians (and spread) over repeated runs of the real binary; then the memory daxvisor itself uses while a VM
 //! with one pmem device runs: its resident set less the guest's RAM and pmem mappings (per-mapping accounting
-//! from /proc/PID/smaps). Run: `cargo bench -p daxvisor-tests --bench boot_time`.
+//! from /proc/PID/smaps). Both for `--transport mmio` and `--transport pci`, then the pci/mmio ratios. Run:
+//! `cargo bench -p daxvisor-tests --bench boot_time`.
 
 // A benchmark program: a failed step aborts the run with its message.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
@@ -16,18 +17,59 @@ const RSS_GUEST_MIB: u64 = 128;
 /// Its pmem region, MiB.
 const RSS_PMEM_MIB: u64 = 64;
 
+const TRANSPORTS: [&str; 2] = ["mmio", "pci"];
+
 fn main() {
     let runs: usize = std::env::var("BOOT_BENCH_RUNS")
         .ok()
         .and_then(|v| v.parse().ok())
         .unwrap_or(30);
     let bin = daxvisor_tests::daxvisor_bin();
+    let mut results = Vec::new();
+    for transport in TRANSPORTS {
+        let (fb, ex) = boot_times(bin, transport, runs);
+        println!("boot_time transport={transport} runs={runs}");
+        println!(
+            "  start -> first serial byte: median {:>8.2?}  p10 {:>8.2?}  p90 {:>8.2?}",
+            fb.0, fb.1, fb.2
+        );
+        println!(
+            "  start -> VM exit:           median {:>8.2?}  p10 {:>8.2?}  p90 {:>8.2?}",
+            ex.0, ex.1, ex.2
+        );
+        println!(
+            "  first byte / exit (median ratio): {:.2}",
+            fb.0.as_secs_f64() / ex.0.as_secs_f64()
+        );
+        let own = vmm_rss(bin, transport);
+        results.push((fb.0, ex.0, own));
+    }
+    let (m, p) = (results[0], results[1]);
+    println!(
+        "pci / mmio (one run each): first byte {:.2}, exit {:.2}, daxvisor's own RSS {:.2} ({} KiB vs {} KiB)",
+        p.0.as_secs_f64() / m.0.as_secs_f64(),
+        p.1.as_secs_f64() / m.1.as_secs_f64(),
+        p.2 as f64 / m.2.max(1) as f64,
+        p.2,
+        m.2
+    );
+}
+
+/// Start to first serial byte and start to exit of `runs` test-guest boots over `transport`: (median, p10, p90).
+fn boot_times(
+    bin: &Path,
+    transport: &str,
+    runs: usize,
+) -> (
+    (Duration, Duration, Duration),
+    (Duration, Duration, Duration),
+) {
     let mut first_byte = Vec::with_capacity(runs);
     let mut exit = Vec::with_capacity(runs);
     for _ in 0..runs {
         let start = Instant::now();
         let mut child = Command::new(bin)
-            .args(["run", "--memory", "128"])
+            .args(["run", "--memory", "128", "--transport", transport])
             .env("DAXVISOR_LOG", "error")
             .stdout(Stdio::piped())
             .stderr(Stdio::null())
@@ -48,21 +90,7 @@ fn main() {
         first_byte.push(t_first);
         exit.push(t_exit);
     }
-    let (fb, ex) = (stats(&mut first_byte), stats(&mut exit));
-    println!("boot_time runs={runs}");
-    println!(
-        "  start -> first serial byte: median {:>8.2?}  p10 {:>8.2?}  p90 {:>8.2?}",
-        fb.0, fb.1, fb.2
-    );
-    println!(
-        "  start -> VM exit:           median {:>8.2?}  p10 {:>8.2?}  p90 {:>8.2?}",
-        ex.0, ex.1, ex.2
-    );
-    println!(
-        "  first byte / exit (median ratio): {:.2}",
-        fb.0.as_secs_f64() / ex.0.as_secs_f64()
-    );
-    vmm_rss(bin);
+    (stats(&mut first_byte), stats(&mut exit))
 }
 
 /// One smaps entry: where, what, how much of it is resident.
@@ -95,12 +123,14 @@ fn smaps(pid: u32) -> Vec<Mapping> {
     out
 }
 
-/// Start a VM with one pmem device whose guest writes 4 KiB, flushes and spins; measure daxvisor's own memory.
-fn vmm_rss(bin: &Path) {
+/// Start a VM with one pmem device whose guest writes 4 KiB, flushes and spins; measure daxvisor's own memory
+/// (returned, KiB).
+fn vmm_rss(bin: &Path, transport: &str) -> u64 {
     let dir = tempfile::tempdir().expect("temp dir");
     let img = dir.path().join("rss.img");
     let mut child = Command::new(bin)
-        .args(["run", "--memory", &RSS_GUEST_MIB.to_string(), "--pmem"])
+        .args(["run", "--transport", transport])
+        .args(["--memory", &RSS_GUEST_MIB.to_string(), "--pmem"])
         .arg(format!(
             "file={},size={RSS_PMEM_MIB}M,create=on",
             img.display()
@@ -130,7 +160,7 @@ fn vmm_rss(bin: &Path) {
     let region = sum(&|m| m.name == pmem);
     let own = total - guest - region;
     println!(
-        "vmm_rss (one VM: {RSS_GUEST_MIB} MiB RAM, one {RSS_PMEM_MIB} MiB pmem device, guest spinning)"
+        "vmm_rss transport={transport} (one VM: {RSS_GUEST_MIB} MiB RAM, one {RSS_PMEM_MIB} MiB pmem device, guest spinning)"
     );
     println!(
         "  resident: total {total} KiB = guest RAM {guest} KiB + pmem {region} KiB + daxvisor itself {own} KiB \
@@ -150,6 +180,7 @@ fn vmm_rss(bin: &Path) {
     for (name, kib) in by_name.iter().take(6) {
         println!("    {kib:>6} KiB  {name}");
     }
+    own
 }
 
 fn stats(v: &mut [Duration]) -> (Duration, Duration, Duration) {

@@ -285,7 +285,7 @@ fn main() {
     println!(
         "pmem bandwidth: {mib} MiB region, {runs} runs per row, TSC {:.0} MHz, KVM_CAP_PRE_FAULT_MEMORY: {}",
         hz / 1e6,
-        if daxvisor::vstate::pre_fault::offered() { "offered" } else { "not offered (shadow paging)" }
+        if daxvisor::vstate::kvm_page_tables::offered() { "offered" } else { "not offered (shadow paging)" }
     );
     println!("same kernels on both sides: rep stosq (cold = first pass, warm = second pass), then a read pass");
     let backings = [

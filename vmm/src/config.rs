@@ -35,8 +35,20 @@ pub enum CpuidMask {
     None,
 }
 
+/// How virtio devices reach the guest (`--transport`).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, clap::ValueEnum)]
+pub enum Transport {
+    /// virtio-mmio windows described in the ACPI DSDT, one IOAPIC line each (the default).
+    #[default]
+    Mmio,
+    /// virtio-pci functions on a PCI root bus (ECAM + MCFG, a PNP0A08 host bridge), MSI-X interrupts.
+    Pci,
+}
+
 #[derive(Clone, Debug)]
 pub struct VmConfig {
+    /// `--name`: the VM's socket in the socket directory (`crate::socket_dir`) and its metrics' `vm` label.
+    pub name: Option<String>,
     /// None = the test guest embedded in the binary.
     pub kernel: Option<PathBuf>,
     pub cmdline: Option<String>,
@@ -53,6 +65,14 @@ pub struct VmConfig {
     pub pmem: Vec<crate::pmem::PmemConfig>,
     /// `--api-socket`: serve the operator API on this Unix socket.
     pub api_socket: Option<PathBuf>,
+    /// `--transport`: virtio-mmio or virtio-pci for every virtio device of the VM.
+    pub transport: Transport,
+    /// `--metrics-addr`: serve `GET /metrics` on this loopback TCP address too.
+    pub metrics_addr: Option<std::net::SocketAddr>,
+    /// `--pmem-hotplug`: bytes of guest-physical space reserved for regions added while the VM runs (0: none).
+    pub pmem_hotplug: u64,
+    /// `--device vfio=`: host PCI devices passed through.
+    pub devices: Vec<crate::vfio::DeviceConfig>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -65,6 +85,27 @@ pub enum ConfigError {
     BadCpus(u32),
     #[error("--initrd needs a Linux --kernel (the built-in test guest takes no initrd)")]
     InitrdWithoutKernel,
+    #[error(
+        "{given} --pmem regions: the built-in test guest takes at most {max} with --memory {memory_mib} MiB (its \
+         boot block holds {ranges} memory ranges: RAM, the device window and one per pmem region); give fewer, \
+         or a Linux --kernel"
+    )]
+    TooManyPmemForTestGuest {
+        given: usize,
+        max: usize,
+        memory_mib: u64,
+        ranges: usize,
+    },
+    #[error("--metrics-addr {0}: must be a loopback address (127.0.0.1:PORT or [::1]:PORT); the metrics are not for the network")]
+    MetricsNotLoopback(std::net::SocketAddr),
+    #[error("--pmem-hotplug needs --transport pci (added regions are virtio-pci functions)")]
+    HotplugWithoutPci,
+    #[error("--pmem-hotplug {0:#x}: must be a multiple of 2 MiB and at most 1 TiB")]
+    BadHotplugSize(u64),
+    #[error("--device vfio= needs --transport pci (a passthrough device is a PCI function)")]
+    DeviceNeedsPci,
+    #[error("--pmem id={0}: dma=agent|whole needs a passthrough device (--device vfio=...)")]
+    DmaWithoutDevice(String),
 }
 
 impl VmConfig {
@@ -81,6 +122,49 @@ impl VmConfig {
         if self.initrd.is_some() && self.kernel.is_none() {
             return Err(ConfigError::InitrdWithoutKernel);
         }
+        if self.kernel.is_none() {
+            let ranges = daxvisor_proto::boot::MAX_MEM_RANGES;
+            let fixed = crate::layout::ram_ranges(self.memory_bytes()).len() + 1;
+            let max = ranges.saturating_sub(fixed);
+            if self.pmem.len() > max {
+                return Err(ConfigError::TooManyPmemForTestGuest {
+                    given: self.pmem.len(),
+                    max,
+                    memory_mib: self.memory_mib,
+                    ranges,
+                });
+            }
+        }
+        if let Some(a) = self.metrics_addr {
+            if !a.ip().is_loopback() {
+                return Err(ConfigError::MetricsNotLoopback(a));
+            }
+        }
+        if self.pmem_hotplug > 0 {
+            if self.transport != Transport::Pci {
+                return Err(ConfigError::HotplugWithoutPci);
+            }
+            if !self.pmem_hotplug.is_multiple_of(crate::layout::PMEM_ALIGN)
+                || self.pmem_hotplug > 1 << 40
+            {
+                return Err(ConfigError::BadHotplugSize(self.pmem_hotplug));
+            }
+        }
+        if !self.devices.is_empty() && self.transport != Transport::Pci {
+            return Err(ConfigError::DeviceNeedsPci);
+        }
+        if self.devices.is_empty() {
+            if let Some((i, p)) = self
+                .pmem
+                .iter()
+                .enumerate()
+                .find(|(_, p)| p.dma != crate::pmem::DmaPolicy::Off)
+            {
+                return Err(ConfigError::DmaWithoutDevice(
+                    p.id.clone().unwrap_or_else(|| format!("pmem{i}")),
+                ));
+            }
+        }
         Ok(())
     }
 
@@ -89,12 +173,32 @@ impl VmConfig {
     }
 }
 
+/// `--memory`: a bare number is MiB (`256`); otherwise the size syntax of every command (`1G`, `512MiB`),
+/// which must be whole MiB.
+pub fn parse_memory_mib(s: &str) -> Result<u64, String> {
+    if let Ok(mib) = s.trim().parse::<u64>() {
+        return Ok(mib);
+    }
+    let bytes = daxvisor_proto::units::parse_size(s).map_err(|e| {
+        format!(
+            "'{s}': {e}; expected MiB or {}",
+            daxvisor_proto::units::SIZE_SYNTAX
+        )
+    })?;
+    if bytes % MIB != 0 {
+        return Err(format!("'{s}': guest RAM must be whole MiB"));
+    }
+    Ok(bytes / MIB)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
 
     fn base() -> VmConfig {
         VmConfig {
+            name: None,
+            metrics_addr: None,
             kernel: None,
             cmdline: None,
             initrd: None,
@@ -106,6 +210,9 @@ mod tests {
             pmem: Vec::new(),
             seccomp: crate::seccomp::SeccompMode::On,
             api_socket: None,
+            transport: Transport::Mmio,
+            pmem_hotplug: 0,
+            devices: Vec::new(),
         }
     }
 
@@ -132,5 +239,20 @@ mod tests {
             Ok(SerialOutput::File("/tmp/x".into()))
         );
         assert!("".parse::<SerialOutput>().is_err());
+        assert!(VmConfig {
+            metrics_addr: Some("0.0.0.0:9100".parse().unwrap()),
+            ..base()
+        }
+        .validate()
+        .is_err());
+    }
+
+    #[test]
+    fn memory_takes_mib_or_a_size() {
+        assert_eq!(parse_memory_mib("256"), Ok(256));
+        assert_eq!(parse_memory_mib("1G"), Ok(1024));
+        assert_eq!(parse_memory_mib("512MiB"), Ok(512));
+        assert!(parse_memory_mib("1000K").is_err());
+        assert!(parse_memory_mib("1X").is_err());
     }
 }

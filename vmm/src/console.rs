@@ -10,7 +10,7 @@ use daxvisor_proto::agent::PORT_NAME;
 use kvm_ioctls::VmFd;
 use vm_memory::GuestMemoryMmap;
 
-use crate::agent::{AgentPort, AgentService, RegionEntry, Routes};
+use crate::agent::{AgentPort, AgentService, Routes};
 use crate::config::SerialOutput;
 use crate::device_manager::{DeviceError, DeviceManager};
 use crate::event_loop::EventLoop;
@@ -64,7 +64,7 @@ impl ConsoleHandles {
 /// notifier (given to the mapper) reads.
 pub struct AgentSetup {
     pub mapper: Mapper,
-    pub regions: Vec<RegionEntry>,
+    pub regions: Arc<crate::region_registry::RegionRegistry>,
     pub routes: Arc<Routes>,
     /// What the service counts (sessions, rejected frames).
     pub counters: Arc<crate::agent::AgentCounters>,
@@ -137,15 +137,10 @@ pub fn attach(
 /// enough is dropped (counted by the device), never buffered without bound.
 fn forward_stdin(input: PortSender) -> std::io::Result<()> {
     let stdin = Arc::new(Mutex::new(std::io::stdin()));
-    std::thread::Builder::new()
-        .name("console-stdin".into())
-        .spawn(move || {
-            if let Err(e) =
-                crate::seccomp::apply_for_thread(crate::seccomp::ThreadKind::ConsoleInput)
-            {
-                tracing::error!("console input thread not started: {e}");
-                return;
-            }
+    crate::threads::spawn(
+        "console-stdin",
+        crate::seccomp::ThreadKind::ConsoleInput,
+        move || {
             let mut buf = [0u8; 4096];
             loop {
                 let n = match stdin.lock().map(|mut s| s.read(&mut buf)) {
@@ -156,6 +151,7 @@ fn forward_stdin(input: PortSender) -> std::io::Result<()> {
                 };
                 input.send(&buf[..n]);
             }
-        })?;
+        },
+    )?;
     Ok(())
 }

@@ -43,6 +43,8 @@ pub enum DeviceError {
         layout::MAX_VIRTIO_DEVICES
     )]
     NoVirtioSlot,
+    #[error("PCI: {0}")]
+    Pci(#[from] crate::pci::PciError),
 }
 
 /// A virtio-mmio window handed out to a device.
@@ -59,6 +61,8 @@ pub struct DeviceManager {
     pub mmio: Bus,
     pub exit_status: VmExitStatus,
     pub virtio_slots: Vec<VirtioSlot>,
+    /// The PCI root bus when virtio devices go on PCI (`--transport pci`); see [`DeviceManager::enable_pci`].
+    pub pci: Option<crate::pci::PciBus>,
 }
 
 impl DeviceManager {
@@ -74,6 +78,7 @@ impl DeviceManager {
             mmio: Bus::new(),
             exit_status: VmExitStatus::new(),
             virtio_slots: Vec::new(),
+            pci: None,
         };
 
         let serial_irq = EventFd::new(libc::EFD_NONBLOCK).map_err(DeviceError::EventFd)?;
@@ -109,6 +114,13 @@ impl DeviceManager {
         Ok(dm)
     }
 
+    /// At VM stop, once no vCPU runs: drop every device (a virtio-pmem device answers its queued flushes and
+    /// joins its flush worker as it goes).
+    pub fn drop_buses(&mut self) {
+        self.mmio = Bus::new();
+        self.pio = Bus::new();
+    }
+
     /// Reserve the next virtio-mmio window for a device of type `device_id`.
     pub fn allocate_virtio_slot(&mut self, device_id: u32) -> Result<VirtioSlot, DeviceError> {
         let index = self.virtio_slots.len();
@@ -136,7 +148,32 @@ impl DeviceManager {
         Ok(())
     }
 
-    /// Register a virtio device: a virtio-mmio transport in the next free window, its irqfd on the window's
+    /// Put the PCI root bus on the buses; virtio devices added from now on become virtio-pci functions.
+    pub fn enable_pci(&mut self, kvm: &kvm_ioctls::Kvm, vm: &VmFd) -> Result<(), DeviceError> {
+        self.pci = Some(crate::pci::PciBus::new(
+            kvm,
+            vm,
+            &mut self.pio,
+            &mut self.mmio,
+        )?);
+        Ok(())
+    }
+
+    /// With PCI: place the 64-bit window after `highest_end` (the end of RAM and the pmem regions) on the MMIO
+    /// bus and say what ACPI must describe. Call once, after the last virtio device and before the vCPUs take
+    /// their copies of the buses.
+    pub fn finish_pci(
+        &mut self,
+        highest_end: u64,
+    ) -> Result<Option<crate::pci::PciLayout>, DeviceError> {
+        match &mut self.pci {
+            Some(pci) => Ok(Some(pci.place_mmio64_window(&mut self.mmio, highest_end)?)),
+            None => Ok(None),
+        }
+    }
+
+    /// Register a virtio device: on PCI when [`DeviceManager::enable_pci`] was called (the returned slot is
+    /// then BAR 0, with no IRQ line: interrupts are MSI-X), else a virtio-mmio transport in the next free window, its irqfd on the window's
     /// IRQ, one ioeventfd per queue on the QueueNotify register (datamatch = queue index). Returns the window
     /// and the subscriber the caller must add to the [`crate::event_loop::EventLoop`] (queue notifications are
     /// processed there). `mem` is guest RAM only: devices never dereference pmem windows.
@@ -146,6 +183,16 @@ impl DeviceManager {
         mem: &GuestMemoryMmap,
         device: Box<dyn VirtioDevice>,
     ) -> Result<(VirtioSlot, Subscriber), DeviceError> {
+        if let Some(pci) = &mut self.pci {
+            let (f, subscriber) = pci.add_virtio_device(vm, mem, device)?;
+            let slot = VirtioSlot {
+                base: f.bar,
+                size: daxvisor_devices::virtio::pci::BAR_SIZE,
+                irq: 0,
+                device_id: f.device_id,
+            };
+            return Ok((slot, subscriber));
+        }
         let transport = MmioTransport::new(mem.clone(), device)?;
         let slot = self.allocate_virtio_slot(transport.device_type())?;
         vm.register_irqfd(transport.irqfd(), slot.irq)

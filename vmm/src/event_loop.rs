@@ -3,7 +3,9 @@
 
 use std::sync::{Arc, Mutex};
 
-use event_manager::{EventManager, EventOps, Events, MutEventSubscriber, SubscriberOps};
+use event_manager::{
+    EventManager, EventOps, Events, MutEventSubscriber, SubscriberId, SubscriberOps,
+};
 use vmm_sys_util::epoll::EventSet;
 
 use crate::vstate::vcpu::RunState;
@@ -51,15 +53,27 @@ impl EventLoop {
     }
 
     /// Add a device's or controller's subscriber; its `init` registers the fds it wants.
-    pub fn add_subscriber(&mut self, subscriber: Subscriber) {
-        self.manager.add_subscriber(subscriber);
+    pub fn add_subscriber(&mut self, subscriber: Subscriber) -> SubscriberId {
+        self.manager.add_subscriber(subscriber)
+    }
+
+    /// Take a subscriber out (a hot-removed device's): its fds leave the epoll set; the caller drops it.
+    pub fn remove_subscriber(&mut self, id: SubscriberId) -> Option<Subscriber> {
+        self.manager.remove_subscriber(id).ok()
     }
 
     /// Run until the VM is stopping.
     pub fn run(&mut self) -> Result<(), EventLoopError> {
+        self.run_serving(|_| {})
+    }
+
+    /// Run until the VM is stopping, calling `serve` after every round of events (requests other threads queued
+    /// for the main thread, such as hot add and remove, are served there).
+    pub fn run_serving(&mut self, mut serve: impl FnMut(&mut Self)) -> Result<(), EventLoopError> {
         while !self.state.stopping() {
             // A timeout bounds how long a missed wake-up could delay the stop.
             self.manager.run_with_timeout(100)?;
+            serve(self);
         }
         Ok(())
     }

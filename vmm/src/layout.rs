@@ -9,10 +9,12 @@
 //! 0x000e_0000  ACPI RSDP (inside the BIOS area Linux scans), tables follow
 //! 0x0010_0000  kernel / test guest load address (1 MiB)
 //! ...          RAM up to min(memory, 3 GiB)
-//! 0xc000_0000  MMIO hole: virtio-mmio windows from 0xd000_0000, 4 KiB apart
+//! 0xc000_0000  MMIO hole: PCI 32-bit BAR window 0xc000_0000..0xd000_0000, virtio-mmio windows from
+//!              0xd000_0000 (4 KiB apart), PCI ECAM (bus 0) at 0xe000_0000
 //! 0xfec0_0000  IOAPIC, 0xfee0_0000 LAPIC
 //! 0x1_0000_0000 RAM above 4 GiB (if memory > 3 GiB)
 //! then         pmem regions, each 2 MiB aligned (so the host can back them with huge pages)
+//! then         the PCI 64-bit window (1 GiB aligned, after the last pmem region; described in ACPI only)
 //! ```
 
 pub const GDT_ADDR: u64 = daxvisor_proto::boot::GDT_ADDR;
@@ -38,9 +40,24 @@ pub const VIRTIO_MMIO_SIZE: u64 = 0x1000;
 pub const VIRTIO_IRQ_BASE: u32 = 5;
 /// IRQ lines 5..=23 on the IOAPIC.
 pub const MAX_VIRTIO_DEVICES: usize = 19;
+/// PCI memory window below 4 GiB: BARs are allocated here (virtio-pci BAR 0 is 64-bit but fits anywhere).
+pub const PCI_MMIO32_BASE: u64 = 0xc000_0000;
+pub const PCI_MMIO32_SIZE: u64 = 0x1000_0000;
+/// ECAM (MMCONFIG) for bus 0 only: 32 devices x 8 functions x 4 KiB.
+pub const PCI_ECAM_BASE: u64 = 0xe000_0000;
+pub const PCI_ECAM_SIZE: u64 = 1 << 20;
+/// The PCI 64-bit window: where it starts relative to the end of the pmem regions, and its size.
+pub const PCI_MMIO64_ALIGN: u64 = 1 << 30;
+pub const PCI_MMIO64_SIZE: u64 = 4 << 30;
+/// GSIs for MSI-X vectors (above the IOAPIC's 24 lines; KVM takes up to 4096 routes).
+pub const MSI_GSI_FIRST: u32 = 24;
+pub const MSI_GSI_LAST: u32 = 1023;
 pub const IOAPIC_ADDR: u64 = 0xfec0_0000;
 pub const LAPIC_ADDR: u64 = 0xfee0_0000;
 pub const SERIAL_IRQ: u32 = 4;
+/// The ACPI generic event device's line (PCI hotplug notifications). Hotplug needs `--transport pci`, where no
+/// virtio-mmio device takes a line.
+pub const HOTPLUG_GED_IRQ: u32 = 23;
 
 pub const PMEM_ALIGN: u64 = 2 << 20;
 
@@ -71,6 +88,15 @@ pub fn align_up(v: u64, a: u64) -> u64 {
     v.div_ceil(a) * a
 }
 
+/// The PCI 64-bit window `(base, size)` for a VM whose highest guest-physical address in use (RAM or pmem)
+/// ends at `end`.
+pub fn pci_mmio64_window(end: u64) -> (u64, u64) {
+    (
+        align_up(end.max(MMIO_HOLE_END), PCI_MMIO64_ALIGN),
+        PCI_MMIO64_SIZE,
+    )
+}
+
 /// Guest physical window of the `index`th virtio-mmio device.
 pub fn virtio_mmio_slot(index: usize) -> (u64, u32) {
     (
@@ -94,5 +120,27 @@ mod tests {
         assert_eq!(pmem_start(4096 * MIB), 5 << 30);
         assert_eq!(pmem_start(4096 * MIB + 1) % PMEM_ALIGN, 0);
         assert_eq!(virtio_mmio_slot(1), (0xd000_1000, 6));
+        assert_eq!(pci_mmio64_window(5 << 30), (5 << 30, 4 << 30));
+        assert_eq!(pci_mmio64_window((5 << 30) + 1).0, 6 << 30);
+    }
+
+    #[test]
+    fn pci_windows_sit_in_the_hole_apart_from_everything_else() {
+        let ranges = [
+            (PCI_MMIO32_BASE, PCI_MMIO32_SIZE),
+            (
+                VIRTIO_MMIO_BASE,
+                VIRTIO_MMIO_SIZE * MAX_VIRTIO_DEVICES as u64,
+            ),
+            (PCI_ECAM_BASE, PCI_ECAM_SIZE),
+            (IOAPIC_ADDR, 0x1000),
+            (LAPIC_ADDR, 0x1000),
+        ];
+        for (i, &(a, al)) in ranges.iter().enumerate() {
+            assert!(a >= MMIO_HOLE_START && a + al <= MMIO_HOLE_END);
+            for &(b, bl) in &ranges[i + 1..] {
+                assert!(a + al <= b || b + bl <= a, "{a:#x} overlaps {b:#x}");
+            }
+        }
     }
 }

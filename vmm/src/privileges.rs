@@ -33,9 +33,21 @@ pub const KEPT: &[(Capability, &str)] = &[
     ),
 ];
 
+/// What the `host-guard` thread keeps besides [`KEPT`], and why; no other thread has it.
+pub const KEPT_BY_GUARD: &[(Capability, &str)] = &[(
+    Capability::CAP_LINUX_IMMUTABLE,
+    "the host guard clears an immutable or append-only flag set on a running VM's backing file (chattr +i / +a \
+     would otherwise make the guest's next write fault, or the VMM's next punch, fail)",
+)];
+
 /// The kept set as the `caps` crate spells it.
 pub fn kept() -> HashSet<Capability> {
     KEPT.iter().map(|&(c, _)| c).collect()
+}
+
+/// The `host-guard` thread's kept set: [`KEPT`] and [`KEPT_BY_GUARD`].
+pub fn kept_by_guard() -> HashSet<Capability> {
+    KEPT.iter().chain(KEPT_BY_GUARD).map(|&(c, _)| c).collect()
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -57,19 +69,24 @@ pub fn init() {
     ENABLED.store(true, Ordering::SeqCst);
 }
 
-/// What every daxvisor thread does when start-up is over for it: [`drop_now`], once [`init`] has been called.
-pub fn drop_on_this_thread() -> Result<(), PrivilegesError> {
-    if ENABLED.load(Ordering::SeqCst) {
-        drop_now()
-    } else {
-        Ok(())
+/// What every daxvisor thread does when start-up is over for it: [`drop_now`] (the `host-guard` thread:
+/// [`drop_now_keeping`] [`kept_by_guard`]), once [`init`] has been called.
+pub fn drop_on_this_thread(guard: bool) -> Result<(), PrivilegesError> {
+    match (ENABLED.load(Ordering::SeqCst), guard) {
+        (false, _) => Ok(()),
+        (true, false) => drop_now(),
+        (true, true) => drop_now_keeping(&kept_by_guard()),
     }
 }
 
 /// Keep only [`KEPT`] (what of it this thread has) on the calling thread, and set no_new_privs.
 pub fn drop_now() -> Result<(), PrivilegesError> {
+    drop_now_keeping(&kept())
+}
+
+/// Keep only `kept` (what of it this thread has) on the calling thread, and set no_new_privs.
+pub fn drop_now_keeping(kept: &HashSet<Capability>) -> Result<(), PrivilegesError> {
     let err = |what| move |source| PrivilegesError::Caps { what, source };
-    let kept = kept();
     caps::clear(None, CapSet::Ambient).map_err(err("clearing the ambient set"))?;
     // The bounding set needs CAP_SETPCAP to shrink: drop it while it is still effective.
     if caps::has_cap(None, CapSet::Effective, Capability::CAP_SETPCAP)
@@ -77,14 +94,14 @@ pub fn drop_now() -> Result<(), PrivilegesError> {
     {
         let bounding =
             caps::read(None, CapSet::Bounding).map_err(err("reading the bounding set"))?;
-        for cap in bounding.difference(&kept) {
+        for cap in bounding.difference(kept) {
             caps::drop(None, CapSet::Bounding, *cap).map_err(err("the bounding set"))?;
         }
     }
     caps::clear(None, CapSet::Inheritable).map_err(err("clearing the inheritable set"))?;
     let permitted =
         caps::read(None, CapSet::Permitted).map_err(err("reading the permitted set"))?;
-    let keep: HashSet<Capability> = permitted.intersection(&kept).copied().collect();
+    let keep: HashSet<Capability> = permitted.intersection(kept).copied().collect();
     // Effective first: it must stay within the permitted set at every step.
     caps::set(None, CapSet::Effective, &keep).map_err(err("the effective set"))?;
     caps::set(None, CapSet::Permitted, &keep).map_err(err("the permitted set"))?;

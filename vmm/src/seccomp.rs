@@ -128,6 +128,9 @@ pub fn allowed(kind: ThreadKind) -> Vec<(i64, &'static str)> {
         ThreadKind::Vcpu => &[
             // Kicking a sibling out of KVM_RUN, and the end of the VM.
             (libc::SYS_tgkill, "tgkill"),
+            // A passthrough device's configuration space and BARs: reads and writes at offsets of its fd.
+            (libc::SYS_pread64, "pread64"),
+            (libc::SYS_pwrite64, "pwrite64"),
         ],
         ThreadKind::EventLoop => &[
             (libc::SYS_epoll_wait, "epoll_wait"),
@@ -147,12 +150,40 @@ pub fn allowed(kind: ThreadKind) -> Vec<(i64, &'static str)> {
             (libc::SYS_rt_sigtimedwait, "rt_sigtimedwait"),
             (libc::SYS_munlock, "munlock"),
             (libc::SYS_mlock, "mlock"),
+            // Hot add and remove (`--pmem-hotplug`), served between rounds of events: the new virtio-pci
+            // function's eventfds, irqfds, ioeventfds and memory slot (ioctl, below), the host guard's mark on
+            // its file, and its flush worker thread (which starts under this filter, drops its capabilities and
+            // installs its own).
+            (libc::SYS_eventfd2, "eventfd2"),
+            (libc::SYS_fanotify_mark, "fanotify_mark"),
+            // The guard's change watch knows a file by its handle.
+            (libc::SYS_name_to_handle_at, "name_to_handle_at"),
+            (libc::SYS_clone3, "clone3"),
+            (libc::SYS_clone, "clone"),
+            (libc::SYS_set_robust_list, "set_robust_list"),
+            (libc::SYS_rseq, "rseq"),
+            (libc::SYS_prctl, "prctl"),
+            (libc::SYS_capget, "capget"),
+            (libc::SYS_capset, "capset"),
+            (libc::SYS_seccomp, "seccomp"),
+            (libc::SYS_sched_getaffinity, "sched_getaffinity"),
+            // The new thread reads /proc/sys/kernel/cap_last_cap when it drops its capabilities.
+            (libc::SYS_openat, "openat"),
             // At the end: the operator API's socket and its private directory are removed.
             (libc::SYS_unlink, "unlink"),
             (libc::SYS_unlinkat, "unlinkat"),
             (libc::SYS_rmdir, "rmdir"),
             (libc::SYS_renameat, "renameat"),
             (libc::SYS_rename, "rename"),
+            // At stop, a backing file that lost its last name is copied to a recovery file beside it
+            // (crate::pmem::recovery).
+            (libc::SYS_openat, "openat"),
+            (libc::SYS_copy_file_range, "copy_file_range"),
+            (libc::SYS_pread64, "pread64"),
+            (libc::SYS_pwrite64, "pwrite64"),
+            // At the end: closing a passthrough device finds its group from sysfs.
+            (libc::SYS_readlink, "readlink"),
+            (libc::SYS_readlinkat, "readlinkat"),
         ],
         ThreadKind::FlushWorker => &[
             (libc::SYS_fdatasync, "fdatasync"),
@@ -174,6 +205,11 @@ pub fn allowed(kind: ThreadKind) -> Vec<(i64, &'static str)> {
             (libc::SYS_fstatfs, "fstatfs"),
             (libc::SYS_munlock, "munlock"),
             (libc::SYS_tgkill, "tgkill"),
+            // A truncate by path is watched for (FAN_PRE_ACCESS) only while a foreign process holds the file;
+            // a renamed file's new name is read from /proc/self/fd.
+            (libc::SYS_fanotify_mark, "fanotify_mark"),
+            (libc::SYS_readlink, "readlink"),
+            (libc::SYS_readlinkat, "readlinkat"),
         ],
         ThreadKind::Signals => &[
             (libc::SYS_recvfrom, "recvfrom"),
@@ -207,6 +243,18 @@ pub fn allowed(kind: ThreadKind) -> Vec<(i64, &'static str)> {
             (libc::SYS_sched_getaffinity, "sched_getaffinity"),
             (libc::SYS_poll, "poll"),
             (libc::SYS_ppoll, "ppoll"),
+            // Hot add and remove: a refused add removes the file `create=on` made; a removed region gets its
+            // final fdatasync and its file's host-guard mark removed.
+            (libc::SYS_unlink, "unlink"),
+            (libc::SYS_unlinkat, "unlinkat"),
+            (libc::SYS_fdatasync, "fdatasync"),
+            (libc::SYS_fanotify_mark, "fanotify_mark"),
+            // A hot add of a file another process locked names the holder (/proc/locks, /proc/PID/fdinfo).
+            (libc::SYS_getdents64, "getdents64"),
+            // A hot add runs the start's checks: a writer holding the file is named from /proc/PID/fd links, a
+            // dangling symlink by its target.
+            (libc::SYS_readlink, "readlink"),
+            (libc::SYS_readlinkat, "readlinkat"),
         ],
         ThreadKind::ConsoleInput => &[],
         // A punch through the mapper: MAPPER_CHANGES is all it needs.
@@ -265,16 +313,42 @@ mod ioctl {
     pub const KVM_GET_REGS: u64 = 0x8090_ae81;
     /// `_IOR(KVMIO, 0x83, struct kvm_sregs)`
     pub const KVM_GET_SREGS: u64 = 0x8138_ae83;
+    /// `_IOW(KVMIO, 0x6a, struct kvm_irq_routing)`
+    pub const KVM_SET_GSI_ROUTING: u64 = 0x4008_ae6a;
+    /// `_IOW(KVMIO, 0x46, struct kvm_userspace_memory_region)`
+    pub const KVM_SET_USER_MEMORY_REGION: u64 = 0x4020_ae46;
+    /// `_IOW(KVMIO, 0x76, struct kvm_irqfd)`
+    pub const KVM_IRQFD: u64 = 0x4020_ae76;
+    /// `_IOW(KVMIO, 0x79, struct kvm_ioeventfd)`
+    pub const KVM_IOEVENTFD: u64 = 0x4040_ae79;
     /// `_IOWR('f', 11, struct fiemap)`
     pub const FS_IOC_FIEMAP: u64 = 0xc020_660b;
+    /// `_IOR('f', 1, long)`
+    pub const FS_IOC_GETFLAGS: u64 = daxvisor_mapper::FS_IOC_GETFLAGS;
+    /// `_IOW('f', 2, long)`
+    pub const FS_IOC_SETFLAGS: u64 = daxvisor_mapper::FS_IOC_SETFLAGS;
+    /// `_IO(VFIO_TYPE, VFIO_BASE + 5)`
+    pub const VFIO_GROUP_UNSET_CONTAINER: u64 = 0x3b69;
+    /// `_IO(VFIO_TYPE, VFIO_BASE + 10)`
+    pub const VFIO_DEVICE_SET_IRQS: u64 = 0x3b6e;
+    /// `_IO(VFIO_TYPE, VFIO_BASE + 11)`
+    pub const VFIO_DEVICE_RESET: u64 = 0x3b6f;
+    /// `_IO(VFIO_TYPE, VFIO_BASE + 13)`
+    pub const VFIO_IOMMU_MAP_DMA: u64 = 0x3b71;
+    /// `_IO(VFIO_TYPE, VFIO_BASE + 14)`
+    pub const VFIO_IOMMU_UNMAP_DMA: u64 = 0x3b72;
+    /// `_IOW(KVMIO, 0xe1, struct kvm_device_attr)`
+    pub const KVM_SET_DEVICE_ATTR: u64 = 0x4018_aee1;
 }
 
 /// The ioctl requests a thread of `kind` may issue: `ioctl` is allowed only with one of these as its request
 /// (second argument), and not at all for a kind whose list is empty. Everything else daxvisor asks of KVM
 /// (creating the VM, its memory, irqfds, ioeventfds, vCPU setup) happens at start, before any filter.
 /// Terminal queries (`isatty`: TCGETS) also happen only at start (the log format, the prefault progress bar).
-/// The VMM wires no VFIO device mapper yet: when it does, the threads that pin (agent) and revoke or end owners
-/// (API, reclaim, guard, event loop) need `VFIO_IOMMU_MAP_DMA` / `VFIO_IOMMU_UNMAP_DMA` here.
+/// With a passthrough device (`--device vfio=`): the agent maps and unmaps the DMA pins guests ask for; every
+/// thread that can end a DMA pin (a revoke from the API, reclaim or the guard, an owner's end) unmaps it; a vCPU
+/// turns MSI-X on and off as the guest programs the device; the stop sequence resets the device and takes its
+/// group out of the container (and out of KVM's VFIO device).
 pub fn allowed_ioctls(kind: ThreadKind) -> &'static [(u64, &'static str)] {
     match kind {
         ThreadKind::Vcpu => &[
@@ -282,16 +356,56 @@ pub fn allowed_ioctls(kind: ThreadKind) -> &'static [(u64, &'static str)] {
             // The register dump of a guest crash report.
             (ioctl::KVM_GET_REGS, "KVM_GET_REGS"),
             (ioctl::KVM_GET_SREGS, "KVM_GET_SREGS"),
+            // With --transport pci: a guest unmasking an MSI-X vector or changing its message (a table write
+            // exits to the vCPU) routes the vector's GSI (vmm/src/pci/msi_routing.rs).
+            (ioctl::KVM_SET_GSI_ROUTING, "KVM_SET_GSI_ROUTING"),
+            (ioctl::VFIO_DEVICE_SET_IRQS, "VFIO_DEVICE_SET_IRQS"),
+            // A passthrough BAR's memory slot follows the guest's decoding of it (vmm/src/vfio/bar_map.rs).
+            (
+                ioctl::KVM_SET_USER_MEMORY_REGION,
+                "KVM_SET_USER_MEMORY_REGION",
+            ),
         ],
-        // Pins and prepares check the file's extents.
-        ThreadKind::AgentService => &[(ioctl::FS_IOC_FIEMAP, "FS_IOC_FIEMAP")],
-        ThreadKind::EventLoop
-        | ThreadKind::FlushWorker
-        | ThreadKind::Guard
-        | ThreadKind::Signals
-        | ThreadKind::Api
-        | ThreadKind::ConsoleInput
-        | ThreadKind::Reclaim => &[],
+        // Pins and prepares check the file's extents; DMA pins map and unmap.
+        ThreadKind::AgentService => &[
+            (ioctl::FS_IOC_FIEMAP, "FS_IOC_FIEMAP"),
+            (ioctl::VFIO_IOMMU_MAP_DMA, "VFIO_IOMMU_MAP_DMA"),
+            (ioctl::VFIO_IOMMU_UNMAP_DMA, "VFIO_IOMMU_UNMAP_DMA"),
+        ],
+        // A backing file's immutable or append-only flag is read and cleared (`chattr`); a revoke ends a DMA pin.
+        ThreadKind::Guard => &[
+            (ioctl::FS_IOC_GETFLAGS, "FS_IOC_GETFLAGS"),
+            (ioctl::FS_IOC_SETFLAGS, "FS_IOC_SETFLAGS"),
+            (ioctl::VFIO_IOMMU_UNMAP_DMA, "VFIO_IOMMU_UNMAP_DMA"),
+        ],
+        // An access fault is explained with the file's flags. Hot add and remove (`--pmem-hotplug`): the
+        // region's memory slot, its function's MSI-X irqfds and GSI routes, its queue notifications. Passthrough
+        // devices are torn down at the end.
+        ThreadKind::EventLoop => &[
+            (ioctl::FS_IOC_GETFLAGS, "FS_IOC_GETFLAGS"),
+            (
+                ioctl::KVM_SET_USER_MEMORY_REGION,
+                "KVM_SET_USER_MEMORY_REGION",
+            ),
+            (ioctl::KVM_IRQFD, "KVM_IRQFD"),
+            (ioctl::KVM_IOEVENTFD, "KVM_IOEVENTFD"),
+            (ioctl::KVM_SET_GSI_ROUTING, "KVM_SET_GSI_ROUTING"),
+            (ioctl::VFIO_IOMMU_UNMAP_DMA, "VFIO_IOMMU_UNMAP_DMA"),
+            (ioctl::VFIO_DEVICE_SET_IRQS, "VFIO_DEVICE_SET_IRQS"),
+            (ioctl::VFIO_DEVICE_RESET, "VFIO_DEVICE_RESET"),
+            (
+                ioctl::VFIO_GROUP_UNSET_CONTAINER,
+                "VFIO_GROUP_UNSET_CONTAINER",
+            ),
+            (ioctl::KVM_SET_DEVICE_ATTR, "KVM_SET_DEVICE_ATTR"),
+        ],
+        // The API also asks the container whether an IOVA is mapped (a scratch page mapped and unmapped).
+        ThreadKind::Api => &[
+            (ioctl::VFIO_IOMMU_MAP_DMA, "VFIO_IOMMU_MAP_DMA"),
+            (ioctl::VFIO_IOMMU_UNMAP_DMA, "VFIO_IOMMU_UNMAP_DMA"),
+        ],
+        ThreadKind::Reclaim => &[(ioctl::VFIO_IOMMU_UNMAP_DMA, "VFIO_IOMMU_UNMAP_DMA")],
+        ThreadKind::FlushWorker | ThreadKind::Signals | ThreadKind::ConsoleInput => &[],
     }
 }
 
@@ -379,7 +493,7 @@ pub fn init(mode: SeccompMode) -> Result<(), SeccompError> {
 /// [`crate::privileges::init`] and no filter installed before [`init`] (library use, unit tests) or with
 /// `--seccomp off`.
 pub fn apply_for_thread(kind: ThreadKind) -> Result<(), SeccompError> {
-    crate::privileges::drop_on_this_thread()
+    crate::privileges::drop_on_this_thread(kind == ThreadKind::Guard)
         .map_err(|source| SeccompError::Privileges { kind, source })?;
     if kind != ThreadKind::Signals {
         crate::signals::leave_to_signal_thread()
@@ -565,7 +679,56 @@ mod tests {
         assert_eq!(kvm_run(), ioctl::KVM_RUN);
         assert_eq!(kvm_get_regs(), ioctl::KVM_GET_REGS);
         assert_eq!(kvm_get_sregs(), ioctl::KVM_GET_SREGS);
+        vmm_sys_util::ioctl_iow_nr!(
+            kvm_set_gsi_routing,
+            kvm_bindings::KVMIO,
+            0x6a,
+            kvm_bindings::kvm_irq_routing
+        );
+        assert_eq!(kvm_set_gsi_routing(), ioctl::KVM_SET_GSI_ROUTING);
+        vmm_sys_util::ioctl_iow_nr!(
+            kvm_set_user_memory_region,
+            kvm_bindings::KVMIO,
+            0x46,
+            kvm_bindings::kvm_userspace_memory_region
+        );
+        vmm_sys_util::ioctl_iow_nr!(
+            kvm_irqfd,
+            kvm_bindings::KVMIO,
+            0x76,
+            kvm_bindings::kvm_irqfd
+        );
+        vmm_sys_util::ioctl_iow_nr!(
+            kvm_ioeventfd,
+            kvm_bindings::KVMIO,
+            0x79,
+            kvm_bindings::kvm_ioeventfd
+        );
+        assert_eq!(
+            kvm_set_user_memory_region(),
+            ioctl::KVM_SET_USER_MEMORY_REGION
+        );
+        assert_eq!(kvm_irqfd(), ioctl::KVM_IRQFD);
+        assert_eq!(kvm_ioeventfd(), ioctl::KVM_IOEVENTFD);
         assert_eq!(fs_ioc_fiemap(), ioctl::FS_IOC_FIEMAP);
+        const VFIO: u32 = b';' as u32;
+        vmm_sys_util::ioctl_io_nr!(group_unset_container, VFIO, 100 + 5);
+        vmm_sys_util::ioctl_io_nr!(device_set_irqs, VFIO, 100 + 10);
+        vmm_sys_util::ioctl_io_nr!(device_reset, VFIO, 100 + 11);
+        vmm_sys_util::ioctl_io_nr!(iommu_map_dma, VFIO, 100 + 13);
+        vmm_sys_util::ioctl_io_nr!(iommu_unmap_dma, VFIO, 100 + 14);
+        vmm_sys_util::ioctl_iow_nr!(
+            kvm_set_device_attr,
+            kvm_bindings::KVMIO,
+            0xe1,
+            kvm_bindings::kvm_device_attr
+        );
+        assert_eq!(group_unset_container(), ioctl::VFIO_GROUP_UNSET_CONTAINER);
+        assert_eq!(device_set_irqs(), ioctl::VFIO_DEVICE_SET_IRQS);
+        assert_eq!(device_reset(), ioctl::VFIO_DEVICE_RESET);
+        assert_eq!(iommu_map_dma(), ioctl::VFIO_IOMMU_MAP_DMA);
+        assert_eq!(iommu_unmap_dma(), ioctl::VFIO_IOMMU_UNMAP_DMA);
+        assert_eq!(kvm_set_device_attr(), ioctl::KVM_SET_DEVICE_ATTR);
     }
 
     #[test]

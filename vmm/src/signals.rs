@@ -4,7 +4,14 @@
 //!
 //! signal-hook's iterator does the async-signal-safe part (a self-pipe); the decisions are made on an ordinary
 //! thread.
+//!
+//! Start-up: `daxvisor run` blocks both signals first thing ([`leave_to_signal_thread`] on the main thread,
+//! before anything is created), so a signal during start-up is held pending, never acted on by its default
+//! action (which would leave a `create=on` file behind). The signal thread unblocks them once it is ready;
+//! a signal that came before then is handled at that moment and recorded by the handler itself
+//! ([`StopSignals::signalled`]), and the start is then undone ([`StopSignals::refuse_start_if_signalled`]).
 
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::thread::JoinHandle;
 
@@ -48,22 +55,37 @@ pub fn leave_to_signal_thread() -> Result<(), vmm_sys_util::signal::Error> {
 /// return only when the process exits; nothing runs after the VM then).
 pub struct StopSignals {
     handle: Handle,
-    thread: Option<JoinHandle<()>>,
+    thread: Option<JoinHandle<Option<()>>>,
+    /// The last stop signal received (0: none), set in the signal handler itself.
+    signalled: Arc<AtomicUsize>,
 }
 
+/// A start that a stop signal cut short; what it had created was undone.
+#[derive(Debug, thiserror::Error)]
+#[error("{}: start interrupted; everything it had created was undone", name(*.0))]
+pub struct Interrupted(pub i32);
+
 impl StopSignals {
-    /// Start watching; from now on SIGINT/SIGTERM no longer kill the process outright.
+    /// Start watching; from now on SIGINT/SIGTERM no longer kill the process outright. Returns once the signal
+    /// thread takes them: a signal sent before has been seen by then ([`StopSignals::signalled`]).
     pub fn install(state: Arc<RunState>) -> std::io::Result<StopSignals> {
+        let signalled = Arc::new(AtomicUsize::new(0));
+        for signal in [SIGINT, SIGTERM] {
+            signal_hook::flag::register_usize(signal, signalled.clone(), signal as usize)?;
+        }
         let mut signals = Signals::new([SIGINT, SIGTERM])?;
         let handle = signals.handle();
-        let thread = std::thread::Builder::new()
-            .name("signals".into())
-            .spawn(move || {
-                if let Err(e) = crate::seccomp::apply_for_thread(crate::seccomp::ThreadKind::Signals) {
-                    tracing::error!("{e}");
-                    state.request_stop(StopReason::VmmError(e.to_string()));
-                    return;
+        let (ready_tx, ready) = std::sync::mpsc::channel::<()>();
+        let thread = crate::threads::spawn(
+            "signals",
+            crate::seccomp::ThreadKind::Signals,
+            move || {
+                // Blocked since start-up (inherited): from here on they come to this thread. One pending now
+                // is handled before the unblock returns.
+                if let Err(e) = take_stop_signals() {
+                    tracing::error!("cannot unblock SIGINT/SIGTERM on the signal thread: {e}");
                 }
+                let _ = ready_tx.send(());
                 let mut seen = 0;
                 for signal in signals.forever() {
                     seen += 1;
@@ -82,12 +104,50 @@ impl StopSignals {
                         std::process::exit(i32::from(EXIT_FORCED));
                     }
                 }
-            })?;
+            },
+        )?;
+        // The thread ends early only if its filter failed (the VM is then stopping anyway).
+        let _ = ready.recv();
         Ok(StopSignals {
             handle,
             thread: Some(thread),
+            signalled,
         })
     }
+
+    /// The stop signal received so far, if any.
+    pub fn signalled(&self) -> Option<i32> {
+        match self.signalled.load(Ordering::SeqCst) {
+            0 => None,
+            s => i32::try_from(s).ok(),
+        }
+    }
+
+    /// The last step of start-up before the guest runs: a stop signal received so far ends the start (the
+    /// caller's undo list removes what it created) instead of starting a guest only to stop it.
+    pub fn refuse_start_if_signalled(&self) -> Result<(), Interrupted> {
+        match self.signalled() {
+            Some(s) => Err(Interrupted(s)),
+            None => Ok(()),
+        }
+    }
+}
+
+/// Unblocks SIGINT and SIGTERM on the calling thread (the signal thread).
+fn take_stop_signals() -> std::io::Result<()> {
+    // SAFETY: sigset_t is plain data, initialised by sigemptyset/sigaddset before use.
+    let mut set: libc::sigset_t = unsafe { std::mem::zeroed() };
+    // SAFETY: valid pointers; SIGINT and SIGTERM are valid signal numbers.
+    let r = unsafe {
+        libc::sigemptyset(&mut set);
+        libc::sigaddset(&mut set, SIGINT);
+        libc::sigaddset(&mut set, SIGTERM);
+        libc::pthread_sigmask(libc::SIG_UNBLOCK, &set, std::ptr::null_mut())
+    };
+    if r != 0 {
+        return Err(std::io::Error::from_raw_os_error(r));
+    }
+    Ok(())
 }
 
 impl Drop for StopSignals {

@@ -22,6 +22,12 @@ pub enum InterruptKind {
 pub trait VirtioInterrupt: Send + Sync {
     /// Set the InterruptStatus bit for `kind` and signal the interrupt line.
     fn trigger(&self, kind: InterruptKind) -> std::io::Result<()>;
+    /// The device used buffers in queue `queue`. Transports with one vector per queue (virtio-pci with
+    /// MSI-X) raise that queue's; the default is [`VirtioInterrupt::trigger`] with `UsedBuffer`.
+    fn trigger_queue(&self, queue: usize) -> std::io::Result<()> {
+        let _ = queue;
+        self.trigger(InterruptKind::UsedBuffer)
+    }
     /// Current InterruptStatus register value.
     fn status(&self) -> u32;
     /// Clear the bits the driver acknowledged (InterruptACK register).

@@ -9,16 +9,16 @@
 //! Registers are 32-bit; other access widths are ignored (reads as zero). Everything the guest writes is
 //! checked: a bad value is ignored or answered with DEVICE_NEEDS_RESET, never a panic.
 
-use std::os::fd::AsRawFd;
 use std::sync::{Arc, Mutex, MutexGuard};
 
-use event_manager::{EventOps, EventSet, Events, MutEventSubscriber};
+use event_manager::{EventOps, Events, MutEventSubscriber};
 use virtio_queue::{Queue, QueueT};
 use vm_memory::GuestAddress;
 use vmm_sys_util::eventfd::EventFd;
 
-use super::interrupt::{InterruptKind, IrqfdInterrupt, VirtioInterrupt};
-use super::{status, GuestMemory, VirtioDevice, VIRTIO_F_VERSION_1};
+use super::device_state::DeviceState;
+use super::interrupt::{IrqfdInterrupt, VirtioInterrupt};
+use super::{status, GuestMemory, VirtioDevice};
 use crate::bus::BusDevice;
 
 /// "virt" little-endian.
@@ -47,21 +47,9 @@ pub struct QueueNotifyFd<'a> {
 
 /// The virtio-mmio register block of one device: registers, feature negotiation, queue setup, activation and reset.
 pub struct MmioTransport {
-    device: Box<dyn VirtioDevice>,
-    mem: GuestMemory,
+    state: DeviceState,
     interrupt: Arc<IrqfdInterrupt>,
-    queues: Vec<Queue>,
-    queue_evts: Vec<EventFd>,
-    /// Ready queues notified before DRIVER_OK, replayed at activation.
-    early_notify: Vec<bool>,
-    queue_select: u32,
-    device_features_select: u32,
-    driver_features_select: u32,
-    driver_features: u64,
-    unknown_features_acked: bool,
-    status: u32,
     config_generation: u32,
-    activated: bool,
 }
 
 /// Transport setup failures (VMM side, before the guest runs).
@@ -78,40 +66,29 @@ pub enum TransportError {
     /// Creating a queue notify or interrupt EventFd failed.
     #[error("cannot create an eventfd: {0}")]
     EventFd(#[source] std::io::Error),
+    /// virtio-pci: the BAR address the VMM allocated is not aligned to the BAR's size.
+    #[error("virtio-pci BAR address {0:#x} is not aligned to the BAR size")]
+    BarAddress(u64),
+    /// virtio-pci: the capabilities do not fit in configuration space.
+    #[error("virtio-pci capabilities do not fit in configuration space")]
+    Capability,
 }
 
 impl MmioTransport {
     /// `mem` is the guest memory the device may access for queues and buffers (RAM only; see
     /// [`super::GuestMemory`]).
     pub fn new(mem: GuestMemory, device: Box<dyn VirtioDevice>) -> Result<Self, TransportError> {
-        let mut queues = Vec::new();
-        let mut queue_evts = Vec::new();
-        for (index, &size) in device.queue_max_sizes().iter().enumerate() {
-            queues
-                .push(Queue::new(size).map_err(|_| TransportError::QueueMaxSize { index, size })?);
-            queue_evts.push(EventFd::new(libc::EFD_NONBLOCK).map_err(TransportError::EventFd)?);
-        }
+        let interrupt = Arc::new(IrqfdInterrupt::new().map_err(TransportError::EventFd)?);
         Ok(MmioTransport {
-            device,
-            mem,
-            interrupt: Arc::new(IrqfdInterrupt::new().map_err(TransportError::EventFd)?),
-            early_notify: vec![false; queues.len()],
-            queues,
-            queue_evts,
-            queue_select: 0,
-            device_features_select: 0,
-            driver_features_select: 0,
-            driver_features: 0,
-            unknown_features_acked: false,
-            status: 0,
+            state: DeviceState::new(mem, device, interrupt.clone(), "virtio-mmio")?,
+            interrupt,
             config_generation: 0,
-            activated: false,
         })
     }
 
     /// The device's virtio device id.
     pub fn device_type(&self) -> u32 {
-        self.device.device_type()
+        self.state.device.device_type()
     }
 
     /// The EventFd to register with KVM as the device's irqfd (`vm.register_irqfd(fd, gsi)`).
@@ -121,7 +98,8 @@ impl MmioTransport {
 
     /// One ioeventfd per queue, for `vm.register_ioevent`.
     pub fn queue_notify_fds(&self) -> Vec<QueueNotifyFd<'_>> {
-        self.queue_evts
+        self.state
+            .queue_evts
             .iter()
             .enumerate()
             .map(|(i, fd)| QueueNotifyFd {
@@ -134,197 +112,27 @@ impl MmioTransport {
 
     /// The device status register as the driver last left it (plus DEVICE_NEEDS_RESET if the device set it).
     pub fn status(&self) -> u32 {
-        self.status
+        self.state.status()
     }
 
     /// Whether the device was started successfully at DRIVER_OK and not reset since.
     pub fn is_activated(&self) -> bool {
-        self.activated
-    }
-
-    fn offered_features(&self) -> u64 {
-        self.device.device_features() | (1u64 << VIRTIO_F_VERSION_1)
-    }
-
-    fn selected_queue(&mut self) -> Option<&mut Queue> {
-        self.queues.get_mut(self.queue_select as usize)
-    }
-
-    /// Queue configuration is writable only between FEATURES_OK and DRIVER_OK, and not once the queue is
-    /// ready (virtio 1.2, 4.2.3.2).
-    fn queue_config_writable(&mut self) -> Option<&mut Queue> {
-        let s = self.status;
-        if s & status::FEATURES_OK == 0 || s & status::DRIVER_OK != 0 || s & status::FAILED != 0 {
-            return None;
-        }
-        self.selected_queue().filter(|q| !q.ready())
-    }
-
-    /// Mark the device broken (virtio 1.2, 2.1.1): the driver sees DEVICE_NEEDS_RESET and, once it has set
-    /// DRIVER_OK, a configuration-change interrupt.
-    fn set_needs_reset(&mut self, why: &dyn std::fmt::Display) {
-        tracing::warn!(
-            device = self.device.device_type(),
-            "virtio device needs reset: {why}"
-        );
-        self.status |= status::DEVICE_NEEDS_RESET;
-        if self.status & status::DRIVER_OK != 0 {
-            if let Err(e) = self.interrupt.trigger(InterruptKind::ConfigChange) {
-                tracing::warn!("cannot signal config interrupt: {e}");
-            }
-        }
-    }
-
-    fn reset(&mut self) {
-        if self.activated {
-            self.device.reset();
-        }
-        self.activated = false;
-        for q in &mut self.queues {
-            q.reset();
-        }
-        self.early_notify.fill(false);
-        // Drain notifications the driver sent before the reset so they are not taken for new ones.
-        for evt in &self.queue_evts {
-            let _ = evt.read();
-        }
-        self.interrupt.clear();
-        self.queue_select = 0;
-        self.device_features_select = 0;
-        self.driver_features_select = 0;
-        self.driver_features = 0;
-        self.unknown_features_acked = false;
-        self.status = 0;
-    }
-
-    fn write_status(&mut self, value: u32) {
-        if value == 0 {
-            self.reset();
-            return;
-        }
-        let old = self.status;
-        // DEVICE_NEEDS_RESET is the device's bit; the driver only echoes it back.
-        let value = value & !status::DEVICE_NEEDS_RESET;
-        let old_driver_bits = old & !status::DEVICE_NEEDS_RESET;
-        if value & old_driver_bits != old_driver_bits {
-            // Drivers may only add bits; clearing one needs a reset (virtio 1.2, 2.1.2).
-            tracing::debug!("virtio status write {value:#x} clears bits of {old:#x}; ignored");
-            return;
-        }
-        let added = value & !old_driver_bits;
-        let mut new = old | added;
-
-        if added & status::FEATURES_OK != 0 {
-            let offered = self.offered_features();
-            let ok = old_driver_bits & status::DRIVER != 0
-                && self.driver_features & (1u64 << VIRTIO_F_VERSION_1) != 0
-                && self.driver_features & !offered == 0
-                && !self.unknown_features_acked;
-            if ok {
-                self.device.ack_features(self.driver_features);
-            } else {
-                // Leave FEATURES_OK clear: the driver reads it back and gives up (virtio 1.2, 3.1.1).
-                tracing::debug!(
-                    "virtio driver features {:#x} refused (offered {offered:#x})",
-                    self.driver_features
-                );
-                new &= !status::FEATURES_OK;
-            }
-        }
-        if added & status::DRIVER_OK != 0 && new & status::FEATURES_OK == 0 {
-            tracing::debug!("virtio DRIVER_OK before FEATURES_OK; ignored");
-            new &= !status::DRIVER_OK;
-        }
-        self.status = new;
-
-        if added & status::DRIVER_OK != 0 && new & status::DRIVER_OK != 0 {
-            self.activate();
-        }
-    }
-
-    fn activate(&mut self) {
-        if self.activated || self.status & status::DEVICE_NEEDS_RESET != 0 {
-            return;
-        }
-        let mut queues = Vec::with_capacity(self.queues.len());
-        for (i, q) in self.queues.iter().enumerate() {
-            if q.ready() && !q.is_valid(&self.mem) {
-                let err = super::ActivateError::QueueInvalid(i);
-                self.set_needs_reset(&err);
-                return;
-            }
-            // The transport keeps its copy for the register reads; the device gets its own.
-            match Queue::try_from(q.state()) {
-                Ok(copy) => queues.push(copy),
-                Err(_) => {
-                    self.set_needs_reset(&super::ActivateError::QueueInvalid(i));
-                    return;
-                }
-            }
-        }
-        match self
-            .device
-            .activate(self.mem.clone(), self.interrupt.clone(), queues)
-        {
-            Ok(()) => {
-                self.activated = true;
-                // Replay kicks that came before DRIVER_OK through the event loop, where queues are processed.
-                for (i, early) in self.early_notify.iter_mut().enumerate() {
-                    if std::mem::take(early) {
-                        if let Err(e) = self.queue_evts[i].write(1) {
-                            tracing::warn!("cannot replay queue {i} notification: {e}");
-                        }
-                    }
-                }
-            }
-            Err(e) => self.set_needs_reset(&e),
-        }
-    }
-
-    /// The driver notified `index` (through the ioeventfd or a trapped QueueNotify write).
-    fn queue_notified(&mut self, index: usize) {
-        if self.status & status::DEVICE_NEEDS_RESET != 0 {
-            return;
-        }
-        let ready = self.queues.get(index).is_some_and(|q| q.ready());
-        if !self.activated {
-            if ready && self.status & status::FEATURES_OK != 0 {
-                // A configured, ready queue kicked just before DRIVER_OK (some drivers fill receive queues in
-                // probe): the device must not consume it yet (virtio 1.2, 2.1.2), so keep it for activation.
-                self.early_notify[index] = true;
-                return;
-            }
-            self.set_needs_reset(&format_args!(
-                "queue {index} notified before it was ready and DRIVER_OK was set"
-            ));
-            return;
-        }
-        if !ready {
-            self.set_needs_reset(&format_args!("queue {index} notified but not ready"));
-            return;
-        }
-        if let Err(e) = self.device.process_queue(index) {
-            self.set_needs_reset(&e);
-        }
+        self.state.is_activated()
     }
 
     fn read_register(&self, offset: u64) -> u32 {
-        let queue = self.queues.get(self.queue_select as usize);
+        let queue = self.state.selected_queue();
         match offset {
             reg::MAGIC => MMIO_MAGIC,
             reg::VERSION => MMIO_VERSION,
-            reg::DEVICE_ID => self.device.device_type(),
+            reg::DEVICE_ID => self.state.device.device_type(),
             reg::VENDOR_ID => VENDOR_ID,
-            reg::DEVICE_FEATURES => match self.device_features_select {
-                0 => self.offered_features() as u32,
-                1 => (self.offered_features() >> 32) as u32,
-                _ => 0,
-            },
+            reg::DEVICE_FEATURES => self.state.device_features_word(),
             reg::QUEUE_NUM_MAX => queue.map_or(0, |q| u32::from(q.max_size())),
             reg::QUEUE_NUM => queue.map_or(0, |q| u32::from(q.size())),
             reg::QUEUE_READY => queue.map_or(0, |q| u32::from(q.ready())),
             reg::INTERRUPT_STATUS => self.interrupt.status(),
-            reg::STATUS => self.status,
+            reg::STATUS => self.state.status(),
             reg::QUEUE_DESC_LOW => queue.map_or(0, |q| q.desc_table() as u32),
             reg::QUEUE_DESC_HIGH => queue.map_or(0, |q| (q.desc_table() >> 32) as u32),
             reg::QUEUE_DRIVER_LOW => queue.map_or(0, |q| q.avail_ring() as u32),
@@ -340,30 +148,12 @@ impl MmioTransport {
 
     fn write_register(&mut self, offset: u64, value: u32) {
         match offset {
-            reg::DEVICE_FEATURES_SEL => self.device_features_select = value,
-            reg::DRIVER_FEATURES_SEL => self.driver_features_select = value,
-            reg::DRIVER_FEATURES => {
-                // Only while negotiating: after DRIVER, before FEATURES_OK.
-                if self.status & status::DRIVER == 0 || self.status & status::FEATURES_OK != 0 {
-                    tracing::debug!("virtio driver features written outside negotiation; ignored");
-                    return;
-                }
-                match self.driver_features_select {
-                    0 => {
-                        self.driver_features =
-                            (self.driver_features & !0xffff_ffff) | u64::from(value)
-                    }
-                    1 => {
-                        self.driver_features =
-                            (self.driver_features & 0xffff_ffff) | (u64::from(value) << 32)
-                    }
-                    // Feature bits above 63 do not exist; a driver setting any is refused at FEATURES_OK.
-                    _ => self.unknown_features_acked |= value != 0,
-                }
-            }
-            reg::QUEUE_SEL => self.queue_select = value,
+            reg::DEVICE_FEATURES_SEL => self.state.device_features_select = value,
+            reg::DRIVER_FEATURES_SEL => self.state.driver_features_select = value,
+            reg::DRIVER_FEATURES => self.state.write_driver_features(value),
+            reg::QUEUE_SEL => self.state.queue_select = value,
             reg::QUEUE_NUM => {
-                if let Some(q) = self.queue_config_writable() {
+                if let Some(q) = self.state.queue_config_writable() {
                     match u16::try_from(value).map(|v| q.try_set_size(v)) {
                         Ok(Ok(())) => {}
                         _ => tracing::debug!("virtio queue size {value} refused"),
@@ -371,10 +161,10 @@ impl MmioTransport {
                 }
             }
             reg::QUEUE_READY => {
-                let s = self.status;
+                let s = self.state.status();
                 // Ready may go 0 -> 1 during setup only; 1 -> 0 without a reset is not supported.
                 if s & status::FEATURES_OK != 0 && s & status::DRIVER_OK == 0 {
-                    if let Some(q) = self.selected_queue() {
+                    if let Some(q) = self.state.selected_queue_mut() {
                         q.set_ready(value == 1);
                     }
                 }
@@ -382,24 +172,22 @@ impl MmioTransport {
             reg::QUEUE_NOTIFY => {
                 // Only reached when the VMM did not register the ioeventfd (or for a bad index): feed the same
                 // path the ioeventfd takes.
-                match self.queue_evts.get(value as usize) {
-                    Some(evt) => {
-                        if let Err(e) = evt.write(1) {
-                            tracing::warn!("cannot signal queue eventfd: {e}");
-                        }
-                    }
-                    None => self.set_needs_reset(&format_args!("notify for missing queue {value}")),
+                if !self.state.kick(value as usize) {
+                    self.state
+                        .set_needs_reset(&format_args!("notify for missing queue {value}"));
                 }
             }
             reg::INTERRUPT_ACK => self.interrupt.ack(value),
-            reg::STATUS => self.write_status(value),
+            reg::STATUS => {
+                self.state.write_status(value);
+            }
             reg::QUEUE_DESC_LOW
             | reg::QUEUE_DESC_HIGH
             | reg::QUEUE_DRIVER_LOW
             | reg::QUEUE_DRIVER_HIGH
             | reg::QUEUE_DEVICE_LOW
             | reg::QUEUE_DEVICE_HIGH => {
-                if let Some(q) = self.queue_config_writable() {
+                if let Some(q) = self.state.queue_config_writable() {
                     set_queue_address(q, offset, value);
                 }
             }
@@ -437,7 +225,7 @@ impl BusDevice for MmioTransport {
     fn read(&mut self, offset: u64, data: &mut [u8]) {
         data.fill(0);
         if offset >= reg::CONFIG {
-            self.device.read_config(offset - reg::CONFIG, data);
+            self.state.device.read_config(offset - reg::CONFIG, data);
         } else if data.len() == 4 && offset.is_multiple_of(4) {
             data.copy_from_slice(&self.read_register(offset).to_le_bytes());
         } else {
@@ -450,7 +238,7 @@ impl BusDevice for MmioTransport {
 
     fn write(&mut self, offset: u64, data: &[u8]) {
         if offset >= reg::CONFIG {
-            self.device.write_config(offset - reg::CONFIG, data);
+            self.state.device.write_config(offset - reg::CONFIG, data);
             self.config_generation = self.config_generation.wrapping_add(1);
         } else if let (Ok(bytes), 0) = (<[u8; 4]>::try_from(data), offset % 4) {
             self.write_register(offset, u32::from_le_bytes(bytes));
@@ -484,26 +272,11 @@ impl MmioSubscriber {
 
 impl MutEventSubscriber for MmioSubscriber {
     fn init(&mut self, ops: &mut EventOps) {
-        let mut t = lock(&self.transport);
-        for (i, evt) in t.queue_evts.iter().enumerate() {
-            if let Err(e) = ops.add(Events::with_data(evt, i as u32, EventSet::IN)) {
-                tracing::error!("cannot poll virtio queue {i} notifications: {e:?}");
-            }
-        }
-        t.device.init_host_events(ops);
+        lock(&self.transport).state.init_events(ops);
     }
 
     fn process(&mut self, events: Events, ops: &mut EventOps) {
-        let mut t = lock(&self.transport);
-        let fd = events.fd();
-        match t.queue_evts.iter().position(|e| e.as_raw_fd() == fd) {
-            Some(index) => {
-                // Reading clears the counter; several notifications coalesce into one pass over the queue.
-                let _ = t.queue_evts[index].read();
-                t.queue_notified(index);
-            }
-            None => t.device.process_host_event(events, ops),
-        }
+        lock(&self.transport).state.process_event(events, ops);
     }
 }
 
@@ -703,7 +476,7 @@ mod tests {
         wr(&mut t, reg::DRIVER_FEATURES_SEL, 1);
         wr(&mut t, reg::DRIVER_FEATURES, 1);
         assert_eq!(
-            t.driver_features, 0,
+            t.state.driver_features, 0,
             "features written before DRIVER are ignored"
         );
         wr(
@@ -803,11 +576,11 @@ mod tests {
         // Notify before DRIVER_OK: the queue is not live; the device is marked as needing reset.
         wr(&mut t, reg::QUEUE_NOTIFY, 0);
         assert_eq!(
-            t.queue_evts[0].read().unwrap(),
+            t.state.queue_evts[0].read().unwrap(),
             1,
             "trapped notify feeds the eventfd"
         );
-        t.queue_notified(0);
+        t.state.queue_notified(0);
         assert_eq!(processed.load(Ordering::SeqCst), 0);
         assert_ne!(t.status() & status::DEVICE_NEEDS_RESET, 0);
         wr(&mut t, reg::STATUS, 0);
@@ -815,10 +588,10 @@ mod tests {
         negotiate(&mut t, 1 << 32);
         setup_queue(&mut t, 0, 0x1_0000);
         wr(&mut t, reg::STATUS, ALL_OK);
-        t.queue_notified(0);
+        t.state.queue_notified(0);
         assert_eq!(processed.load(Ordering::SeqCst), 1);
         // Queue 1 exists but was never made ready.
-        t.queue_notified(1);
+        t.state.queue_notified(1);
         assert_eq!(processed.load(Ordering::SeqCst), 1);
         assert_ne!(t.status() & status::DEVICE_NEEDS_RESET, 0);
         // Out-of-range notify index: needs reset, no panic.
@@ -830,7 +603,7 @@ mod tests {
         wr(&mut t, reg::STATUS, 0);
         negotiate(&mut t, 1 << 32);
         setup_queue(&mut t, 0, 0x1_0000);
-        t.queue_notified(0);
+        t.state.queue_notified(0);
         assert_eq!(t.status() & status::DEVICE_NEEDS_RESET, 0);
         assert_eq!(
             processed.load(Ordering::SeqCst),
@@ -839,7 +612,7 @@ mod tests {
         );
         wr(&mut t, reg::STATUS, ALL_OK);
         assert_eq!(
-            t.queue_evts[0].read().unwrap(),
+            t.state.queue_evts[0].read().unwrap(),
             1,
             "replayed through the eventfd"
         );
@@ -856,11 +629,11 @@ mod tests {
         setup_queue(&mut t, 0, 0x1_0000);
         setup_queue(&mut t, 1, 0x4_0000);
         wr(&mut t, reg::STATUS, ALL_OK);
-        t.queue_notified(1);
+        t.state.queue_notified(1);
         assert_eq!(processed.load(Ordering::SeqCst), 1);
         assert_ne!(t.status() & status::DEVICE_NEEDS_RESET, 0);
         // Further notifications are ignored until the driver resets the device.
-        t.queue_notified(0);
+        t.state.queue_notified(0);
         assert_eq!(processed.load(Ordering::SeqCst), 1);
     }
 
@@ -877,7 +650,7 @@ mod tests {
         let mut em = event_manager::EventManager::<MmioSubscriber>::new().unwrap();
         em.add_subscriber(MmioSubscriber::new(t.clone()));
         // What KVM does on an ioeventfd match.
-        lock(&t).queue_evts[0].write(1).unwrap();
+        lock(&t).state.queue_evts[0].write(1).unwrap();
         assert_eq!(em.run_with_timeout(1000).unwrap(), 1);
         assert_eq!(processed.load(Ordering::SeqCst), 1);
     }

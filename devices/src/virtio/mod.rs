@@ -1,8 +1,10 @@
-//! Virtio devices over the virtio-mmio transport (virtio 1.x, modern only).
+//! Virtio devices over the virtio-mmio and virtio-pci transports (virtio 1.x, modern only).
 //!
 //! - [`device`]: the [`VirtioDevice`] trait every device model implements.
+//! - `device_state`: what both transports share (status, features, queue setup rules, activation, reset).
 //! - [`interrupt`]: how a device raises used-buffer and config-change interrupts ([`VirtioInterrupt`]).
 //! - [`mmio`]: the virtio-mmio register block ([`MmioTransport`]) and its event-loop subscriber.
+//! - [`pci`]: the virtio-pci transport ([`pci::VirtioPciDevice`]): a PCI function with MSI-X, same devices.
 //! - [`console`]: virtio-console with multiport (device id 3): the guest console and the agent channel.
 //! - [`pmem`]: virtio-pmem (device id 27).
 //!
@@ -22,8 +24,10 @@
 
 pub mod console;
 pub mod device;
+mod device_state;
 pub mod interrupt;
 pub mod mmio;
+pub mod pci;
 pub mod pmem;
 
 #[cfg(test)]

@@ -17,8 +17,10 @@ use daxvisor_proto::agent::{
     OpenOwner, RangeRequest,
 };
 
+use crate::config::ReclaimConfig;
 use crate::ipc::{Event, Hold, Line, Region, Request, Response, Status};
 use crate::port::{Notice, Port, PortError, Reply};
+use crate::thin;
 
 /// How long to wait before opening the port again after the session was lost.
 const REOPEN_DELAY: Duration = Duration::from_secs(1);
@@ -35,8 +37,11 @@ mod tests;
 pub struct Config {
     pub port: PathBuf,
     pub socket: PathBuf,
-    /// Run with `sh -c` on a break notice; the lease is released when it exits 0.
+    /// Run with `sh -c` on a break notice (the lease is released when it exits 0) and when a region is added
+    /// (`DAXVISOR_EVENT=region-added`).
     pub hook: Option<String>,
+    /// Periodic reclaim (off unless `every` is set).
+    pub reclaim: ReclaimConfig,
 }
 
 struct Client {
@@ -62,6 +67,8 @@ struct Shared {
     opener: Opener,
     state: Mutex<State>,
     next_client: AtomicU64,
+    /// One reclaim at a time (the CLI's and the periodic one).
+    reclaiming: Mutex<()>,
 }
 
 impl Shared {
@@ -106,7 +113,14 @@ pub fn run_with(cfg: Config, opener: Opener) -> std::io::Result<()> {
         cfg,
         state: Mutex::new(State::default()),
         next_client: AtomicU64::new(1),
+        reclaiming: Mutex::new(()),
     });
+    if let Some(every) = shared.cfg.reclaim.every {
+        let shared = shared.clone();
+        std::thread::Builder::new()
+            .name("reclaim".into())
+            .spawn(move || periodic_reclaim(&shared, every))?;
+    }
     {
         let shared = shared.clone();
         std::thread::Builder::new()
@@ -155,6 +169,42 @@ fn sessions(shared: &Arc<Shared>) {
     }
 }
 
+/// Runs a reclaim (one at a time).
+fn reclaim(shared: &Shared, opts: &thin::Options) -> Result<Vec<thin::Report>, String> {
+    let _one = shared.reclaiming.lock().unwrap_or_else(|e| e.into_inner());
+    let port = shared.port().map_err(|e| e.to_string())?;
+    thin::run(&port, opts).map_err(|e| e.to_string())
+}
+
+/// The periodic reclaim of the configuration's mounts, one line per filesystem.
+fn periodic_reclaim(shared: &Arc<Shared>, every: Duration) {
+    let c = &shared.cfg.reclaim;
+    eprintln!("daxvisor-agent: reclaiming pmem free space every {every:?}");
+    loop {
+        std::thread::sleep(every);
+        let mounts: Vec<Option<PathBuf>> = if c.mounts.is_empty() {
+            vec![None]
+        } else {
+            c.mounts.iter().cloned().map(Some).collect()
+        };
+        for mount in mounts {
+            let opts = thin::Options {
+                mount,
+                min_size: c.min_size,
+                timeout: c.timeout,
+            };
+            match reclaim(shared, &opts) {
+                Ok(reports) => {
+                    for r in &reports {
+                        eprintln!("daxvisor-agent: periodic reclaim: {}", thin::summary(r));
+                    }
+                }
+                Err(e) => eprintln!("daxvisor-agent: periodic reclaim: {e}"),
+            }
+        }
+    }
+}
+
 fn handle_notices(shared: &Arc<Shared>, notices: &Receiver<Notice>) {
     while let Ok(n) = notices.recv() {
         match n {
@@ -168,6 +218,19 @@ fn handle_notices(shared: &Arc<Shared>, notices: &Receiver<Notice>) {
                 };
                 if let Some(c) = client {
                     shared.send_line(c, &Line::Event(Event::Revoked { lease: r.lease }));
+                }
+            }
+            Notice::RegionAdded(info) => {
+                let name = agent::name_str(&info.name).unwrap_or("").to_owned();
+                eprintln!(
+                    "daxvisor-agent: region {} ({name}) added: {:#x} bytes at {:#x}",
+                    info.region, info.size, info.guest_addr
+                );
+                if let Some(hook) = shared.cfg.hook.clone() {
+                    let shared = shared.clone();
+                    let _ = std::thread::Builder::new()
+                        .name("hook".into())
+                        .spawn(move || run_added_hook(&shared, &hook, &info, &name));
                 }
             }
             Notice::Break(b) => {
@@ -213,6 +276,25 @@ fn client_of(st: &State, owner: u64) -> Option<u64> {
         .map(|(id, _)| *id)
 }
 
+/// The hook for a region added to the running VM: `DAXVISOR_EVENT=region-added` with the region's id, name,
+/// guest-physical address and size (the Linux device whose nd region starts there is the new one).
+fn run_added_hook(shared: &Shared, hook: &str, info: &agent::RegionInfo, name: &str) {
+    shared.lock().hooks_run += 1;
+    let status = Command::new("sh")
+        .arg("-c")
+        .arg(hook)
+        .env("DAXVISOR_EVENT", "region-added")
+        .env("DAXVISOR_REGION", info.region.to_string())
+        .env("DAXVISOR_NAME", name)
+        .env("DAXVISOR_GUEST_ADDR", format!("{:#x}", info.guest_addr))
+        .env("DAXVISOR_SIZE", info.size.to_string())
+        .status();
+    match status {
+        Ok(s) => eprintln!("daxvisor-agent: region-added hook for {name} exited {s}"),
+        Err(e) => eprintln!("daxvisor-agent: cannot run the hook: {e}"),
+    }
+}
+
 fn run_hook(
     shared: &Shared,
     hook: &str,
@@ -232,6 +314,7 @@ fn run_hook(
         .env("DAXVISOR_LENGTH", b.len.to_string())
         .env("DAXVISOR_DEADLINE_MS", b.deadline_ms.to_string())
         .env("DAXVISOR_REASON", reason)
+        .env("DAXVISOR_EVENT", "break")
         .status();
     match status {
         Ok(s) if s.success() => {
@@ -401,14 +484,20 @@ fn handle_inner(shared: &Shared, client: u64, req: Request) -> Result<Response, 
             region,
             offset,
             len,
+            dma,
         } => {
             let owner = owner(shared, client)?;
-            let msg = Message::Pin(RangeRequest {
+            let range = RangeRequest {
                 owner,
                 region,
                 offset,
                 len,
-            });
+            };
+            let msg = if dma {
+                Message::PinDma(range)
+            } else {
+                Message::Pin(range)
+            };
             granted(shared, client, owner, region, &msg, "pin")
         }
         Request::Prepare {
@@ -440,6 +529,24 @@ fn handle_inner(shared: &Shared, client: u64, req: Request) -> Result<Response, 
                 .call(&Message::Release(Handle { owner, id: lease }))?;
             shared.lock().holds.retain(|h| h.id != lease);
             Ok(ok)
+        }
+        Request::Reclaim {
+            mount,
+            min_size,
+            timeout_ms,
+        } => {
+            let opts = thin::Options {
+                mount: mount.map(PathBuf::from),
+                min_size,
+                timeout: Duration::from_millis(timeout_ms.max(1)),
+            };
+            match reclaim(shared, &opts) {
+                Ok(reports) => Ok(Response {
+                    reclaim: Some(reports),
+                    ..ok
+                }),
+                Err(e) => Ok(refused("EIO", e)),
+            }
         }
         Request::Status => {
             let st = shared.lock();

@@ -155,6 +155,7 @@ fn a_break_runs_the_hook_with_the_range_and_releases_the_lease_then_the_close_en
             "echo \"$DAXVISOR_REGION $DAXVISOR_OFFSET $DAXVISOR_LENGTH $DAXVISOR_REASON $DAXVISOR_LEASE\" > {}",
             hook_out.display()
         )),
+        reclaim: crate::config::ReclaimConfig::default(),
     };
     std::thread::spawn(move || run_with(cfg, opener));
     let mut host = hosts.recv_timeout(Duration::from_secs(10)).unwrap();

@@ -35,11 +35,24 @@ pub enum Request {
         offset: u64,
         #[serde(default)]
         len: u64,
+        /// For DMA: the host maps the range for the VM's passthrough devices until the unpin.
+        #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+        dma: bool,
     },
     /// Release a lease, whichever connection holds it.
     Release { lease: u64 },
     /// The daemon's view: session, owners, leases, pins, breaks.
     Status,
+    /// Give the free space of pmem filesystems back to the host (freeze, offer, thaw).
+    Reclaim {
+        /// One mount; none = every filesystem on a pmem device.
+        #[serde(default)]
+        mount: Option<String>,
+        #[serde(default)]
+        min_size: u64,
+        /// The bound on the host's answers while frozen, in milliseconds.
+        timeout_ms: u64,
+    },
 }
 
 /// The answer to one request.
@@ -65,6 +78,9 @@ pub struct Response {
     pub regions: Option<Vec<Region>>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub status: Option<Status>,
+    /// One report per filesystem reclaimed.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub reclaim: Option<Vec<crate::thin::Report>>,
 }
 
 /// Sent to a connection when one of its leases is asked for.

@@ -3,11 +3,15 @@
 //! `daxvisor-agent daemon` owns the virtio-console port `/dev/virtio-ports/org.daxvisor.agent.0` and serves
 //! applications on a Unix socket, one owner per connection (JSON lines, see [`ipc`]); the other subcommands are
 //! such applications, for people and scripts: `regions`, `lease`, `pin`, `prepare`, `release`, `status`, with
-//! tables or `--json`.
+//! tables or `--json`; `reclaim` gives the free space of pmem filesystems back to the host ([`thin`]).
 
+mod config;
 mod daemon;
+mod freeze;
+mod fsmap;
 mod ipc;
 mod port;
+mod thin;
 
 use std::io::{BufRead, BufReader, Write};
 use std::os::unix::net::UnixStream;
@@ -57,6 +61,22 @@ enum Cmd {
         /// DAXVISOR_DEADLINE_MS, DAXVISOR_REASON, DAXVISOR_LEASE in its environment; exit 0 releases the lease.
         #[arg(long, value_name = "COMMAND")]
         hook: Option<String>,
+        /// The configuration file (periodic reclaim: `every=`, `mount=`, `min-size=`, `timeout=`); missing =
+        /// defaults (no periodic reclaim).
+        #[arg(long, value_name = "PATH", default_value = "/etc/daxvisor-agent.conf")]
+        config: PathBuf,
+    },
+    /// Give the free space of filesystems on pmem back to the host: freeze, offer the free ranges, thaw.
+    Reclaim {
+        /// Only this mount (default: every filesystem on a pmem device).
+        #[arg(long, value_name = "PATH")]
+        mount: Option<PathBuf>,
+        /// Free ranges shorter than this are not offered (K, M, G suffixes).
+        #[arg(long, value_name = "SIZE", default_value = "2M", value_parser = thin::parse_size)]
+        min_size: u64,
+        /// How long the host may take to answer while the filesystem is frozen (s, m suffixes).
+        #[arg(long, value_name = "DURATION", default_value = "30s", value_parser = parse_timeout)]
+        timeout: Duration,
     },
     /// The pmem regions of this VM.
     Regions,
@@ -72,6 +92,10 @@ enum Cmd {
     Pin {
         #[command(flatten)]
         range: RangeArgs,
+        /// Pin for DMA: the host maps exactly the range for the VM's passthrough devices (at its guest
+        /// physical address) until the pin ends. Needs a region given with dma=agent on the host.
+        #[arg(long)]
+        dma: bool,
     },
     /// Make a range pinnable (under a temporary exclusive lease).
     Prepare {
@@ -87,28 +111,78 @@ enum Cmd {
     Status,
 }
 
-#[derive(clap::Args, Clone, Copy)]
+#[derive(clap::Args, Clone)]
 struct RangeArgs {
-    /// Region id (from `regions`).
+    /// Region: its name (the host's `--pmem id=`, from `regions`) or its number.
     #[arg(long)]
-    region: u64,
-    /// Offset in the region.
-    #[arg(long, default_value_t = 0)]
+    region: String,
+    /// Offset in the region: a size (`1M`, `0x100000`, `4096`; docs: daxvisor_proto::units).
+    #[arg(long, default_value = "0", value_parser = parse_size)]
     offset: u64,
-    /// Length; 0 = to the end of the region.
-    #[arg(long, default_value_t = 0)]
+    /// Length: a size; 0 = to the end of the region.
+    #[arg(long, visible_alias = "len", default_value = "0", value_parser = parse_size)]
+    length: u64,
+}
+
+/// A size on the command line, in the syntax every daxvisor command shares.
+fn parse_size(s: &str) -> Result<u64, String> {
+    daxvisor_proto::units::parse_size(s).map_err(|e| {
+        format!(
+            "'{s}': {e}; expected {}",
+            daxvisor_proto::units::SIZE_SYNTAX
+        )
+    })
+}
+
+/// A range with its region resolved to the number the daemon speaks.
+#[derive(Clone, Copy)]
+struct Range {
+    region: u64,
+    offset: u64,
     len: u64,
+}
+
+impl RangeArgs {
+    /// Resolve the region name against the daemon's region list (a number is taken as is).
+    fn resolve(&self, c: &mut Conn) -> Result<Range, String> {
+        let region = match self.region.parse::<u64>() {
+            Ok(n) => n,
+            Err(_) => {
+                let regions = c.call(&Request::Regions)?.regions.unwrap_or_default();
+                regions
+                    .iter()
+                    .find(|r| r.name == self.region)
+                    .map(|r| r.id)
+                    .ok_or_else(|| {
+                        let names: Vec<&str> = regions.iter().map(|r| r.name.as_str()).collect();
+                        format!(
+                            "no region named {}; this VM has: {}",
+                            self.region,
+                            names.join(", ")
+                        )
+                    })?
+            }
+        };
+        Ok(Range {
+            region,
+            offset: self.offset,
+            len: self.length,
+        })
+    }
 }
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
     let result = match cli.command {
-        Cmd::Daemon { port, hook } => daemon::run(daemon::Config {
-            port,
-            socket: cli.socket.clone(),
-            hook,
-        })
-        .map_err(|e| format!("daemon: {e}")),
+        Cmd::Daemon { port, hook, config } => config::load(&config).and_then(|reclaim| {
+            daemon::run(daemon::Config {
+                port,
+                socket: cli.socket.clone(),
+                hook,
+                reclaim,
+            })
+            .map_err(|e| format!("daemon: {e}"))
+        }),
         cmd => client(&cli.socket, cli.json, cmd),
     };
     match result {
@@ -198,7 +272,7 @@ fn client(socket: &PathBuf, json: bool, cmd: Cmd) -> Result<(), String> {
                         r.id.to_string(),
                         r.name.clone(),
                         format!("{:#x}", r.guest_addr),
-                        format!("{:#x}", r.size),
+                        daxvisor_proto::units::HumanBytes(r.size).to_string(),
                         r.kind.clone(),
                         r.readonly.to_string(),
                         r.dma_pinnable.to_string(),
@@ -209,6 +283,7 @@ fn client(socket: &PathBuf, json: bool, cmd: Cmd) -> Result<(), String> {
             Ok(())
         }
         Cmd::Lease { range, exclusive } => {
+            let range = range.resolve(&mut c)?;
             let r = c.call(&Request::Lease {
                 region: range.region,
                 offset: range.offset,
@@ -219,7 +294,8 @@ fn client(socket: &PathBuf, json: bool, cmd: Cmd) -> Result<(), String> {
             report(json, &r, "lease");
             hold_lease(&mut c, json, lease)
         }
-        Cmd::Pin { range } => {
+        Cmd::Pin { range, dma } => {
+            let range = range.resolve(&mut c)?;
             c.call(&Request::Lease {
                 region: range.region,
                 offset: range.offset,
@@ -235,6 +311,7 @@ fn client(socket: &PathBuf, json: bool, cmd: Cmd) -> Result<(), String> {
                 region: range.region,
                 offset: range.offset,
                 len: range.len,
+                dma,
             })?;
             report(json, &r, "pin");
             // Held while this connection lives.
@@ -243,6 +320,7 @@ fn client(socket: &PathBuf, json: bool, cmd: Cmd) -> Result<(), String> {
             }
         }
         Cmd::Prepare { range } => {
+            let range = range.resolve(&mut c)?;
             c.call(&Request::Lease {
                 region: range.region,
                 offset: range.offset,
@@ -261,6 +339,32 @@ fn client(socket: &PathBuf, json: bool, cmd: Cmd) -> Result<(), String> {
             let r = c.call(&Request::Release { lease })?;
             report(json, &r, "released");
             Ok(())
+        }
+        Cmd::Reclaim {
+            mount,
+            min_size,
+            timeout,
+        } => {
+            let r = c.call(&Request::Reclaim {
+                mount: mount.map(|m| m.display().to_string()),
+                min_size,
+                timeout_ms: u64::try_from(timeout.as_millis()).unwrap_or(u64::MAX),
+            })?;
+            let reports = r.reclaim.unwrap_or_default();
+            if json {
+                print_json(&reports);
+            } else {
+                for r in &reports {
+                    println!("{}", thin::summary(r));
+                }
+            }
+            if reports.is_empty() {
+                return Err("no filesystem on a pmem device".into());
+            }
+            match reports.iter().find_map(|r| r.error.as_deref()) {
+                Some(e) => Err(format!("reclaim: {e}")),
+                None => Ok(()),
+            }
         }
         Cmd::Status => {
             let st = c.call(&Request::Status)?.status.unwrap_or_default();
@@ -291,6 +395,10 @@ fn client(socket: &PathBuf, json: bool, cmd: Cmd) -> Result<(), String> {
             Ok(())
         }
     }
+}
+
+fn parse_timeout(s: &str) -> Result<Duration, String> {
+    thin::parse_every(s)?.ok_or_else(|| "the timeout must be more than 0".to_owned())
 }
 
 fn report(json: bool, r: &Response, what: &str) {

@@ -41,6 +41,8 @@ pub enum Notice {
     Break(BreakNotice),
     /// A lease is gone.
     Revoked(Revoked),
+    /// A region was added to the running VM.
+    RegionAdded(RegionInfo),
     /// The port failed or closed: the session and all its owners are gone.
     SessionLost,
 }
@@ -101,7 +103,7 @@ impl Port {
         let hello = Message::Hello(Hello {
             min_version: u16::from(VERSION),
             max_version: u16::from(VERSION),
-            flags: 0,
+            flags: agent::hello_flags::REGION_NOTICES,
         });
         match port.call(&hello)? {
             Reply::Hello { session, .. } => port.session = session,
@@ -112,6 +114,11 @@ impl Port {
 
     /// Sends a request and waits for its final reply; an `Error` reply becomes [`PortError::Refused`].
     pub fn call(&self, msg: &Message<'_>) -> Result<Reply, PortError> {
+        self.call_timeout(msg, REPLY_TIMEOUT)
+    }
+
+    /// [`Port::call`], waiting at most `timeout` for the reply.
+    pub fn call_timeout(&self, msg: &Message<'_>, timeout: Duration) -> Result<Reply, PortError> {
         let id = {
             let mut n = lock(&self.next_id);
             *n = n.wrapping_add(1).max(1);
@@ -126,14 +133,12 @@ impl Port {
             lock(&self.pending).remove(&id);
             return Err(PortError::Write(e));
         }
-        let reply = rx.recv_timeout(REPLY_TIMEOUT);
+        let reply = rx.recv_timeout(timeout);
         lock(&self.pending).remove(&id);
         match reply {
             Ok(Reply::Error { errno, holder }) => Err(PortError::Refused(errno, holder)),
             Ok(r) => Ok(r),
-            Err(std::sync::mpsc::RecvTimeoutError::Timeout) => {
-                Err(PortError::Timeout(REPLY_TIMEOUT))
-            }
+            Err(std::sync::mpsc::RecvTimeoutError::Timeout) => Err(PortError::Timeout(timeout)),
             Err(std::sync::mpsc::RecvTimeoutError::Disconnected) => Err(PortError::SessionLost),
         }
     }
@@ -171,6 +176,10 @@ fn read_loop(mut reader: File, pending: &Pending, notices: &Sender<Notice>) {
                             }
                             Message::Revoked(r) => {
                                 let _ = notices.send(Notice::Revoked(r));
+                                continue;
+                            }
+                            Message::RegionAdded(info) => {
+                                let _ = notices.send(Notice::RegionAdded(info));
                                 continue;
                             }
                             Message::PrepareProgress(_) => continue,

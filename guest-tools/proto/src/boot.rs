@@ -47,6 +47,10 @@ pub enum MemKind {
     Pmem = 2,
     /// The MMIO hole below 4 GiB, where device windows live; not RAM.
     Mmio = 3,
+    /// PCI ECAM (MMCONFIG) for the buses it covers (1 MiB per bus from bus 0). Present when the VM's virtio
+    /// devices are virtio-pci functions (`--transport pci`); `devices` then lists no virtio-mmio window and the
+    /// guest enumerates the bus.
+    PciEcam = 4,
 }
 
 /// One range of guest physical address space, as listed in [`BootInfo::mem_ranges`].

@@ -7,6 +7,7 @@
 //!   exit port).
 //! - [`virtio_mmio`]: the virtio-mmio register layout, shared by the device model and the test guest's driver.
 //! - [`agent`]: the agent protocol spoken over the virtio-console port `org.daxvisor.agent.0`.
+//! - [`units`]: the size and duration syntax of every daxvisor command line, and sizes in human form.
 #![no_std]
 #![warn(missing_docs)]
 
@@ -15,4 +16,5 @@ extern crate std;
 
 pub mod agent;
 pub mod boot;
+pub mod units;
 pub mod virtio_mmio;

@@ -127,6 +127,7 @@ pub fn kind_name(kind: u32) -> &'static str {
         k if k == MemKind::Ram as u32 => "ram",
         k if k == MemKind::Pmem as u32 => "pmem",
         k if k == MemKind::Mmio as u32 => "mmio",
+        k if k == MemKind::PciEcam as u32 => "pci-ecam",
         _ => "unknown",
     }
 }

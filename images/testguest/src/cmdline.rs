@@ -12,6 +12,7 @@
 //! | `breaks=N` | break notices `agent=shared` answers | 1 |
 //! | `hold=S` | seconds `agent=exclusive-pin` holds its pin, then waits after closing the port; seconds `agent=offer` keeps its session open | 3 |
 //! | `rounds=N` | acquire+release round trips of `agent=bench` | 1000 |
+//! | `pci=hostile` | over virtio-pci: garbage into every non-pmem function's configuration space, BAR 0 and MSI-X table before the pmem modes (see [`crate::modes::pci_hostile`]) | none |
 //!
 //! Options whose key contains a dot (`virtio_mmio.device=...`, kernel module parameters a VMM may append for
 //! Linux) are ignored. Anything else unknown is an error, so a typo in a test does not silently run another mode.
@@ -99,6 +100,11 @@ pub struct Options {
     pub breaks: u64,
     pub hold_s: u64,
     pub rounds: u64,
+    pub pci_hostile: bool,
+    /// `hotplug=N`: rounds of hot add and remove (0: none).
+    pub hotplug: u64,
+    /// `hotplug-ignore=1`: never acknowledge an eject.
+    pub hotplug_ignore: bool,
 }
 
 impl Default for Options {
@@ -113,6 +119,9 @@ impl Default for Options {
             breaks: 1,
             hold_s: 3,
             rounds: 1000,
+            pci_hostile: false,
+            hotplug: 0,
+            hotplug_ignore: false,
         }
     }
 }
@@ -174,6 +183,9 @@ pub fn parse(raw: &[u8]) -> Result<Options, CmdlineError<'_>> {
                     .filter(|&v| (1..=10_000_000).contains(&v))
                     .ok_or(bad)?
             }
+            "pci" if value == "hostile" => opts.pci_hostile = true,
+            "hotplug" => opts.hotplug = parse_int(value).filter(|&v| v <= 1000).ok_or(bad)?,
+            "hotplug-ignore" => opts.hotplug_ignore = value == "1",
             k if k.contains('.') => {}
             _ => return Err(CmdlineError::UnknownOption(key)),
         }

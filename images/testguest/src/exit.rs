@@ -27,6 +27,10 @@ pub mod code {
     pub const DEVICE_STOPPED_SERVING: u32 = 34;
     /// The pmem window from the device config is not inside a BootInfo memory range (so it is not mapped).
     pub const PMEM_NOT_MAPPED: u32 = 35;
+    /// Over virtio-pci: an MSI-X vector was not delivered, or a masked one was (or lost its pending bit).
+    pub const MSIX: u32 = 36;
+    /// hotplug: no device added or no eject request in time, or the added slot is not virtio-pmem.
+    pub const HOTPLUG: u32 = 37;
     /// The virtio-console or its agent port could not be set up (no device, feature negotiation, handshake).
     pub const AGENT_INIT: u32 = 50;
     /// The host answered an agent request with an error or an unexpected reply.

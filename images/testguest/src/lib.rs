@@ -13,6 +13,10 @@
 //! 3. Parses the command line ([`cmdline`]).
 //! 4. Probes every listed virtio-mmio window (magic, version 2, device id as listed, vendor):
 //!    `virtio-mmio N base=0x.. irq=I: version 2 device D (name) vendor 0x..`, then `probed D virtio-mmio devices`.
+//!    When the BootInfo lists a `pci-ecam` range instead (`--transport pci`), it enumerates PCI bus 0 there,
+//!    sizes BAR 0, finds the virtio capabilities and programs MSI-X ([`virtio::pci`]):
+//!    `pci 00:DD.0 vendor 0x1af4 device 0x10XX bar0=0x.. size=0x.. msix=N vectors from 0x..: virtio device D
+//!    (name)`, then `probed D virtio-pci devices`; the modes below then run over virtio-pci.
 //! 5. With `pmem=MODE`, runs the mode on every virtio-pmem device (pmem0, pmem1, ... in BootInfo order), after
 //!    `pmemK at virtio-mmio N: start=0x.. size=0x.. queue=Q`:
 //!    - `write`: `pmemK wrote B bytes seed S`, `pmemK flush ok`, `pmemK readback ok`.
@@ -32,7 +36,15 @@
 //!    - `flush-flood`: `pmem0 flush ok`, then flushes pmem0 back to back forever, printing
 //!      `pmem0 flood: N flushes answered` after every 100.
 //!
+//!    Over virtio-pci, after each device's mode: `pmemK msix vector 0x.. delivered` (the queue's vector is
+//!    pending in the local APIC after a flush), `pmemK msix masked: pending bit set, not delivered` and
+//!    `pmemK msix unmasked: delivered, pending bit clear`.
+//!
 //!    The pattern is [`pattern::word`]: the u64 at offset `off` is `0xda85_0000_0000_0000 ^ (seed << 32) ^ off`.
+//!
+//!    With `pci=hostile`, before the pmem modes: `pci hostile: C config writes, B BAR writes, T MSI-X table
+//!    writes to N functions` ([`modes::pci_hostile`]).
+//!    With `hotplug=N`, after the pmem modes: N rounds of hot add and remove ([`modes::hotplug`]).
 //! 6. With `agent=MODE`, speaks the agent protocol on the virtio-console port `org.daxvisor.agent.0` (see
 //!    [`modes::agent`]); it also writes one line to the console port (hvc0).
 //! 7. Prints `exit N` and exits with N (`exit=N`, default 0) through the exit port.
@@ -45,13 +57,15 @@
 //! | 10 | BootInfo missing or invalid |
 //! | 11 | ring 0 could not map every memory range (about 128 GiB above 4 GiB at most, below 128 TiB) |
 //! | 12 | bad command line |
-//! | 20 | a virtio-mmio window does not probe as listed |
+//! | 20 | a virtio-mmio window does not probe as listed, or a virtio-pci function does not set up |
 //! | 30 | pmem mode but no virtio-pmem device |
 //! | 31 | virtio-pmem initialisation failed |
 //! | 32 | a flush failed or was not answered |
 //! | 33 | pattern read back differs |
 //! | 34 | after malformed requests the device no longer answers a good flush |
 //! | 35 | the pmem window is not inside a BootInfo memory range |
+//! | 36 | virtio-pci: an MSI-X vector not delivered, or delivered while masked |
+//! | 37 | hotplug: no device added or no eject request in time, or the added slot is not virtio-pmem |
 //! | 50 | virtio-console or agent port setup failed |
 //! | 51 | the host refused an agent request or answered unexpectedly |
 //! | 52 | no agent reply or break notice in time |
@@ -120,8 +134,42 @@ pub fn run(boot_info: u64, map_status: u64) -> u32 {
         Ok(f) => f,
         Err(rc) => return rc,
     };
+    if opts.pci_hostile {
+        let ecam = info
+            .mem_ranges()
+            .iter()
+            .find(|r| r.kind == daxvisor_proto::boot::MemKind::PciEcam as u32);
+        match ecam {
+            Some(r) => modes::pci_hostile::run(r.base, &found[..n], opts.seed),
+            None => {
+                say!("FAIL pci=hostile: no PCI bus (the VM runs with --transport mmio)");
+                return code::BAD_CMDLINE;
+            }
+        }
+    }
     if let Some(mode) = opts.pmem {
         let rc = modes::pmem::run(mode, &opts, &info, &found[..n]);
+        if rc != 0 {
+            return rc;
+        }
+    }
+    if opts.hotplug > 0 {
+        let ecam = info
+            .mem_ranges()
+            .iter()
+            .find(|r| r.kind == daxvisor_proto::boot::MemKind::PciEcam as u32);
+        let Some(ecam) = ecam else {
+            say!("FAIL hotplug: no PCI bus (the VM runs with --transport mmio)");
+            return code::BAD_CMDLINE;
+        };
+        let pmem_count = found[..n]
+            .iter()
+            .filter(|d| {
+                d.probed
+                    .is_some_and(|p| p.device_id == virtio::mmio::DEVICE_ID_PMEM)
+            })
+            .count();
+        let rc = modes::hotplug::run(opts.hotplug, &opts, ecam.base, pmem_count);
         if rc != 0 {
             return rc;
         }

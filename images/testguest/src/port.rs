@@ -26,3 +26,13 @@ pub fn inb(port: u16) -> u8 {
     }
     value
 }
+
+/// Read a 32-bit value from `port`.
+pub fn inl(port: u16) -> u32 {
+    let value: u32;
+    // SAFETY: as for `outb`.
+    unsafe {
+        core::arch::asm!("in eax, dx", in("dx") port, out("eax") value, options(nomem, nostack, preserves_flags))
+    }
+    value
+}

@@ -59,12 +59,48 @@ pub struct RevokeNotice {
     pub dma_torn_down: Vec<PinId>,
 }
 
-/// Delivers notices to holders; the VMM implements it (an agent channel turns notices into messages).
+/// A break began: sent once, before its holders' notices.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct BreakStarted {
+    /// The break.
+    pub break_id: BreakId,
+    /// The region the change was named on.
+    pub region: RegionId,
+    /// The range it needs, as the requester named it (region-relative; file-relative for file-level changes).
+    pub range: ByteRange,
+    /// Every holder asked, with its name.
+    pub holders: Vec<(OwnerId, String)>,
+    /// What the change is.
+    pub reason: &'static str,
+}
+
+/// A holder gave back everything a break asked of it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct HolderReleased {
+    /// The break.
+    pub break_id: BreakId,
+    /// The region the change was named on.
+    pub region: RegionId,
+    /// The holder, and its name.
+    pub owner: OwnerId,
+    /// Its name.
+    pub name: String,
+    /// From the break's start to its last release.
+    pub after: std::time::Duration,
+}
+
+/// Delivers notices to holders; the VMM implements it (an agent channel turns notices into messages). The
+/// progress calls (`break_started`, `holder_released`) let a VMM follow a break as it happens; by default they
+/// do nothing. Every call is made with the mapper's lock released and must not block for long.
 pub trait BreakNotifier: Send + Sync {
-    /// Asks a holder to release the listed leases before `deadline`. Must not block for long.
+    /// Asks a holder to release the listed leases before `deadline`.
     fn break_notice(&self, notice: &BreakNotice);
     /// Tells a holder its leases were revoked.
     fn revoked(&self, notice: &RevokeNotice);
+    /// A break began (before its notices go out).
+    fn break_started(&self, _started: &BreakStarted) {}
+    /// A holder released everything the break needed.
+    fn holder_released(&self, _released: &HolderReleased) {}
 }
 
 /// A notice as [`ChannelNotifier`] forwards it.

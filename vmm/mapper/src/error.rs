@@ -125,12 +125,12 @@ pub enum MapperError {
         range: ByteRange,
     },
     /// A region that still has leases, pins or transient pins cannot be removed (EBUSY).
-    #[error(
-        "{region} still has {leases} lease(s), {pins} pin(s) and {transients} transient pin(s)"
-    )]
+    #[error("{name} still has {leases} lease(s), {pins} pin(s) and {transients} transient pin(s)")]
     RegionBusy {
         /// The region.
         region: RegionId,
+        /// Its name (the operator's, else its id), for the message.
+        name: String,
         /// Leases taken on it.
         leases: usize,
         /// Pins taken on it.
@@ -168,7 +168,10 @@ pub enum MapperError {
         range: ByteRange,
     },
     /// The break deadline passed with policy `fail`: nothing changed, leases kept (ETIMEDOUT).
-    #[error("break of {range} timed out; not released by {holders:?}")]
+    #[error(
+        "break of {range} timed out; not released by {}",
+        crate::error::list(holders)
+    )]
     TimedOut {
         /// The range of the break.
         range: ByteRange,
@@ -176,10 +179,12 @@ pub enum MapperError {
         holders: Vec<OwnerId>,
     },
     /// A range outside the region's window (ERANGE).
-    #[error("[{off:#x}, +{len:#x}) is outside {region}'s window of {size:#x} bytes")]
+    #[error("[{off:#x}, +{len:#x}) is outside {name}'s window of {size:#x} bytes")]
     OutOfWindow {
         /// The region.
         region: RegionId,
+        /// Its name (the operator's, else its id), for the message.
+        name: String,
         /// The offset asked for (region-relative).
         off: u64,
         /// The length asked for (0 = to the end of the window).
@@ -205,10 +210,12 @@ pub enum MapperError {
     #[error("bad region: {0}")]
     BadRegion(&'static str),
     /// Shrink and grow belong to a region whose window is its file's whole tail (EINVAL).
-    #[error("{region} does not reach the end of its file (window ends at file offset {window_end:#x}, the file is {file_size:#x} bytes): shrink and grow belong to the region holding the file's tail")]
+    #[error("{name} does not reach the end of its file (window ends at file offset {window_end:#x}, the file is {file_size:#x} bytes): shrink and grow belong to the region holding the file's tail")]
     NotFileTail {
         /// The region.
         region: RegionId,
+        /// Its name (the operator's, else its id), for the message.
+        name: String,
         /// File offset of its window's end.
         window_end: u64,
         /// The file's size now.
@@ -248,12 +255,14 @@ pub enum MapperError {
     /// the rule and the backings that work. `rule` is [`DmaRule::KernelRefused`] when the kernel itself refused a
     /// pin the rules allow (its answer wins from then on).
     #[error(
-        "{region} ({kind}) cannot be pinned for DMA: {rule}; DMA pins work on {}",
+        "{name} ({kind}) cannot be pinned for DMA: {rule}; DMA pins work on {}",
         PINNABLE_BACKINGS
     )]
     DmaNotPinnable {
         /// The region.
         region: RegionId,
+        /// Its name (the operator's, else its id), for the message.
+        name: String,
         /// Its backing kind.
         kind: BackingKind,
         /// The rule that refuses it.
@@ -264,6 +273,14 @@ pub enum MapperError {
     NoExtentMap {
         /// The filesystem.
         fs: FsKind,
+    },
+    /// A new lease or pin on a region being removed (ENODEV).
+    #[error("{name} is being removed: it takes no new leases or pins")]
+    RegionClosing {
+        /// The region.
+        region: RegionId,
+        /// Its name (the operator's, else its id), for the message.
+        name: String,
     },
     /// The request named something that does not exist (ENOENT).
     #[error("no such {0}")]
@@ -307,6 +324,7 @@ impl MapperError {
             | MapperError::NoExtentMap { .. }
             | MapperError::DmaNotPinnable { .. } => libc::EOPNOTSUPP,
             MapperError::NotFound(_) => libc::ENOENT,
+            MapperError::RegionClosing { .. } => libc::ENODEV,
             MapperError::TableFull { .. } => libc::ENOSPC,
             MapperError::Io { source, .. } => source.raw_os_error().unwrap_or(libc::EIO),
         }
@@ -342,11 +360,20 @@ pub fn errno_name(errno: i32) -> &'static str {
         libc::ERANGE => "ERANGE",
         libc::EOPNOTSUPP => "EOPNOTSUPP",
         libc::ENOENT => "ENOENT",
+        libc::ENODEV => "ENODEV",
         libc::ENOMEM => "ENOMEM",
         libc::ENOSPC => "ENOSPC",
         libc::EIO => "EIO",
         _ => "EUNKNOWN",
     }
+}
+
+/// Ids as a person reads them in a message: `owner:2, owner:5`.
+pub(crate) fn list<T: std::fmt::Display>(ids: &[T]) -> String {
+    ids.iter()
+        .map(ToString::to_string)
+        .collect::<Vec<_>>()
+        .join(", ")
 }
 
 #[cfg(test)]
@@ -409,6 +436,7 @@ mod tests {
             (
                 MapperError::OutOfWindow {
                     region: RegionId::from_raw(1),
+                    name: "pm0".into(),
                     off: 0,
                     len: 1,
                     size: 0,
@@ -426,6 +454,7 @@ mod tests {
             (
                 MapperError::DmaNotPinnable {
                     region: RegionId::from_raw(1),
+                    name: "pm0".into(),
                     kind: BackingKind::FsDax,
                     rule: DmaRule::FsDax,
                 },

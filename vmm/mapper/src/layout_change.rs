@@ -14,7 +14,9 @@ use std::ops::ControlFlow;
 use std::sync::MutexGuard;
 use std::time::{Duration, Instant};
 
-use crate::breaks::{BreakNotice, BreakPolicy, BreakState, RevokeNotice};
+use crate::breaks::{
+    BreakNotice, BreakPolicy, BreakStarted, BreakState, HolderReleased, RevokeNotice,
+};
 use crate::dma::DmaMapper;
 use crate::error::{HoldKind, MapperError, Missing, Result};
 use crate::host::{self, FileKey};
@@ -61,6 +63,9 @@ pub enum LayoutChange {
         /// Length; 0 = to the end of the window.
         len: u64,
     },
+    /// The region is about to be hot-removed from the VM: a break over the whole window (every lease asked to
+    /// give it back with reason `remove`; pins and exclusive leases refuse it), no change to the file.
+    Remove,
     /// A foreign process opened or truncated the backing file (host guard): a whole-file break, no change.
     /// File-level: ranges in its report and errors are file offsets.
     HostOpen,
@@ -75,6 +80,7 @@ impl LayoutChange {
             LayoutChange::Shrink { .. } => "shrink",
             LayoutChange::Grow { .. } => "grow",
             LayoutChange::Evacuate { .. } => "evacuate",
+            LayoutChange::Remove => "remove",
             LayoutChange::HostOpen => "host-open",
         }
     }
@@ -258,11 +264,20 @@ impl Mapper {
                 st = self.wait(st);
                 continue;
             }
+            // The requester's own shared leases are not broken: it does not wait on itself (a lease holder's
+            // own change goes through, as a kernel lease holder's own open does).
             let shared: Vec<LeaseId> = holds
                 .leases
                 .overlapping(target.range)
                 .into_iter()
                 .map(LeaseId::from_raw)
+                .filter(|id| {
+                    req.requester.is_none()
+                        || st
+                            .leases
+                            .get(id)
+                            .is_none_or(|l| Some(l.owner) != req.requester)
+                })
                 .collect();
             if !shared.is_empty() {
                 let (s, r) = self.break_leases(st, req, &target, shared, report);
@@ -315,8 +330,16 @@ impl Mapper {
         let mut waiting: Vec<OwnerId> = notices.iter().map(|n| n.owner).collect();
         waiting.dedup();
         report.notified.extend(waiting.iter().copied());
+        let started_notice = BreakStarted {
+            break_id: bid,
+            region: req.region,
+            range: target.show(target.range),
+            holders: waiting.iter().map(|o| (*o, st.owner_name(*o))).collect(),
+            reason: req.change.name(),
+        };
         drop(st);
         tracing::info!(%bid, region = %req.region, range = %target.show(target.range), holders = waiting.len(), reason = req.change.name(), "break started");
+        self.notifier.break_started(&started_notice);
         for n in &notices {
             self.notifier.break_notice(n);
         }
@@ -332,13 +355,34 @@ impl Mapper {
                 .iter()
                 .filter_map(|l| st.leases.get(l).map(|l| l.owner))
                 .collect();
+            let mut released = Vec::new();
             waiting.retain(|o| {
                 let holds = holding.contains(o);
                 if !holds {
                     report.released.push((*o, started.elapsed()));
+                    released.push(HolderReleased {
+                        break_id: bid,
+                        region: req.region,
+                        owner: *o,
+                        name: started_notice
+                            .holders
+                            .iter()
+                            .find(|(h, _)| h == o)
+                            .map(|(_, n)| n.clone())
+                            .unwrap_or_default(),
+                        after: started.elapsed(),
+                    });
                 }
                 holds
             });
+            if !released.is_empty() {
+                drop(st);
+                for r in &released {
+                    self.notifier.holder_released(r);
+                }
+                st = self.lock();
+                continue;
+            }
             if remaining.is_empty() {
                 break;
             }
@@ -368,6 +412,8 @@ impl Mapper {
                 BreakPolicy::Revoke => {
                     let revoked = st.revoke(bid, target, &remaining, self.dma.as_deref());
                     report.revoked.extend(revoked.iter().map(|r| r.owner));
+                    // A revoked holder did not release: it is not reported as released.
+                    waiting.retain(|o| !revoked.iter().any(|r| r.owner == *o));
                     drop(st);
                     for r in &revoked {
                         tracing::warn!(%bid, owner = %r.owner, "leases revoked at the break deadline");
@@ -395,6 +441,7 @@ impl State {
             if window.end < file_len || file_len < base {
                 return Err(MapperError::NotFileTail {
                     region: reg.id,
+                    name: reg.label(),
                     window_end: window.end,
                     file_size: file_len,
                 });
@@ -414,6 +461,7 @@ impl State {
             if new_size > reg.desc.size {
                 return Err(MapperError::OutOfWindow {
                     region: reg.id,
+                    name: reg.label(),
                     off: new_size,
                     len: 0,
                     size: reg.desc.size,
@@ -427,6 +475,7 @@ impl State {
             | LayoutChange::Evacuate { off, len } => {
                 (reg.to_file(reg.request(off, len)?), Some(window))
             }
+            LayoutChange::Remove => (reg.to_file(reg.request(0, 0)?), Some(window)),
             LayoutChange::Shrink { new_size } => {
                 tail("shrink", new_size)?;
                 (ByteRange::for_shrink(base + new_size), Some(window))
@@ -640,7 +689,7 @@ impl State {
             LayoutChange::Shrink { new_size } | LayoutChange::Grow { new_size } => file
                 .set_len(base + new_size)
                 .map_err(|e| MapperError::io("ftruncate", e)),
-            LayoutChange::Evacuate { .. } | LayoutChange::HostOpen => Ok(()),
+            LayoutChange::Evacuate { .. } | LayoutChange::Remove | LayoutChange::HostOpen => Ok(()),
         }
     }
 }

@@ -56,6 +56,7 @@ impl Mapper {
         st.check_owner(owner)?;
         let reg = st.region(region)?;
         reg.require_layout()?;
+        reg.require_open()?;
         let range = reg.to_file(reg.request(off, len)?);
         if let Some(b) = st.holds(reg)?.busy(range, None) {
             return Err(MapperError::BreakInProgress {

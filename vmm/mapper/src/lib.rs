@@ -87,22 +87,24 @@ mod test_files;
 use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 
 pub use breaks::{
-    BreakEvent, BreakNotice, BreakNotifier, BreakPolicy, ChannelNotifier, RevokeNotice,
+    BreakEvent, BreakNotice, BreakNotifier, BreakPolicy, BreakStarted, ChannelNotifier,
+    HolderReleased, RevokeNotice,
 };
 #[cfg(any(test, feature = "test-util"))]
 pub use dma::RecordingDma;
 pub use dma::{DmaMapper, DmaRange};
 pub use error::{errno_name, Held, HoldKind, MapperError, Missing, Result};
 pub use guard::{
-    guard_signal, lease_break_time, GuardCounts, GuardEvent, GuardOutcome, GuardPolicy, HostGuard,
-    OpenMode, SeenBy, GUARD_HISTORY,
+    guard_signal, lease_break_time, Access, GuardCounts, GuardEvent, GuardOutcome, GuardPolicy,
+    HostGuard, OpenMode, SeenBy, FS_IOC_GETFLAGS, FS_IOC_SETFLAGS, GUARD_HISTORY,
 };
 pub use host::{
-    allocate, dev_dax_info, extend, first_problem, fs_kind, holes, probe, punch, read_extents,
-    unshare, zero, BackingKind, DevDaxInfo, Extent, ExtentFlags, ExtentProblem, FileKey, FsKind,
-    HostMapping, MapOptions, Probe, ProbeError,
+    allocate, dev_dax_info, extend, first_hole, first_problem, free_bytes, fs_kind, holes, probe,
+    punch, read_extents, shrunk_below, unshare, window_health, zero, BackingKind, DevDaxInfo,
+    Extent, ExtentFlags, ExtentProblem, FileKey, FsKind, HostMapping, MapOptions, Probe,
+    ProbeError, WindowHealth,
 };
-pub use host::{lock_file, refuse_if_locked, FileLockError, Holder};
+pub use host::{lock_file, openers_of, refuse_if_locked, FileLockError, Holder};
 pub use ids::{BreakId, LeaseId, OwnerId, PinId, RegionId};
 pub use interval::IntervalIndex;
 pub use introspect::{BreakView, LeaseView, OwnerView, PinView, RegionView, Snapshot};

@@ -449,7 +449,7 @@ impl Harness {
             .model
             .leases
             .iter()
-            .filter(|l| l.range.overlaps(&range))
+            .filter(|l| l.range.overlaps(&range) && Some(l.owner) != requester)
             .cloned()
             .collect();
         if !shared.is_empty() && !revoke {

@@ -85,11 +85,38 @@ struct PinPlan {
 }
 
 impl Mapper {
-    /// Pins `[off, off+len)` of `region` (rounded out to pages; `len == 0`: to the end of the window).
+    /// Pins `[off, off+len)` of `region` (rounded out to pages; `len == 0`: to the end of the window), handing
+    /// it to the DMA mapper when the mapper has one.
     pub fn pin(&self, owner: OwnerId, region: RegionId, off: u64, len: u64) -> Result<PinId> {
-        let (id, plan) = self.claim_pin(owner, region, off, len)?;
-        match self.pin_unlocked(&plan) {
-            Ok(dma) => {
+        self.pin_with(owner, region, off, len, self.dma.is_some())
+    }
+
+    /// As [`Mapper::pin`], saying whether the pin is for DMA: a VMM with a passthrough device pins for layout
+    /// stability alone (`dma == false`, every backing) as well as for its device (`dma == true`: mapped at the
+    /// region's IOVA plus the offset, under the kernel's pinning rules). `dma` without a DMA mapper is `EINVAL`.
+    pub fn pin_with(
+        &self,
+        owner: OwnerId,
+        region: RegionId,
+        off: u64,
+        len: u64,
+        dma: bool,
+    ) -> Result<PinId> {
+        let dma = match (dma, &self.dma) {
+            (false, _) => None,
+            (true, Some(d)) => Some(d.clone()),
+            (true, None) => {
+                // EINVAL: no device does DMA in this VM.
+                return Err(MapperError::io(
+                    "DMA pin without a DMA mapper",
+                    std::io::Error::from_raw_os_error(libc::EINVAL),
+                ));
+            }
+        };
+        let dma = dma.as_deref();
+        let (id, plan) = self.claim_pin(owner, region, off, len, dma)?;
+        match self.pin_unlocked(&plan, dma) {
+            Ok(mapped) => {
                 let locked = Locked {
                     mapping: plan.mapping.clone(),
                     off: plan.off,
@@ -100,14 +127,14 @@ impl Mapper {
                     Some(p) => {
                         p.state = PinState::Active;
                         p.locked = Some(locked);
-                        p.dma = dma;
+                        p.dma = mapped;
                         tracing::debug!(%owner, %id, range = %p.range, "pinned");
                         Ok(id)
                     }
                     None => {
                         // The owner exited while we were pinning: undo and report it gone.
                         drop(st);
-                        if let (Some((iova, len)), Some(d)) = (dma, &self.dma) {
+                        if let (Some((iova, len)), Some(d)) = (mapped, dma) {
                             if let Err(e) = d.unmap(iova, len) {
                                 tracing::error!(iova, len, error = %e, "DMA unmap failed");
                             }
@@ -142,24 +169,27 @@ impl Mapper {
         region: RegionId,
         off: u64,
         len: u64,
+        dma: Option<&dyn DmaMapper>,
     ) -> Result<(PinId, PinPlan)> {
         let mut st = self.lock();
         st.check_owner(owner)?;
         let reg = st.region(region)?;
+        reg.require_open()?;
         let holds = st.holds(reg)?;
         let desc = &reg.desc;
         let mapping = desc.mapping.clone().ok_or(MapperError::NoMapping(region))?;
         let range = reg.request(off, len)?;
         // A DMA pin the kernel will refuse fails here, before anything is locked or mapped.
-        if self.dma.as_ref().is_some_and(|d| d.long_term_pins()) && !reg.dma_rule.pinnable() {
+        if dma.is_some_and(|d| d.long_term_pins()) && !reg.dma_rule.pinnable() {
             return Err(MapperError::DmaNotPinnable {
                 region,
+                name: reg.label(),
                 kind: desc.kind,
                 rule: reg.dma_rule,
             });
         }
         let file_range = reg.to_file(range);
-        if self.dma.is_some() {
+        if dma.is_some() {
             let mut clash = None;
             holds.pins.for_each_overlap(file_range, |r, id| {
                 let id = PinId::from_raw(id);
@@ -229,7 +259,11 @@ impl Mapper {
     }
 
     /// Validate extents, populate, mlock, DMA map; undoes its own steps on failure.
-    fn pin_unlocked(&self, plan: &PinPlan) -> Result<Option<(u64, u64)>> {
+    fn pin_unlocked(
+        &self,
+        plan: &PinPlan,
+        dma: Option<&dyn DmaMapper>,
+    ) -> Result<Option<(u64, u64)>> {
         if let Some(fs) = plan.fs.filter(|fs| !fs.is_ram()) {
             let r = plan.file_range;
             match first_problem(plan.file.as_raw_fd(), r.start, r.end) {
@@ -250,7 +284,7 @@ impl Mapper {
         plan.mapping
             .lock(plan.off, plan.len)
             .map_err(|e| MapperError::io("MADV_POPULATE_WRITE + mlock", e))?;
-        if let Some(d) = &self.dma {
+        if let Some(d) = dma {
             let range = DmaRange::new(&plan.mapping, plan.off, plan.len);
             if let Err(e) = d.map(plan.iova, range) {
                 plan.mapping.unlock(plan.off, plan.len);
@@ -260,6 +294,7 @@ impl Mapper {
                     Some(errno @ (libc::EOPNOTSUPP | libc::EFAULT)) if d.long_term_pins() => {
                         MapperError::DmaNotPinnable {
                             region: plan.region,
+                            name: self.label_of(plan.region),
                             kind: plan.kind,
                             rule: DmaRule::KernelRefused(errno),
                         }
@@ -705,6 +740,50 @@ mod tests {
             let r = region_of(&m, &t.file, 4, BackingKind::FsDax, false);
             dma_pin(&m, r).unwrap();
         }
+    }
+
+    /// With a DMA mapper, a pin asked without DMA maps nothing and works on FS-DAX; the same range asked for DMA
+    /// is refused by the rule; a DMA pin maps exactly its range at the region's IOVA plus its offset, and its
+    /// unpin unmaps it. Asking for DMA where no device does DMA is EINVAL.
+    #[test]
+    fn pins_say_whether_they_are_for_dma() {
+        let t = TestRegion::on_tmp(4);
+        let dma = Arc::new(RecordingDma::with_kernel_rules());
+        let (notifier, _rx) = ChannelNotifier::new();
+        let m = Mapper::new(Arc::new(notifier), Some(dma.clone()));
+        let fsdax = region_of(&m, &t.file, 4, BackingKind::FsDax, false);
+        let ram = region_of(&m, &memfd(4), 4, BackingKind::Ram, false);
+        let o = m.add_owner("agent");
+        let pg = page_size();
+        m.acquire(o, fsdax, 0, 4 * pg, LeaseMode::Exclusive)
+            .unwrap();
+        m.acquire(o, ram, 0, 4 * pg, LeaseMode::Exclusive).unwrap();
+        let layout_only = m.pin_with(o, fsdax, 0, pg, false).unwrap();
+        assert!(dma.mappings().is_empty());
+        let e = m.pin_with(o, fsdax, pg, pg, true).unwrap_err();
+        assert_eq!(e.errno(), libc::EOPNOTSUPP, "{e}");
+        let p = m.pin_with(o, ram, pg, 2 * pg, true).unwrap();
+        let iova = 0x1_1000_0000;
+        assert_eq!(
+            dma.mappings()
+                .into_iter()
+                .map(|(i, _, l)| (i, l))
+                .collect::<Vec<_>>(),
+            vec![(iova + pg, 2 * pg)]
+        );
+        m.unpin(o, p).unwrap();
+        assert!(dma.mappings().is_empty());
+        m.unpin(o, layout_only).unwrap();
+
+        let (notifier, _rx) = ChannelNotifier::new();
+        let plain = Mapper::new(Arc::new(notifier), None);
+        let r = region_of(&plain, &memfd(4), 4, BackingKind::Ram, false);
+        let o = plain.add_owner("agent");
+        plain.acquire(o, r, 0, pg, LeaseMode::Exclusive).unwrap();
+        assert_eq!(
+            plain.pin_with(o, r, 0, pg, true).unwrap_err().errno(),
+            libc::EINVAL
+        );
     }
 
     /// A DMA mapper whose kernel refuses every pin (as a kernel newer than the rules would).

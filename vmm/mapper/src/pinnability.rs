@@ -35,8 +35,14 @@ impl KernelVersion {
         Some(KernelVersion { major, minor })
     }
 
-    /// The running kernel (uname); None when its release string cannot be read.
+    /// The running kernel (uname, asked once: regions added later run under seccomp filters without it);
+    /// None when its release string cannot be read.
     pub fn running() -> Option<Self> {
+        static RUNNING: std::sync::OnceLock<Option<KernelVersion>> = std::sync::OnceLock::new();
+        *RUNNING.get_or_init(Self::uname)
+    }
+
+    fn uname() -> Option<Self> {
         // SAFETY: utsname is plain data; uname only writes into it.
         let mut u: libc::utsname = unsafe { std::mem::zeroed() };
         // SAFETY: a valid out-pointer.

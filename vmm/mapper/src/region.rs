@@ -66,6 +66,8 @@ pub(crate) struct Region {
     /// Whether the kernel lets a DMA mapper pin it, and why: classified when the region is added, replaced by
     /// the kernel's own answer when that differs.
     pub dma_rule: DmaRule,
+    /// Being removed: no new leases or pins (see [`Mapper::set_closing`]).
+    pub closing: bool,
 }
 
 impl Region {
@@ -101,7 +103,20 @@ impl Region {
             desc,
             key,
             dma_rule,
+            closing: false,
         })
+    }
+
+    /// A region being removed takes no new leases or pins (ENODEV).
+    pub fn require_open(&self) -> Result<()> {
+        if self.closing {
+            Err(MapperError::RegionClosing {
+                region: self.id,
+                name: self.label(),
+            })
+        } else {
+            Ok(())
+        }
     }
 
     /// Device-DAX has no file layout: leases and layout changes are refused.
@@ -119,8 +134,9 @@ impl Region {
     /// to the end of the window.
     pub fn request(&self, off: u64, len: u64) -> Result<ByteRange> {
         let size = self.desc.size;
-        let out = MapperError::OutOfWindow {
+        let out = || MapperError::OutOfWindow {
             region: self.id,
+            name: self.label(),
             off,
             len,
             size,
@@ -132,7 +148,7 @@ impl Region {
                 .ok_or(MapperError::Overflow { off, len })?
         };
         if off >= size || end > size {
-            return Err(out);
+            return Err(out());
         }
         let page = page_size();
         // size is a page multiple, so rounding the end up stays inside the window.
@@ -200,6 +216,7 @@ impl Mapper {
         if leases + pins + transients > 0 {
             return Err(MapperError::RegionBusy {
                 region,
+                name: st.region(region)?.label(),
                 leases,
                 pins,
                 transients,
@@ -207,6 +224,26 @@ impl Mapper {
         }
         st.remove_region(region);
         Ok(())
+    }
+
+    /// Marks a region as being removed (`true`) or no longer (`false`, a removal that failed). While it is,
+    /// new leases and pins on it are refused with ENODEV; those already held, layout changes and the VMM's own
+    /// transient pins go on. A removal sets it before it breaks the region's leases, so that nothing new can be
+    /// taken between the break and the end of the removal.
+    pub fn set_closing(&self, region: RegionId, closing: bool) -> Result<()> {
+        let mut st = self.lock();
+        st.region(region)?;
+        if let Some(r) = st.regions.get_mut(&region) {
+            r.closing = closing;
+        }
+        Ok(())
+    }
+
+    /// How `region` is named in messages: the operator's name, else its id.
+    pub(crate) fn label_of(&self, region: RegionId) -> String {
+        self.lock()
+            .region(region)
+            .map_or_else(|_| region.to_string(), Region::label)
     }
 
     /// Every region, by id.
@@ -228,6 +265,32 @@ impl Mapper {
 mod tests {
     use crate::test_files::TestRegion;
     use crate::*;
+
+    /// A region being removed refuses new leases and pins with ENODEV naming it; what is held stays, the VMM's
+    /// own I/O and layout changes go on, and a removal that failed opens it again.
+    #[test]
+    fn a_closing_region_takes_no_new_leases_or_pins() {
+        let t = TestRegion::on_tmp(16);
+        let p = t.page;
+        let r = t.add_window(0, 16);
+        let m = &t.mapper;
+        let (a, b) = (m.add_owner("a"), m.add_owner("b"));
+        let held = m.acquire(a, r, 0, 4 * p, LeaseMode::Exclusive).unwrap();
+        m.set_closing(r, true).unwrap();
+        let e = m.acquire(b, r, 8 * p, p, LeaseMode::Shared).unwrap_err();
+        assert_eq!(e.errno(), libc::ENODEV);
+        assert_eq!(e.errno_name(), "ENODEV");
+        assert!(e.to_string().contains("is being removed"), "{e}");
+        assert_eq!(m.pin(a, r, 0, p).unwrap_err().errno(), libc::ENODEV);
+        assert_eq!(m.lease_count(a), 1);
+        drop(m.transient(r, 8 * p, p).unwrap());
+        m.punch(None, r, 12 * p, p).unwrap();
+        m.release(a, held).unwrap();
+        m.set_closing(r, false).unwrap();
+        m.acquire(b, r, 8 * p, p, LeaseMode::Shared).unwrap();
+        let gone = RegionId::from_raw(9999);
+        assert_eq!(m.set_closing(gone, true).unwrap_err().errno(), libc::ENOENT);
+    }
 
     /// Every operation that names a range refuses one outside the window with ERANGE and changes nothing, on
     /// a region at a nonzero file offset; inside, len 0 runs to the end of the window.

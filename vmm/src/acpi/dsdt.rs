@@ -14,6 +14,8 @@
 //!   firmware does and keeps Linux from probing blindly; the reboot path (`reboot=k`, or the FADT reset register)
 //!   writes 0xFE to port 0x64.
 //!
+//! - With `--transport pci`: the host bridge `\_SB.PCI0` and `\_SB.MRES` (see [`super::pci`]).
+//!
 //! No `_STA` methods: an absent `_STA` means present, enabled and functioning.
 
 use acpi_tables::aml::{
@@ -80,13 +82,16 @@ pub(super) fn validate_devices(devices: &[VirtioMmioAcpi]) -> Result<(), AcpiErr
 }
 
 /// Builds the DSDT; `devices` must have passed [`validate_devices`].
-pub(super) fn build(devices: &[VirtioMmioAcpi]) -> Sdt {
+pub(super) fn build(devices: &[VirtioMmioAcpi], pci: Option<&crate::pci::PciLayout>) -> Sdt {
     let mut body = Vec::new();
     s5(&mut body);
     com1(&mut body);
     i8042(&mut body);
     for (index, d) in devices.iter().enumerate() {
         virtio_mmio(index, d, &mut body);
+    }
+    if let Some(pci) = pci {
+        super::pci::dsdt_devices(pci, &mut body);
     }
     let mut dsdt = Sdt::new(
         *b"DSDT",

@@ -15,8 +15,8 @@
 //!   turns into a clean VM exit. Linux's default reboot path tries the ACPI reset register first and the
 //!   keyboard controller second, so both lead to the same port.
 //! - IAPC_BOOT_ARCH: LEGACY_DEVICES and 8042 (COM1 and the i8042 exist; without the 8042 bit Linux marks the
-//!   controller firmware-absent and only finds it through PNP); VGA not present; MSI not supported and PCIe ASPM
-//!   controls off (there is no PCI bus at all); CMOS RTC not present (nothing answers at ports 0x70/0x71; drop
+//!   controller firmware-absent and only finds it through PNP); VGA not present; PCIe ASPM controls off; MSI not
+//!   supported unless the VM has a PCI bus (`--transport pci`), whose functions use MSI-X; CMOS RTC not present (nothing answers at ports 0x70/0x71; drop
 //!   this bit if an RTC is ever added).
 //! - SLEEP_CONTROL_REG / SLEEP_STATUS_REG at ports 0x600/0x601 with `_S5_` in the DSDT: the hardware-reduced
 //!   way to power off; without them a guest's `poweroff` halts its CPUs and the VM never ends.
@@ -46,7 +46,7 @@ pub(super) const IAPC_CMOS_RTC_NOT_PRESENT: u16 = 1 << 5;
 const HYPERVISOR_VENDOR: [u8; 8] = *b"DAXVISOR";
 
 /// The FADT bytes, pointing (X_DSDT) at the DSDT at `dsdt_addr`.
-pub(super) fn build(dsdt_addr: u64) -> Vec<u8> {
+pub(super) fn build(dsdt_addr: u64, pci: bool) -> Vec<u8> {
     let mut fadt = FADTBuilder::new(OEM_ID, *b"DAXVFACP", OEM_REVISION)
         .dsdt_64(dsdt_addr)
         .flag(Flags::HwReducedAcpi)
@@ -76,10 +76,13 @@ pub(super) fn build(dsdt_addr: u64) -> Vec<u8> {
         AccessSize::ByteAccess,
         u64::from(SLEEP_CONTROL_PORT + 1),
     );
+    // With a PCI bus its functions interrupt by MSI-X (Linux honours "MSI not supported" for every device, and
+    // a virtio-pci or passthrough function without MSI-X has no interrupt at all here).
+    let msi = if pci { 0 } else { IAPC_MSI_NOT_SUPPORTED };
     fadt.iapc_boot_arch = (IAPC_LEGACY_DEVICES
         | IAPC_8042
         | IAPC_VGA_NOT_PRESENT
-        | IAPC_MSI_NOT_SUPPORTED
+        | msi
         | IAPC_PCIE_ASPM_CONTROLS
         | IAPC_CMOS_RTC_NOT_PRESENT)
         .into();

@@ -1,4 +1,5 @@
-//! ACPI tables for the guest: RSDP, XSDT, FADT, MADT and a DSDT describing the platform devices.
+//! ACPI tables for the guest: RSDP, XSDT, FADT, MADT, a DSDT describing the platform devices, and with
+//! `--transport pci` an MCFG and the PCI host bridge (module `pci`).
 //!
 //! A stock distribution kernel has no `virtio_mmio.device=` on its command line and no device tree on x86, so
 //! ACPI is how it finds our virtio-mmio windows (DSDT devices with `_HID "LNRO0005"`, matched by the
@@ -10,11 +11,13 @@
 //! host buffer first and written with one copy, so an error (too many devices, tables too large, memory not
 //! mapped) leaves guest memory untouched.
 //!
-//! Layout of the area: RSDP, DSDT, FADT, MADT, XSDT, each 16-byte aligned.
+//! Layout of the area: RSDP, DSDT, FADT, MADT, (MCFG), XSDT, each 16-byte aligned.
 
 mod dsdt;
 mod fadt;
+mod hotplug;
 mod madt;
+mod pci;
 
 use acpi_tables::rsdp::Rsdp;
 use acpi_tables::xsdt::XSDT;
@@ -96,7 +99,18 @@ pub fn create_acpi_tables(
     num_cpus: u8,
     virtio_devices: &[VirtioMmioAcpi],
 ) -> Result<GuestAddress, AcpiError> {
-    let area = build_acpi_area(num_cpus, virtio_devices)?;
+    create_acpi_tables_with_pci(mem, num_cpus, virtio_devices, None)
+}
+
+/// As [`create_acpi_tables`], and with `pci` also an MCFG table, the PCI host bridge `\_SB.PCI0` and the ECAM
+/// reservation `\_SB.MRES` (module `acpi::pci`).
+pub fn create_acpi_tables_with_pci(
+    mem: &GuestMemoryMmap,
+    num_cpus: u8,
+    virtio_devices: &[VirtioMmioAcpi],
+    pci: Option<&crate::pci::PciLayout>,
+) -> Result<GuestAddress, AcpiError> {
+    let area = build_acpi_area(num_cpus, virtio_devices, pci)?;
     let start = GuestAddress(layout::RSDP_ADDR);
     if !mem.check_range(start, area.bytes.len()) {
         return Err(AcpiError::AreaNotMapped {
@@ -111,6 +125,7 @@ pub fn create_acpi_tables(
         fadt = format_args!("{:#x}", area.fadt),
         madt = format_args!("{:#x}", area.madt),
         dsdt = format_args!("{:#x}", area.dsdt),
+        mcfg = ?area.mcfg,
         bytes = area.bytes.len(),
         cpus = num_cpus,
         virtio_devices = virtio_devices.len(),
@@ -126,6 +141,7 @@ struct AcpiArea {
     fadt: u64,
     madt: u64,
     xsdt: u64,
+    mcfg: Option<u64>,
 }
 
 /// Places the tables one after another, 16-byte aligned, into a buffer that starts at `RSDP_ADDR`.
@@ -147,20 +163,28 @@ impl AreaBuilder {
     }
 }
 
-fn build_acpi_area(num_cpus: u8, devices: &[VirtioMmioAcpi]) -> Result<AcpiArea, AcpiError> {
+fn build_acpi_area(
+    num_cpus: u8,
+    devices: &[VirtioMmioAcpi],
+    pci: Option<&crate::pci::PciLayout>,
+) -> Result<AcpiArea, AcpiError> {
     dsdt::validate_devices(devices)?;
-    let dsdt = dsdt::build(devices);
+    let dsdt = dsdt::build(devices, pci);
     let madt = madt::build(num_cpus)?;
 
     let mut area = AreaBuilder { bytes: Vec::new() };
     // The RSDP points at the XSDT, which comes last; reserve its room now and fill it in at the end.
     area.push(&vec![0u8; Rsdp::len()]);
     let dsdt_addr = area.push(dsdt.as_slice());
-    let fadt_addr = area.push(&fadt::build(dsdt_addr));
+    let fadt_addr = area.push(&fadt::build(dsdt_addr, pci.is_some()));
     let madt_addr = area.push(madt.as_slice());
+    let mcfg_addr = pci.map(|p| area.push(&pci::mcfg(p)));
     let mut xsdt = XSDT::new(OEM_ID, *b"DAXVXSDT", OEM_REVISION);
     xsdt.add_entry(fadt_addr);
     xsdt.add_entry(madt_addr);
+    if let Some(a) = mcfg_addr {
+        xsdt.add_entry(a);
+    }
     let xsdt_addr = area.push(&aml_bytes(&xsdt));
 
     let rsdp = aml_bytes(&Rsdp::new(OEM_ID, xsdt_addr));
@@ -173,6 +197,7 @@ fn build_acpi_area(num_cpus: u8, devices: &[VirtioMmioAcpi]) -> Result<AcpiArea,
         fadt: fadt_addr,
         madt: madt_addr,
         xsdt: xsdt_addr,
+        mcfg: mcfg_addr,
     })
 }
 

@@ -74,6 +74,8 @@ struct Parsed {
     fadt: Vec<u8>,
     madt: Vec<u8>,
     dsdt: Vec<u8>,
+    /// Present with `--transport pci`.
+    mcfg: Option<Vec<u8>>,
 }
 
 fn parse(mem: &GuestMemoryMmap, rsdp_addr: GuestAddress) -> Parsed {
@@ -88,9 +90,10 @@ fn parse(mem: &GuestMemoryMmap, rsdp_addr: GuestAddress) -> Parsed {
         .step_by(8)
         .map(|o| u64_at(&xsdt, o))
         .collect();
-    assert_eq!(entries.len(), 2);
+    assert!(matches!(entries.len(), 2 | 3), "{entries:x?}");
     let fadt = table(mem, entries[0], b"FACP");
     let madt = table(mem, entries[1], b"APIC");
+    let mcfg = entries.get(2).map(|&a| table(mem, a, b"MCFG"));
     assert_eq!(u32_at(&fadt, 40), 0, "32-bit DSDT pointer unused");
     let dsdt = table(mem, u64_at(&fadt, 140), b"DSDT");
     Parsed {
@@ -99,6 +102,7 @@ fn parse(mem: &GuestMemoryMmap, rsdp_addr: GuestAddress) -> Parsed {
         fadt,
         madt,
         dsdt,
+        mcfg,
     }
 }
 
@@ -151,6 +155,17 @@ fn fadt_is_hardware_reduced_with_i8042_reset_and_legacy_boot_flags() {
         iapc & fadt::IAPC_CMOS_RTC_NOT_PRESENT,
         fadt::IAPC_CMOS_RTC_NOT_PRESENT
     );
+    assert_eq!(
+        iapc & fadt::IAPC_MSI_NOT_SUPPORTED,
+        fadt::IAPC_MSI_NOT_SUPPORTED,
+        "no PCI bus: no MSI"
+    );
+    // With a PCI bus its functions use MSI-X: the flag would make Linux refuse MSI for all of them.
+    let p = parse(
+        &mem,
+        create_acpi_tables_with_pci(&mem, 1, &[], Some(&pci_layout())).unwrap(),
+    );
+    assert_eq!(u16_at(&p.fadt, 109) & fadt::IAPC_MSI_NOT_SUPPORTED, 0);
     assert_eq!(u32_at(f, 36), 0, "no FACS");
     assert_eq!(u64_at(f, 132), 0, "no X_FACS");
     assert_eq!(&f[268..276], b"DAXVISOR");
@@ -251,7 +266,12 @@ fn dsdt_describes_each_virtio_device_once_with_its_window_and_line() {
 
 #[test]
 fn worst_case_tables_fit_and_oversized_ones_are_refused() {
-    let area = build_acpi_area(u8::MAX, &slots(layout::MAX_VIRTIO_DEVICES)).unwrap();
+    let area = build_acpi_area(
+        u8::MAX,
+        &slots(layout::MAX_VIRTIO_DEVICES),
+        Some(&pci_layout()),
+    )
+    .unwrap();
     let room = (layout::ACPI_TABLES_END - layout::RSDP_ADDR) as usize;
     assert!(area.bytes.len() < room, "{} bytes", area.bytes.len());
     check_fits(room).unwrap();
@@ -469,6 +489,156 @@ fn acpica_interpreter_evaluates_each_device_hid_and_crs() {
     }
 }
 
+fn pci_layout() -> crate::pci::PciLayout {
+    crate::pci::PciLayout {
+        ecam_base: layout::PCI_ECAM_BASE,
+        ecam_size: layout::PCI_ECAM_SIZE,
+        bus_end: 0,
+        mmio32: (layout::PCI_MMIO32_BASE, layout::PCI_MMIO32_SIZE),
+        mmio64: layout::pci_mmio64_window(5 << 30),
+        hotplug_irq: None,
+    }
+}
+
+#[test]
+fn without_pci_there_is_no_mcfg_and_no_host_bridge() {
+    let mem = guest_mem(64 * MIB);
+    let p = parse(&mem, create_acpi_tables(&mem, 1, &slots(1)).unwrap());
+    assert!(p.mcfg.is_none());
+    assert_eq!(count(&p.dsdt, b"PCI0"), 0);
+}
+
+#[test]
+fn mcfg_locates_ecam_for_bus_zero_and_the_fadt_allows_msi() {
+    let mem = guest_mem(64 * MIB);
+    let pci = pci_layout();
+    let p = parse(
+        &mem,
+        create_acpi_tables_with_pci(&mem, 1, &[], Some(&pci)).unwrap(),
+    );
+    // With a PCI bus, MSI is supported (IAPC_BOOT_ARCH bit 3 clear); without one it is not.
+    assert_eq!(u16_at(&p.fadt, 109) & fadt::IAPC_MSI_NOT_SUPPORTED, 0);
+    let without = parse(&mem, create_acpi_tables(&mem, 1, &[]).unwrap());
+    assert_ne!(u16_at(&without.fadt, 109) & fadt::IAPC_MSI_NOT_SUPPORTED, 0);
+    let p = parse(
+        &mem,
+        create_acpi_tables_with_pci(&mem, 1, &[], Some(&pci)).unwrap(),
+    );
+    let mcfg = p.mcfg.unwrap();
+    // Header, 8 reserved bytes, one 16-byte allocation: base, segment, start bus, end bus.
+    assert_eq!(mcfg.len(), 36 + 8 + 16);
+    assert_eq!(u64_at(&mcfg, 44), layout::PCI_ECAM_BASE);
+    assert_eq!(u16_at(&mcfg, 52), 0);
+    assert_eq!((mcfg[54], mcfg[55]), (0, 0));
+}
+
+/// The PCI tables as ACPICA reads them: iasl disassembles the MCFG and the DSDT's host bridge and
+/// recompiles the DSDT to the same AML; acpiexec evaluates `\_SB.PCI0._CRS` and `_HID`.
+#[test]
+fn iasl_and_acpiexec_read_the_pci_host_bridge_and_mcfg() {
+    use std::process::Command;
+    if Command::new("iasl").arg("-v").output().is_err() {
+        missing_prerequisite("iasl not found; scripts/setup-host.sh installs acpica-tools");
+        return;
+    }
+    let mem = guest_mem(64 * MIB);
+    let pci = pci_layout();
+    let p = parse(
+        &mem,
+        create_acpi_tables_with_pci(&mem, 2, &[], Some(&pci)).unwrap(),
+    );
+    let dir = tempfile::tempdir().unwrap();
+    let disassemble = |name: &str, bytes: &[u8]| -> String {
+        let aml = dir.path().join(format!("{name}.dat"));
+        std::fs::write(&aml, bytes).unwrap();
+        let out = Command::new("iasl").arg("-d").arg(&aml).output().unwrap();
+        let log = String::from_utf8_lossy(&out.stdout).to_string()
+            + &String::from_utf8_lossy(&out.stderr);
+        assert!(out.status.success(), "iasl -d {name}: {log}");
+        assert!(!log.contains("Warning") && !log.contains("Error"), "{log}");
+        std::fs::read_to_string(dir.path().join(format!("{name}.dsl"))).unwrap()
+    };
+    let mcfg = disassemble("mcfg", p.mcfg.as_ref().unwrap());
+    assert!(mcfg.contains("Base Address : 00000000E0000000"), "{mcfg}");
+    assert!(mcfg.contains("End Bus Number : 00"), "{mcfg}");
+    assert!(!mcfg.contains("Invalid"), "{mcfg}");
+
+    let dsl = disassemble("dsdt", &p.dsdt);
+    let start = dsl
+        .find("Device (_SB.PCI0)")
+        .unwrap_or_else(|| panic!("{dsl}"));
+    let body = &dsl[start..];
+    assert!(body.contains("EisaId (\"PNP0A08\")"), "{body}");
+    assert!(body.contains("EisaId (\"PNP0A03\")"), "{body}");
+    assert!(body.contains("WordBusNumber (ResourceProducer"), "{body}");
+    assert!(
+        body.contains("0x0CF8,             // Range Minimum"),
+        "{body}"
+    );
+    assert!(body.contains("DWordMemory (ResourceProducer"), "{body}");
+    assert!(
+        body.contains("0xC0000000,         // Range Minimum"),
+        "{body}"
+    );
+    assert!(
+        body.contains("0xCFFFFFFF,         // Range Maximum"),
+        "{body}"
+    );
+    assert!(body.contains("QWordMemory (ResourceProducer"), "{body}");
+    assert!(
+        body.contains("0x0000000140000000, // Range Minimum"),
+        "{body}"
+    );
+    assert!(
+        body.contains("0x000000023FFFFFFF, // Range Maximum"),
+        "{body}"
+    );
+    let mres = &dsl[dsl
+        .find("Device (_SB.MRES)")
+        .unwrap_or_else(|| panic!("{dsl}"))..];
+    assert!(mres.contains("EisaId (\"PNP0C02\")"), "{mres}");
+    assert!(
+        mres.contains("0xE0000000,         // Address Base"),
+        "{mres}"
+    );
+
+    let out = Command::new("iasl")
+        .arg("-p")
+        .arg(dir.path().join("recompiled"))
+        .arg(dir.path().join("dsdt.dsl"))
+        .output()
+        .unwrap();
+    let log =
+        String::from_utf8_lossy(&out.stdout).to_string() + &String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{log}");
+    assert!(log.contains("0 Errors, 0 Warnings, 0 Remarks"), "{log}");
+    let recompiled = std::fs::read(dir.path().join("recompiled.aml")).unwrap();
+    assert_eq!(&recompiled[36..], &p.dsdt[36..]);
+
+    let mut files = Vec::new();
+    for (name, bytes) in [("dsdt", &p.dsdt), ("facp", &p.fadt), ("apic", &p.madt)] {
+        let path = dir.path().join(format!("{name}.bin"));
+        std::fs::write(&path, bytes).unwrap();
+        files.push(path);
+    }
+    let out = Command::new("acpiexec")
+        .arg("-b")
+        .arg("Evaluate \\_SB.PCI0._HID; Evaluate \\_SB.PCI0._CRS; Evaluate \\_SB.MRES._CRS")
+        .args(&files)
+        .output()
+        .unwrap();
+    let log =
+        String::from_utf8_lossy(&out.stdout).to_string() + &String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{log}");
+    for bad in ["failed", "Exception", "Error", "Warning"] {
+        assert!(!log.contains(bad), "{bad}: {log}");
+    }
+    // PNP0A08 as an EISA id integer.
+    assert!(log.contains("[Integer] = 00000000080AD041"), "{log}");
+    assert!(log.contains("Evaluating \\_SB.PCI0._CRS"), "{log}");
+    assert!(log.contains("[Buffer]"), "{log}");
+}
+
 /// How iasl prints a small AML integer.
 fn aml_int(i: usize) -> String {
     match i {
@@ -485,4 +655,77 @@ fn missing_prerequisite(what: &str) {
         "prerequisite missing under CI=true: {what}"
     );
     eprintln!("SKIP: {what}");
+}
+
+/// With `--pmem-hotplug`: iasl disassembles the generic event device, the hotplug controller and the slots
+/// under `\_SB.PCI0` and compiles the disassembly back without an error; acpiexec runs the GED's `_EVT` (which reads PCIU and
+/// PCID through the SystemIO region and notifies the slots) and a slot's `_EJ0`, without an exception.
+#[test]
+fn acpi_pci_hotplug_is_read_and_run_by_acpica() {
+    use std::process::Command;
+    if Command::new("iasl").arg("-v").output().is_err() {
+        missing_prerequisite("iasl not found; scripts/setup-host.sh installs acpica-tools");
+        return;
+    }
+    let mem = guest_mem(64 * MIB);
+    let pci = crate::pci::PciLayout {
+        hotplug_irq: Some(layout::HOTPLUG_GED_IRQ),
+        ..pci_layout()
+    };
+    let p = parse(
+        &mem,
+        create_acpi_tables_with_pci(&mem, 1, &[], Some(&pci)).unwrap(),
+    );
+    let dir = tempfile::tempdir().unwrap();
+    let dat = dir.path().join("dsdt.dat");
+    std::fs::write(&dat, &p.dsdt).unwrap();
+    let out = Command::new("iasl").arg("-d").arg(&dat).output().unwrap();
+    let log =
+        String::from_utf8_lossy(&out.stdout).to_string() + &String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{log}");
+    let dsl = std::fs::read_to_string(dir.path().join("dsdt.dsl")).unwrap();
+    for want in [
+        "Device (_SB.GED)",
+        "Name (_HID, \"ACPI0013\"",
+        "Device (_SB.PHPR)",
+        "OperationRegion (PCST, SystemIO, 0xAE00, 0x10)",
+        "Device (S001)",
+        "Device (S031)",
+        "Method (_EJ0, 1, Serialized)",
+        "Method (PCNT, 0, Serialized)",
+        "Notify (S002, Arg1)",
+    ] {
+        assert!(dsl.contains(want), "no {want:?} in:\n{dsl}");
+    }
+    let out = Command::new("iasl")
+        .arg("-p")
+        .arg(dir.path().join("recompiled"))
+        .arg(dir.path().join("dsdt.dsl"))
+        .output()
+        .unwrap();
+    let log =
+        String::from_utf8_lossy(&out.stdout).to_string() + &String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{log}");
+    assert!(log.contains("0 Errors"), "{log}");
+
+    let mut files = Vec::new();
+    for (name, bytes) in [("dsdt", &p.dsdt), ("facp", &p.fadt), ("apic", &p.madt)] {
+        let path = dir.path().join(format!("{name}.bin"));
+        std::fs::write(&path, bytes).unwrap();
+        files.push(path);
+    }
+    let out = Command::new("acpiexec")
+        .arg("-b")
+        .arg("Evaluate \\_SB.GED._EVT 0; Evaluate \\_SB.PCI0.S002._EJ0 0; Evaluate \\_SB.PCI0.S002._ADR")
+        .args(&files)
+        .output()
+        .unwrap();
+    let log =
+        String::from_utf8_lossy(&out.stdout).to_string() + &String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{log}");
+    for bad in ["failed", "Exception", "Error"] {
+        assert!(!log.contains(bad), "{bad}: {log}");
+    }
+    // Slot 2's address: device 2, function 0.
+    assert!(log.contains("[Integer] = 0000000000020000"), "{log}");
 }

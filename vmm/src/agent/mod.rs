@@ -30,8 +30,7 @@ use std::thread::JoinHandle;
 
 use daxvisor_devices::virtio::console::PortSender;
 
-use crate::pmem::BackingKind;
-use daxvisor_mapper::{Mapper, RegionId};
+use daxvisor_mapper::Mapper;
 
 pub use notifier::{AgentNotifier, Routes};
 pub use port::{AgentPort, PortInbox};
@@ -48,36 +47,6 @@ pub struct AgentCounters {
     pub frames_rejected: AtomicU64,
 }
 
-/// A pmem region as the guest sees it in `ListRegions`.
-#[derive(Clone, Debug)]
-pub struct RegionEntry {
-    /// The mapper's id, which the guest names in requests.
-    pub id: RegionId,
-    /// The operator's name (`--pmem id=`).
-    pub name: String,
-    /// Guest physical address of the window.
-    pub guest_addr: u64,
-    /// Window size in bytes.
-    pub size: u64,
-    /// Backing kind.
-    pub kind: BackingKind,
-    /// Mapped read-only into the guest.
-    pub readonly: bool,
-}
-
-impl From<&crate::pmem::PmemRegion> for RegionEntry {
-    fn from(r: &crate::pmem::PmemRegion) -> Self {
-        RegionEntry {
-            id: r.region,
-            name: r.id().to_owned(),
-            guest_addr: r.guest_addr,
-            size: r.backing.size(),
-            kind: r.backing.kind(),
-            readonly: r.backing.readonly(),
-        }
-    }
-}
-
 impl Outbox for PortSender {
     fn send(&self, session: u64, frame: &[u8]) -> bool {
         self.send_in_session(session, frame)
@@ -88,7 +57,7 @@ impl Outbox for PortSender {
 /// joins the thread.
 pub struct AgentService {
     inbox: Arc<PortInbox>,
-    thread: Option<JoinHandle<()>>,
+    thread: Option<JoinHandle<Option<()>>>,
 }
 
 impl AgentService {
@@ -96,7 +65,7 @@ impl AgentService {
     /// shared with the [`AgentNotifier`] given to the mapper.
     pub fn start(
         mapper: Mapper,
-        regions: Vec<RegionEntry>,
+        regions: Arc<crate::region_registry::RegionRegistry>,
         port: &AgentPort,
         out: Arc<dyn Outbox>,
         routes: Arc<Routes>,
@@ -105,17 +74,13 @@ impl AgentService {
     ) -> std::io::Result<Self> {
         let inbox = port.inbox();
         let slow = slow::SlowWorker::spawn(mapper.clone(), out.clone())?;
-        let mut svc =
-            session::Service::new(mapper, regions.into(), out, routes, slow, counters, reclaim);
+        let mut svc = session::Service::new(mapper, regions, out, routes, slow, counters, reclaim);
         let rx = inbox.clone();
-        let thread = std::thread::Builder::new()
-            .name("agent".into())
-            .spawn(move || {
-                match crate::seccomp::apply_for_thread(crate::seccomp::ThreadKind::AgentService) {
-                    Ok(()) => svc.run(&rx),
-                    Err(e) => tracing::error!("agent service not started: {e}"),
-                }
-            })?;
+        let thread = crate::threads::spawn(
+            "agent",
+            crate::seccomp::ThreadKind::AgentService,
+            move || svc.run(&rx),
+        )?;
         Ok(AgentService {
             inbox,
             thread: Some(thread),
@@ -127,9 +92,7 @@ impl Drop for AgentService {
     fn drop(&mut self) {
         self.inbox.shutdown();
         if let Some(t) = self.thread.take() {
-            if t.join().is_err() {
-                tracing::error!("agent service thread panicked");
-            }
+            crate::threads::join("agent", t);
         }
     }
 }

@@ -17,6 +17,8 @@ struct Inner {
     current: Option<(u64, Arc<dyn Outbox>)>,
     /// Which session opened each agent owner.
     owners: HashMap<OwnerId, u64>,
+    /// The session whose hello asked for region notices (a region added while the VM runs).
+    region_notices: Option<u64>,
 }
 
 /// Which owners belong to which session: written by the service thread, read by the notifier (on whatever
@@ -46,6 +48,27 @@ impl Routes {
             r.current = None;
         }
         r.owners.retain(|_, s| *s != session);
+    }
+
+    /// `session`'s hello asked for region notices.
+    pub(crate) fn want_region_notices(&self, session: u64) {
+        self.lock().region_notices = Some(session);
+    }
+
+    /// Tell the current session a region was added, if its hello asked for that (older guests did not and
+    /// are not sent a message they cannot decode). `true` when it was sent.
+    pub fn region_added(&self, info: agent::RegionInfo) -> bool {
+        let target = {
+            let r = self.lock();
+            r.current
+                .as_ref()
+                .filter(|(s, _)| r.region_notices == Some(*s))
+                .map(|(s, out)| (*s, out.clone()))
+        };
+        match target {
+            Some((session, out)) => send(out.as_ref(), session, &Message::RegionAdded(info)),
+            None => false,
+        }
     }
 
     pub(crate) fn add_owner(&self, owner: OwnerId, session: u64) {
@@ -91,6 +114,7 @@ fn reason_code(reason: &str) -> BreakReason {
         "shrink" => BreakReason::Shrink,
         "host-open" => BreakReason::HostOpen,
         "evacuate" => BreakReason::Evacuate,
+        "remove" => BreakReason::Remove,
         _ => BreakReason::Other,
     }
 }
@@ -109,7 +133,7 @@ fn send(out: &dyn Outbox, session: u64, msg: &Message<'_>) -> bool {
 impl BreakNotifier for AgentNotifier {
     fn break_notice(&self, n: &BreakNotice) {
         let Some((session, out)) = self.routes.target(n.owner) else {
-            tracing::warn!(owner = %n.owner, region = %n.region, reason = n.reason, leases = ?n.leases, "break notice for an owner no agent session holds");
+            tracing::warn!(owner = %n.owner, region = %n.region, reason = n.reason, leases = n.leases.len(), "break notice for an owner no agent session holds");
             return;
         };
         let deadline_ms = n
@@ -138,7 +162,7 @@ impl BreakNotifier for AgentNotifier {
 
     fn revoked(&self, n: &RevokeNotice) {
         let Some((session, out)) = self.routes.target(n.owner) else {
-            tracing::warn!(owner = %n.owner, region = %n.region, leases = ?n.leases, "leases revoked from an owner no agent session holds");
+            tracing::warn!(owner = %n.owner, region = %n.region, leases = n.leases.len(), "leases revoked from an owner no agent session holds");
             return;
         };
         for (lease, range) in &n.leases {

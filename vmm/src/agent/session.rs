@@ -6,7 +6,7 @@
 //! another session or an unknown region is `ENOENT`, a range outside its region `ERANGE`, and a refused request
 //! changes nothing.
 
-use std::collections::HashMap;
+use std::collections::HashSet;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 
@@ -19,9 +19,9 @@ use daxvisor_proto::agent::{
 use super::notifier::Routes;
 use super::port::{PortEvent, PortInbox};
 use super::slow::{SlowJob, SlowKind, SlowWorker};
-use super::RegionEntry;
 use crate::pmem::BackingKind;
-use daxvisor_mapper::{LeaseId, Mapper, MapperError, OwnerId, PinId};
+use crate::region_registry::{Region, RegionRegistry};
+use daxvisor_mapper::{LeaseId, Mapper, MapperError, OwnerId, PinId, RegionId};
 
 /// Owners one session may have open at once (`ENOMEM` past it).
 pub const MAX_OWNERS_PER_SESSION: usize = 64;
@@ -79,15 +79,15 @@ pub(crate) fn error(errno: u32) -> Message<'static> {
 struct Session {
     id: u64,
     hello: bool,
-    /// Open owners and how many leases each holds (as granted minus released here).
-    owners: HashMap<OwnerId, usize>,
+    /// Open owners. What they hold is counted by the mapper (leases revoked at a deadline go there too).
+    owners: HashSet<OwnerId>,
     reader: Box<FrameReader>,
 }
 
 /// The service thread's state.
 pub(crate) struct Service {
     mapper: Mapper,
-    regions: Arc<[RegionEntry]>,
+    regions: Arc<RegionRegistry>,
     out: Arc<dyn Outbox>,
     routes: Arc<Routes>,
     slow: SlowWorker,
@@ -99,7 +99,7 @@ pub(crate) struct Service {
 impl Service {
     pub(crate) fn new(
         mapper: Mapper,
-        regions: Arc<[RegionEntry]>,
+        regions: Arc<RegionRegistry>,
         out: Arc<dyn Outbox>,
         routes: Arc<Routes>,
         slow: SlowWorker,
@@ -142,7 +142,7 @@ impl Service {
         self.session = Some(Session {
             id,
             hello: false,
-            owners: HashMap::new(),
+            owners: HashSet::new(),
             reader: Box::new(FrameReader::new()),
         });
         self.counters.sessions_open.fetch_add(1, Ordering::Relaxed);
@@ -157,9 +157,11 @@ impl Service {
         self.routes.end(s.id);
         self.reclaim.end_session(s.id);
         self.counters.sessions_open.fetch_sub(1, Ordering::Relaxed);
-        for owner in s.owners.keys() {
-            if let Err(e) = self.mapper.owner_exit(*owner) {
-                tracing::warn!(session = s.id, %owner, "agent owner exit: {e}");
+        for owner in s.owners.iter() {
+            match self.mapper.owner_exit(*owner) {
+                // Already gone: the operator revoked it.
+                Ok(()) | Err(MapperError::NotFound(_)) => {}
+                Err(e) => tracing::warn!(session = s.id, %owner, "agent owner exit: {e}"),
             }
         }
         let stats = s.reader.stats();
@@ -210,13 +212,12 @@ impl Service {
         self.session = Some(s);
     }
 
-    fn resolve(&self, region: u64, offset: u64, len: u64) -> Result<(&RegionEntry, u64, u64), u32> {
+    fn resolve(&self, region: u64, offset: u64, len: u64) -> Result<(Arc<Region>, u64, u64), u32> {
         let r = self
             .regions
-            .iter()
-            .find(|r| r.id.to_raw() == region)
+            .by_id(RegionId::from_raw(region))
             .ok_or(errno::ENOENT)?;
-        resolve_range(r, offset, len).map(|(o, l)| (r, o, l))
+        resolve_range(&r, offset, len).map(|(o, l)| (r, o, l))
     }
 
     /// Answers one request; `None` when the answer comes later (from the slow worker).
@@ -235,6 +236,9 @@ impl Service {
                 return Some(error(errno::EPROTONOSUPPORT));
             }
             *s.hello = true;
+            if h.flags & agent::hello_flags::REGION_NOTICES != 0 {
+                self.routes.want_region_notices(s.id);
+            }
             return Some(Message::HelloReply(HelloReply {
                 version: u16::from(VERSION),
                 reserved: 0,
@@ -247,7 +251,7 @@ impl Service {
         }
         let check_owner = |owner: u64| -> Result<OwnerId, u32> {
             let o = OwnerId::from_raw(owner);
-            if s.owners.contains_key(&o) {
+            if s.owners.contains(&o) {
                 Ok(o)
             } else {
                 Err(errno::ENOENT)
@@ -258,6 +262,7 @@ impl Service {
                 // Sent from here: the list borrows a local.
                 let infos: Vec<RegionInfo> = self
                     .regions
+                    .all()
                     .iter()
                     .take(MAX_REGIONS)
                     .map(|r| region_info(r, &self.mapper))
@@ -276,7 +281,7 @@ impl Service {
                 }
                 let name = name_str(&o.name).unwrap_or("?");
                 let id = m.add_owner(&format!("agent:{name}"));
-                s.owners.insert(id, 0);
+                s.owners.insert(id);
                 self.routes.add_owner(id, s.id);
                 tracing::info!(session = s.id, owner = %id, name, "agent owner opened");
                 Message::OwnerOpened { owner: id.to_raw() }
@@ -302,7 +307,7 @@ impl Service {
                 if a.flags != 0 {
                     return Some(error(errno::EINVAL));
                 }
-                if s.leases() >= MAX_LEASES_PER_SESSION {
+                if s.leases(m) >= MAX_LEASES_PER_SESSION {
                     return Some(error(errno::ENOMEM));
                 }
                 let (entry, off, len) = match self.resolve(r.region, r.offset, r.len) {
@@ -315,11 +320,8 @@ impl Service {
                 };
                 match m.acquire(owner, entry.id, off, len, mode) {
                     Ok(lease) => {
-                        if let Some(n) = s.owners.get_mut(&owner) {
-                            *n += 1;
-                        }
                         self.reclaim.withdraw(owner, entry.id, off, len);
-                        tracing::debug!(session = s.id, %owner, %lease, id = %entry.name, off, len, %mode, "agent lease");
+                        tracing::debug!(session = s.id, %owner, %lease, id = %entry.name(), off, len, %mode, "agent lease");
                         Message::LeaseGranted(Granted {
                             id: lease.to_raw(),
                             region: r.region,
@@ -333,12 +335,7 @@ impl Service {
             Message::Release(Handle { owner, id }) => match check_owner(owner) {
                 Err(e) => error(e),
                 Ok(o) => match m.release(o, LeaseId::from_raw(id)) {
-                    Ok(()) => {
-                        if let Some(n) = s.owners.get_mut(&o) {
-                            *n = n.saturating_sub(1);
-                        }
-                        Message::Ok { value: 0 }
-                    }
+                    Ok(()) => Message::Ok { value: 0 },
                     Err(e) => mapper_error(&e),
                 },
             },
@@ -349,7 +346,7 @@ impl Service {
                     Err(e) => mapper_error(&e),
                 },
             },
-            Message::Pin(r) | Message::Prepare(r) => {
+            Message::Pin(r) | Message::PinDma(r) | Message::Prepare(r) => {
                 let owner = match check_owner(r.owner) {
                     Ok(o) => o,
                     Err(e) => return Some(error(e)),
@@ -358,10 +355,17 @@ impl Service {
                     Ok(x) => x,
                     Err(e) => return Some(error(e)),
                 };
-                let kind = if matches!(msg, Message::Pin(_)) {
-                    SlowKind::Pin
-                } else {
-                    SlowKind::Prepare
+                let kind = match msg {
+                    Message::Pin(_) => SlowKind::Pin,
+                    Message::PinDma(_) => {
+                        // Only where the operator said so (`--pmem dma=agent`), and only with a device.
+                        if entry.config.dma != crate::pmem::DmaPolicy::Agent {
+                            tracing::info!(session = s.id, id = %entry.name(), dma = %entry.config.dma, "agent DMA pin refused: the region is not dma=agent");
+                            return Some(error(errno::EPERM));
+                        }
+                        SlowKind::PinDma
+                    }
+                    _ => SlowKind::Prepare,
                 };
                 let job = SlowJob {
                     session: s.id,
@@ -388,8 +392,22 @@ impl Service {
             {
                 Err(e) => error(e),
                 Ok((o, (entry, off, len))) => {
-                    match self.reclaim.offer(s.id, o, entry.id, off, len) {
-                        Ok(id) => Message::Ok { value: id },
+                    // Under policy `auto` the answer waits for the punch (the guest may hold its filesystem
+                    // frozen until then).
+                    let (out, session) = (self.out.clone(), s.id);
+                    let waiter: crate::reclaim::OfferWaiter = Box::new(move |r| {
+                        let reply = match r {
+                            Ok(id) => Message::Ok { value: id },
+                            Err(e) => error(e.unsigned_abs()),
+                        };
+                        send_frame(out.as_ref(), session, request_id, &reply);
+                    });
+                    match self
+                        .reclaim
+                        .offer_then(s.id, o, entry.id, off, len, Some(waiter))
+                    {
+                        Ok(crate::reclaim::Offered::Listed(id)) => Message::Ok { value: id },
+                        Ok(crate::reclaim::Offered::Queued(_)) => return None,
                         Err(e) => error(e.unsigned_abs()),
                     }
                 }
@@ -406,12 +424,13 @@ impl Service {
 struct SessionView<'a> {
     id: u64,
     hello: &'a mut bool,
-    owners: &'a mut HashMap<OwnerId, usize>,
+    owners: &'a mut HashSet<OwnerId>,
 }
 
 impl SessionView<'_> {
-    fn leases(&self) -> usize {
-        self.owners.values().sum()
+    /// Leases the session's owners hold now, as the mapper counts them.
+    fn leases(&self, mapper: &Mapper) -> usize {
+        self.owners.iter().map(|o| mapper.lease_count(*o)).sum()
     }
 }
 
@@ -444,6 +463,7 @@ impl From<&Frame<'_>> for OwnedRequest {
             Message::Acquire(a) => OwnedRequest::Message(Message::Acquire(a)),
             Message::Release(h) => OwnedRequest::Message(Message::Release(h)),
             Message::Pin(r) => OwnedRequest::Message(Message::Pin(r)),
+            Message::PinDma(r) => OwnedRequest::Message(Message::PinDma(r)),
             Message::Unpin(h) => OwnedRequest::Message(Message::Unpin(h)),
             Message::Prepare(r) => OwnedRequest::Message(Message::Prepare(r)),
             Message::OfferReclaim(r) => OwnedRequest::Message(Message::OfferReclaim(r)),
@@ -454,28 +474,28 @@ impl From<&Frame<'_>> for OwnedRequest {
 }
 
 /// `len` 0 = to the end of the region; the range must lie inside it.
-pub(crate) fn resolve_range(r: &RegionEntry, offset: u64, len: u64) -> Result<(u64, u64), u32> {
-    if offset >= r.size {
+pub(crate) fn resolve_range(r: &Region, offset: u64, len: u64) -> Result<(u64, u64), u32> {
+    let size = r.size();
+    if offset >= size {
         return Err(errno::ERANGE);
     }
-    let len = if len == 0 { r.size - offset } else { len };
+    let len = if len == 0 { size - offset } else { len };
     match offset.checked_add(len) {
-        Some(end) if end <= r.size => Ok((offset, len)),
+        Some(end) if end <= size => Ok((offset, len)),
         _ => Err(errno::ERANGE),
     }
 }
 
-fn region_info(r: &RegionEntry, mapper: &Mapper) -> RegionInfo {
-    let kind = match r.kind {
+/// A region as the agent protocol describes it (the region list, and the notice of a region added).
+pub fn region_info(r: &Region, mapper: &Mapper) -> RegionInfo {
+    let kind = match r.kind() {
         BackingKind::Regular => region_kind::REGULAR,
         BackingKind::FsDax => region_kind::FS_DAX,
         BackingKind::DevDax => region_kind::DEV_DAX,
         BackingKind::Ram => region_kind::RAM,
-        // A kind this protocol version has no code for.
-        _ => 0,
     };
     let mut flags = 0;
-    if r.readonly {
+    if r.readonly() {
         flags |= region_flags::READONLY;
     }
     // What the host kernel lets a DMA mapper pin long-term, as the mapper classified the region.
@@ -483,11 +503,11 @@ fn region_info(r: &RegionEntry, mapper: &Mapper) -> RegionInfo {
         flags |= region_flags::DMA_PINNABLE;
     }
     let mut name = [0u8; NAME_LEN];
-    name.copy_from_slice(&agent::name_field(&r.name));
+    name.copy_from_slice(&agent::name_field(r.name()));
     RegionInfo {
         region: r.id.to_raw(),
         guest_addr: r.guest_addr,
-        size: r.size,
+        size: r.size(),
         kind,
         flags,
         name,

@@ -20,6 +20,8 @@ const PROGRESS_INTERVAL: Duration = Duration::from_millis(100);
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub(crate) enum SlowKind {
     Pin,
+    /// A pin the VM's passthrough devices may DMA into.
+    PinDma,
     Prepare,
 }
 
@@ -44,14 +46,11 @@ pub(crate) struct SlowWorker {
 impl SlowWorker {
     pub(crate) fn spawn(mapper: Mapper, out: Arc<dyn Outbox>) -> std::io::Result<Self> {
         let (tx, rx) = sync_channel(SLOW_QUEUE);
-        std::thread::Builder::new()
-            .name("agent-slow".into())
-            .spawn(move || {
-                match crate::seccomp::apply_for_thread(crate::seccomp::ThreadKind::AgentService) {
-                    Ok(()) => serve(&mapper, out.as_ref(), &rx),
-                    Err(e) => tracing::error!("agent slow-request thread not started: {e}"),
-                }
-            })?;
+        crate::threads::spawn(
+            "agent-slow",
+            crate::seccomp::ThreadKind::AgentService,
+            move || serve(&mapper, out.as_ref(), &rx),
+        )?;
         Ok(SlowWorker { tx })
     }
 
@@ -71,9 +70,15 @@ impl SlowWorker {
 fn serve(mapper: &Mapper, out: &dyn Outbox, rx: &Receiver<SlowJob>) {
     while let Ok(job) = rx.recv() {
         let reply = match job.kind {
-            SlowKind::Pin => match mapper.pin(job.owner, job.region, job.off, job.len) {
+            SlowKind::Pin | SlowKind::PinDma => match mapper.pin_with(
+                job.owner,
+                job.region,
+                job.off,
+                job.len,
+                job.kind == SlowKind::PinDma,
+            ) {
                 Ok(pin) => {
-                    tracing::info!(session = job.session, owner = %job.owner, %pin, region = %job.region, off = job.off, len = job.len, "agent pin");
+                    tracing::info!(session = job.session, owner = %job.owner, %pin, region = %job.region, off = job.off, len = job.len, dma = job.kind == SlowKind::PinDma, "agent pin");
                     Message::Pinned(Granted {
                         id: pin.to_raw(),
                         region: job.region_wire,

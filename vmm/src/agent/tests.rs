@@ -1,7 +1,6 @@
 //! The service against a real mapper on a real file: the guest side is frames fed to the session and the
 //! frames it answers with; the host side is a real punch on another thread.
 
-use std::fs::OpenOptions;
 use std::sync::{Arc, Condvar, Mutex};
 use std::time::Duration;
 
@@ -13,9 +12,8 @@ use daxvisor_proto::agent::{
 use super::notifier::{AgentNotifier, Routes};
 use super::session::{Outbox, Service};
 use super::slow::SlowWorker;
-use super::RegionEntry;
-use crate::pmem::BackingKind;
-use daxvisor_mapper::{Mapper, RegionDesc};
+use crate::region_registry::RegionRegistry;
+use daxvisor_mapper::Mapper;
 
 const SIZE: u64 = 2 << 20;
 
@@ -60,51 +58,32 @@ struct Rig {
     out: Arc<Collector>,
     region: u64,
     reclaim: Arc<crate::reclaim::Reclaim>,
+    routes: Arc<Routes>,
     _dir: tempfile::TempDir,
 }
 
 fn rig() -> Rig {
+    rig_with(None, "")
+}
+
+/// A rig whose mapper has `dma` as its DMA mapper and whose region has the `--pmem` options `extra`.
+fn rig_with(dma: Option<Arc<dyn daxvisor_mapper::DmaMapper>>, extra: &str) -> Rig {
     let dir = tempfile::tempdir().unwrap();
-    let file = OpenOptions::new()
-        .read(true)
-        .write(true)
-        .create(true)
-        .truncate(true)
-        .open(dir.path().join("pmem.img"))
-        .unwrap();
-    file.set_len(SIZE).unwrap();
     let routes = Routes::new();
-    let mapper = Mapper::new(Arc::new(AgentNotifier::new(routes.clone())), None);
-    let id = mapper
-        .add_region(RegionDesc::new(Arc::new(file), 0, SIZE, BackingKind::Regular).with_name("pm0"))
-        .unwrap();
+    let mapper = Mapper::new(Arc::new(AgentNotifier::new(routes.clone())), dma);
+    let pm0 = crate::region_registry::test_region_with(&mapper, dir.path(), "pm0", SIZE, extra);
+    let id = pm0.id;
+    let regions = RegionRegistry::new();
+    regions.insert(pm0);
     let out = Arc::new(Collector::default());
     let slow = SlowWorker::spawn(mapper.clone(), out.clone()).unwrap();
-    let regions: Arc<[RegionEntry]> = vec![RegionEntry {
-        id,
-        name: "pm0".into(),
-        guest_addr: 0x1_0000_0000,
-        size: SIZE,
-        kind: BackingKind::Regular,
-        readonly: false,
-    }]
-    .into();
-    let reclaim = crate::reclaim::Reclaim::start(
-        mapper.clone(),
-        Arc::default(),
-        vec![crate::reclaim::ReclaimRegion {
-            id,
-            name: "pm0".into(),
-            kind: BackingKind::Regular,
-            size: SIZE,
-        }],
-    )
-    .unwrap();
+    let reclaim =
+        crate::reclaim::Reclaim::start(mapper.clone(), Arc::default(), regions.clone()).unwrap();
     let svc = Service::new(
         mapper.clone(),
         regions,
         out.clone(),
-        routes,
+        routes.clone(),
         slow,
         Arc::default(),
         reclaim.clone(),
@@ -115,6 +94,7 @@ fn rig() -> Rig {
         out,
         region: id.to_raw(),
         reclaim,
+        routes,
         _dir: dir,
     }
 }
@@ -415,4 +395,133 @@ fn offers_are_checked_recorded_and_dropped_with_their_session() {
         r.reclaim.list(None).is_empty(),
         "offers go with their session"
     );
+}
+
+#[test]
+fn a_guest_revoked_far_more_often_than_the_session_limit_can_still_take_a_lease() {
+    use super::session::MAX_LEASES_PER_SESSION;
+    use daxvisor_mapper::{BreakPolicy, ChangeRequest, LayoutChange, RegionId};
+    let mut r = rig();
+    r.svc.start_session(7);
+    r.hello();
+    let owner = r.open_owner("db");
+    let region = RegionId::from_raw(r.region);
+    for round in 0..MAX_LEASES_PER_SESSION + 16 {
+        r.acquire(owner, 0, 4096, LeaseMode::Shared)
+            .unwrap_or_else(|e| panic!("round {round}: acquire refused with errno {e}"));
+        // The guest never answers: at the (immediate) deadline its lease is revoked.
+        let revoke = ChangeRequest {
+            deadline: Duration::ZERO,
+            policy: BreakPolicy::Revoke,
+            ..ChangeRequest::new(region, LayoutChange::Evacuate { off: 0, len: 4096 })
+        };
+        let report = r.mapper.change(revoke).unwrap();
+        assert_eq!(report.revoked.len(), 1, "round {round}");
+        // The notice and the revoke frames the guest was sent.
+        r.out.frames.lock().unwrap().clear();
+    }
+    assert_eq!(r.leases(), 0);
+    assert!(r.acquire(owner, 0, 4096, LeaseMode::Shared).is_ok());
+}
+
+/// A region added while the VM runs is announced only to a session whose hello asked for it: an older agent
+/// (flags 0) is never sent a message type it cannot decode.
+#[test]
+fn region_added_notices_go_only_to_agents_that_asked() {
+    let info = agent::RegionInfo {
+        region: 7,
+        guest_addr: 1 << 32,
+        size: SIZE,
+        kind: agent::region_kind::REGULAR,
+        flags: 0,
+        name: agent::name_field("hot"),
+    };
+    let mut r = rig();
+    r.svc.start_session(1);
+    r.hello();
+    assert!(!r.routes.region_added(info));
+    assert!(r.out.is_empty());
+
+    let mut r = rig();
+    r.svc.start_session(1);
+    let hello = Message::Hello(Hello {
+        min_version: 1,
+        max_version: 3,
+        flags: agent::hello_flags::REGION_NOTICES,
+    });
+    r.ask(1, &hello, |m| assert!(matches!(m, Message::HelloReply(_))));
+    assert!(r.routes.region_added(info));
+    r.out.next(|_, id, m| {
+        assert_eq!(id, 0, "a notice");
+        assert_eq!(*m, Message::RegionAdded(info));
+    });
+}
+
+/// DMA pins through the agent: only on a `dma=agent` region, only inside the window and under the owner's own
+/// exclusive lease; a DMA pin maps exactly its range at the region's guest address plus the offset and its
+/// unpin removes it; a plain pin maps nothing. `RecordingDma` stands in for the VFIO container (this machine
+/// has no IOMMU; the lab shows the container).
+#[test]
+fn dma_pins_map_exactly_the_pinned_range_and_only_on_dma_agent_regions() {
+    let pin_dma = |owner, region, offset, len| {
+        Message::PinDma(RangeRequest {
+            owner,
+            region,
+            offset,
+            len,
+        })
+    };
+    let dma = Arc::new(daxvisor_mapper::RecordingDma::new());
+    let mut r = rig_with(Some(dma.clone()), ",dma=agent");
+    r.svc.start_session(1);
+    r.hello();
+    let owner = r.open_owner("nvme-io");
+    // No lease yet: EPERM, nothing mapped.
+    r.ask(10, &pin_dma(owner, r.region, 0x1000, 0x1000), |m| {
+        assert_eq!(errno_of(m), errno::EPERM)
+    });
+    r.acquire(owner, 0, SIZE, LeaseMode::Exclusive).unwrap();
+    // Outside the window: ERANGE.
+    r.ask(11, &pin_dma(owner, r.region, SIZE, 0x1000), |m| {
+        assert_eq!(errno_of(m), errno::ERANGE)
+    });
+    assert!(dma.mappings().is_empty());
+    let prepare = Message::Prepare(RangeRequest {
+        owner,
+        region: r.region,
+        offset: 0,
+        len: 0,
+    });
+    r.ask(15, &prepare, |m| assert_eq!(*m, Message::Ok { value: 0 }));
+    let pin = r.ask(12, &pin_dma(owner, r.region, 0x1000, 0x2000), |m| match m {
+        Message::Pinned(g) => g.id,
+        m => panic!("DMA pin: {m:?}"),
+    });
+    let plain = Message::Pin(RangeRequest {
+        owner,
+        region: r.region,
+        offset: 0x10000,
+        len: 0x1000,
+    });
+    r.ask(13, &plain, |m| {
+        assert!(matches!(m, Message::Pinned(_)), "{m:?}")
+    });
+    let mapped: Vec<(u64, u64)> = dma.mappings().iter().map(|&(i, _, l)| (i, l)).collect();
+    assert_eq!(mapped, vec![((1 << 32) + 0x1000, 0x2000)]);
+    r.ask(14, &Message::Unpin(Handle { owner, id: pin }), |m| {
+        assert_eq!(*m, Message::Ok { value: 0 })
+    });
+    assert!(dma.mappings().is_empty());
+
+    // dma=off (the default): refused before the mapper is asked.
+    let dma = Arc::new(daxvisor_mapper::RecordingDma::new());
+    let mut r = rig_with(Some(dma.clone()), "");
+    r.svc.start_session(1);
+    r.hello();
+    let owner = r.open_owner("nvme-io");
+    r.acquire(owner, 0, SIZE, LeaseMode::Exclusive).unwrap();
+    r.ask(10, &pin_dma(owner, r.region, 0, 0x1000), |m| {
+        assert_eq!(errno_of(m), errno::EPERM)
+    });
+    assert!(dma.mappings().is_empty() && r.mapper.snapshot().pins().is_empty());
 }

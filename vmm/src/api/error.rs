@@ -47,6 +47,8 @@ pub struct ApiError {
     pub status: StatusCode,
     /// Boxed: errors travel through every handler's `Result`.
     pub body: Box<ErrorBody>,
+    /// The connection is closed after this answer (`Connection: close`): the request was not read whole.
+    pub close: bool,
 }
 
 impl ApiError {
@@ -59,7 +61,14 @@ impl ApiError {
                 holder: None,
                 holders: Vec::new(),
             }),
+            close: false,
         }
+    }
+
+    /// This answer closes the connection.
+    pub fn closing(mut self) -> Self {
+        self.close = true;
+        self
     }
 
     pub fn bad_request(error: impl Into<String>) -> Self {
@@ -80,9 +89,12 @@ impl ApiError {
         let status = match errno {
             libc::ENOENT => StatusCode::NOT_FOUND,
             libc::EINVAL | libc::ERANGE | libc::EOPNOTSUPP | libc::EPERM => StatusCode::BAD_REQUEST,
-            libc::ETXTBSY | libc::EDEADLK | libc::EAGAIN | libc::EBUSY | libc::ETIMEDOUT => {
-                StatusCode::CONFLICT
-            }
+            libc::ETXTBSY
+            | libc::EDEADLK
+            | libc::EAGAIN
+            | libc::EBUSY
+            | libc::ETIMEDOUT
+            | libc::ENODEV => StatusCode::CONFLICT,
             _ => StatusCode::INTERNAL_SERVER_ERROR,
         };
         let mut err = ApiError::new(status, e.to_string());
@@ -125,8 +137,36 @@ impl ApiError {
     }
 }
 
+impl ApiError {
+    /// An action's refusal: 404 for an unknown region or lease, 400 (ERANGE) for a range outside the region,
+    /// 400 for other bad input, the mapper's refusal with its errno and holder.
+    pub fn from_action(e: crate::actions::ActionError, name_of: impl Fn(u64) -> String) -> Self {
+        use crate::actions::ActionError as A;
+        match e {
+            A::NoRegion { .. } | A::NoLease(_) => ApiError::not_found(e.to_string()),
+            A::OutOfRange(msg) => {
+                let mut err = ApiError::bad_request(msg);
+                err.body.errno = Some("ERANGE".into());
+                err
+            }
+            A::Invalid(msg) => ApiError::bad_request(msg),
+            A::Refused(m) => ApiError::from_mapper(&m, name_of),
+            A::Internal(msg) => ApiError::internal(msg),
+            A::Busy { errno, message } => {
+                let mut err = ApiError::new(StatusCode::CONFLICT, message);
+                err.body.errno = Some(errno.to_owned());
+                err
+            }
+        }
+    }
+}
+
 impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
+        if self.close {
+            let close = [(axum::http::header::CONNECTION, "close")];
+            return (self.status, close, Json(*self.body)).into_response();
+        }
         (self.status, Json(*self.body)).into_response()
     }
 }

@@ -10,10 +10,8 @@ use axum::Json;
 use serde::{Deserialize, Serialize};
 use utoipa::ToSchema;
 
-use super::changes::window_range;
 use super::context::ApiContext;
 use super::error::{ApiError, ErrorBody};
-use super::events::NewEvent;
 use super::json::ApiJson;
 use super::range_len;
 use daxvisor_mapper::LeaseMode;
@@ -45,6 +43,9 @@ pub struct PinView {
     pub pending: bool,
     /// DMA mapping torn down by a revoke.
     pub dma_revoked: bool,
+    /// A DMA pin: the IOVA its range is mapped at for the VM's passthrough devices.
+    #[serde(default)]
+    pub dma_iova: Option<u64>,
 }
 
 #[derive(Clone, Debug, Serialize, Deserialize, ToSchema, PartialEq, Eq)]
@@ -103,6 +104,7 @@ pub async fn owners(State(ctx): State<Arc<ApiContext>>) -> Json<Vec<OwnerView>> 
                         lease: p.lease.map(daxvisor_mapper::LeaseId::to_raw),
                         pending: p.pending,
                         dma_revoked: p.dma_revoked,
+                        dma_iova: p.dma.map(|(iova, _)| iova),
                     })
                     .collect(),
             })
@@ -155,9 +157,13 @@ pub struct LeaseBody {
     #[serde(default)]
     pub length: u64,
     pub mode: Mode,
+    /// Hold it as the operator's job `operator:NAME` (a separate owner: the operator's own changes ask it
+    /// like any other holder) instead of as `operator`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub owner: Option<String>,
 }
 
-/// Take a lease as the operator.
+/// Take a lease as the operator (or one of its jobs).
 #[utoipa::path(post, operation_id = "acquire_lease", path = "/leases", tag = "holds", request_body = LeaseBody,
     responses((status = 201, body = LeaseView), (status = 400, body = ErrorBody),
         (status = 404, body = ErrorBody), (status = 409, body = ErrorBody, description = "EAGAIN: a break is in progress there")))]
@@ -165,40 +171,30 @@ pub async fn acquire(
     State(ctx): State<Arc<ApiContext>>,
     ApiJson(body): ApiJson<LeaseBody>,
 ) -> Result<(StatusCode, Json<LeaseView>), ApiError> {
-    let reg = ctx.region(&body.region)?;
-    let (offset, length) = window_range(reg.size, body.offset, body.length)?;
     let mode = match body.mode {
         Mode::Shared => LeaseMode::Shared,
         Mode::Exclusive => LeaseMode::Exclusive,
     };
-    let op = ctx.operator();
-    let id = ctx
-        .mapper
-        .acquire(op, reg.region, offset, length, mode)
-        .map_err(|e| ApiError::from_mapper(&e, |o| ctx.owner_name(o)))?;
-    let snap = ctx.mapper.snapshot();
-    let view = snap
-        .owner(op)
-        .and_then(|o| o.leases.iter().find(|l| l.id == id))
-        .map(|l| LeaseView {
-            id: id.to_raw(),
-            region: body.region.clone(),
-            offset: l.range.start,
-            length: range_len(&l.range),
+    let l = ctx
+        .actions
+        .acquire_lease_as(
+            body.owner.as_deref(),
+            &body.region,
+            body.offset,
+            body.length,
+            mode,
+        )
+        .map_err(|e| ctx.error(e))?;
+    Ok((
+        StatusCode::CREATED,
+        Json(LeaseView {
+            id: l.id.to_raw(),
+            region: l.region,
+            offset: l.offset,
+            length: l.length,
             mode: l.mode.to_string(),
-        })
-        .ok_or_else(|| ApiError::internal("the new lease is not in the tables"))?;
-    ctx.event(NewEvent {
-        kind: "lease-acquired",
-        region: Some(body.region.clone()),
-        owners: vec![op.to_raw()],
-        message: format!(
-            "operator took {} lease {} on {} [{:#x}, +{:#x})",
-            view.mode, view.id, view.region, view.offset, view.length
-        ),
-        ..NewEvent::default()
-    });
-    Ok((StatusCode::CREATED, Json(view)))
+        }),
+    ))
 }
 
 /// Release one of the operator's leases.
@@ -213,24 +209,44 @@ pub async fn release(
     let raw: u64 = id
         .parse()
         .map_err(|_| ApiError::bad_request(format!("lease id '{id}' is not a number")))?;
-    let not_ours = || ApiError::not_found(format!("the operator holds no lease {raw}"));
-    let op = ctx.operator_if_any().ok_or_else(not_ours)?;
-    let lease = daxvisor_mapper::LeaseId::from_raw(raw);
-    let snap = ctx.mapper.snapshot();
-    let held = snap
-        .owner(op)
-        .and_then(|o| o.leases.iter().find(|l| l.id == lease))
-        .map(|l| ctx.region_name(l.region))
-        .ok_or_else(not_ours)?;
-    ctx.mapper
-        .release(op, lease)
-        .map_err(|e| ApiError::from_mapper(&e, |o| ctx.owner_name(o)))?;
-    ctx.event(NewEvent {
-        kind: "lease-released",
-        region: Some(held),
-        owners: vec![op.to_raw()],
-        message: format!("operator released lease {raw}"),
-        ..NewEvent::default()
-    });
+    ctx.actions.release_lease(raw).map_err(|e| ctx.error(e))?;
     Ok(StatusCode::NO_CONTENT)
+}
+
+/// What revoking an owner took away.
+#[derive(Clone, Debug, Serialize, Deserialize, ToSchema, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct RevokedView {
+    pub owner: u64,
+    pub name: String,
+    /// Leases released.
+    pub leases: u64,
+    /// Pins whose DMA mappings were torn down (before anything else went).
+    pub dma_torn_down: u64,
+    /// Regions it held leases or pins on.
+    pub regions: Vec<String>,
+}
+
+/// End one owner now (a guest holding capacity hostage): its DMA mappings are torn down first, then its pins and
+/// leases are released, and it is told (a guest owner gets a revoke message on the agent channel). Changes that
+/// waited on it proceed.
+#[utoipa::path(post, operation_id = "revoke_owner", path = "/owners/{id}/revoke", tag = "holds",
+    params(("id" = u64, Path, description = "owner id (GET /owners)")),
+    responses((status = 200, body = RevokedView), (status = 400, body = ErrorBody),
+        (status = 404, body = ErrorBody, description = "no such owner")))]
+pub async fn revoke_owner(
+    State(ctx): State<Arc<ApiContext>>,
+    Path(id): Path<String>,
+) -> Result<Json<RevokedView>, ApiError> {
+    let raw: u64 = id
+        .parse()
+        .map_err(|_| ApiError::bad_request(format!("owner id '{id}' is not a number")))?;
+    let r = ctx.actions.revoke_owner(raw).map_err(|e| ctx.error(e))?;
+    Ok(Json(RevokedView {
+        owner: r.owner,
+        name: r.name,
+        leases: r.leases as u64,
+        dma_torn_down: r.dma_torn_down as u64,
+        regions: r.regions,
+    }))
 }

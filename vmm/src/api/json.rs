@@ -1,5 +1,6 @@
 //! Request bodies and queries: axum's extractors, with every rejection turned into the API's JSON error naming
-//! the problem (malformed JSON, an unknown field, a wrong type, a body over the size bound).
+//! the problem (malformed JSON, a body that is not a JSON object, an unknown field, a wrong type, a body over
+//! the size bound, a body that does not arrive within [`super::limits::BODY_TIMEOUT`]).
 
 use axum::body::Bytes;
 use axum::extract::rejection::{BytesRejection, QueryRejection};
@@ -27,9 +28,36 @@ impl<T: DeserializeOwned, S: Send + Sync> FromRequest<S> for ApiJson<T> {
                 "Expected request with `Content-Type: application/json`",
             ));
         }
-        let bytes = Bytes::from_request(req, state)
-            .await
-            .map_err(bytes_rejection)?;
+        let limits = req
+            .extensions()
+            .get::<std::sync::Arc<super::limits::LimitCounts>>()
+            .cloned();
+        // Until the body is in, this request does nothing for anyone: its connection may be closed for a
+        // new client.
+        let reading = req
+            .extensions()
+            .get::<super::limits::ConnBusy>()
+            .map(super::limits::ConnBusy::reading);
+        let read = Bytes::from_request(req, state);
+        let read = tokio::time::timeout(super::limits::BODY_TIMEOUT, read).await;
+        drop(reading);
+        let bytes = match read {
+            Ok(r) => r.map_err(bytes_rejection)?,
+            Err(_) => {
+                if let Some(l) = limits {
+                    l.body_timeouts
+                        .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                }
+                return Err(ApiError::new(
+                    StatusCode::REQUEST_TIMEOUT,
+                    format!(
+                        "the request body did not arrive within {} s of its headers",
+                        super::limits::BODY_TIMEOUT.as_secs()
+                    ),
+                )
+                .closing());
+            }
+        };
         parse_body(&bytes).map(ApiJson)
     }
 }
@@ -37,6 +65,15 @@ impl<T: DeserializeOwned, S: Send + Sync> FromRequest<S> for ApiJson<T> {
 /// A request body's bytes into `T`, or the API's error naming what is wrong (malformed JSON, an unknown field, a
 /// wrong type): what every handler taking a JSON body runs on it (and what the fuzz target `api_json` calls).
 pub fn parse_body<T: DeserializeOwned>(bytes: &[u8]) -> Result<T, ApiError> {
+    // Every body is an object: serde would take an array for a struct, field by field (`[1,2]` as
+    // `{"offset":1,"length":2}`).
+    if let Some(&first) = bytes.iter().find(|b| !b.is_ascii_whitespace()) {
+        if first != b'{' {
+            return Err(ApiError::bad_request(
+                "the request body must be a JSON object ({...})",
+            ));
+        }
+    }
     match Json::<T>::from_bytes(bytes) {
         Ok(Json(v)) => Ok(v),
         Err(r) => Err(ApiError::bad_request(r.body_text())),
@@ -96,11 +133,14 @@ mod tests {
     fn a_body_parses_or_is_refused_with_a_400_naming_the_problem() {
         let ok: ChangeBody = parse_body(br#"{"offset":4096}"#).unwrap();
         assert_eq!((ok.offset, ok.length), (4096, 0));
-        let cases: [(&[u8], &str); 4] = [
+        let cases: [(&[u8], &str); 7] = [
             (b"{not json", "JSON"),
             (br#"{"offset":0,"bogus":1}"#, "unknown field `bogus`"),
             (br#"{"offset":"zero"}"#, "invalid type"),
             (b"", "EOF"),
+            (b" [4096, 4096]", "must be a JSON object"),
+            (b"4096", "must be a JSON object"),
+            (br#""offset""#, "must be a JSON object"),
         ];
         for (body, want) in cases {
             let e = parse_body::<ChangeBody>(body).unwrap_err();

@@ -77,6 +77,7 @@ struct Sample {
     reclaim_offers: u64,
     reclaim_bytes_offered: u64,
     reclaim_bytes_reclaimed: u64,
+    limits: LimitSample,
 }
 
 #[derive(Debug)]
@@ -89,6 +90,16 @@ struct RegionSample {
     bytes_pinned: u64,
     guard_events: u64,
     guard_denied: u64,
+    reclaim: crate::reclaim::RegionReclaimBytes,
+}
+
+/// The API limits' counters ([`super::limits`]).
+#[derive(Debug)]
+struct LimitSample {
+    body_timeouts: u64,
+    followers_refused: u64,
+    connections_evicted: u64,
+    connections_refused: u64,
 }
 
 impl Sample {
@@ -96,18 +107,20 @@ impl Sample {
         let snap = ctx.mapper.snapshot();
         let regions = ctx
             .regions
+            .all()
             .iter()
             .map(|r| {
                 let (leases, pins, bytes_leased, bytes_pinned) = holds(&snap, r);
                 RegionSample {
-                    name: r.name.clone(),
+                    name: r.name().to_owned(),
                     flush: r.metrics.snapshot(),
                     leases,
                     pins,
                     bytes_leased,
                     bytes_pinned,
-                    guard_events: snap.guard_counts.get(&r.region).map_or(0, |c| c.events),
-                    guard_denied: snap.guard_counts.get(&r.region).map_or(0, |c| c.denied),
+                    guard_events: snap.guard_counts.get(&r.id).map_or(0, |c| c.events),
+                    guard_denied: snap.guard_counts.get(&r.id).map_or(0, |c| c.denied),
+                    reclaim: ctx.reclaim.region_bytes(r.id),
                 }
             })
             .collect();
@@ -121,6 +134,12 @@ impl Sample {
             reclaim_offers: load(&ctx.reclaim.counters.offers),
             reclaim_bytes_offered: load(&ctx.reclaim.counters.bytes_offered),
             reclaim_bytes_reclaimed: load(&ctx.reclaim.counters.bytes_reclaimed),
+            limits: LimitSample {
+                body_timeouts: load(&ctx.limits.body_timeouts),
+                followers_refused: load(&ctx.limits.followers_refused),
+                connections_evicted: load(&ctx.limits.connections_evicted),
+                connections_refused: load(&ctx.limits.connections_refused),
+            },
         }
     }
 }
@@ -199,6 +218,16 @@ const PER_REGION: &[PerRegion] = &[
     ("daxvisor_pinned_bytes", "Bytes under pins", |r| {
         Value::Gauge(r.bytes_pinned as i64)
     }),
+    (
+        "daxvisor_region_reclaim_offered_bytes",
+        "Bytes the guest offered back for reclaim in the region (accepted offers)",
+        |r| Value::Counter(r.reclaim.offered),
+    ),
+    (
+        "daxvisor_region_reclaim_reclaimed_bytes",
+        "Bytes of the region's offered ranges punched",
+        |r| Value::Counter(r.reclaim.reclaimed),
+    ),
 ];
 
 impl Collector for Sample {
@@ -272,7 +301,27 @@ impl Collector for Sample {
             let enc = encoder.encode_descriptor(name, help, None, MetricType::Gauge)?;
             ConstGauge::new(v).encode(enc)?;
         }
-        let counters: [(&str, &str, u64); 5] = [
+        let counters: [(&str, &str, u64); 9] = [
+            (
+                "daxvisor_api_body_timeouts",
+                "Requests whose body did not arrive in time (408, connection closed)",
+                self.limits.body_timeouts,
+            ),
+            (
+                "daxvisor_api_followers_refused",
+                "Event follow requests over the follower limit (503)",
+                self.limits.followers_refused,
+            ),
+            (
+                "daxvisor_api_connections_evicted",
+                "Idle connections closed to make room for a new client",
+                self.limits.connections_evicted,
+            ),
+            (
+                "daxvisor_api_connections_refused",
+                "New connections closed because every connection was busy",
+                self.limits.connections_refused,
+            ),
             (
                 "daxvisor_agent_sessions_started",
                 "Guest agent sessions started",
@@ -303,6 +352,17 @@ impl Collector for Sample {
             let enc = encoder.encode_descriptor(name, help, None, MetricType::Counter)?;
             ConstCounter::new(v).encode(enc)?;
         }
+        let mut info = encoder.encode_descriptor(
+            "daxvisor_build_info",
+            "The daxvisor serving these metrics: version and commit (always 1)",
+            None,
+            MetricType::Gauge,
+        )?;
+        let labels = [
+            ("version", env!("CARGO_PKG_VERSION")),
+            ("commit", env!("DAXVISOR_COMMIT")),
+        ];
+        ConstGauge::new(1).encode(info.encode_family(&labels)?)?;
         Ok(())
     }
 }
@@ -312,7 +372,14 @@ impl Collector for Sample {
     responses((status = 200, content_type = "application/openmetrics-text", body = String,
         description = "Prometheus/OpenMetrics text")))]
 pub async fn get(State(ctx): State<Arc<ApiContext>>) -> Result<Response, ApiError> {
-    let mut registry = Registry::default();
+    // Every series carries the VM's name: one Prometheus scrapes many VMs of a host.
+    let mut registry = Registry::with_labels(
+        [(
+            std::borrow::Cow::Borrowed("vm"),
+            std::borrow::Cow::Owned(ctx.vm_label.clone()),
+        )]
+        .into_iter(),
+    );
     registry.register(
         "daxvisor_change_duration_seconds",
         "Operator layout changes (punch, zero, break), request to answer, breaks included",

@@ -40,6 +40,65 @@ pub struct ReclaimResult {
     pub outcomes: Vec<ReclaimOutcome>,
 }
 
+/// Bytes offered and punched: one region, or the whole guest (this VM).
+#[derive(Clone, Debug, Serialize, Deserialize, ToSchema, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct ReclaimBytes {
+    /// The region's name; absent for the guest's total.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub region: Option<String>,
+    /// The region's policy; absent for the guest's total.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub policy: Option<ReclaimPolicy>,
+    /// Accepted offers (the guest's total only).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub offers: Option<u64>,
+    /// Bytes in accepted offers.
+    pub offered_bytes: u64,
+    /// Bytes of offered ranges punched.
+    pub reclaimed_bytes: u64,
+}
+
+/// What the guest offered back and what was punched, per region and in all.
+#[derive(Clone, Debug, Serialize, Deserialize, ToSchema, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct ReclaimStats {
+    pub guest: ReclaimBytes,
+    pub regions: Vec<ReclaimBytes>,
+}
+
+/// Bytes offered and reclaimed, per region and for the guest.
+#[utoipa::path(get, operation_id = "reclaim_stats", path = "/reclaim/stats", tag = "reclaim",
+    responses((status = 200, body = ReclaimStats)))]
+pub async fn stats(State(ctx): State<Arc<ApiContext>>) -> Json<ReclaimStats> {
+    let load = |c: &std::sync::atomic::AtomicU64| c.load(std::sync::atomic::Ordering::Relaxed);
+    let c = &ctx.reclaim.counters;
+    Json(ReclaimStats {
+        guest: ReclaimBytes {
+            region: None,
+            policy: None,
+            offers: Some(load(&c.offers)),
+            offered_bytes: load(&c.bytes_offered),
+            reclaimed_bytes: load(&c.bytes_reclaimed),
+        },
+        regions: ctx
+            .regions
+            .all()
+            .iter()
+            .map(|r| {
+                let b = ctx.reclaim.region_bytes(r.id);
+                ReclaimBytes {
+                    region: Some(r.name().to_owned()),
+                    policy: Some(ctx.reclaim.policy(r.id)),
+                    offers: None,
+                    offered_bytes: b.offered,
+                    reclaimed_bytes: b.reclaimed,
+                }
+            })
+            .collect(),
+    })
+}
+
 /// Every offer guests made that is still listed, oldest first.
 #[utoipa::path(get, operation_id = "list_offers", path = "/reclaim", tag = "reclaim",
     responses((status = 200, body = [Offer])))]
@@ -57,9 +116,9 @@ pub async fn region(
 ) -> Result<Json<RegionOffers>, ApiError> {
     let r = ctx.region(&id)?;
     Ok(Json(RegionOffers {
-        region: r.name.clone(),
-        policy: ctx.reclaim.policy(r.region),
-        offers: ctx.reclaim.list(Some(r.region)),
+        region: r.name().to_owned(),
+        policy: ctx.reclaim.policy(r.id),
+        offers: ctx.reclaim.list(Some(r.id)),
     }))
 }
 
@@ -74,8 +133,9 @@ pub async fn set_policy(
     Path(id): Path<String>,
     ApiJson(body): ApiJson<PolicyBody>,
 ) -> Result<Json<PolicyBody>, ApiError> {
-    let r = ctx.region(&id)?;
-    ctx.reclaim.set_policy(r.region, body.policy);
+    ctx.actions
+        .set_reclaim_policy(&id, body.policy)
+        .map_err(|e| ctx.error(e))?;
     Ok(Json(body))
 }
 
@@ -89,14 +149,14 @@ pub async fn reclaim(
     State(ctx): State<Arc<ApiContext>>,
     Path(id): Path<String>,
 ) -> Result<Json<ReclaimResult>, ApiError> {
-    let r = ctx.region(&id)?;
-    let (name, region) = (r.name.clone(), r.region);
-    let table = ctx.reclaim.clone();
-    let outcomes = tokio::task::spawn_blocking(move || table.reclaim_region(region))
+    let actions = ctx.actions.clone();
+    let region = id.clone();
+    let outcomes = tokio::task::spawn_blocking(move || actions.reclaim_now(&region))
         .await
-        .map_err(|e| ApiError::internal(format!("reclaim task failed: {e}")))?;
+        .map_err(|e| ApiError::internal(format!("reclaim task failed: {e}")))?
+        .map_err(|e| ctx.error(e))?;
     Ok(Json(ReclaimResult {
-        region: name,
+        region: id,
         reclaimed_bytes: outcomes
             .iter()
             .filter(|o| o.punched)

@@ -13,7 +13,7 @@ use utoipa_axum::routes;
 use super::context::ApiContext;
 use super::error::ApiError;
 use super::json::MAX_BODY;
-use super::{changes, events, holds, metrics, reclaim, regions, vm};
+use super::{changes, devices, events, holds, metrics, reclaim, regions, vm};
 
 #[derive(OpenApi)]
 #[openapi(
@@ -31,6 +31,7 @@ use super::{changes, events, holds, metrics, reclaim, regions, vm};
         (name = "regions", description = "pmem regions and their flush rate limits"),
         (name = "holds", description = "Owners, leases, pins, breaks; the operator's own leases"),
         (name = "changes", description = "Punch, zero, break (evacuate)"),
+        (name = "devices", description = "Passthrough devices and what they can reach by DMA"),
         (name = "reclaim", description = "Ranges guests offered back; the policy for punching them"),
         (name = "events", description = "The event stream"),
         (name = "metrics", description = "Prometheus metrics"),
@@ -42,17 +43,21 @@ fn build() -> OpenApiRouter<Arc<ApiContext>> {
     OpenApiRouter::with_openapi(ApiDoc::openapi())
         .routes(routes!(vm::get))
         .routes(routes!(vm::stop))
-        .routes(routes!(regions::list))
-        .routes(routes!(regions::get))
+        .routes(routes!(regions::list, regions::add))
+        .routes(routes!(regions::get, regions::remove))
         .routes(routes!(regions::set_rate_limit))
         .routes(routes!(holds::owners))
         .routes(routes!(holds::breaks))
         .routes(routes!(holds::acquire))
         .routes(routes!(holds::release))
+        .routes(routes!(holds::revoke_owner))
         .routes(routes!(changes::punch))
         .routes(routes!(changes::zero))
         .routes(routes!(changes::evacuate))
+        .routes(routes!(devices::list))
+        .routes(routes!(devices::probe))
         .routes(routes!(reclaim::list))
+        .routes(routes!(reclaim::stats))
         .routes(routes!(reclaim::region))
         .routes(routes!(reclaim::set_policy))
         .routes(routes!(reclaim::reclaim))

@@ -1,24 +1,55 @@
 //! The API server: a Unix socket (mode 0600; a stale one from a dead process is replaced, a live one refused),
 //! served by hyper on a current-thread tokio runtime on its own thread, so no request ever waits on the event
 //! loop or a vCPU, and no vCPU or the event loop on a request. Each connection is its own task: a client that
-//! sends nothing or sends slowly holds up only itself (and is dropped after [`HEADER_TIMEOUT`]). Slow mapper
-//! calls (a change waiting on a break) run on tokio's blocking threads.
+//! sends nothing or sends slowly holds up only itself (and is dropped after [`HEADER_TIMEOUT`], or
+//! [`super::limits::BODY_TIMEOUT`] for a body). When [`MAX_CONNECTIONS`] are open, the connection idle longest
+//! is closed for a new client ([`super::limits`]). Slow mapper calls (a change waiting on a break) run on
+//! tokio's blocking threads.
 
+use std::collections::HashMap;
 use std::io;
 use std::os::unix::fs::{DirBuilderExt, FileTypeExt, MetadataExt, PermissionsExt};
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicUsize, Ordering};
-use std::sync::Arc;
+use std::sync::atomic::Ordering;
+use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use hyper_util::rt::{TokioIo, TokioTimer};
 use hyper_util::service::TowerToHyperService;
 use tokio::sync::watch;
 
 use super::context::ApiContext;
-use super::events::NewEvent;
+use super::limits::ConnBusy;
+use crate::events::NewEvent;
+
+/// An open connection, as the accept loop sees it.
+struct Conn {
+    accepted: Instant,
+    busy: ConnBusy,
+    close: Arc<tokio::sync::Notify>,
+}
+
+/// Every open connection, by a number given at accept.
+type Conns = Arc<Mutex<HashMap<u64, Conn>>>;
+
+/// Makes room for a new client among [`MAX_CONNECTIONS`]: closes the connection accepted first among those with
+/// no request in progress and no follow stream. `false` if every one is busy.
+fn evict_idle(conns: &Conns) -> bool {
+    let conns = conns.lock().unwrap_or_else(|e| e.into_inner());
+    let oldest = conns
+        .values()
+        .filter(|c| c.busy.idle())
+        .min_by_key(|c| c.accepted);
+    match oldest {
+        Some(c) => {
+            c.close.notify_one();
+            true
+        }
+        None => false,
+    }
+}
 
 /// A client must have sent a request's headers this long after connecting or after its last response.
 pub const HEADER_TIMEOUT: Duration = Duration::from_secs(10);
@@ -48,7 +79,7 @@ pub struct ApiServer {
     /// (device, inode) of the socket we created: only that file is removed.
     ident: (u64, u64),
     shutdown: watch::Sender<bool>,
-    thread: Option<JoinHandle<()>>,
+    thread: Option<JoinHandle<Option<()>>>,
 }
 
 impl ApiServer {
@@ -65,10 +96,16 @@ impl ApiServer {
             .set_nonblocking(true)
             .map_err(|e| io_err("set_nonblocking", e))?;
         let (shutdown, rx) = watch::channel(false);
-        let thread = std::thread::Builder::new()
-            .name("api".into())
-            .spawn(move || serve(listener, ctx, rx))
-            .map_err(|e| io_err("spawn the API thread", e))?;
+        // Built here, before the API thread installs its filter; its blocking-pool threads start later, on the
+        // API thread, and inherit that filter.
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .map_err(|e| io_err("start the API runtime", e))?;
+        let thread = crate::threads::spawn("api", crate::seccomp::ThreadKind::Api, move || {
+            serve(listener, runtime, ctx, rx)
+        })
+        .map_err(|e| io_err("spawn the API thread", e))?;
         tracing::info!(socket = %path.display(), "operator API listening");
         Ok(ApiServer {
             path: path.to_owned(),
@@ -83,9 +120,7 @@ impl Drop for ApiServer {
     fn drop(&mut self) {
         let _ = self.shutdown.send(true);
         if let Some(t) = self.thread.take() {
-            if t.join().is_err() {
-                tracing::error!("the API thread panicked");
-            }
+            crate::threads::join("api", t);
         }
         let ours =
             std::fs::symlink_metadata(&self.path).is_ok_and(|m| (m.dev(), m.ino()) == self.ident);
@@ -149,22 +184,12 @@ fn private_dir(path: &Path) -> io::Result<PathBuf> {
     Err(io::Error::from(io::ErrorKind::AlreadyExists))
 }
 
-fn serve(listener: UnixListener, ctx: Arc<ApiContext>, mut shutdown: watch::Receiver<bool>) {
-    let runtime = match tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-    {
-        Ok(r) => r,
-        Err(e) => {
-            tracing::error!("operator API: cannot start its runtime: {e}");
-            return;
-        }
-    };
-    // Before the first request is read; the runtime's blocking-pool threads inherit it.
-    if let Err(e) = crate::seccomp::apply_for_thread(crate::seccomp::ThreadKind::Api) {
-        tracing::error!("operator API not started: {e}");
-        return;
-    }
+fn serve(
+    listener: UnixListener,
+    runtime: tokio::runtime::Runtime,
+    ctx: Arc<ApiContext>,
+    mut shutdown: watch::Receiver<bool>,
+) {
     runtime.block_on(async move {
         let listener = match tokio::net::UnixListener::from_std(listener) {
             Ok(l) => l,
@@ -174,13 +199,15 @@ fn serve(listener: UnixListener, ctx: Arc<ApiContext>, mut shutdown: watch::Rece
             }
         };
         ctx.event(NewEvent {
-            kind: "api-started",
+            kind: crate::events::EventKind::ApiStarted,
             message: "operator API serving".into(),
             ..NewEvent::default()
         });
         // SIGTERM/SIGINT are handled by `crate::signals` (a clean stop; the socket goes when daxvisor returns).
+        let limits = ctx.limits.clone();
         let router = super::routes::router(ctx);
-        let active = Arc::new(AtomicUsize::new(0));
+        let conns: Conns = Arc::default();
+        let mut next_id: u64 = 0;
         loop {
             let accepted = tokio::select! {
                 _ = shutdown.changed() => break,
@@ -195,15 +222,51 @@ fn serve(listener: UnixListener, ctx: Arc<ApiContext>, mut shutdown: watch::Rece
                     continue;
                 }
             };
-            if active.load(Ordering::SeqCst) >= MAX_CONNECTIONS {
-                tracing::warn!(
-                    "operator API: {MAX_CONNECTIONS} connections open; closing a new one"
-                );
-                continue;
+            let open = conns.lock().unwrap_or_else(|e| e.into_inner()).len();
+            if open >= MAX_CONNECTIONS {
+                if evict_idle(&conns) {
+                    limits.connections_evicted.fetch_add(1, Ordering::Relaxed);
+                } else {
+                    limits.connections_refused.fetch_add(1, Ordering::Relaxed);
+                    if let Some(folded) = limits.refused_lines.hit() {
+                        tracing::warn!(
+                            refused_since_last_line = folded,
+                            "operator API: {MAX_CONNECTIONS} connections open, every one busy; closing a new one \
+                             (one line per burst; daxvisor_api_connections_refused counts each)"
+                        );
+                    }
+                    continue;
+                }
             }
-            active.fetch_add(1, Ordering::SeqCst);
-            let service = TowerToHyperService::new(router.clone());
-            let active = active.clone();
+            next_id += 1;
+            let id = next_id;
+            let busy = ConnBusy::default();
+            let close = Arc::new(tokio::sync::Notify::new());
+            conns.lock().unwrap_or_else(|e| e.into_inner()).insert(
+                id,
+                Conn {
+                    accepted: Instant::now(),
+                    busy: busy.clone(),
+                    close: close.clone(),
+                },
+            );
+            // Every request carries its connection's busy mark and the limits' counters; the connection is busy
+            // while a request is in progress.
+            let (router, limits2) = (router.clone(), limits.clone());
+            let service = TowerToHyperService::new(tower::service_fn(
+                move |mut req: hyper::Request<hyper::body::Incoming>| {
+                    req.extensions_mut().insert(busy.clone());
+                    req.extensions_mut().insert(limits2.clone());
+                    let guard = busy.hold();
+                    let call = tower::ServiceExt::oneshot(router.clone(), req);
+                    async move {
+                        let r = call.await;
+                        drop(guard);
+                        r
+                    }
+                },
+            ));
+            let conns = conns.clone();
             let mut stop = shutdown.clone();
             tokio::spawn(async move {
                 let mut builder = hyper::server::conn::http1::Builder::new();
@@ -218,8 +281,9 @@ fn serve(listener: UnixListener, ctx: Arc<ApiContext>, mut shutdown: watch::Rece
                         tracing::debug!("operator API connection: {e}");
                     },
                     _ = stop.changed() => {}
+                    _ = close.notified() => tracing::debug!("operator API: idle connection closed for a new client"),
                 }
-                active.fetch_sub(1, Ordering::SeqCst);
+                conns.lock().unwrap_or_else(|e| e.into_inner()).remove(&id);
             });
         }
     });

@@ -9,7 +9,6 @@ use serde::{Deserialize, Serialize};
 use utoipa::ToSchema;
 
 use super::context::{ApiContext, VmConfigView};
-use super::events::NewEvent;
 
 #[derive(Clone, Debug, Serialize, Deserialize, ToSchema, PartialEq, Eq)]
 #[serde(deny_unknown_fields)]
@@ -21,6 +20,21 @@ pub struct VmView {
     pub started_at_ms: u64,
     pub pid: u32,
     pub config: VmConfigView,
+    /// Guest-physical space reserved for regions added while the VM runs (`--pmem-hotplug`); absent without.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub pmem_hotplug: Option<HotplugSpaceView>,
+}
+
+/// The reserved hotplug space.
+#[derive(Clone, Debug, Serialize, Deserialize, ToSchema, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct HotplugSpaceView {
+    /// Guest-physical base address.
+    pub base: u64,
+    /// Bytes reserved.
+    pub size: u64,
+    /// Bytes taken by added regions now.
+    pub used: u64,
 }
 
 /// The VM.
@@ -41,6 +55,10 @@ pub async fn get(State(ctx): State<Arc<ApiContext>>) -> Json<VmView> {
             .unwrap_or(0),
         pid: std::process::id(),
         config: ctx.config.clone(),
+        pmem_hotplug: ctx
+            .actions
+            .hotplug_space()
+            .map(|(base, size, used)| HotplugSpaceView { base, size, used }),
     })
 }
 
@@ -49,13 +67,6 @@ pub async fn get(State(ctx): State<Arc<ApiContext>>) -> Json<VmView> {
 #[utoipa::path(post, operation_id = "stop_vm", path = "/vm/stop", tag = "vm",
     responses((status = 202, description = "the VM is stopping")))]
 pub async fn stop(State(ctx): State<Arc<ApiContext>>) -> StatusCode {
-    if !ctx.stopping() {
-        ctx.event(NewEvent {
-            kind: "stop-requested",
-            message: "the operator asked the VM to stop".into(),
-            ..NewEvent::default()
-        });
-    }
-    ctx.stop();
+    ctx.actions.stop();
     StatusCode::ACCEPTED
 }

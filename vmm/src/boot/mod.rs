@@ -51,6 +51,8 @@ pub enum BootError {
     },
     #[error("kernel command line: {0}")]
     Cmdline(String),
+    #[error("test guest: {0}")]
+    TestGuestLimits(String),
     #[error("this daxvisor was built without the test guest; pass --kernel")]
     NoTestGuest,
     #[error("writing boot data into guest memory: {0}")]

@@ -24,6 +24,8 @@ pub struct MachineInfo<'a> {
     /// (base, size, irq, virtio device id) of each virtio-mmio window.
     pub devices: &'a [(u64, u64, u32, u32)],
     pub cmdline: &'a str,
+    /// (base, size) of PCI ECAM when the virtio devices are on PCI.
+    pub pci_ecam: Option<(u64, u64)>,
 }
 
 /// Load a freestanding ELF (the embedded test guest when `image` is None) and write its BootInfo.
@@ -81,9 +83,18 @@ fn boot_info(info: &MachineInfo<'_>) -> Result<BootInfo, BootError> {
         kind: MemKind::Pmem as u32,
         _pad: 0,
     }));
+    ranges.extend(info.pci_ecam.map(|(base, size)| MemRange {
+        base,
+        size,
+        kind: MemKind::PciEcam as u32,
+        _pad: 0,
+    }));
     if ranges.len() > MAX_MEM_RANGES || info.devices.len() > MAX_DEVICES {
-        return Err(BootError::Cmdline(format!(
-            "the test guest takes at most {MAX_MEM_RANGES} memory ranges and {MAX_DEVICES} devices"
+        return Err(BootError::TestGuestLimits(format!(
+            "{} memory ranges (RAM, the device window, the pmem regions) and {} devices: the test guest takes \
+             at most {MAX_MEM_RANGES} and {MAX_DEVICES}",
+            ranges.len(),
+            info.devices.len()
         )));
     }
     b.mem_ranges[..ranges.len()].copy_from_slice(&ranges);
@@ -121,6 +132,7 @@ mod tests {
             pmem: &[(1 << 32, 64 << 20)],
             devices: &[(0xd000_0000, 0x1000, 5, 27)],
             cmdline: "exit=3",
+            pci_ecam: None,
         };
         let b = boot_info(&info).unwrap();
         assert!(b.is_valid());
@@ -129,6 +141,14 @@ mod tests {
         assert_eq!(b.devices()[0].device_id, 27);
         assert_eq!(b.cmdline(), b"exit=3");
         assert_eq!(b.num_cpus, 2);
+        let pci = boot_info(&MachineInfo {
+            devices: &[],
+            pci_ecam: Some((0xe000_0000, 1 << 20)),
+            ..info
+        })
+        .unwrap();
+        assert_eq!(pci.mem_ranges()[3].kind, MemKind::PciEcam as u32);
+        assert_eq!(pci.num_devices, 0);
         let long = "x".repeat(MAX_CMDLINE + 1);
         assert!(boot_info(&MachineInfo {
             cmdline: &long,

@@ -2,18 +2,19 @@
 //! address from `layout::pmem_start`, register its memslot (KVM_MEM_READONLY for `readonly=on`), and add a
 //! virtio-pmem device for it on the virtio-mmio bus.
 //!
-//! All backings are opened and checked before any is attached; if anything fails, files this run created are
-//! removed again and files it extended get their old length back. Once attached, the same undo is recorded in
-//! the start's [`StartUndo`], so a step that fails later (a bad kernel, a command line too long) undoes it too.
+//! All backings are opened and checked before any is attached. What `create=on` did to each file is recorded in
+//! the start's [`StartUndo`] as soon as it is done (the one place a refused start is put back), so a step that
+//! fails later (another backing, a bad kernel, a command line too long) removes the files this run created and
+//! gives the files it extended their old length back.
 //! `prefault=on` regions are populated after that check and before any memslot exists.
 
 use std::collections::HashSet;
-use std::os::unix::fs::MetadataExt;
 use std::sync::{Arc, Mutex};
 
 use daxvisor_devices::virtio::pmem::{
     FlushRateLimit, Pmem, PmemConfig as DeviceConfig, PmemMetrics, ReadonlyWindow,
 };
+use daxvisor_mapper::FileKey;
 use vm_memory::GuestMemoryMmap;
 
 use super::backing::{Backing, BackingError};
@@ -24,6 +25,7 @@ use crate::event_loop::EventLoop;
 use crate::host_files::StartUndo;
 use crate::layout;
 use crate::lease_manager::LeaseManager;
+use crate::region_registry::{Region, RegionRegistry};
 use crate::vstate::vm::{Vm, VmError};
 
 /// Linux with 4-level paging cannot address guest physical memory above 2^46 (64 TiB).
@@ -69,51 +71,14 @@ pub enum PmemError {
     },
 }
 
-/// One attached region. Keep it alive as long as the VM: dropping it unmaps the backing.
-pub struct PmemRegion {
-    pub backing: Backing,
-    /// Guest physical address of the window.
-    pub guest_addr: u64,
-    pub slot: VirtioSlot,
-    pub metrics: Arc<PmemMetrics>,
-    /// The region as the layout-lease manager knows it.
-    pub region: daxvisor_mapper::RegionId,
-    /// The device's flush rate limiter (the operator API changes it).
-    pub rate_limit: Arc<FlushRateLimit>,
-}
-
-impl PmemRegion {
-    pub fn id(&self) -> &str {
-        self.backing.id()
-    }
-
-    /// At VM end, after the devices are gone: one last fdatasync where a flush means one, so writes the guest
-    /// never flushed still reach the disk on a clean stop. A failure is logged with the region named.
-    pub fn final_sync(&self) {
-        if super::flush::FlushAction::for_backing(&self.backing) != super::FlushAction::Fdatasync {
-            return;
-        }
-        match self.backing.file().sync_data() {
-            Ok(()) => tracing::info!(id = %self.id(), "final fdatasync done"),
-            Err(e) => {
-                tracing::error!(id = %self.id(), path = %self.backing.path().display(), "final fdatasync failed: {e}")
-            }
-        }
-    }
-
-    /// One info line with the device's counters (at VM end; the metrics endpoint will export the same).
-    pub fn log_summary(&self) {
-        let m = self.metrics.snapshot();
-        tracing::info!(
-            id = %self.id(),
-            requests = m.requests,
-            syncs = m.syncs,
-            errors = m.errors,
-            throttled = m.throttled,
-            readonly_writes_dropped = m.readonly_writes_dropped,
-            "pmem counters"
-        );
-    }
+/// What attaching a region changes in the VM: its memslots, its device buses, the event loop its device's
+/// queue notifications go to, guest RAM (the device's view) and the lease manager the region registers with.
+pub struct VmParts<'a> {
+    pub vm: &'a mut Vm,
+    pub devices: &'a mut DeviceManager,
+    pub event_loop: &'a mut EventLoop,
+    pub mem: &'a GuestMemoryMmap,
+    pub leases: &'a LeaseManager,
 }
 
 /// Guest physical placement: each window aligned to 2 MiB (or the device-DAX alignment, so the host can map it
@@ -138,26 +103,24 @@ pub fn place(mem_bytes: u64, sizes_aligns: &[(u64, u64)]) -> Result<Vec<u64>, Pm
     Ok(out)
 }
 
-/// Attach every configured region. `mem` is guest RAM (the devices' view; pmem windows are not in it). If any
-/// fails, what `create=on` did is undone; after success, [`record_undo`] hands that job to the start's undo list.
+/// Attach every configured region and add it to `registry`. `mem` is guest RAM (the devices' view; pmem windows
+/// are not in it). If any fails, the start's undo list (`undo`) puts back what `create=on` did.
 pub fn attach(
     configs: &[PmemConfig],
     mem_bytes: u64,
-    vm: &mut Vm,
-    devices: &mut DeviceManager,
-    event_loop: &mut EventLoop,
-    mem: &GuestMemoryMmap,
-    leases: &LeaseManager,
-) -> Result<Vec<PmemRegion>, PmemError> {
+    vm: &mut VmParts<'_>,
+    registry: &RegionRegistry,
+    undo: &mut StartUndo,
+) -> Result<(), PmemError> {
     let mut backings: Vec<Backing> = Vec::new();
-    let result = open_all(configs, &mut backings).and_then(|()| {
+    let result = open_all(configs, &mut backings, undo).and_then(|()| {
         let geometry: Vec<(u64, u64)> = backings
             .iter()
             .map(|b| (b.size(), b.dev_dax().map_or(0, |d| d.align)))
             .collect();
         let addrs = place(mem_bytes, &geometry)?;
-        // Last, once everything else is known to fit: a failed prefault undoes itself, then the caller undoes
-        // the opens.
+        // Last, once everything else is known to fit: a failed prefault undoes itself, then the start's undo
+        // list puts back what the opens did.
         for (cfg, backing) in configs.iter().zip(&backings) {
             if cfg.prefault {
                 super::prefault::prefault(backing)?;
@@ -165,82 +128,81 @@ pub fn attach(
         }
         Ok(addrs)
     });
-    let addrs = match result {
-        Ok(a) => a,
-        Err(e) => {
-            undo_opened(backings);
-            return Err(e);
-        }
-    };
+    let addrs = result?;
 
-    let mut regions: Vec<PmemRegion> = Vec::new();
-    let mut pending = backings.into_iter().zip(addrs);
-    while let Some((backing, gpa)) = pending.next() {
-        let a = match attach_one(&backing, gpa, vm, devices, event_loop, mem, leases) {
-            Ok(r) => r,
-            Err(e) => {
-                let all = regions.into_iter().map(|r| r.backing);
-                undo_opened(
-                    all.chain([backing])
-                        .chain(pending.map(|(b, _)| b))
-                        .collect(),
-                );
-                return Err(e);
-            }
-        };
-        regions.push(PmemRegion {
+    let mut regions: Vec<Region> = Vec::new();
+    for ((backing, gpa), config) in backings.into_iter().zip(addrs).zip(configs) {
+        let attached = attach_one(&backing, gpa, vm).and_then(|a| {
+            let file = FileKey::of(backing.file()).map_err(|source| BackingError::Stat {
+                path: backing.path().to_owned(),
+                source,
+            })?;
+            Ok((a, file))
+        });
+        // On failure the backings drop here (unmapped) and the start's undo list puts their files back.
+        let (a, file) = attached?;
+        regions.push(Region {
             backing,
+            config: config.clone(),
+            file,
+            id: a.region,
             guest_addr: gpa,
             slot: a.slot,
             metrics: a.metrics,
-            region: a.region,
             rate_limit: a.rate_limit,
         });
     }
-    Ok(regions)
-}
-
-/// Record in `undo` what `create=on` did to the regions' files, for a start that fails after they were attached
-/// (a bad kernel, a command line too long).
-pub fn record_undo(regions: &[PmemRegion], undo: &mut StartUndo) -> Result<(), PmemError> {
-    for b in regions.iter().map(|r| &r.backing) {
-        if b.created() {
-            undo.remove_on_failure(b.path());
-        } else if let Some(len) = b.extended_from() {
-            let file = b.file().try_clone().map_err(|source| BackingError::Io {
-                path: b.path().to_owned(),
-                what: "duplicate its descriptor",
-                source,
-            })?;
-            undo.truncate_on_failure(file, b.path(), len);
-        }
+    for r in regions {
+        registry.insert(r);
     }
     Ok(())
 }
 
-fn open_all(configs: &[PmemConfig], backings: &mut Vec<Backing>) -> Result<(), PmemError> {
+/// Hand what `create=on` did to `b`'s file to the start's undo list: the one place a refused start is put back.
+pub(crate) fn record_undo(b: &Backing, undo: &mut StartUndo) -> Result<(), PmemError> {
+    if b.created() {
+        undo.remove_on_failure(b.path());
+    } else if let Some(len) = b.extended_from() {
+        let file = b.file().try_clone().map_err(|source| BackingError::Io {
+            path: b.path().to_owned(),
+            what: "duplicate its descriptor",
+            source,
+        })?;
+        undo.truncate_on_failure(file, b.path(), len);
+    }
+    Ok(())
+}
+
+fn open_all(
+    configs: &[PmemConfig],
+    backings: &mut Vec<Backing>,
+    undo: &mut StartUndo,
+) -> Result<(), PmemError> {
     let mut ids = HashSet::new();
+    let names: Vec<String> = configs
+        .iter()
+        .enumerate()
+        .map(|(i, cfg)| cfg.id.clone().unwrap_or_else(|| format!("pmem{i}")))
+        .collect();
+    if let Some(dup) = names.iter().find(|id| !ids.insert(*id)) {
+        return Err(PmemError::DuplicateId(dup.clone()));
+    }
+    // Every region's file checked before any is opened or created.
+    for cfg in configs {
+        super::backing::check_before_open(cfg)?;
+    }
     let mut files = HashSet::new();
-    for (i, cfg) in configs.iter().enumerate() {
-        let id = cfg.id.clone().unwrap_or_else(|| format!("pmem{i}"));
-        if !ids.insert(id.clone()) {
-            return Err(PmemError::DuplicateId(id));
-        }
+    for (cfg, id) in configs.iter().zip(names) {
         // Before the open: the second open of one file would otherwise meet this VMM's own lock.
-        if let Ok(m) = std::fs::metadata(&cfg.file) {
-            if files.contains(&(m.dev(), m.ino(), m.rdev())) {
-                return Err(PmemError::DuplicateFile(cfg.file.clone()));
-            }
+        if FileKey::of_path(&cfg.file).is_ok_and(|k| files.contains(&k)) {
+            return Err(PmemError::DuplicateFile(cfg.file.clone()));
         }
         let backing = Backing::open(cfg, &id)?;
-        let key = backing
-            .file()
-            .metadata()
-            .map(|m| (m.dev(), m.ino(), m.rdev()))
-            .map_err(|source| BackingError::Stat {
-                path: cfg.file.clone(),
-                source,
-            })?;
+        record_undo(&backing, undo)?;
+        let key = FileKey::of(backing.file()).map_err(|source| BackingError::Stat {
+            path: cfg.file.clone(),
+            source,
+        })?;
         let dup = !files.insert(key);
         backings.push(backing);
         if dup {
@@ -250,42 +212,70 @@ fn open_all(configs: &[PmemConfig], backings: &mut Vec<Backing>) -> Result<(), P
     Ok(())
 }
 
-/// Start failed before the guest ran: remove what `create=on` created, shrink what it extended.
-fn undo_opened(backings: Vec<Backing>) {
-    for b in backings.into_iter().rev() {
-        b.undo_create();
-    }
-}
-
 /// What attaching one backing produced (the backing itself stays with the caller, for undo on failure).
-struct Attached {
-    slot: VirtioSlot,
-    metrics: Arc<PmemMetrics>,
-    region: daxvisor_mapper::RegionId,
-    rate_limit: Arc<FlushRateLimit>,
+pub struct Attached {
+    pub slot: VirtioSlot,
+    pub metrics: Arc<PmemMetrics>,
+    pub region: daxvisor_mapper::RegionId,
+    pub rate_limit: Arc<FlushRateLimit>,
+    /// What a hot remove takes back: the KVM memory slot, the event loop subscriber, the PCI device number.
+    pub memslot: u32,
+    pub subscriber: event_manager::SubscriberId,
+    pub pci_device: Option<u8>,
 }
 
-fn attach_one(
+/// Attach one opened backing at `gpa`: memslot, lease manager, virtio-pmem device. On failure what this call
+/// did is taken back (memslot, lease-manager region), so a refused hot add leaves the running VM as it was.
+pub fn attach_one(
     backing: &Backing,
     gpa: u64,
-    vm: &mut Vm,
-    devices: &mut DeviceManager,
-    event_loop: &mut EventLoop,
-    mem: &GuestMemoryMmap,
-    leases: &LeaseManager,
+    parts: &mut VmParts<'_>,
 ) -> Result<Attached, PmemError> {
-    let id = backing.id().to_owned();
+    let memslot = add_memslot(backing, gpa, parts)?;
+    let mut region = None;
+    let result = attach_device(backing, gpa, memslot, &mut region, parts);
+    if result.is_err() {
+        if let Some(id) = region {
+            parts.leases.remove_pmem_region(id);
+        }
+        if let Err(e) = parts.vm.remove_slot(memslot, gpa) {
+            tracing::warn!(id = %backing.id(), "taking back the memory slot of a failed attach: {e}");
+        }
+    }
+    result
+}
+
+fn add_memslot(backing: &Backing, gpa: u64, parts: &mut VmParts<'_>) -> Result<u32, PmemError> {
     let slot = backing.memslot(gpa);
-    vm.add_slot(
-        slot.guest_phys_addr,
-        slot.memory_size,
-        slot.userspace_addr,
-        slot.readonly,
-    )
-    .map_err(|source| PmemError::Memslot {
-        id: id.clone(),
-        source,
-    })?;
+    parts
+        .vm
+        .add_slot(
+            slot.guest_phys_addr,
+            slot.memory_size,
+            slot.userspace_addr,
+            slot.readonly,
+        )
+        .map_err(|source| PmemError::Memslot {
+            id: backing.id().to_owned(),
+            source,
+        })
+}
+
+fn attach_device(
+    backing: &Backing,
+    gpa: u64,
+    memslot: u32,
+    registered: &mut Option<daxvisor_mapper::RegionId>,
+    parts: &mut VmParts<'_>,
+) -> Result<Attached, PmemError> {
+    let VmParts {
+        vm,
+        devices,
+        event_loop,
+        mem,
+        leases,
+    } = parts;
+    let id = backing.id().to_owned();
     let worker_err = |source| PmemError::Worker {
         id: id.clone(),
         source,
@@ -297,6 +287,7 @@ fn attach_one(
             id: id.clone(),
             source,
         })?;
+    *registered = Some(region);
     let flush = BackingFlush::new(backing, Some(leases.fence(region))).map_err(worker_err)?;
     let pmem = Pmem::new(
         &id,
@@ -316,7 +307,12 @@ fn attach_one(
     let (vslot, subscriber) = devices
         .add_virtio_device(vm.fd(), mem, Box::new(pmem))
         .map_err(device_err)?;
-    event_loop.add_subscriber(subscriber);
+    let pci_device = devices
+        .pci
+        .as_ref()
+        .and_then(|p| p.functions.last())
+        .map(|f| f.device);
+    let subscriber = event_loop.add_subscriber(subscriber);
     if backing.readonly() {
         let window = ReadonlyWindow::new(&id, metrics.clone());
         devices
@@ -333,7 +329,8 @@ fn attach_one(
         readonly = backing.readonly(),
         guest_addr = format_args!("{gpa:#x}"),
         size = backing.size(),
-        virtio_mmio = format_args!("{:#x}", vslot.base),
+        // The virtio-mmio window, or BAR 0 of the virtio-pci function (irq 0: MSI-X).
+        device_base = format_args!("{:#x}", vslot.base),
         irq = vslot.irq,
         "pmem region attached"
     );
@@ -342,6 +339,9 @@ fn attach_one(
         metrics,
         region,
         rate_limit,
+        memslot,
+        subscriber,
+        pci_device,
     })
 }
 
@@ -377,11 +377,21 @@ mod tests {
         .map(|s| s.parse().unwrap())
         .collect();
         let mut backings = Vec::new();
-        let err = open_all(&cfgs, &mut backings).expect_err("third is missing");
+        let mut undo = StartUndo::new();
+        let err = open_all(&cfgs, &mut backings, &mut undo).expect_err("third is missing");
         assert!(err.to_string().contains("missing.img"));
-        assert!(created.exists(), "created before the failure");
+        // Every file is checked before any is created or extended.
+        assert!(!created.exists(), "created before every file was checked");
+        assert_eq!(std::fs::metadata(&existing).unwrap().len(), 2 * MIB);
+        assert!(backings.is_empty());
+
+        // A start that fails after the opens (a later step): the start's undo list puts both files back.
+        let mut undo = StartUndo::new();
+        open_all(&cfgs[..2], &mut backings, &mut undo).unwrap();
+        assert!(created.exists());
         assert_eq!(std::fs::metadata(&existing).unwrap().len(), 4 * MIB);
-        undo_opened(backings);
+        drop(std::mem::take(&mut backings));
+        drop(undo);
         assert!(!created.exists(), "removed again");
         assert_eq!(
             std::fs::read(&existing).unwrap(),
@@ -397,10 +407,10 @@ mod tests {
         .collect();
         let mut backings = Vec::new();
         assert!(matches!(
-            open_all(&dup, &mut backings),
+            open_all(&dup, &mut backings, &mut StartUndo::new()),
             Err(PmemError::DuplicateFile(_))
         ));
-        undo_opened(backings);
+        drop(backings);
         let ids: Vec<PmemConfig> = [
             format!("file={},id=a", existing.display()),
             format!("file={},id=a", created.display()),
@@ -410,7 +420,7 @@ mod tests {
         .collect();
         let mut backings = Vec::new();
         assert!(matches!(
-            open_all(&ids, &mut backings),
+            open_all(&ids, &mut backings, &mut StartUndo::new()),
             Err(PmemError::DuplicateId(_))
         ));
     }

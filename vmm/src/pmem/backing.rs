@@ -93,6 +93,15 @@ pub enum BackingError {
     MissingParent { path: PathBuf, parent: PathBuf },
     #[error(transparent)]
     Lock(#[from] daxvisor_mapper::FileLockError),
+    #[error("pmem {path}: open for writing by {holders}; under guard=deny the start is refused: stop it, or add \
+             shared=on if it may write the file while the VM runs")]
+    OpenForWriting { path: PathBuf, holders: String },
+    #[error("pmem {path}: is a symbolic link to {target}, which does not exist; create=on does not create \
+             through a link: give the target's path, or remove the link")]
+    DanglingLink { path: PathBuf, target: PathBuf },
+    #[error("pmem {path}: size {size} is larger than a KVM memory slot can be ({max} bytes, 8 TiB less a page); \
+             split it into several --pmem regions of at most that size")]
+    TooLargeForKvm { path: PathBuf, size: u64, max: u64 },
     #[error("pmem {path}: cannot {what}: {source}")]
     Io {
         path: PathBuf,
@@ -130,6 +139,113 @@ pub struct Backing {
     extended_from: Option<u64>,
 }
 
+/// KVM_MEM_MAX_NR_PAGES (2^31 - 1 pages): the largest memory slot KVM takes; a larger one is EINVAL.
+pub const KVM_SLOT_MAX: u64 = ((1 << 31) - 1) * 4096;
+
+/// Everything about `cfg`'s file that can be checked without opening, creating or changing it: a holder of its
+/// lock, its type, a missing file without `create=on`, a dangling link or missing directory with it, a size no
+/// memory slot takes, a writer elsewhere under `guard=deny`. [`super::attach()`] runs it on every region before
+/// it opens any, so a later region's problem never leaves an earlier region's file touched.
+pub fn check_before_open(cfg: &PmemConfig) -> Result<(), BackingError> {
+    let path = &cfg.file;
+    let write_file = !cfg.readonly && !cfg.discard_writes;
+    daxvisor_mapper::refuse_if_locked(path, write_file)?;
+    let meta = match std::fs::metadata(path) {
+        Ok(m) => Some(m),
+        Err(e) if e.kind() == io::ErrorKind::NotFound => None,
+        Err(e) => {
+            return Err(BackingError::Stat {
+                path: path.clone(),
+                source: e,
+            })
+        }
+    };
+    let too_large = |size: u64| BackingError::TooLargeForKvm {
+        path: path.clone(),
+        size,
+        max: KVM_SLOT_MAX,
+    };
+    match &meta {
+        None if cfg.create => {
+            if let Ok(target) = std::fs::read_link(path) {
+                return Err(BackingError::DanglingLink {
+                    path: path.clone(),
+                    target,
+                });
+            }
+            if let Some(parent) = path.parent().filter(|p| !p.as_os_str().is_empty()) {
+                if !parent.exists() {
+                    return Err(BackingError::MissingParent {
+                        path: path.clone(),
+                        parent: parent.to_owned(),
+                    });
+                }
+            }
+        }
+        None => return Err(BackingError::Missing { path: path.clone() }),
+        Some(m) => {
+            check_type(path, m)?;
+            if m.file_type().is_file() && cfg.size.is_none() && m.len() > KVM_SLOT_MAX {
+                return Err(too_large(m.len()));
+            }
+        }
+    }
+    if let Some(size) = cfg.size.filter(|&s| s > KVM_SLOT_MAX) {
+        return Err(too_large(size));
+    }
+    if write_file
+        && meta.as_ref().is_some_and(|m| m.file_type().is_file())
+        && maybe_written_elsewhere(path)
+    {
+        let writers: Vec<String> = daxvisor_mapper::openers_of(path)
+            .into_iter()
+            .filter(|(_, write)| *write)
+            .map(|(h, _)| h.to_string())
+            .collect();
+        if !writers.is_empty() {
+            let holders = writers.join(", ");
+            if cfg.guard == daxvisor_mapper::GuardPolicy::Deny && !cfg.shared {
+                return Err(BackingError::OpenForWriting {
+                    path: path.clone(),
+                    holders,
+                });
+            }
+            tracing::warn!(path = %path.display(), guard = %cfg.guard, shared = cfg.shared,
+                "pmem: the backing file is open for writing by {holders}; its writes through that descriptor are not seen by the host guard");
+        }
+    }
+    Ok(())
+}
+
+/// Whether another process may have `path` open for writing. Asked of the kernel first, cheaply: a read lease
+/// on a read-only descriptor is refused (EAGAIN) exactly when the file is open for writing somewhere; the
+/// lease is given back at once, and the read-only open changes nothing in the file. Only then (or where
+/// leases are not offered) is /proc searched for the writers' names.
+fn maybe_written_elsewhere(path: &Path) -> bool {
+    use std::os::fd::AsRawFd;
+    let Ok(f) = OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_NONBLOCK | libc::O_CLOEXEC | libc::O_NOATIME)
+        .open(path)
+        .or_else(|_| {
+            OpenOptions::new()
+                .read(true)
+                .custom_flags(libc::O_NONBLOCK | libc::O_CLOEXEC)
+                .open(path)
+        })
+    else {
+        return true;
+    };
+    // SAFETY: lease fcntls take integer arguments; the descriptor is open.
+    let r = unsafe { libc::fcntl(f.as_raw_fd(), libc::F_SETLEASE, libc::F_RDLCK) };
+    if r == 0 {
+        // SAFETY: as above.
+        unsafe { libc::fcntl(f.as_raw_fd(), libc::F_SETLEASE, libc::F_UNLCK) };
+        return false;
+    }
+    true
+}
+
 impl Backing {
     /// Open, check and map the backing of `cfg`. `id` names it in logs.
     pub fn open(cfg: &PmemConfig, id: &str) -> Result<Backing, BackingError> {
@@ -146,7 +262,7 @@ impl Backing {
         let path = cfg.file.clone();
         let write_file = !cfg.readonly && !cfg.discard_writes;
         // Refused before the open: a second VMM must not even break the running VM's kernel lease.
-        daxvisor_mapper::refuse_if_locked(&path, write_file)?;
+        check_before_open(cfg)?;
 
         // Look before opening: a FIFO would block the open, a directory is never right.
         let meta = match std::fs::metadata(&path) {
@@ -334,23 +450,6 @@ impl Backing {
         }
     }
 
-    /// Undo what `create=on` did, for a VM start that failed before the guest ran: unmap, then remove the file
-    /// if this open created it, or give it back its old length if this open extended it.
-    pub fn undo_create(self) {
-        let (path, created, extended_from) = (self.path.clone(), self.created, self.extended_from);
-        let file = self.file.try_clone();
-        drop(self);
-        if created {
-            if let Err(e) = std::fs::remove_file(&path) {
-                tracing::warn!(path = %path.display(), "cannot remove the pmem file created for a failed start: {e}");
-            }
-        } else if let (Some(len), Ok(f)) = (extended_from, file) {
-            if let Err(e) = f.set_len(len) {
-                tracing::warn!(path = %path.display(), "cannot restore the length of the pmem file: {e}");
-            }
-        }
-    }
-
     /// This open created the file (`create=on`).
     pub fn created(&self) -> bool {
         self.created
@@ -366,8 +465,7 @@ impl Backing {
         if self.dev_dax.is_some() {
             return Ok(());
         }
-        let len = self.file.metadata()?.len();
-        if len < self.size {
+        if let Some(len) = daxvisor_mapper::shrunk_below(&self.file, self.size)? {
             return Err(io::Error::other(format!(
                 "backing file {} shrank to {len} bytes under the VM (guest sees {})",
                 self.path.display(),
@@ -616,7 +714,12 @@ mod tests {
             .with_ansi(false)
             .with_max_level(tracing::Level::INFO)
             .finish();
-        let out = tracing::subscriber::with_default(sub, f);
+        // Another test thread's subscriber coming or going can leave a callsite's cached interest at "never"
+        // while this one is installed (tracing caches interest across threads): rebuild it inside the scope.
+        let out = tracing::subscriber::with_default(sub, || {
+            tracing::callsite::rebuild_interest_cache();
+            f()
+        });
         let text = String::from_utf8_lossy(&cap.0.lock().unwrap()).into_owned();
         (out, text)
     }
@@ -722,6 +825,16 @@ mod tests {
         check_regular_fs(&mnt.dir());
     }
 
+    /// Why this host cannot loop-mount XFS: a failure under CI=true, a SKIP line otherwise.
+    fn xfs_missing(why: &str) -> Option<XfsMount> {
+        assert!(
+            std::env::var("CI").as_deref() != Ok("true"),
+            "prerequisite missing under CI=true: loop-mounted XFS: {why}"
+        );
+        eprintln!("SKIP: loop-mounted XFS: {why}");
+        None
+    }
+
     /// A loop-mounted XFS (reflink on), unmounted on drop; `None` (with a message) if this host cannot.
     struct XfsMount {
         tmp: tempfile::TempDir,
@@ -732,8 +845,7 @@ mod tests {
         fn new() -> Option<XfsMount> {
             // SAFETY: getuid has no preconditions.
             if unsafe { libc::getuid() } != 0 {
-                println!("skipping XFS check: needs root to loop-mount");
-                return None;
+                return xfs_missing("needs root to loop-mount");
             }
             let tmp = tempfile::tempdir_in("/var/tmp").ok()?;
             let img = tmp.path().join("xfs.img");
@@ -743,10 +855,9 @@ mod tests {
                 .arg(&img)
                 .status();
             if !ok.is_ok_and(|s| s.success()) {
-                println!(
-                    "skipping XFS check: mkfs.xfs missing or failed (apt-get install xfsprogs)"
+                return xfs_missing(
+                    "mkfs.xfs missing or failed (scripts/setup-host.sh installs xfsprogs)",
                 );
-                return None;
             }
             let mnt = tmp.path().join("mnt");
             std::fs::create_dir(&mnt).ok()?;
@@ -756,8 +867,7 @@ mod tests {
                 .arg(&mnt)
                 .status();
             if !ok.is_ok_and(|s| s.success()) {
-                println!("skipping XFS check: loop mount failed");
-                return None;
+                return xfs_missing("loop mount failed");
             }
             Some(XfsMount { tmp, mounted: true })
         }

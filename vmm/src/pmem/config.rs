@@ -1,5 +1,5 @@
 //! `--pmem file=PATH[,size=SIZE][,readonly=on][,discard_writes=on][,id=NAME][,create=on][,prefault=on]
-//! [,guard=deny|hold|log]`.
+//! [,guard=deny|hold|log][,shared=on][,dma=off|agent|whole]`.
 //!
 //! Parsing only checks the syntax and combinations; the file itself is checked by [`super::backing`]. Paths
 //! containing a comma are written with the comma doubled (`file=a,,b` is the file `a,b`), as QEMU does.
@@ -28,6 +28,43 @@ pub struct PmemConfig {
     pub prefault: bool,
     /// What the host guard does with a foreign open for writing of the file (default deny).
     pub guard: GuardPolicy,
+    /// The file may be open for writing elsewhere at start (under `guard=deny` such a start is otherwise
+    /// refused, naming the writer).
+    pub shared: bool,
+    /// What of the region a passthrough device (`--device vfio=`) may reach by DMA (default off).
+    pub dma: DmaPolicy,
+}
+
+/// `dma=`: how a region is mapped for passthrough devices. Guest RAM is always mapped; pmem only through the
+/// layout-lease manager's pins, so a range a device can reach is a pinned range.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum DmaPolicy {
+    /// Never mapped; a guest's DMA pin request on it is refused.
+    #[default]
+    Off,
+    /// Nothing mapped until a guest agent pins a range with DMA; exactly that range is mapped, until unpin,
+    /// revoke or the owner's end.
+    Agent,
+    /// Mapped whole at start, as one pin held by the device.
+    Whole,
+}
+
+impl DmaPolicy {
+    pub const ALL: [DmaPolicy; 3] = [DmaPolicy::Off, DmaPolicy::Agent, DmaPolicy::Whole];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            DmaPolicy::Off => "off",
+            DmaPolicy::Agent => "agent",
+            DmaPolicy::Whole => "whole",
+        }
+    }
+}
+
+impl std::fmt::Display for DmaPolicy {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
 }
 
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
@@ -35,7 +72,7 @@ pub enum PmemConfigError {
     #[error("--pmem: missing file=PATH")]
     MissingFile,
     #[error(
-        "--pmem: unknown key '{0}' (expected file, size, readonly, discard_writes, id, create, prefault, guard)"
+        "--pmem: unknown key '{0}' (expected file, size, readonly, discard_writes, id, create, prefault, guard, shared, dma)"
     )]
     UnknownKey(String),
     #[error("--pmem: '{0}' needs a value ({0}=...)")]
@@ -82,6 +119,17 @@ fn parse_guard(value: &str) -> Result<GuardPolicy, PmemConfigError> {
         })
 }
 
+fn parse_dma(value: &str) -> Result<DmaPolicy, PmemConfigError> {
+    DmaPolicy::ALL
+        .into_iter()
+        .find(|p| p.as_str() == value)
+        .ok_or_else(|| PmemConfigError::BadValue {
+            key: "dma",
+            value: value.to_owned(),
+            expected: "expected off (no device reaches it), agent (ranges a guest agent pins for DMA) or whole (mapped at start)",
+        })
+}
+
 fn parse_bool(key: &'static str, value: &str) -> Result<bool, PmemConfigError> {
     match value {
         "on" | "true" | "yes" | "1" => Ok(true),
@@ -94,26 +142,14 @@ fn parse_bool(key: &'static str, value: &str) -> Result<bool, PmemConfigError> {
     }
 }
 
-/// Bytes, with an optional binary suffix: `4096`, `512M`, `8G`, `2MiB`, `1T`.
+/// Bytes, in the size syntax of every daxvisor command line (`daxvisor_proto::units`): `4096`, `512M`, `8G`,
+/// `2MiB`, `0x200000`.
 pub fn parse_size(value: &str) -> Result<u64, PmemConfigError> {
-    let bad = || PmemConfigError::BadValue {
+    daxvisor_proto::units::parse_size(value).map_err(|_| PmemConfigError::BadValue {
         key: "size",
         value: value.to_owned(),
-        expected: "expected a byte count with an optional K, M, G or T suffix (binary), e.g. 8G",
-    };
-    let v = value.trim();
-    let digits_end = v.find(|c: char| !c.is_ascii_digit()).unwrap_or(v.len());
-    let (num, suffix) = v.split_at(digits_end);
-    let num: u64 = num.parse().map_err(|_| bad())?;
-    let shift = match suffix.to_ascii_lowercase().as_str() {
-        "" | "b" => 0,
-        "k" | "kib" => 10,
-        "m" | "mib" => 20,
-        "g" | "gib" => 30,
-        "t" | "tib" => 40,
-        _ => return Err(bad()),
-    };
-    num.checked_mul(1u64 << shift).ok_or_else(bad)
+        expected: daxvisor_proto::units::SIZE_SYNTAX,
+    })
 }
 
 impl FromStr for PmemConfig {
@@ -128,6 +164,8 @@ impl FromStr for PmemConfig {
         let mut create = None;
         let mut prefault = None;
         let mut guard = None;
+        let mut shared = None;
+        let mut dma = None;
 
         fn set<T>(slot: &mut Option<T>, key: &str, v: T) -> Result<(), PmemConfigError> {
             if slot.is_some() {
@@ -144,7 +182,9 @@ impl FromStr for PmemConfig {
             let Some((key, value)) = part.split_once('=') else {
                 return Err(match part.as_str() {
                     "file" | "size" | "readonly" | "discard_writes" | "id" | "create"
-                    | "prefault" | "guard" => PmemConfigError::MissingValue(part),
+                    | "prefault" | "guard" | "shared" | "dma" => {
+                        PmemConfigError::MissingValue(part)
+                    }
                     _ => PmemConfigError::UnknownKey(part),
                 });
             };
@@ -165,6 +205,8 @@ impl FromStr for PmemConfig {
                 "create" => set(&mut create, key, parse_bool("create", value)?)?,
                 "prefault" => set(&mut prefault, key, parse_bool("prefault", value)?)?,
                 "guard" => set(&mut guard, key, parse_guard(value)?)?,
+                "shared" => set(&mut shared, key, parse_bool("shared", value)?)?,
+                "dma" => set(&mut dma, key, parse_dma(value)?)?,
                 "id" => {
                     let ok = !value.is_empty()
                         && value.len() <= 32
@@ -193,6 +235,8 @@ impl FromStr for PmemConfig {
             create: create.unwrap_or(false),
             prefault: prefault.unwrap_or(false),
             guard: guard.unwrap_or_default(),
+            shared: shared.unwrap_or(false),
+            dma: dma.unwrap_or_default(),
         };
         if cfg.readonly && cfg.discard_writes {
             return Err(PmemConfigError::Conflict(
@@ -218,6 +262,17 @@ impl FromStr for PmemConfig {
                 value: "on".into(),
                 expected: "create=on needs size=SIZE",
             });
+        }
+        if cfg.readonly && cfg.dma != DmaPolicy::Off {
+            return Err(PmemConfigError::Conflict(
+                "readonly=on",
+                if cfg.dma == DmaPolicy::Whole {
+                    "dma=whole"
+                } else {
+                    "dma=agent"
+                },
+                "a device's DMA writes would bypass the read-only mapping",
+            ));
         }
         if cfg.size == Some(0) {
             return Err(PmemConfigError::BadValue {
@@ -288,6 +343,22 @@ mod tests {
         let c = p("file=n,prefault=on,readonly=on").unwrap();
         assert!(c.prefault && c.readonly);
         assert!(p("file=n,prefault=sometimes").is_err());
+    }
+
+    #[test]
+    fn dma_defaults_to_off_and_lists_the_choices_when_wrong() {
+        assert_eq!(p("file=x").unwrap().dma, DmaPolicy::Off);
+        assert_eq!(p("file=x,dma=agent").unwrap().dma, DmaPolicy::Agent);
+        assert_eq!(p("file=x,dma=whole").unwrap().dma, DmaPolicy::Whole);
+        let e = p("file=x,dma=all").unwrap_err().to_string();
+        assert!(
+            e.contains("dma=all") && e.contains("agent") && e.contains("whole"),
+            "{e}"
+        );
+        assert!(matches!(
+            p("file=x,readonly=on,dma=whole"),
+            Err(PmemConfigError::Conflict("readonly=on", "dma=whole", _))
+        ));
     }
 
     #[test]

@@ -40,7 +40,6 @@ impl FlushAction {
             BackingKind::Regular => FlushAction::Fdatasync,
             BackingKind::FsDax if !b.map_sync() => FlushAction::Fdatasync,
             BackingKind::FsDax | BackingKind::DevDax | BackingKind::Ram => FlushAction::Nothing,
-            _ => FlushAction::Fdatasync,
         }
     }
 }
@@ -118,8 +117,7 @@ impl Flush for BackingFlush {
             ));
         }
         if self.check_shrink {
-            let len = self.file.metadata()?.len();
-            if len < self.size {
+            if let Some(len) = daxvisor_mapper::shrunk_below(&self.file, self.size)? {
                 self.failed.store(true, Ordering::Release);
                 tracing::error!(
                     path = %self.path.display(),
@@ -173,7 +171,7 @@ mod tests {
             .parse()
             .unwrap();
         let backing = Backing::open(&cfg, "pm0").unwrap();
-        let leases = LeaseManager::new(Default::default()).unwrap();
+        let leases = LeaseManager::new(Default::default(), Default::default()).unwrap();
         let region = leases.add_pmem_region(&backing, 1 << 32).unwrap();
         let mut flush = BackingFlush::new(&backing, Some(leases.fence(region))).unwrap();
         let gate = Arc::new(Barrier::new(2));

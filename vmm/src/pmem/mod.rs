@@ -6,6 +6,7 @@
 //! - [`prefault`]: `prefault=on`, populating a region before the guest starts.
 //! - [`flush`]: what a guest flush request does for each kind ([`BackingFlush`]).
 //! - [`fault`]: naming the region, file and offset behind a KVM_RUN EFAULT.
+//! - [`recovery`]: at stop, copying a backing file that lost its last name to a recovery file beside it.
 //!
 //! The backing kind ([`BackingKind`]) and every probe of a host file come from the mapper crate.
 
@@ -15,9 +16,10 @@ pub mod config;
 pub mod fault;
 pub mod flush;
 pub mod prefault;
+pub mod recovery;
 
-pub use attach::{attach, PmemError, PmemRegion};
+pub use attach::{attach, PmemError};
 pub use backing::{Backing, BackingError, PmemMemslot};
-pub use config::PmemConfig;
+pub use config::{DmaPolicy, PmemConfig};
 pub use daxvisor_mapper::BackingKind;
 pub use flush::{BackingFlush, FlushAction};

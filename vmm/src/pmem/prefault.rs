@@ -13,7 +13,6 @@
 
 use std::fs::File;
 use std::io::{self, IsTerminal};
-use std::os::fd::AsRawFd;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
@@ -200,11 +199,7 @@ fn explain(file: &File, access: Access, e: &io::Error) -> String {
 }
 
 fn file_system_full(file: &File) -> bool {
-    // SAFETY: statvfs is plain data; fstatvfs only writes into it.
-    let mut s: libc::statvfs = unsafe { std::mem::zeroed() };
-    // SAFETY: a valid fd and a valid out-pointer.
-    let rc = unsafe { libc::fstatvfs(file.as_raw_fd(), &mut s) };
-    rc == 0 && s.f_bavail == 0
+    daxvisor_mapper::free_bytes(file).is_ok_and(|free| free == 0)
 }
 
 /// The holes of a writable file backing in `[0, size)`: what a failed populate must give back. Device-DAX has

@@ -58,6 +58,8 @@ pub enum StopReason {
     Signal(i32),
     /// The operator asked for a graceful stop (operator API).
     Operator,
+    /// A VMM thread panicked (its name and the panic): the VM stops cleanly, exit 1.
+    ThreadPanic { thread: String, message: String },
 }
 
 /// Shared between the vCPU threads, the devices that end the VM, and the event loop.
@@ -193,23 +195,35 @@ impl Vcpu {
         self.fd.set_lapic(&lapic).map_err(err("set lapic"))
     }
 
-    pub fn spawn(self) -> Result<JoinHandle<()>, VcpuError> {
+    pub fn spawn(self) -> Result<JoinHandle<Option<()>>, VcpuError> {
         let index = self.index;
-        std::thread::Builder::new()
-            .name(format!("vcpu{index}"))
-            .spawn(move || self.run())
-            .map_err(|source| VcpuError::Spawn { index, source })
+        crate::threads::spawn(
+            &format!("vcpu{index}"),
+            crate::seccomp::ThreadKind::Vcpu,
+            move || self.run(),
+        )
+        .map_err(|source| VcpuError::Spawn { index, source })
     }
 
     fn run(mut self) {
-        if let Err(e) = crate::seccomp::apply_for_thread(crate::seccomp::ThreadKind::Vcpu) {
-            self.state.request_stop(StopReason::VmmError(e.to_string()));
-            return;
-        }
+        /// KVM_RUN tries after an EFAULT before the VM stops on it, and the wait before each.
+        const EFAULT_RETRIES: u32 = 3;
+        const EFAULT_RETRY_WAIT: std::time::Duration = std::time::Duration::from_millis(10);
+        let mut efaults: u32 = 0;
         while !self.state.stopping() {
             let outcome = match self.fd.run() {
-                Ok(exit) => handle_exit(self.index, exit, &self.pio, &self.mmio),
+                Ok(exit) => {
+                    efaults = 0;
+                    handle_exit(self.index, exit, &self.pio, &self.mmio)
+                }
                 Err(e) if e.errno() == libc::EINTR || e.errno() == libc::EAGAIN => None,
+                // A fault the host repairs at once (the host guard clearing an immutable flag `chattr +i` set a
+                // moment before) passes on a second try; a lasting one (a shrunk file) fails every time.
+                Err(e) if e.errno() == libc::EFAULT && efaults < EFAULT_RETRIES => {
+                    efaults += 1;
+                    std::thread::sleep(EFAULT_RETRY_WAIT * efaults);
+                    None
+                }
                 Err(e) if e.errno() == libc::EFAULT => Some(StopReason::MemoryFault {
                     vcpu: self.index,
                     gpa: self.memory_fault_gpa(),
@@ -337,7 +351,7 @@ fn format_registers(r: &kvm_regs, s: &kvm_sregs) -> String {
 
 /// Stop every vCPU thread: mark the VM stopping and keep kicking each thread out of KVM_RUN until it ends
 /// (a kick that lands just before KVM_RUN is entered would otherwise be lost).
-pub fn stop_all(state: &RunState, threads: Vec<JoinHandle<()>>) {
+pub fn stop_all(state: &RunState, threads: Vec<JoinHandle<Option<()>>>) {
     state.mark_stopping();
     for t in threads {
         while !t.is_finished() {

@@ -37,6 +37,8 @@ pub struct Vm {
     kvm: Kvm,
     fd: VmFd,
     next_slot: u32,
+    /// Slots given back by hot-removed regions, reused first.
+    free_slots: Vec<u32>,
 }
 
 impl Vm {
@@ -62,6 +64,7 @@ impl Vm {
             kvm,
             fd,
             next_slot: 0,
+            free_slots: Vec::new(),
         })
     }
 
@@ -94,7 +97,7 @@ impl Vm {
         host_addr: u64,
         readonly: bool,
     ) -> Result<u32, VmError> {
-        let slot = self.next_slot;
+        let slot = self.free_slots.last().copied().unwrap_or(self.next_slot);
         let region = kvm_userspace_memory_region {
             slot,
             guest_phys_addr: gpa,
@@ -112,7 +115,33 @@ impl Vm {
                 source,
             }
         })?;
-        self.next_slot += 1;
+        if self.free_slots.last() == Some(&slot) {
+            self.free_slots.pop();
+        } else {
+            self.next_slot += 1;
+        }
         Ok(slot)
+    }
+
+    /// Delete memory slot `slot` (a hot-removed region's): the guest no longer reaches the host range.
+    pub fn remove_slot(&mut self, slot: u32, gpa: u64) -> Result<(), VmError> {
+        let region = kvm_userspace_memory_region {
+            slot,
+            guest_phys_addr: gpa,
+            memory_size: 0,
+            userspace_addr: 0,
+            flags: 0,
+        };
+        // SAFETY: a size of 0 deletes the slot; KVM keeps no reference to any host range afterwards.
+        unsafe { self.fd.set_user_memory_region(region) }.map_err(|source| {
+            VmError::MemorySlot {
+                slot,
+                gpa,
+                size: 0,
+                source,
+            }
+        })?;
+        self.free_slots.push(slot);
+        Ok(())
     }
 }

@@ -25,7 +25,7 @@ use super::{
     MAX_TX_CHAIN, PORT_RX_LIMIT, QUEUE_SIZE, VIRTIO_CONSOLE_F_MULTIPORT, VIRTIO_ID_CONSOLE,
 };
 use crate::virtio::device::{read_config_bytes, QueueError};
-use crate::virtio::{ActivateError, GuestMemory, InterruptKind, VirtioDevice, VirtioInterrupt};
+use crate::virtio::{ActivateError, GuestMemory, VirtioDevice, VirtioInterrupt};
 
 /// Control messages waiting for the guest's control receive buffers; more are dropped (counted). The device only
 /// sends control messages in answer to the guest's, so a driver that works never comes near this.
@@ -93,7 +93,7 @@ impl Active {
             return;
         };
         if queue.needs_notification(&self.mem).unwrap_or(true) {
-            if let Err(e) = self.interrupt.trigger(InterruptKind::UsedBuffer) {
+            if let Err(e) = self.interrupt.trigger_queue(q) {
                 tracing::warn!("cannot signal console interrupt: {e}");
             }
         }

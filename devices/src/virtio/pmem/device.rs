@@ -19,7 +19,7 @@ use super::rate_limit::{Admission, FlushRateLimit};
 use super::request::{self, BadRequest};
 use super::{QUEUE_SIZE, VIRTIO_ID_PMEM, VIRTIO_PMEM_RESP_TYPE_EIO, VIRTIO_PMEM_RESP_TYPE_OK};
 use crate::virtio::device::{read_config_bytes, QueueError};
-use crate::virtio::{ActivateError, GuestMemory, InterruptKind, VirtioDevice, VirtioInterrupt};
+use crate::virtio::{ActivateError, GuestMemory, VirtioDevice, VirtioInterrupt};
 
 /// `struct virtio_pmem_config { le64 start; le64 size; }`: where the region sits in guest physical memory.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -206,7 +206,7 @@ fn complete(
 fn notify(active: &mut Active) {
     let wanted = active.queue.needs_notification(&active.mem).unwrap_or(true);
     if wanted {
-        if let Err(e) = active.interrupt.trigger(InterruptKind::UsedBuffer) {
+        if let Err(e) = active.interrupt.trigger_queue(0) {
             tracing::warn!("cannot signal pmem interrupt: {e}");
         }
     }

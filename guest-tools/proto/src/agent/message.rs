@@ -48,6 +48,9 @@ pub enum MsgType {
     OfferReclaim = 0x0a,
     /// Request: liveness check (a sequence number).
     Heartbeat = 0x0b,
+    /// Request: pin a range for DMA by the VM's passthrough devices ([`RangeRequest`]); a host without them,
+    /// or one older than this type, answers `ENOSYS`/an error and maps nothing.
+    PinDma = 0x0c,
     /// Reply: the request failed ([`ErrorReply`]).
     Error = 0x40,
     /// Reply to hello ([`HelloReply`]).
@@ -68,6 +71,15 @@ pub enum MsgType {
     BreakNotice = 0x80,
     /// Notice: a lease was revoked ([`Revoked`]).
     Revoked = 0x81,
+    /// Notice: a region was added to the running VM ([`RegionInfo`]). Sent only to guests whose [`Hello`] set
+    /// [`hello_flags::REGION_NOTICES`].
+    RegionAdded = 0x82,
+}
+
+/// [`Hello`] flags: what the guest understands beyond this version's requests and replies.
+pub mod hello_flags {
+    /// The guest takes [`super::MsgType::RegionAdded`] notices.
+    pub const REGION_NOTICES: u32 = 1;
 }
 
 impl MsgType {
@@ -86,6 +98,7 @@ impl MsgType {
             0x09 => Prepare,
             0x0a => OfferReclaim,
             0x0b => Heartbeat,
+            0x0c => PinDma,
             0x40 => Error,
             0x41 => HelloReply,
             0x42 => Regions,
@@ -96,6 +109,7 @@ impl MsgType {
             0x47 => PrepareProgress,
             0x80 => BreakNotice,
             0x81 => Revoked,
+            0x82 => RegionAdded,
             _ => return None,
         })
     }
@@ -113,10 +127,11 @@ impl MsgType {
             Hello | OwnerOpened | Ok | Heartbeat | CloseOwner => 8,
             Error | HelloReply | Release | Unpin | PrepareProgress => 16,
             OpenOwner => NAME_LEN,
-            Pin | Prepare | OfferReclaim | LeaseGranted | Pinned => 32,
+            Pin | PinDma | Prepare | OfferReclaim | LeaseGranted | Pinned => 32,
             Acquire => 40,
             Revoked => 48,
             BreakNotice => 56,
+            RegionAdded => REGION_INFO_LEN,
             Regions => return None,
         })
     }
@@ -158,6 +173,8 @@ pub enum BreakReason {
     HostOpen = 4,
     /// The operator evacuates the range.
     Evacuate = 5,
+    /// The device is about to be hot-removed: give the whole region back (unmount, sync, release).
+    Remove = 6,
 }
 
 impl BreakReason {
@@ -169,6 +186,7 @@ impl BreakReason {
             3 => BreakReason::Shrink,
             4 => BreakReason::HostOpen,
             5 => BreakReason::Evacuate,
+            6 => BreakReason::Remove,
             _ => BreakReason::Other,
         }
     }
@@ -182,6 +200,7 @@ impl BreakReason {
             BreakReason::Shrink => "shrink",
             BreakReason::HostOpen => "host-open",
             BreakReason::Evacuate => "evacuate",
+            BreakReason::Remove => "remove",
         }
     }
 }
@@ -229,7 +248,7 @@ pub struct Hello {
     pub min_version: u16,
     /// Highest protocol version the guest speaks.
     pub max_version: u16,
-    /// Reserved, 0.
+    /// [`hello_flags`] bits (0 from guests that predate them).
     pub flags: u32,
 }
 
@@ -481,6 +500,9 @@ pub enum Message<'a> {
     Release(Handle),
     /// Pins a range under an exclusive lease of the same owner (`EPERM` otherwise). Answered `Pinned`.
     Pin(RangeRequest),
+    /// As [`Message::Pin`], and the host maps exactly the range for its passthrough devices' DMA at the range's
+    /// guest physical address until the unpin. Answered `Pinned`.
+    PinDma(RangeRequest),
     /// Unpins.
     Unpin(Handle),
     /// Makes a range pinnable (allocates holes, converts unwritten extents); progress notices, then `Ok`.
@@ -518,6 +540,8 @@ pub enum Message<'a> {
     BreakNotice(BreakNotice),
     /// A lease was revoked (notice).
     Revoked(Revoked),
+    /// A region was added (notice).
+    RegionAdded(RegionInfo),
 }
 
 impl Message<'_> {
@@ -531,6 +555,7 @@ impl Message<'_> {
             Message::Acquire(_) => MsgType::Acquire,
             Message::Release(_) => MsgType::Release,
             Message::Pin(_) => MsgType::Pin,
+            Message::PinDma(_) => MsgType::PinDma,
             Message::Unpin(_) => MsgType::Unpin,
             Message::Prepare(_) => MsgType::Prepare,
             Message::OfferReclaim(_) => MsgType::OfferReclaim,
@@ -545,6 +570,7 @@ impl Message<'_> {
             Message::PrepareProgress(_) => MsgType::PrepareProgress,
             Message::BreakNotice(_) => MsgType::BreakNotice,
             Message::Revoked(_) => MsgType::Revoked,
+            Message::RegionAdded(_) => MsgType::RegionAdded,
         }
     }
 
@@ -586,7 +612,10 @@ impl Message<'_> {
                 w.u64(h.owner);
                 w.u64(h.id);
             }
-            Message::Pin(r) | Message::Prepare(r) | Message::OfferReclaim(r) => range(w, r),
+            Message::Pin(r)
+            | Message::PinDma(r)
+            | Message::Prepare(r)
+            | Message::OfferReclaim(r) => range(w, r),
             Message::Heartbeat { seq } => w.u64(*seq),
             Message::Error(e) => {
                 w.u32(e.errno);
@@ -631,6 +660,7 @@ impl Message<'_> {
                 w.u64(n.offset);
                 w.u64(n.len);
             }
+            Message::RegionAdded(info) => info.put(w),
         }
     }
 }
@@ -773,6 +803,7 @@ pub(crate) fn decode_payload(code: u8, p: &[u8]) -> Result<Message<'_>, DecodeEr
         }
         MsgType::Release => Message::Release(handle(&mut r)),
         MsgType::Pin => Message::Pin(range(&mut r)),
+        MsgType::PinDma => Message::PinDma(range(&mut r)),
         MsgType::Unpin => Message::Unpin(handle(&mut r)),
         MsgType::Prepare => Message::Prepare(range(&mut r)),
         MsgType::OfferReclaim => Message::OfferReclaim(range(&mut r)),
@@ -817,6 +848,7 @@ pub(crate) fn decode_payload(code: u8, p: &[u8]) -> Result<Message<'_>, DecodeEr
             offset: r.u64(),
             len: r.u64(),
         }),
+        MsgType::RegionAdded => Message::RegionAdded(RegionInfo::get(&mut r)),
     })
 }
 

@@ -26,10 +26,10 @@ mod reader;
 mod wire;
 
 pub use message::{
-    decode, encode, encoded_len, name_field, name_str, region_flags, region_kind, Acquire,
-    BreakNotice, BreakReason, ErrorReply, Frame, Granted, Handle, Hello, HelloReply, LeaseMode,
-    Message, MsgType, OpenOwner, Progress, RangeRequest, RegionInfo, RegionList, Revoked,
-    MAX_REGIONS, NAME_LEN, REGION_INFO_LEN,
+    decode, encode, encoded_len, hello_flags, name_field, name_str, region_flags, region_kind,
+    Acquire, BreakNotice, BreakReason, ErrorReply, Frame, Granted, Handle, Hello, HelloReply,
+    LeaseMode, Message, MsgType, OpenOwner, Progress, RangeRequest, RegionInfo, RegionList,
+    Revoked, MAX_REGIONS, NAME_LEN, REGION_INFO_LEN,
 };
 pub use reader::{FrameReader, ReadEvent, ReaderStats};
 
@@ -67,6 +67,8 @@ pub mod errno {
     pub const ENOMEM: u32 = 12;
     /// A lease with pins under it; a range already DMA-mapped.
     pub const EBUSY: u32 = 16;
+    /// The region is being removed: no new leases or pins on it.
+    pub const ENODEV: u32 = 19;
     /// A malformed field (bad mode, reserved bits set, no owner).
     pub const EINVAL: u32 = 22;
     /// The range is held by another owner's pin or exclusive lease.
@@ -99,6 +101,7 @@ pub mod errno {
             EAGAIN => "EAGAIN",
             ENOMEM => "ENOMEM",
             EBUSY => "EBUSY",
+            ENODEV => "ENODEV",
             EINVAL => "EINVAL",
             ETXTBSY => "ETXTBSY",
             ENOSPC => "ENOSPC",

@@ -63,7 +63,7 @@ fn region_info() -> impl Strategy<Value = RegionInfo> {
 /// Every message the protocol has; the region list's entries live in the returned vector.
 fn message_parts() -> impl Strategy<Value = Parts> {
     (
-        0u8..21,
+        0u8..22,
         proptest::collection::vec(region_info(), 0..=MAX_REGIONS),
         any::<[u64; 6]>(),
         any::<[u32; 4]>(),
@@ -135,6 +135,7 @@ fn build<'a>((which, regions, u, w, name, r, g): &'a Parts) -> Message<'a> {
             deadline_ms: w[0],
             reason: w[1],
         }),
+        20 if !regions.is_empty() => Message::RegionAdded(regions[0]),
         _ => Message::Revoked(Revoked {
             break_id: u[0],
             owner: u[1],

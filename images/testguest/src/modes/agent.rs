@@ -28,7 +28,6 @@ use crate::exit::code;
 use crate::say;
 use crate::tsc::{rdtsc, relax, Deadline, CYCLES_PER_SECOND_MIN};
 use crate::virtio::console::{ConsoleDevice, DEVICE_ID_CONSOLE};
-use crate::virtio::mmio::Mmio;
 
 /// Waiting for a reply.
 const REPLY_TIMEOUT_CYCLES: u64 = 30 * CYCLES_PER_SECOND_MIN;
@@ -263,8 +262,8 @@ fn run_inner(mode: AgentMode, opts: &Options, devices: &[Found]) -> Result<(), u
         say!("FAIL agent: no virtio-console device");
         return Err(code::AGENT_INIT);
     };
-    // SAFETY: the probe found a virtio-mmio device in this mapped window.
-    let mmio = unsafe { Mmio::new(dev.info.base) };
+    // SAFETY: the probe found this device.
+    let mmio = unsafe { dev.registers() };
     let Some(mut con) = ConsoleDevice::new(mmio) else {
         say!("FAIL agent: console queues already taken");
         return Err(code::AGENT_INIT);

@@ -4,8 +4,10 @@
 pub mod agent;
 pub mod bench;
 pub mod flood;
+pub mod hotplug;
 pub mod kernels;
 pub mod malformed;
+pub mod pci_hostile;
 pub mod pmem;
 pub mod probe;
 pub mod readonly;

@@ -8,7 +8,9 @@ use crate::bootinfo::is_mapped;
 use crate::cmdline::{Options, PmemMode};
 use crate::exit::code;
 use crate::say;
-use crate::virtio::mmio::{Mmio, DEVICE_ID_PMEM};
+use crate::tsc::{relax, Deadline, CYCLES_PER_SECOND_MIN};
+use crate::virtio::mmio::DEVICE_ID_PMEM;
+use crate::virtio::pci::{self, PciRegs};
 use crate::virtio::pmem::{FlushResult, PmemDevice};
 use crate::virtio::queue::Queue;
 
@@ -30,15 +32,16 @@ pub fn run(mode: PmemMode, opts: &Options, info: &BootInfo, devices: &[Found]) -
             );
             continue;
         };
-        // SAFETY: the probe found a virtio-mmio device in this mapped window.
-        let mmio = unsafe { Mmio::new(dev.info.base) };
+        // SAFETY: the probe found this device.
+        let mmio = unsafe { dev.registers() };
         let mut pmem = PmemDevice::new(mmio, queue);
         if let Err(e) = pmem.init() {
             say!("FAIL pmem{n}: init: {e}");
             return code::PMEM_INIT;
         }
         say!(
-            "pmem{n} at virtio-mmio {}: start={:#x} size={:#x} queue={}",
+            "pmem{n} at {} {}: start={:#x} size={:#x} queue={}",
+            dev.transport(),
             dev.slot,
             pmem.start,
             pmem.size,
@@ -67,6 +70,11 @@ pub fn run(mode: PmemMode, opts: &Options, info: &BootInfo, devices: &[Found]) -
         if rc != 0 {
             return rc;
         }
+        if let Some(regs) = pmem.mmio.pci() {
+            if let Err(rc) = msix_delivery(n, &mut pmem, &regs) {
+                return rc;
+            }
+        }
     }
     if count == 0 {
         say!("FAIL pmem={}: no virtio-pmem device", mode.name());
@@ -79,6 +87,61 @@ pub fn run(mode: PmemMode, opts: &Options, info: &BootInfo, devices: &[Found]) -
         }
     }
     0
+}
+
+/// Vector an MSI-X check moves the queue's entry to while it is masked (unused by the enumeration).
+const MASKED_CHECK_VECTOR: u8 = 0xe0;
+
+/// Over virtio-pci: the queue's MSI-X vector reaches the local APIC, and a masked entry holds its interrupt as
+/// pending until it is unmasked. Prints `pmem{n} msix vector 0x.. delivered`, `pmem{n} msix masked: pending
+/// bit set, not delivered` and `pmem{n} msix unmasked: delivered, pending bit clear`.
+fn msix_delivery(n: usize, pmem: &mut PmemDevice, regs: &PciRegs) -> Result<(), u32> {
+    let wait_irr = |vector: u8| {
+        let deadline = Deadline::after(10 * CYCLES_PER_SECOND_MIN);
+        while !pci::lapic_irr_has(vector) {
+            if deadline.passed() {
+                return false;
+            }
+            relax();
+        }
+        true
+    };
+    pmem.queue.want_interrupts(true);
+    flush_or_fail(n, pmem)?;
+    if !wait_irr(regs.first_vector) {
+        say!(
+            "FAIL pmem{n} msix vector {:#x} not delivered",
+            regs.first_vector
+        );
+        return Err(code::MSIX);
+    }
+    say!("pmem{n} msix vector {:#x} delivered", regs.first_vector);
+    // Entry 0 masked and moved to a fresh vector: the flush's interrupt must wait in the PBA.
+    pci::msix_mask(regs, 0, true);
+    pci::msix_set_vector(regs, 0, MASKED_CHECK_VECTOR);
+    flush_or_fail(n, pmem)?;
+    let deadline = Deadline::after(10 * CYCLES_PER_SECOND_MIN);
+    while !pci::msix_pending(regs, 0) {
+        if deadline.passed() {
+            say!("FAIL pmem{n} msix masked: pending bit never set");
+            return Err(code::MSIX);
+        }
+        relax();
+    }
+    if pci::lapic_irr_has(MASKED_CHECK_VECTOR) {
+        say!("FAIL pmem{n} msix masked: delivered anyway");
+        return Err(code::MSIX);
+    }
+    say!("pmem{n} msix masked: pending bit set, not delivered");
+    pci::msix_mask(regs, 0, false);
+    if !wait_irr(MASKED_CHECK_VECTOR) || pci::msix_pending(regs, 0) {
+        say!("FAIL pmem{n} msix unmasked: pending interrupt not delivered");
+        return Err(code::MSIX);
+    }
+    say!("pmem{n} msix unmasked: delivered, pending bit clear");
+    pci::msix_set_vector(regs, 0, regs.first_vector);
+    pmem.queue.want_interrupts(false);
+    Ok(())
 }
 
 /// Flush and print `pmem{n} flush ok`, or `FAIL pmem{n} flush: <why>`.

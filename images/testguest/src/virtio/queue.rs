@@ -129,6 +129,14 @@ impl Queue {
         self.size
     }
 
+    /// Ask the device for used-buffer interrupts (or not: the default after [`Queue::reset`], this guest polls).
+    pub fn want_interrupts(&mut self, want: bool) {
+        let flags = if want { 0 } else { AVAIL_F_NO_INTERRUPT };
+        // SAFETY: field of our QueueMem.
+        unsafe { write_volatile(addr_of_mut!((*self.mem).avail.flags), flags) };
+        compiler_fence(Ordering::SeqCst);
+    }
+
     pub fn desc_addr(&self) -> u64 {
         // SAFETY: address computation only.
         unsafe { addr_of!((*self.mem).desc) as u64 }

@@ -7,7 +7,7 @@
 //!   EPERM for the opener), held while a whole-file break runs and then allowed unless pins or exclusive leases
 //!   exist (`hold`), or allowed (`log`). Several regions on one file: the strictest policy wins.
 //! - **a kernel write lease** (F_SETLEASE F_WRLCK) on every file the VMM opened alone: it sees what fanotify
-//!   cannot (truncate(2) by path, opens without events), and can only delay them: a lease break with no open
+//!   cannot (truncate(2) by path before Linux 6.14, opens without events), and can only delay them: a lease break with no open
 //!   before it becomes a whole-file break in the mapper ([`LayoutChange::HostOpen`]), answered within
 //!   /proc/sys/fs/lease-break-time, after which the kernel breaks the lease on its own. An open fanotify allowed
 //!   breaks the lease too: that is the same access, so the lease is given up without a second event. The
@@ -16,6 +16,21 @@
 //!   truncate(2)). Reading a fanotify event opens the file, which would break the guard's own lease: leases
 //!   are paused while events are read and answered. Without fanotify the lease is all there is, re-armed by
 //!   polling as soon as the opener closed.
+//!
+//! - **changes to the file itself** ([`fanotify`]'s changes group, FAN_ATTRIB / FAN_MOVE_SELF): `rm` of the file,
+//!   or `mv` of another over it, drops its last name (its link count, an attribute, reaches 0) and the guest
+//!   would go on writing to an inode no name reaches: logged when it happens, and the VMM copies the data to a
+//!   recovery file at stop. A rename of the file is logged with its new name. `chattr +i` / `+a` (an ioctl
+//!   through a read-only open) raises no event at all, so the flags are read when a foreign descriptor closes
+//!   and on every attribute change; an immutable or append-only flag is cleared at once (a page fault on an
+//!   immutable file fails, so would the VMM's own hole punches on an append-only one), which needs
+//!   CAP_LINUX_IMMUTABLE; without it the event says so and names who set it.
+//! - **truncate(2) by path** ([`fanotify`]'s pre-content group, Linux 6.14+): the file is marked for
+//!   FAN_PRE_ACCESS, which the kernel raises before a truncate by path (before it breaks any lease) and holds
+//!   for the guard's answer: the truncate is refused, held or allowed by the policy like an open for writing,
+//!   with the truncating process named, whether or not a foreign process holds the file open (an open breaks
+//!   the kernel lease, which would otherwise miss it). Reads and writes through descriptors opened after the
+//!   mark raise it too and pass silently; the VMM's own descriptors, opened before, never do.
 //!
 //! Every event is recorded in introspection and handed to the caller's report (one log line each).
 //!
@@ -26,6 +41,7 @@
 //! why the VMM blocks the guard signal in all threads at start-up ([`HostGuard::new`] on the first thread).
 
 mod fanotify;
+pub(crate) mod file_flags;
 mod kernel_lease;
 mod opener;
 
@@ -44,7 +60,8 @@ use crate::ids::{OwnerId, RegionId};
 use crate::layout_change::{ChangeRequest, LayoutChange};
 use crate::Mapper;
 
-use fanotify::{FanEvent, Fanotify};
+use fanotify::{handle_of, FanEvent, Fanotify, Group, CHANGES, FAN_PRE_ACCESS};
+pub use file_flags::{FS_IOC_GETFLAGS, FS_IOC_SETFLAGS};
 use kernel_lease::{
     block_signal, change_stamp, fcntl, gettid, FOwnerEx, F_OWNER_TID, F_SETOWN_EX, F_SETSIG,
 };
@@ -97,6 +114,13 @@ pub enum GuardOutcome {
     /// Seen only by the kernel lease (truncate by path, or no fanotify): delayed while a whole-file break ran,
     /// then let through (the lease cannot refuse).
     Delayed,
+    /// An immutable or append-only flag was set and the guard cleared it again.
+    Undone,
+    /// An immutable or append-only flag was set and could not be cleared (`refused_by` says why): the guest's
+    /// next write fault on the file fails.
+    NotUndone,
+    /// Logged, nothing to answer: an unlink (the data is copied to a recovery file at stop) or a rename.
+    Noted,
 }
 
 impl GuardOutcome {
@@ -108,11 +132,49 @@ impl GuardOutcome {
             GuardOutcome::HeldAllowed => "held+allowed",
             GuardOutcome::HeldDenied => "held+denied",
             GuardOutcome::Delayed => "delayed",
+            GuardOutcome::Undone => "undone",
+            GuardOutcome::NotUndone => "not-undone",
+            GuardOutcome::Noted => "noted",
         }
     }
 }
 
 impl std::fmt::Display for GuardOutcome {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// What a foreign process did to a guarded file.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum Access {
+    /// Opened it (the mode says how), or something the kernel lease alone saw.
+    #[default]
+    Open,
+    /// truncate(2) by path, seen before it happened (the pre-content group).
+    Truncate,
+    /// Removed its last name: `rm`, or `mv` of another file over it.
+    Unlink,
+    /// Renamed it.
+    Rename,
+    /// Set the immutable or append-only flag (`chattr +i`, `chattr +a`).
+    Flags,
+}
+
+impl Access {
+    /// `open`, `truncate`, `unlink`, `rename` or `flags`.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Access::Open => "open",
+            Access::Truncate => "truncate",
+            Access::Unlink => "unlink",
+            Access::Rename => "rename",
+            Access::Flags => "flags",
+        }
+    }
+}
+
+impl std::fmt::Display for Access {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.write_str(self.as_str())
     }
@@ -142,8 +204,12 @@ pub struct GuardEvent {
     pub pid: Option<u32>,
     /// Its command line (bounded), or `?`.
     pub command: String,
-    /// How it opened the file (`Unknown` for a kernel-lease event).
+    /// How it opened the file (`Unknown` for a kernel-lease event and every access but an open).
     pub mode: OpenMode,
+    /// What it did.
+    pub access: Access,
+    /// For a rename, the file's new path; for a flag change, which flags (`immutable`, `append-only`).
+    pub detail: Option<String>,
     /// The file's policy (the strictest of its regions').
     pub policy: GuardPolicy,
     /// What became of the access.
@@ -171,6 +237,9 @@ pub struct GuardCounts {
     pub denied: u64,
 }
 
+/// A file's change stamp: ctime (s, ns) and size ([`kernel_lease::change_stamp`]).
+type Stamp = (i64, i64, u64);
+
 /// The regions armed on one file, with their policies.
 type Regions = Vec<(RegionId, GuardPolicy)>;
 
@@ -183,6 +252,16 @@ struct Guarded {
     armed: bool,
     /// Opens fanotify let through (the VMM's own included) whose close has not been seen.
     opens: u32,
+    /// The file's fsid and handle, as the changes group names it.
+    handle: Option<Vec<u8>>,
+    /// Its last name is gone (logged once).
+    unlinked: bool,
+    /// When a truncate by path was let through (the pre-content group), and the file's change stamp before it:
+    /// the lease break it causes next is that same access, not a second one, and the lease is taken again once
+    /// the change shows.
+    truncate_allowed: Option<(Instant, Option<Stamp>)>,
+    /// The last foreign process let in: who set a flag, when the closer is gone before it can be read.
+    last_foreign: Option<(Option<u32>, String)>,
 }
 
 impl Guarded {
@@ -203,6 +282,10 @@ pub struct HostGuard {
     tid: AtomicI32,
     fan: Option<Fanotify>,
     fan_error: Option<io::Error>,
+    /// Attribute changes, renames, deletes (see [`fanotify::Group::Changes`]); with `fan` only.
+    changes: Option<Fanotify>,
+    /// FAN_PRE_ACCESS for truncate by path (see [`fanotify::Group::PreContent`]); with `fan`, on Linux 6.14+.
+    pre: Option<Fanotify>,
     files: Mutex<HashMap<RawFd, Guarded>>,
     /// Held while fanotify events are read and answered (leases paused) and while a file is armed, so a lease
     /// taken by `arm` is never held while the guard reads an event of that file (which would wait on it).
@@ -220,6 +303,26 @@ impl std::fmt::Debug for HostGuard {
             .field("tid", &self.tid)
             .field("fanotify", &self.fan.is_some())
             .finish_non_exhaustive()
+    }
+}
+
+/// Who else has `file` open, for a log line: `pid 42 (sleep) for writing, pid 43 (cat)`, or `?`.
+pub(crate) fn openers_named(file: &File) -> String {
+    let path = std::path::PathBuf::from(format!("/proc/self/fd/{}", file.as_raw_fd()));
+    let v: Vec<String> = crate::host::openers_of(&path)
+        .into_iter()
+        .map(|(h, w)| {
+            if w {
+                format!("{h} for writing")
+            } else {
+                h.to_string()
+            }
+        })
+        .collect();
+    if v.is_empty() {
+        "?".to_owned()
+    } else {
+        v.join(", ")
     }
 }
 
@@ -248,7 +351,7 @@ impl HostGuard {
         // SAFETY: signalfd returned a fresh fd that we own.
         let sfd = unsafe { OwnedFd::from_raw_fd(sfd) };
         let (fan, fan_error) = if use_fanotify {
-            match Fanotify::new() {
+            match Fanotify::new(Group::Permissions) {
                 Ok(f) => (Some(f), None),
                 Err(e) => (None, Some(e)),
             }
@@ -261,6 +364,14 @@ impl HostGuard {
         let deadline = lease_break_time()
             .saturating_sub(Duration::from_secs(1))
             .min(Duration::from_secs(10));
+        let extra = |g: Group| {
+            let f = fan.as_ref().map(|_| Fanotify::new(g));
+            if let Some(Err(e)) = &f {
+                tracing::warn!(group = ?g, error = %e, "host guard: a fanotify group is not available; what it sees is not guarded");
+            }
+            f.and_then(io::Result::ok)
+        };
+        let (changes, pre) = (extra(Group::Changes), extra(Group::PreContent));
         Ok(HostGuard {
             mapper,
             sfd,
@@ -268,6 +379,8 @@ impl HostGuard {
             tid: AtomicI32::new(gettid()),
             fan,
             fan_error,
+            changes,
+            pre,
             files: Mutex::new(HashMap::new()),
             serving: Mutex::new(()),
             deadline,
@@ -333,11 +446,34 @@ impl HostGuard {
         if let Some(fan) = &self.fan {
             fan.mark(file.as_raw_fd(), fanotify::WATCH, false)?;
         }
+        // Marked after the VMM's own opens of the file: those never raise FAN_PRE_ACCESS (the kernel decides at
+        // open whether a descriptor reports pre-content events).
+        // Each is best effort: a file system may not offer pre-content events (they need the file system's
+        // support: ext4, XFS, btrfs, not tmpfs) or file handles; what it lacks is said, the rest guards.
+        let pre = self
+            .pre
+            .as_ref()
+            .map(|pre| pre.mark(file.as_raw_fd(), FAN_PRE_ACCESS, false));
+        if let Some(Err(e)) = &pre {
+            tracing::warn!(id = %name, %region, error = %e,
+                "host guard: no pre-content events on this file system; a truncate by path is only delayed by the kernel lease, without its pid");
+        }
+        let handle = self.changes.as_ref().and_then(|changes| {
+            let marked = changes
+                .mark(file.as_raw_fd(), CHANGES, false)
+                .and_then(|()| handle_of(file.as_raw_fd()).map_err(|e| MapperError::io("name_to_handle_at", e)));
+            marked
+                .map_err(|e| tracing::warn!(id = %name, %region, error = %e,
+                    "host guard: attribute changes of this file are not seen (chattr is still found at a foreign close); an unlink is found at stop only"))
+                .ok()
+        });
+        let changes_seen = handle.is_some();
         let leased = match self.take_lease(&file) {
             Ok(()) => true,
             Err(e) if self.fan.is_some() => {
+                let by = openers_named(&file);
                 tracing::warn!(id = %name, %region, error = %e,
-                    "host guard: no kernel lease on the backing file (is it open elsewhere?); opens are guarded, truncate by path is not seen");
+                    "host guard: no kernel lease on the backing file (it is open elsewhere: {by}); opens are guarded, and a truncate by path is seen only while the guard knows of a foreign open");
                 false
             }
             Err(e) => return Err(e),
@@ -350,10 +486,49 @@ impl HostGuard {
                 file,
                 armed: leased,
                 opens: 0,
+                handle,
+                unlinked: false,
+                truncate_allowed: None,
+                last_foreign: None,
             },
         );
-        tracing::info!(id = %name, %region, %policy, fanotify = self.fan.is_some(), kernel_lease = leased, "host guard armed");
+        tracing::info!(id = %name, %region, %policy, fanotify = self.fan.is_some(), changes = changes_seen,
+            truncate_by_path = matches!(pre, Some(Ok(()))), kernel_lease = leased, "host guard armed");
         Ok(())
+    }
+
+    /// Stops guarding `region` (it is leaving the VM). The last region of a file gives up the file: its
+    /// fanotify mark and kernel lease are removed and the guard's descriptor is closed, so the file's lock can
+    /// be released by whoever opened it.
+    pub fn disarm(&self, region: RegionId) {
+        let _serving = self.serving.lock().unwrap_or_else(|e| e.into_inner());
+        let mut files = self.files();
+        let Some(fd) = files
+            .iter_mut()
+            .find(|(_, g)| g.regions.iter().any(|(r, _)| *r == region))
+            .map(|(fd, g)| {
+                g.regions.retain(|(r, _)| *r != region);
+                (*fd, g.regions.is_empty())
+            })
+        else {
+            return;
+        };
+        let (fd, last) = fd;
+        if !last {
+            return;
+        }
+        if let Some(g) = files.remove(&fd) {
+            if let Some(fan) = &self.fan {
+                if let Err(e) = fan.mark(fd, fanotify::WATCH, true) {
+                    tracing::debug!(%region, error = %e, "host guard: removing the fanotify mark");
+                }
+            }
+            if g.armed {
+                // SAFETY: F_SETLEASE with F_UNLCK on a descriptor this guard owns.
+                let _ = unsafe { libc::fcntl(fd, libc::F_SETLEASE, libc::F_UNLCK) };
+            }
+            tracing::info!(%region, "host guard disarmed");
+        }
     }
 
     fn take_lease(&self, file: &File) -> Result<()> {
@@ -491,6 +666,18 @@ impl HostGuard {
                 tracing::debug!(%region, opens, "kernel lease given up for an open the guard already answered");
                 continue;
             }
+            let truncate = self
+                .files()
+                .get_mut(&fd)
+                .and_then(|g| g.truncate_allowed.take())
+                .is_some_and(|(at, _)| at.elapsed() < Duration::from_secs(1));
+            if truncate {
+                let before = self.files().get(&fd).and_then(|g| change_stamp(&g.file));
+                self.give_up_lease(fd);
+                self.rearm_after_change(fd, before);
+                tracing::debug!(%region, "kernel lease given up for a truncate the guard already answered");
+                continue;
+            }
             let res = self.whole_file_break(region);
             let before = self.files().get(&fd).and_then(|g| change_stamp(&g.file));
             self.give_up_lease(fd);
@@ -509,6 +696,8 @@ impl HostGuard {
                 pid: None,
                 command: "?".to_owned(),
                 mode: OpenMode::Unknown,
+                access: Access::Open,
+                detail: None,
                 policy,
                 outcome: GuardOutcome::Delayed,
                 refused_by,
@@ -533,7 +722,19 @@ impl HostGuard {
                 return;
             };
             if change_stamp(&g.file) != before {
-                if g.opens == 0 && self.take_lease(&g.file).is_ok() {
+                if g.armed || g.opens > 0 {
+                    return;
+                }
+                // The truncating process lets go of the file a moment after the change shows (EAGAIN until then).
+                let mut res = self.take_lease(&g.file);
+                for _ in 0..TRIES {
+                    if !matches!(&res, Err(e) if e.errno() == libc::EAGAIN) {
+                        break;
+                    }
+                    std::thread::sleep(Duration::from_millis(1));
+                    res = self.take_lease(&g.file);
+                }
+                if res.is_ok() {
                     g.armed = true;
                     tracing::info!(region = %g.regions[0].0, "host guard re-armed");
                 }
@@ -571,14 +772,37 @@ impl HostGuard {
             if ev.is_open_perm() {
                 out.extend(self.on_open(fan, ev));
             } else if ev.is_close() {
-                closed.extend(self.on_close(ev));
+                let (fd, flags) = self.on_close(ev);
+                closed.extend(fd);
+                out.extend(flags);
             } else if ev.fd.is_none() {
                 tracing::error!(
                     "fanotify queue overflow: closes may have been missed; the kernel lease is re-armed at the next close"
                 );
             }
         }
+        if let Some(pre) = &self.pre {
+            for ev in pre.read() {
+                out.extend(self.on_pre_access(pre, ev));
+            }
+        }
+        if let Some(changes) = &self.changes {
+            for ev in changes.read() {
+                out.extend(self.on_change(ev));
+            }
+        }
         self.resume_leases(&paused, &closed);
+        // A truncate let through while the leases were paused never breaks one: take the lease again once it
+        // is done (while it runs, the kernel refuses the lease).
+        let truncated: Vec<(RawFd, Option<Stamp>)> = self
+            .files()
+            .iter_mut()
+            .filter(|(_, g)| !g.armed && g.opens == 0)
+            .filter_map(|(fd, g)| g.truncate_allowed.take().map(|(_, before)| (*fd, before)))
+            .collect();
+        for (fd, before) in truncated {
+            self.rearm_after_change(fd, before);
+        }
         out
     }
 
@@ -606,8 +830,9 @@ impl HostGuard {
             match res {
                 Ok(()) => {
                     g.armed = true;
+                    // Debug: a file read in a loop would write one of these per read.
                     if !paused.contains(fd) {
-                        tracing::info!(region = %g.regions[0].0, "host guard re-armed");
+                        tracing::debug!(region = %g.regions[0].0, "host guard re-armed");
                     }
                 }
                 Err(e) => {
@@ -661,7 +886,11 @@ impl HostGuard {
         let allow = matches!(outcome, GuardOutcome::Allowed | GuardOutcome::HeldAllowed);
         if allow {
             // Counted before the answer: the lease break this open causes finds it.
-            self.files().get_mut(&lease_fd).map(count_open);
+            let mut files = self.files();
+            if let Some(g) = files.get_mut(&lease_fd) {
+                count_open(g);
+                g.last_foreign = Some((who.pid, who.command.clone()));
+            }
         }
         fan.respond(file.as_raw_fd(), allow);
         drop(file);
@@ -673,6 +902,8 @@ impl HostGuard {
             pid: who.pid,
             command: who.command,
             mode: who.mode,
+            access: Access::Open,
+            detail: None,
             policy,
             outcome,
             refused_by,
@@ -683,34 +914,242 @@ impl HostGuard {
     }
 
     /// A close ends one counted open (the lease is taken again once none is left, see
-    /// [`HostGuard::service_fanotify`]).
-    /// Returns the file's lease descriptor.
-    fn on_close(&self, ev: FanEvent) -> Option<RawFd> {
-        let file = File::from(ev.fd?);
-        let (lease_fd, _, _) = self.lookup(&file)?;
+    /// [`HostGuard::service_fanotify`]). A foreign close is also when a flag set through that descriptor
+    /// (`chattr`) is found. Returns the file's lease descriptor, and the flag event if any.
+    fn on_close(&self, ev: FanEvent) -> (Option<RawFd>, Option<GuardEvent>) {
+        let Some(file) = ev.fd.map(File::from) else {
+            return (None, None);
+        };
+        let Some((lease_fd, _, _)) = self.lookup(&file) else {
+            return (None, None);
+        };
         drop(file);
-        let mut files = self.files();
-        let g = files.get_mut(&lease_fd)?;
-        g.opens = g.opens.saturating_sub(1);
-        Some(lease_fd)
+        {
+            let mut files = self.files();
+            let Some(g) = files.get_mut(&lease_fd) else {
+                return (None, None);
+            };
+            g.opens = g.opens.saturating_sub(1);
+        }
+        let flags = if opener::is_own_thread(ev.tid) {
+            None
+        } else {
+            self.check_flags(lease_fd, ev.tid)
+        };
+        (Some(lease_fd), flags)
+    }
+
+    /// Who a change event names: the acting thread's process; when it is gone already, the last foreign process
+    /// let in if that was the same, else the thread's id (its process's, for a single-threaded tool such as `rm`).
+    fn actor(&self, fd: RawFd, tid: u32) -> (Option<u32>, String) {
+        let who = opener::read_opener(tid);
+        let last = self.files().get(&fd).and_then(|g| g.last_foreign.clone());
+        match (who.pid, last) {
+            // The command line read at its open: an ended process not yet reaped has only its name left.
+            (Some(pid), Some((Some(seen), command))) if pid == seen => (Some(pid), command),
+            (Some(pid), _) if who.command == "?" => {
+                (Some(pid), "? (ended before it could be read)".to_owned())
+            }
+            (Some(pid), _) => (Some(pid), who.command),
+            (None, Some((Some(seen), command))) if seen == tid => (Some(seen), command),
+            (None, _) if tid > 0 => (Some(tid), "? (ended before it could be read)".to_owned()),
+            (None, _) => (None, "?".to_owned()),
+        }
+    }
+
+    /// Reads the file's flags and clears an immutable or append-only flag (see the module docs).
+    fn check_flags(&self, fd: RawFd, tid: u32) -> Option<GuardEvent> {
+        let t0 = Instant::now();
+        let flags = file_flags::get(fd).ok()?;
+        let bad = flags & (file_flags::IMMUTABLE | file_flags::APPEND);
+        if bad == 0 {
+            return None;
+        }
+        let undo = file_flags::set(fd, flags & !bad);
+        let (pid, command) = self.actor(fd, tid);
+        let (regions, policy) = self
+            .files()
+            .get(&fd)
+            .map(|g| (g.regions.clone(), g.policy()))?;
+        Some(self.record(GuardEvent {
+            region: regions[0].0,
+            regions: regions.iter().map(|(r, _)| *r).collect(),
+            at: SystemTime::now(),
+            seen_by: SeenBy::Fanotify,
+            pid,
+            command,
+            mode: OpenMode::Unknown,
+            access: Access::Flags,
+            detail: Some(file_flags::names(bad)),
+            policy,
+            outcome: if undo.is_ok() {
+                GuardOutcome::Undone
+            } else {
+                GuardOutcome::NotUndone
+            },
+            refused_by: undo.err().map(|e| {
+                format!(
+                    "{}: {e}",
+                    crate::error::errno_name(e.raw_os_error().unwrap_or(0))
+                )
+            }),
+            notified: Vec::new(),
+            revoked: Vec::new(),
+            answered_in: t0.elapsed(),
+        }))
+    }
+
+    /// An event of the changes group: the file lost its last name, was renamed, or its attributes changed
+    /// (which is also when its flags are read).
+    fn on_change(&self, ev: FanEvent) -> Vec<GuardEvent> {
+        let t0 = Instant::now();
+        let Some(handle) = ev.handle.as_ref() else {
+            if ev.mask & libc::FAN_Q_OVERFLOW != 0 {
+                tracing::error!(
+                    "fanotify changes queue overflow: an unlink or rename may have been missed"
+                );
+            }
+            return Vec::new();
+        };
+        let found = self
+            .files()
+            .iter()
+            .find(|(_, g)| g.handle.as_ref() == Some(handle))
+            .map(|(fd, g)| {
+                (
+                    *fd,
+                    g.regions.clone(),
+                    g.policy(),
+                    g.unlinked,
+                    g.file.clone(),
+                )
+            });
+        let Some((fd, regions, policy, was_unlinked, file)) = found else {
+            return Vec::new();
+        };
+        let own = opener::is_own_thread(ev.tid);
+        let mut out = Vec::new();
+        let mut event = |access, detail, outcome| {
+            let (pid, command) = self.actor(fd, ev.tid);
+            out.push(self.record(GuardEvent {
+                region: regions[0].0,
+                regions: regions.iter().map(|(r, _)| *r).collect(),
+                at: SystemTime::now(),
+                seen_by: SeenBy::Fanotify,
+                pid,
+                command,
+                mode: OpenMode::Unknown,
+                access,
+                detail,
+                policy,
+                outcome,
+                refused_by: None,
+                notified: Vec::new(),
+                revoked: Vec::new(),
+                answered_in: t0.elapsed(),
+            }));
+        };
+        if ev.mask & libc::FAN_MOVE_SELF != 0 && !own {
+            let now = std::fs::read_link(format!("/proc/self/fd/{fd}"))
+                .map_or_else(|_| "?".to_owned(), |p| p.display().to_string());
+            event(Access::Rename, Some(now), GuardOutcome::Noted);
+        }
+        if ev.mask & libc::FAN_ATTRIB != 0 {
+            use std::os::unix::fs::MetadataExt;
+            let nameless = file.metadata().is_ok_and(|m| m.nlink() == 0);
+            if nameless && !was_unlinked {
+                if let Some(g) = self.files().get_mut(&fd) {
+                    g.unlinked = true;
+                }
+                event(Access::Unlink, None, GuardOutcome::Noted);
+            }
+        }
+        if ev.mask & libc::FAN_ATTRIB != 0 && !own {
+            out.extend(self.check_flags(fd, ev.tid));
+        }
+        out
+    }
+
+    /// A FAN_PRE_ACCESS on a file a foreign process holds open: a truncate by path is answered by the policy
+    /// as an open for writing would be; every other access (a read or write through a descriptor the guard
+    /// already answered, the VMM's own) passes silently.
+    fn on_pre_access(&self, pre: &Fanotify, ev: FanEvent) -> Option<GuardEvent> {
+        let t0 = Instant::now();
+        let file = File::from(ev.fd?);
+        let Some((lease_fd, regions, policy)) = self.lookup(&file) else {
+            pre.respond(file.as_raw_fd(), true);
+            return None;
+        };
+        if opener::is_own_thread(ev.tid) || opener::syscall_of(ev.tid) != Some(opener::SYS_TRUNCATE)
+        {
+            pre.respond(file.as_raw_fd(), true);
+            return None;
+        }
+        let who = opener::read_opener(ev.tid);
+        let region = regions[0].0;
+        let (mut notified, mut revoked, mut refused_by) = (Vec::new(), Vec::new(), None);
+        let outcome = match policy {
+            GuardPolicy::Deny => GuardOutcome::Denied,
+            GuardPolicy::Hold | GuardPolicy::Log => match self.whole_file_break(region) {
+                Ok((n, r)) => {
+                    (notified, revoked) = (n, r);
+                    GuardOutcome::HeldAllowed
+                }
+                Err(why) => {
+                    refused_by = Some(why);
+                    if policy == GuardPolicy::Hold {
+                        GuardOutcome::HeldDenied
+                    } else {
+                        GuardOutcome::Delayed
+                    }
+                }
+            },
+        };
+        let allow = !matches!(outcome, GuardOutcome::Denied | GuardOutcome::HeldDenied);
+        if allow {
+            if let Some(g) = self.files().get_mut(&lease_fd) {
+                g.truncate_allowed = Some((Instant::now(), change_stamp(&g.file)));
+            }
+        }
+        pre.respond(file.as_raw_fd(), allow);
+        drop(file);
+        Some(self.record(GuardEvent {
+            region,
+            regions: regions.iter().map(|(r, _)| *r).collect(),
+            at: SystemTime::now(),
+            seen_by: SeenBy::Fanotify,
+            pid: who.pid,
+            command: who.command,
+            mode: OpenMode::Unknown,
+            access: Access::Truncate,
+            detail: None,
+            policy,
+            outcome,
+            refused_by,
+            notified,
+            revoked,
+            answered_in: t0.elapsed(),
+        }))
     }
 
     /// The guard's loop, on the thread that called [`HostGuard::set_thread`]: waits for fanotify events and
     /// lease breaks, answers them, hands each event to `report`. Returns when `stop` becomes readable.
     pub fn run(&self, stop: RawFd, mut report: impl FnMut(&GuardEvent)) {
         let fan_fd = self.fan.as_ref().map_or(-1, Fanotify::fd);
+        let changes_fd = self.changes.as_ref().map_or(-1, Fanotify::fd);
+        let pre_fd = self.pre.as_ref().map_or(-1, Fanotify::fd);
         let timeout = if self.fan.is_some() {
             -1
         } else {
             LEASE_ONLY_REARM.as_millis() as i32
         };
         loop {
-            let mut fds = [stop, fan_fd, self.fd()].map(|fd| libc::pollfd {
+            let mut fds = [stop, fan_fd, self.fd(), changes_fd, pre_fd].map(|fd| libc::pollfd {
                 fd,
                 events: libc::POLLIN,
                 revents: 0,
             });
-            // SAFETY: three valid pollfds (a negative fd is ignored by poll).
+            // SAFETY: five valid pollfds (a negative fd is ignored by poll).
             let n = unsafe { libc::poll(fds.as_mut_ptr(), fds.len() as libc::nfds_t, timeout) };
             if n < 0 {
                 let e = io::Error::last_os_error();
@@ -723,7 +1162,7 @@ impl HostGuard {
             if fds[0].revents != 0 {
                 return;
             }
-            if fds[1].revents != 0 {
+            if fds[1].revents != 0 || fds[3].revents != 0 || fds[4].revents != 0 {
                 self.service_fanotify().iter().for_each(&mut report);
             }
             if fds[2].revents != 0 || self.fan.is_none() {

@@ -119,20 +119,59 @@ fn command_of(pid: u32) -> Option<String> {
     Some(s)
 }
 
+/// The process's name (`/proc/PID/comm`, at most 16 bytes), readable until it is reaped.
+fn name_of(pid: u32) -> Option<String> {
+    let raw = read_bounded(&format!("/proc/{pid}/comm"), 64)?;
+    let name = String::from_utf8_lossy(&raw).trim().to_owned();
+    (!name.is_empty()).then_some(name)
+}
+
 /// Whether `tid` is a thread of this process (its own opens pass the guard).
 pub(crate) fn is_own_thread(tid: u32) -> bool {
     std::path::Path::new(&format!("/proc/self/task/{tid}")).exists()
 }
 
+/// The text of `/proc/TID/syscall`. A thread held in a fanotify permission wait is woken whenever the group
+/// answers any event, and for that moment the kernel shows it as `running`: such a reading is taken again
+/// (bounded) until the thread sleeps in its call again.
+fn blocked_syscall(tid: u32) -> Option<String> {
+    const TRIES: u32 = 200;
+    const EVERY: std::time::Duration = std::time::Duration::from_micros(250);
+    let path = format!("/proc/{tid}/syscall");
+    let mut text = String::new();
+    for _ in 0..TRIES {
+        text = String::from_utf8_lossy(&read_bounded(&path, SYSCALL_MAX)?).into_owned();
+        if !text.starts_with("running") {
+            break;
+        }
+        std::thread::sleep(EVERY);
+    }
+    Some(text)
+}
+
+/// x86-64 truncate(2): a path, not a descriptor, so no open of it was seen.
+pub(crate) const SYS_TRUNCATE: u64 = 76;
+
+/// The number of the syscall thread `tid` is in, if it could be read (`None` while it runs in user space).
+pub(crate) fn syscall_of(tid: u32) -> Option<u64> {
+    blocked_syscall(tid)?
+        .split_ascii_whitespace()
+        .next()?
+        .parse()
+        .ok()
+}
+
 /// Reads the opener held in its open on thread `tid` (FAN_REPORT_TID): pid, command and mode.
 pub(crate) fn read_opener(tid: u32) -> Opener {
-    let mode = read_bounded(&format!("/proc/{tid}/syscall"), SYSCALL_MAX)
-        .map(|b| open_mode_from_syscall(&String::from_utf8_lossy(&b)))
+    let mode = blocked_syscall(tid)
+        .map(|text| open_mode_from_syscall(&text))
         .unwrap_or(OpenMode::Unknown);
     let pid = tgid_of(tid);
+    // A process that ended but is not reaped yet has no command line any more, but still its name.
     let command = pid
         .and_then(command_of)
         .filter(|c| !c.is_empty())
+        .or_else(|| pid.and_then(name_of))
         .unwrap_or_else(|| "?".to_owned());
     Opener { pid, command, mode }
 }
@@ -264,11 +303,12 @@ mod tests {
             .arg("30")
             .spawn()
             .unwrap();
-        // The new program's command line appears a moment after exec returns to the parent.
+        // The new program's command line appears a moment after exec returns to the parent: before it the
+        // forked child shows the test binary's, and for a moment during the exec none (then its name, "sleep").
         let deadline = Instant::now() + Duration::from_secs(10);
         let o = loop {
             let o = read_opener(child.id());
-            if o.command != "?" || Instant::now() > deadline {
+            if o.command == "sleep 30" || Instant::now() > deadline {
                 break o;
             }
             std::thread::sleep(Duration::from_millis(5));

@@ -5,7 +5,6 @@ use std::fmt;
 
 /// The kind of host backing a region has; detected once, by [`crate::probe`].
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
-#[non_exhaustive]
 pub enum BackingKind {
     /// Ordinary file in the page cache; a flush is an fdatasync.
     Regular,

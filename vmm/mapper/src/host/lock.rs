@@ -181,6 +181,59 @@ fn pid_from_fdinfo(key: &str, want_write: bool, me: u32) -> Option<Holder> {
     })
 }
 
+/// Every other process with a descriptor of the file at `path` (same device and inode), and whether that
+/// descriptor is open for writing; bounded by what /proc lists. A file that does not exist has none.
+pub fn openers_of(path: &Path) -> Vec<(Holder, bool)> {
+    let Ok(meta) = std::fs::metadata(path) else {
+        return Vec::new();
+    };
+    let (dev, ino) = (meta.dev(), meta.ino());
+    let me = std::process::id();
+    let mut out: Vec<(Holder, bool)> = Vec::new();
+    let Ok(procs) = std::fs::read_dir("/proc") else {
+        return out;
+    };
+    for proc_entry in procs.flatten() {
+        let Some(pid) = proc_entry
+            .file_name()
+            .to_str()
+            .and_then(|s| s.parse::<u32>().ok())
+            .filter(|&p| p != me)
+        else {
+            continue;
+        };
+        let Ok(fds) = std::fs::read_dir(proc_entry.path().join("fd")) else {
+            continue;
+        };
+        let mut write = None;
+        for fd in fds.flatten() {
+            // stat through the magic link: the file the descriptor refers to (nothing is opened).
+            let same = std::fs::metadata(fd.path()).is_ok_and(|m| (m.dev(), m.ino()) == (dev, ino));
+            if !same {
+                continue;
+            }
+            let info = proc_entry.path().join("fdinfo").join(fd.file_name());
+            let flags = std::fs::read_to_string(info).ok().and_then(|t| {
+                t.lines()
+                    .find_map(|l| l.strip_prefix("flags:"))
+                    .and_then(|v| u32::from_str_radix(v.trim(), 8).ok())
+            });
+            let w = flags.is_none_or(|f| f & libc::O_ACCMODE as u32 != libc::O_RDONLY as u32);
+            write = Some(write.unwrap_or(false) || w);
+        }
+        if let Some(w) = write {
+            out.push((
+                Holder::Process {
+                    pid,
+                    command: command_of(pid),
+                },
+                w,
+            ));
+        }
+    }
+    out
+}
+
 fn busy(path: &Path, holder: Holder, want_write: bool) -> FileLockError {
     FileLockError::Busy {
         path: path.to_owned(),

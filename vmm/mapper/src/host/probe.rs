@@ -37,6 +37,15 @@ impl FileKey {
             ino: m.ino(),
         })
     }
+
+    /// The key of the file a path names (symlinks followed), without opening it.
+    pub fn of_path(path: &std::path::Path) -> io::Result<FileKey> {
+        let m = std::fs::metadata(path)?;
+        Ok(FileKey {
+            dev: m.dev(),
+            ino: m.ino(),
+        })
+    }
 }
 
 impl std::fmt::Display for FileKey {

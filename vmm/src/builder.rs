@@ -1,4 +1,5 @@
-//! Building and running one VM from a [`VmConfig`]: the order of operations lives here and nowhere else.
+//! Building one VM from a [`VmConfig`] into an owned [`Vmm`]: the order of start-up lives here and nowhere
+//! else (the order of shutdown is [`Vmm::stop`]'s).
 //!
 //! Everything that can be wrong with the operator's input (config, kernel, initrd, /dev/kvm) is checked before
 //! anything is created on the host. What later steps create or extend (the serial file, `create=on` backings)
@@ -10,19 +11,23 @@ use std::path::PathBuf;
 use vm_memory::{GuestAddress, GuestMemoryMmap};
 
 use crate::acpi;
-use crate::api::{ApiContext, ApiServer, RegionHandle, VmConfigView};
+use crate::actions::Actions;
+use crate::api::metrics_listener::MetricsListener;
+use crate::api::{ApiContext, ApiServer, VmConfigView};
 use crate::boot::image::{self, ImageKind};
 use crate::boot::{linux, long_mode, testguest, BootEntry, BootError};
 use crate::config::{ConfigError, VmConfig};
 use crate::device_manager::{DeviceError, DeviceManager};
 use crate::event_loop::{EventLoop, EventLoopError};
+use crate::events::EventLog;
 use crate::host_files::{self, HostFileError, StartUndo};
 use crate::layout;
 use crate::lease_manager::LeaseManager;
-use crate::pmem::fault::FaultMap;
 use crate::pmem::{self, PmemError};
-use crate::seccomp::{self, SeccompError, ThreadKind};
-use crate::signals::StopSignals;
+use crate::reclaim::Reclaim;
+use crate::region_registry::RegionRegistry;
+use crate::seccomp::{self, SeccompError};
+use crate::vmm::Vmm;
 use crate::vstate::cpuid;
 use crate::vstate::vcpu::{self, RunState, StopReason, Vcpu, VcpuError};
 use crate::vstate::vm::{Vm, VmError};
@@ -65,30 +70,19 @@ pub enum StartError {
     #[error("cannot watch SIGINT/SIGTERM: {0}")]
     Signals(std::io::Error),
     #[error(transparent)]
+    Interrupted(#[from] crate::signals::Interrupted),
+    #[error(transparent)]
     Seccomp(#[from] SeccompError),
     #[error(transparent)]
     Api(#[from] crate::api::ApiSocketError),
     #[error(transparent)]
+    Metrics(#[from] crate::api::metrics_listener::MetricsListenerError),
+    #[error(transparent)]
     Console(#[from] crate::console::ConsoleError),
-}
-
-/// How a VM that ran came to an end.
-#[derive(Debug, PartialEq, Eq)]
-pub enum VmExit {
-    /// The guest wrote this status to the exit port.
-    Status(i32),
-    /// The guest reset or powered off (Linux `reboot`, i8042): a clean end.
-    Reset,
-    /// The guest could not continue.
-    Crash {
-        vcpu: u8,
-        reason: String,
-        detail: String,
-    },
-    /// KVM or the VMM failed while the guest ran.
-    VmmError(String),
-    /// SIGINT or SIGTERM (the number) stopped the VM; the stop was clean.
-    Signal(i32),
+    #[error(transparent)]
+    Hotplug(#[from] crate::hotplug::HotplugError),
+    #[error(transparent)]
+    Passthrough(#[from] crate::vfio::PassthroughError),
 }
 
 /// The kernel the config names, read and classified up front so bad input fails before anything is created.
@@ -130,8 +124,9 @@ fn resolve_kernel(config: &VmConfig) -> Result<Kernel, StartError> {
     })
 }
 
-/// Build the VM described by `config`, run it to its end, and say how it ended.
-pub fn run(config: &VmConfig) -> Result<VmExit, StartError> {
+/// Build the VM `config` describes: everything but the running vCPUs. Nothing the guest can see has run yet;
+/// if any step fails, what earlier steps created is put back (`create=on` files, the serial file).
+pub fn build(config: &VmConfig) -> Result<Vmm, StartError> {
     config.validate()?;
     seccomp::init(config.seccomp)?;
     // Threads started from here on drop the capabilities start-up needed when they begin (privileges.rs).
@@ -140,7 +135,6 @@ pub fn run(config: &VmConfig) -> Result<VmExit, StartError> {
     if let Some(initrd) = &config.initrd {
         host_files::open_regular(initrd, "--initrd")?;
     }
-    // Declared first so it is dropped last: after the regions are unmapped and the VM is gone.
     let mut undo = StartUndo::new();
 
     let mut vm = Vm::new()?;
@@ -156,45 +150,68 @@ pub fn run(config: &VmConfig) -> Result<VmExit, StartError> {
     vm.register_memory(&mem)?;
 
     let state = RunState::new()?;
+    // Before any thread starts: a panic anywhere from now on stops this VM cleanly.
+    crate::threads::install_panic_policy(&state);
     let serial_out = host_files::open_output(&config.serial, "--serial", &mut undo)?;
     let mut devices = DeviceManager::new(vm.fd(), serial_out, state.stopper())?;
+    if config.transport == crate::config::Transport::Pci {
+        devices.enable_pci(vm.kvm(), vm.fd())?;
+    }
     let mut event_loop = EventLoop::new(state.clone())?;
-    // Before pmem::attach: its flush workers must inherit the host guard's blocked signal, and the guard's
-    // fanotify group and marks are made here, during setup (before capabilities are dropped).
-    // The VM's event log: the lease manager records notices and guard events; the operator API serves it.
-    let events = Arc::new(crate::api::events::EventLog::default());
+    // The VM's event log and region registry; the lease manager records notices and guard events under the
+    // regions' names. Before pmem::attach: its flush workers must inherit the host guard's blocked signal, and
+    // the guard's fanotify group and marks are made here, during setup (before capabilities are dropped).
+    let events = Arc::new(EventLog::default());
+    let regions = RegionRegistry::new();
     let routes = crate::agent::Routes::new();
     let agent_counters = Arc::new(crate::agent::AgentCounters::default());
-    let leases = LeaseManager::with_notifier(
+    // Passthrough devices before the lease manager: its pins for DMA go through their container.
+    let mut passthrough = crate::vfio::Passthrough::open(&config.devices, vm.fd())?;
+    if let Some(p) = &passthrough {
+        crate::vfio::Passthrough::check_memlock(
+            mem_bytes
+                + config
+                    .pmem
+                    .iter()
+                    .filter(|c| c.dma == pmem::DmaPolicy::Whole)
+                    .filter_map(|c| c.size)
+                    .sum::<u64>(),
+        )?;
+        p.map_ram(&mem)?;
+    }
+    let leases = LeaseManager::with_dma(
         Arc::new(crate::agent::AgentNotifier::new(routes.clone())),
+        passthrough
+            .as_ref()
+            .map(|p| p.dma() as Arc<dyn daxvisor_mapper::DmaMapper>),
         events.clone(),
+        regions.clone(),
     )?;
-    // Kept alive until the VM is gone: dropping a region unmaps its backing.
-    let pmem_regions = pmem::attach(
+    let stopper = state.clone();
+    leases.stop_vm_with(Box::new(move |why| {
+        stopper.request_stop(StopReason::VmmError(why))
+    }));
+    pmem::attach(
         &config.pmem,
         mem_bytes,
-        &mut vm,
-        &mut devices,
-        &mut event_loop,
-        &mem,
-        &leases,
+        &mut pmem::attach::VmParts {
+            vm: &mut vm,
+            devices: &mut devices,
+            event_loop: &mut event_loop,
+            mem: &mem,
+            leases: &leases,
+        },
+        &regions,
+        &mut undo,
     )?;
-    pmem::attach::record_undo(&pmem_regions, &mut undo)?;
-    let faults = FaultMap::new(&pmem_regions)?;
-    let reclaim = crate::reclaim::Reclaim::start(
-        leases.mapper().clone(),
-        events.clone(),
-        pmem_regions
-            .iter()
-            .map(|r| crate::reclaim::ReclaimRegion {
-                id: r.region,
-                name: r.id().to_owned(),
-                kind: r.backing.kind(),
-                size: r.backing.size(),
-            })
-            .collect(),
-    )
-    .map_err(StartError::Reclaim)?;
+    if let Some(p) = &mut passthrough {
+        p.pin_whole(leases.mapper(), &regions)?;
+        if let Some(pci) = &mut devices.pci {
+            p.place(&mut vm, pci)?;
+        }
+    }
+    let reclaim = Reclaim::start(leases.mapper().clone(), events.clone(), regions.clone())
+        .map_err(StartError::Reclaim)?;
     // After the pmem devices, so their virtio-mmio windows keep their places.
     let console_out = host_files::open_output(&config.console, "--console", &mut undo)?;
     let console = crate::console::attach(
@@ -206,18 +223,16 @@ pub fn run(config: &VmConfig) -> Result<VmExit, StartError> {
         &mut event_loop,
         crate::console::AgentSetup {
             mapper: leases.mapper().clone(),
-            regions: pmem_regions
-                .iter()
-                .map(crate::agent::RegionEntry::from)
-                .collect(),
-            routes,
+            regions: regions.clone(),
+            routes: routes.clone(),
             counters: agent_counters.clone(),
             reclaim: reclaim.clone(),
         },
     )?;
-    let pmem_windows: Vec<(u64, u64)> = pmem_regions
+    let pmem_windows: Vec<(u64, u64)> = regions
+        .all()
         .iter()
-        .map(|r| (r.guest_addr, r.backing.size()))
+        .map(|r| (r.guest_addr, r.size()))
         .collect();
 
     long_mode::write_tables(&mem).map_err(BootError::from)?;
@@ -230,8 +245,54 @@ pub fn run(config: &VmConfig) -> Result<VmExit, StartError> {
             irq: s.irq,
         })
         .collect();
-    let rsdp = acpi::create_acpi_tables(&mem, config.cpus, &acpi_devices)?;
-    let entry = load_kernel(config, &kernel, &mem, &devices, &pmem_windows, rsdp.0)?;
+    let mut highest = pmem_windows
+        .iter()
+        .map(|&(a, l)| a + l)
+        .max()
+        .unwrap_or(0)
+        .max(layout::pmem_start(mem_bytes));
+    // The hotplug space follows the `--pmem` regions (1 GiB aligned, so a device-DAX region of any alignment
+    // fits); the PCI 64-bit window follows it.
+    let mut boot_windows = pmem_windows.clone();
+    let hotplug = if config.pmem_hotplug > 0 {
+        let base = layout::align_up(highest, 1 << 30);
+        highest = base + config.pmem_hotplug;
+        if highest > pmem::attach::GUEST_PHYS_LIMIT {
+            return Err(PmemError::AddressSpace { end: highest }.into());
+        }
+        boot_windows.push((base, config.pmem_hotplug));
+        // The generic event device's interrupt: an irqfd pulses its line when a slot changes.
+        let ged = vmm_sys_util::eventfd::EventFd::new(libc::EFD_NONBLOCK)?;
+        vm.fd()
+            .register_irqfd(&ged, layout::HOTPLUG_GED_IRQ)
+            .map_err(|e| std::io::Error::from_raw_os_error(e.errno()))?;
+        let (hp, server) = crate::hotplug::setup(
+            base,
+            config.pmem_hotplug,
+            &mut devices.pio,
+            &mut event_loop,
+            leases.guard(),
+            routes.clone(),
+            Some(ged),
+        )?;
+        tracing::info!(
+            base = format_args!("{base:#x}"),
+            size = config.pmem_hotplug,
+            "guest-physical space reserved for pmem hot add"
+        );
+        Some((hp, server))
+    } else {
+        None
+    };
+    let pci_layout = devices.finish_pci(highest)?.map(|mut l| {
+        if hotplug.is_some() {
+            l.hotplug_irq = Some(layout::HOTPLUG_GED_IRQ);
+        }
+        l
+    });
+    let rsdp =
+        acpi::create_acpi_tables_with_pci(&mem, config.cpus, &acpi_devices, pci_layout.as_ref())?;
+    let entry = load_kernel(config, &kernel, &mem, &devices, &boot_windows, rsdp.0)?;
 
     let base_cpuid = cpuid::supported(vm.kvm()).map_err(StartError::Cpuid)?;
     let nested = cpuid::apply_nested_mask(config.cpuid_mask);
@@ -241,21 +302,32 @@ pub fn run(config: &VmConfig) -> Result<VmExit, StartError> {
         memory_mib = config.memory_mib,
         "starting VM"
     );
-    // Dropped when this function returns: the server stops and its socket is removed.
-    let _api = match &config.api_socket {
-        Some(path) => Some(ApiServer::start(
-            path,
-            api_context(
-                config,
-                &leases,
-                events.clone(),
-                agent_counters.clone(),
-                reclaim.clone(),
-                &pmem_regions,
-                &state,
-            ),
-        )?),
-        None => None,
+    let actions = Actions::new(
+        leases.mapper().clone(),
+        regions.clone(),
+        events.clone(),
+        reclaim.clone(),
+        state.clone(),
+    );
+    let hotplug = hotplug.map(|(hp, server)| {
+        actions.set_hotplug(hp);
+        server
+    });
+    let ctx = (config.api_socket.is_some() || config.metrics_addr.is_some()).then(|| {
+        ApiContext::new(
+            actions.clone(),
+            config_view(config, &regions),
+            agent_counters,
+            passthrough.as_ref().map(|p| p.list()),
+        )
+    });
+    let api = match (&config.api_socket, &ctx) {
+        (Some(path), Some(ctx)) => Some(ApiServer::start(path, ctx.clone())?),
+        _ => None,
+    };
+    let metrics = match (config.metrics_addr, &ctx) {
+        (Some(addr), Some(ctx)) => Some(MetricsListener::start(addr, ctx.clone())?),
+        _ => None,
     };
     vcpu::install_kick_handler()?;
     let mut vcpus = Vec::new();
@@ -274,79 +346,43 @@ pub fn run(config: &VmConfig) -> Result<VmExit, StartError> {
         vcpus.push(v);
     }
     if let Some(boot) = vcpus.first() {
-        pre_fault_in_kvm(vm.fd(), boot, &config.pmem, &pmem_regions);
+        pre_fault_in_kvm(vm.fd(), boot, &regions);
     }
-    let signals = StopSignals::install(state.clone()).map_err(StartError::Signals)?;
-    let mut threads = Vec::new();
-    for v in vcpus {
-        threads.push(v.spawn()?);
-    }
-    undo.commit();
-    // The end of start-up. The main thread now only runs the event loop and the stop sequence: it drops the
-    // capabilities start-up needed (every other thread did so when it began) and installs its filter.
-    seccomp::apply_for_thread(ThreadKind::EventLoop)?;
-
-    let loop_result = event_loop.run();
-    vcpu::stop_all(&state, threads);
-    // The agent session ends with the VM: its owners release everything.
-    console.log_summary();
-    drop(console);
-    // The devices own the flush workers: dropping them answers every flush still queued.
-    drop(event_loop);
-    drop(devices.mmio);
-    leases.end_owners();
-    pmem_regions.iter().for_each(pmem::PmemRegion::final_sync);
-    pmem_regions.iter().for_each(pmem::PmemRegion::log_summary);
-    drop(signals);
-    if let Err(e) = loop_result {
-        return Ok(VmExit::VmmError(e.to_string()));
-    }
-
-    Ok(match (devices.exit_status.get(), state.reason()) {
-        (_, Some(StopReason::Signal(signal))) => VmExit::Signal(signal),
-        (None, Some(StopReason::MemoryFault { vcpu, gpa })) => VmExit::VmmError(format!(
-            "KVM_RUN on vCPU {vcpu}: Bad address (EFAULT): {}",
-            faults
-                .explain(gpa)
-                .unwrap_or_else(|| "the guest touched memory the host cannot provide".into())
-        )),
-        (Some(status), _) => VmExit::Status(status),
-        (
-            None,
-            Some(StopReason::GuestCrash {
-                vcpu,
-                reason,
-                detail,
-            }),
-        ) => VmExit::Crash {
-            vcpu,
-            reason,
-            detail,
-        },
-        (None, Some(StopReason::VmmError(e))) => VmExit::VmmError(e),
-        (None, Some(StopReason::GuestRequest | StopReason::Operator) | None) => VmExit::Reset,
+    Ok(Vmm {
+        config: config.clone(),
+        state,
+        regions,
+        actions,
+        leases,
+        console: Some(console),
+        api,
+        metrics,
+        event_loop: Some(event_loop),
+        devices,
+        passthrough,
+        vcpus,
+        vcpu_threads: Vec::new(),
+        signals: None,
+        loop_error: None,
+        hotplug,
+        _mem: mem,
+        _vm: vm,
+        undo,
     })
 }
 
-/// What the operator API works on: the mapper and the regions under the names the operator gave them.
-/// prefault=on regions into KVM's own page tables, where KVM offers it (see [`crate::vstate::pre_fault`]). A
+/// prefault=on regions into KVM's own page tables, where KVM offers it (see [`crate::vstate::kvm_page_tables`]). A
 /// failure costs only speed, so it is logged and the VM starts.
-fn pre_fault_in_kvm(
-    vm: &kvm_ioctls::VmFd,
-    vcpu: &Vcpu,
-    configs: &[pmem::PmemConfig],
-    regions: &[pmem::PmemRegion],
-) {
-    let wanted: Vec<&pmem::PmemRegion> = configs
-        .iter()
-        .zip(regions)
-        .filter(|(c, _)| c.prefault)
-        .map(|(_, r)| r)
+fn pre_fault_in_kvm(vm: &kvm_ioctls::VmFd, vcpu: &Vcpu, regions: &RegionRegistry) {
+    let wanted: Vec<_> = regions
+        .all()
+        .into_iter()
+        .filter(|r| r.config.prefault)
         .collect();
     if wanted.is_empty() {
         return;
     }
-    if !crate::vstate::pre_fault::offered_by(vm) {
+    if !crate::vstate::kvm_page_tables::offered_by(vm) {
         tracing::info!(
             "KVM_PRE_FAULT_MEMORY not offered (it needs EPT/NPT; shadow paging here): the guest's first touch of \
              each page of a prefault=on region is still a KVM fault"
@@ -355,63 +391,23 @@ fn pre_fault_in_kvm(
     }
     for r in wanted {
         let started = std::time::Instant::now();
-        match crate::vstate::pre_fault::pre_fault(vcpu.fd(), r.guest_addr, r.backing.size()) {
+        match crate::vstate::kvm_page_tables::pre_fault(vcpu.fd(), r.guest_addr, r.size()) {
             Ok(()) => tracing::info!(
-                id = %r.id(),
+                id = %r.name(),
                 ms = format_args!("{:.1}", started.elapsed().as_secs_f64() * 1e3),
                 "pmem region pre-faulted in KVM (KVM_PRE_FAULT_MEMORY)"
             ),
             Err(e) => tracing::warn!(
-                id = %r.id(),
+                id = %r.name(),
                 "KVM_PRE_FAULT_MEMORY failed ({e}); the guest faults the region in as it touches it"
             ),
         }
     }
 }
 
-fn api_context(
-    config: &VmConfig,
-    leases: &LeaseManager,
-    events: Arc<crate::api::events::EventLog>,
-    agent: Arc<crate::agent::AgentCounters>,
-    reclaim: Arc<crate::reclaim::Reclaim>,
-    regions: &[pmem::PmemRegion],
-    state: &Arc<RunState>,
-) -> Arc<ApiContext> {
-    let handles = regions
-        .iter()
-        .map(|r| RegionHandle {
-            name: r.id().to_owned(),
-            region: r.region,
-            path: r.backing.path().to_owned(),
-            kind: r.backing.kind(),
-            size: r.backing.size(),
-            guest_addr: r.guest_addr,
-            readonly: r.backing.readonly(),
-            metrics: r.metrics.clone(),
-            rate_limit: r.rate_limit.clone(),
-        })
-        .collect();
-    let view = VmConfigView {
-        kernel: config.kernel.as_ref().map_or_else(
-            || "built-in test guest".to_owned(),
-            |k| k.display().to_string(),
-        ),
-        cmdline: config.cmdline.clone().unwrap_or_default(),
-        memory_mib: config.memory_mib,
-        cpus: config.cpus,
-        pmem: regions.iter().map(|r| r.id().to_owned()).collect(),
-    };
-    let state = state.clone();
-    ApiContext::new(
-        leases.mapper().clone(),
-        handles,
-        view,
-        events,
-        agent,
-        reclaim,
-        Box::new(move || state.request_stop(StopReason::Operator)),
-    )
+/// The configuration as `GET /vm` reports it.
+fn config_view(config: &VmConfig, regions: &RegionRegistry) -> VmConfigView {
+    config.view(&regions.names())
 }
 
 fn load_kernel(
@@ -453,6 +449,10 @@ fn load_kernel(
                     pmem: pmem_windows,
                     devices: &slots,
                     cmdline: config.cmdline.as_deref().unwrap_or(""),
+                    pci_ecam: devices
+                        .pci
+                        .as_ref()
+                        .map(|_| (layout::PCI_ECAM_BASE, layout::PCI_ECAM_SIZE)),
                 },
             )
             .map_err(|e| match (e, &config.kernel) {
