@@ -15,6 +15,9 @@ use daxvisor_tests::daxvisor_bin;
 
 const PREFIX: &str = "daxvisor-testguest: ";
 
+/// Every agent mode runs over both virtio transports: the port is the same virtio-console device on either.
+const TRANSPORTS: [&str; 2] = ["mmio", "pci"];
+
 /// A running VM: its guest's stdout lines as they come, and its stderr (the VMM's log) at the end.
 struct Vm {
     child: Child,
@@ -23,11 +26,20 @@ struct Vm {
 }
 
 impl Vm {
-    fn start(img: &Path, extra: &[&str], cmdline: &str) -> Vm {
+    fn start(img: &Path, transport: &str, extra: &[&str], cmdline: &str) -> Vm {
+        eprintln!("transport {transport}: {cmdline}");
         // hold: a foreign open for writing is held for the whole-file break the guest answers.
         let pmem = format!("file={},size=2M,create=on,guard=hold", img.display());
         let mut child = Command::new(daxvisor_bin())
-            .args(["run", "--pmem", &pmem, "--cmdline", cmdline])
+            .args([
+                "run",
+                "--transport",
+                transport,
+                "--pmem",
+                &pmem,
+                "--cmdline",
+                cmdline,
+            ])
             .args(extra)
             .env("DAXVISOR_LOG", "info")
             .stdin(Stdio::null())
@@ -108,9 +120,19 @@ fn foreign_open_for_writing(img: &Path) -> Duration {
 
 #[test]
 fn a_shared_lease_holder_gets_the_notice_for_the_range_releases_and_the_host_open_proceeds() {
+    for transport in TRANSPORTS {
+        a_shared_lease_holder_gets_the_notice_for_the_range_releases_and_the_host_open_proceeds_on(
+            transport,
+        );
+    }
+}
+
+fn a_shared_lease_holder_gets_the_notice_for_the_range_releases_and_the_host_open_proceeds_on(
+    transport: &str,
+) {
     let dir = tempfile::tempdir().unwrap();
     let img = dir.path().join("shared.img");
-    let mut vm = Vm::start(&img, &[], "agent=shared");
+    let mut vm = Vm::start(&img, transport, &[], "agent=shared");
     let lease = vm.wait_for("agent lease ");
     // The id is the mapper's (opaque); the rest of the session names it.
     let id = lease
@@ -143,9 +165,17 @@ fn a_shared_lease_holder_gets_the_notice_for_the_range_releases_and_the_host_ope
 #[test]
 fn exclusive_lease_and_pin_refuse_the_break_naming_the_guest_owner_and_closing_the_port_releases_them(
 ) {
+    for transport in TRANSPORTS {
+        exclusive_lease_and_pin_refuse_the_break_naming_the_guest_owner_and_closing_the_port_releases_them_on(transport);
+    }
+}
+
+fn exclusive_lease_and_pin_refuse_the_break_naming_the_guest_owner_and_closing_the_port_releases_them_on(
+    transport: &str,
+) {
     let dir = tempfile::tempdir().unwrap();
     let img = dir.path().join("pinned.img");
-    let mut vm = Vm::start(&img, &[], "agent=exclusive-pin hold=10");
+    let mut vm = Vm::start(&img, transport, &[], "agent=exclusive-pin hold=10");
     vm.wait_for("agent pinned ");
     vm.wait_for("agent holding");
     // Under guard=hold, a pin refuses the whole-file break, and so the open.
@@ -179,9 +209,15 @@ fn exclusive_lease_and_pin_refuse_the_break_naming_the_guest_owner_and_closing_t
 
 #[test]
 fn hostile_frames_leave_the_vmm_serving_a_second_session() {
+    for transport in TRANSPORTS {
+        hostile_frames_leave_the_vmm_serving_a_second_session_on(transport);
+    }
+}
+
+fn hostile_frames_leave_the_vmm_serving_a_second_session_on(transport: &str) {
     let dir = tempfile::tempdir().unwrap();
     let img = dir.path().join("hostile.img");
-    let mut vm = Vm::start(&img, &[], "agent=hostile");
+    let mut vm = Vm::start(&img, transport, &[], "agent=hostile");
     vm.wait_for("agent hostile: sent garbage");
     vm.wait_for("agent hostile: second session served");
     let (code, log, _) = vm.finish();
@@ -205,11 +241,17 @@ fn hostile_frames_leave_the_vmm_serving_a_second_session() {
 
 #[test]
 fn the_console_port_carries_the_guest_output_and_the_guest_lists_its_region() {
+    for transport in TRANSPORTS {
+        the_console_port_carries_the_guest_output_and_the_guest_lists_its_region_on(transport);
+    }
+}
+
+fn the_console_port_carries_the_guest_output_and_the_guest_lists_its_region_on(transport: &str) {
     let dir = tempfile::tempdir().unwrap();
     let img = dir.path().join("hello.img");
     let console = dir.path().join("console.log");
     let console_arg = console.to_str().unwrap();
-    let mut vm = Vm::start(&img, &["--console", console_arg], "agent=hello");
+    let mut vm = Vm::start(&img, transport, &["--console", console_arg], "agent=hello");
     let hello = vm.wait_for("agent hello ");
     assert!(
         hello.starts_with("agent hello version=1 session=1"),

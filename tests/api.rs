@@ -159,7 +159,6 @@ fn an_operator_holds_punches_and_reclaims_space_and_every_step_is_seen() {
         "lease", "acquire", "data", "--mode", "shared", "--owner", "backup",
     ]);
     assert_eq!(l["length"], 8 * MIB);
-    let t = Instant::now();
     let timed_out = vm.ctl(&[
         "punch",
         "data",
@@ -176,7 +175,6 @@ fn an_operator_holds_punches_and_reclaims_space_and_every_step_is_seen() {
         "{}",
         timed_out.stderr
     );
-    assert!(t.elapsed() >= Duration::from_millis(300));
     assert_eq!(allocated(&img), full);
     let done = vm.ctl_json(&[
         "punch",

@@ -264,3 +264,59 @@ fn a_guest_that_does_not_eject_in_time_keeps_the_device_and_nothing_is_lost() {
     let bytes = std::fs::read(&img).unwrap();
     assert_eq!(pattern_mismatches(&bytes, 9, 2 * MIB as usize), 0);
 }
+
+#[test]
+fn a_guest_pin_refuses_the_removal_until_the_operator_revokes_its_owner() {
+    if !Path::new("/dev/kvm").exists() {
+        daxvisor_tests::missing_prerequisite("/dev/kvm");
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    // A second round never comes: the guest is still waiting for a device when the operator stops the VM.
+    let mut vm = start(dir.path(), "hotplug=2 hotplug-pin=1 seed=13");
+    let img = dir.path().join("pinned.img");
+    vm.ctl_ok(&[
+        "add-pmem",
+        "--file",
+        img.to_str().unwrap(),
+        "--size",
+        "4M",
+        "--create",
+        "--id",
+        "dma",
+    ]);
+    line_with(&mut vm, "pmem0 flush ok");
+    let pinned = line_with(&mut vm, "agent pinned ");
+    assert!(pinned.contains(" on dma "), "{pinned}");
+    line_with(&mut vm, "hotplug: waiting for an eject request");
+
+    // The guest's pin refuses the removal, naming the guest's owner; the device stays, nothing changes.
+    let r = vm.ctl(&["--json", "remove-pmem", "dma"]);
+    assert_eq!(r.code, Some(3), "{r:?}");
+    let e: Value = serde_json::from_str(r.stdout.trim()).unwrap();
+    assert_eq!(e["errno"], "ETXTBSY", "{e}");
+    assert_eq!(e["holder"]["name"], "agent:testguest-hot", "{e}");
+    assert_eq!(e["holder"]["kind"], "pin", "{e}");
+    assert_eq!(vm.ctl_json(&["regions", "dma"])["size"], 4 * MIB);
+    assert_eq!(used(&vm), 4 * MIB);
+
+    // The operator's override: revoking the owner drops its pin and lease, and the removal then proceeds with
+    // the guest's acknowledgement.
+    let owner = e["holder"]["owner"].as_u64().unwrap().to_string();
+    let out = vm.ctl_ok(&["revoke", &owner]);
+    assert!(out.contains("revoked"), "{out}");
+    let out = vm.ctl_ok(&["remove-pmem", "dma"]);
+    assert!(out.contains("region dma removed"), "{out}");
+    line_with(&mut vm, "ejected");
+    assert_eq!(used(&vm), 0);
+    assert!(
+        lockable(&img),
+        "after removal another process can lock the file"
+    );
+    let bytes = std::fs::read(&img).unwrap();
+    assert_eq!(pattern_mismatches(&bytes, 13, 4 * MIB as usize), 0);
+    vm.ctl_ok(&["stop"]);
+    let (code, stderr) = vm.wait(Duration::from_secs(30));
+    assert_eq!(code, Some(0), "{stderr}");
+    assert!(stderr.contains("testguest-hot"), "{stderr}");
+}

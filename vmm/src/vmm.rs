@@ -162,6 +162,10 @@ impl Vmm {
     ///
     /// Also ends a VM that was built but never run.
     pub fn stop(mut self) -> VmExit {
+        // Who stopped it, before this call records the operator as the reason: a guest that wrote the exit
+        // port stops the vCPUs without a reason of its own.
+        let guest_exited =
+            self.state.reason().is_none() && self.devices.exit_status.get().is_some();
         self.state.request_stop(StopReason::Operator);
         vcpu::stop_all(&self.state, std::mem::take(&mut self.vcpu_threads));
         if let Some(console) = self.console.take() {
@@ -171,7 +175,7 @@ impl Vmm {
         self.devices.drop_buses();
         // Before the API goes: followers of the event stream see the stop and end cleanly.
         let how = match self.state.reason() {
-            Some(StopReason::Operator) => "the operator stopped it".to_owned(),
+            Some(StopReason::Operator) if !guest_exited => "the operator stopped it".to_owned(),
             _ => self.exit().to_string(),
         };
         self.actions.stopped(&how);

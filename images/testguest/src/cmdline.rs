@@ -12,6 +12,9 @@
 //! | `breaks=N` | break notices `agent=shared` answers | 1 |
 //! | `hold=S` | seconds `agent=exclusive-pin` holds its pin, then waits after closing the port; seconds `agent=offer` keeps its session open | 3 |
 //! | `rounds=N` | acquire+release round trips of `agent=bench` | 1000 |
+//! | `hotplug=N` | rounds of hot add and remove over virtio-pci (see [`crate::modes::hotplug`]) | 0 |
+//! | `hotplug-ignore=1` | never acknowledge an eject request | off |
+//! | `hotplug-pin=1` | pin the first added region through the agent port before its eject request | off |
 //! | `pci=hostile` | over virtio-pci: garbage into every non-pmem function's configuration space, BAR 0 and MSI-X table before the pmem modes (see [`crate::modes::pci_hostile`]) | none |
 //!
 //! Options whose key contains a dot (`virtio_mmio.device=...`, kernel module parameters a VMM may append for
@@ -105,6 +108,8 @@ pub struct Options {
     pub hotplug: u64,
     /// `hotplug-ignore=1`: never acknowledge an eject.
     pub hotplug_ignore: bool,
+    /// `hotplug-pin=1`: pin the first added region through the agent before its eject request.
+    pub hotplug_pin: bool,
 }
 
 impl Default for Options {
@@ -122,6 +127,7 @@ impl Default for Options {
             pci_hostile: false,
             hotplug: 0,
             hotplug_ignore: false,
+            hotplug_pin: false,
         }
     }
 }
@@ -186,6 +192,7 @@ pub fn parse(raw: &[u8]) -> Result<Options, CmdlineError<'_>> {
             "pci" if value == "hostile" => opts.pci_hostile = true,
             "hotplug" => opts.hotplug = parse_int(value).filter(|&v| v <= 1000).ok_or(bad)?,
             "hotplug-ignore" => opts.hotplug_ignore = value == "1",
+            "hotplug-pin" => opts.hotplug_pin = value == "1",
             k if k.contains('.') => {}
             _ => return Err(CmdlineError::UnknownOption(key)),
         }

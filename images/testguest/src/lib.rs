@@ -169,7 +169,7 @@ pub fn run(boot_info: u64, map_status: u64) -> u32 {
                     .is_some_and(|p| p.device_id == virtio::mmio::DEVICE_ID_PMEM)
             })
             .count();
-        let rc = modes::hotplug::run(opts.hotplug, &opts, ecam.base, pmem_count);
+        let rc = modes::hotplug::run(opts.hotplug, &opts, ecam.base, pmem_count, &found[..n]);
         if rc != 0 {
             return rc;
         }

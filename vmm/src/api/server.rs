@@ -55,7 +55,8 @@ fn evict_idle(conns: &Conns) -> bool {
 pub const HEADER_TIMEOUT: Duration = Duration::from_secs(10);
 /// Connections served at once; more are closed at accept (a flood of idle clients cannot exhaust the VMM).
 pub const MAX_CONNECTIONS: usize = 64;
-/// How long stopping waits for requests still running (a change waiting on a break) before leaving them.
+/// How long stopping waits for requests still running (a change waiting on a break) before leaving them, and
+/// again for the blocking work they started.
 const SHUTDOWN_GRACE: Duration = Duration::from_secs(2);
 
 #[derive(Debug, thiserror::Error)]
@@ -280,11 +281,23 @@ fn serve(
                     r = conn.as_mut() => if let Err(e) = r {
                         tracing::debug!("operator API connection: {e}");
                     },
-                    _ = stop.changed() => {}
+                    _ = stop.changed() => {
+                        // A request still running (a removal the guest acknowledged as the VM stopped) gets its
+                        // answer; an idle connection closes at once. The server waits SHUTDOWN_GRACE at most.
+                        conn.as_mut().graceful_shutdown();
+                        if let Err(e) = conn.as_mut().await {
+                            tracing::debug!("operator API connection at stop: {e}");
+                        }
+                    }
                     _ = close.notified() => tracing::debug!("operator API: idle connection closed for a new client"),
                 }
                 conns.lock().unwrap_or_else(|e| e.into_inner()).remove(&id);
             });
+        }
+        // Stopping: let the connections finish their answers (each removes itself when done), within the grace.
+        let deadline = Instant::now() + SHUTDOWN_GRACE;
+        while !conns.lock().unwrap_or_else(|e| e.into_inner()).is_empty() && Instant::now() < deadline {
+            tokio::time::sleep(Duration::from_millis(10)).await;
         }
     });
     runtime.shutdown_timeout(SHUTDOWN_GRACE);

@@ -48,7 +48,8 @@ enum Reply {
     Owner(u64),
     Ok(u64),
     Granted(u64, u64),
-    Regions(usize, Option<agent::RegionInfo>),
+    /// How many, the first and the last.
+    Regions(usize, Option<agent::RegionInfo>, Option<agent::RegionInfo>),
     Progress,
     Other(u8),
 }
@@ -96,7 +97,11 @@ impl Client {
                             Message::LeaseGranted(g) | Message::Pinned(g) => {
                                 Reply::Granted(g.id, g.len)
                             }
-                            Message::Regions(list) => Reply::Regions(list.len(), list.get(0)),
+                            Message::Regions(list) => Reply::Regions(
+                                list.len(),
+                                list.get(0),
+                                list.len().checked_sub(1).and_then(|i| list.get(i)),
+                            ),
                             Message::PrepareProgress(_) => Reply::Progress,
                             m => Reply::Other(m.msg_type() as u8),
                         };
@@ -180,7 +185,7 @@ impl Client {
 
     fn first_region(&mut self) -> Result<agent::RegionInfo, u32> {
         match self.call(&Message::ListRegions)? {
-            Reply::Regions(n, Some(r)) => {
+            Reply::Regions(n, Some(r), _) => {
                 say!(
                     "agent region id={} size={:#x} kind={} name={} (of {n})",
                     r.region,
@@ -254,7 +259,8 @@ pub fn run(mode: AgentMode, opts: &Options, _info: &BootInfo, devices: &[Found])
     }
 }
 
-fn run_inner(mode: AgentMode, opts: &Options, devices: &[Found]) -> Result<(), u32> {
+/// Finds the console, brings it up and opens the agent port.
+fn connect(devices: &[Found]) -> Result<Client, u32> {
     let Some(dev) = devices
         .iter()
         .find(|d| d.probed.is_some_and(|p| p.device_id == DEVICE_ID_CONSOLE))
@@ -285,12 +291,16 @@ fn run_inner(mode: AgentMode, opts: &Options, devices: &[Found]) -> Result<(), u
         say!("FAIL agent: console port");
         return Err(code::AGENT_INIT);
     }
-    let mut c = Client {
+    Ok(Client {
         con,
         reader: FrameReader::new(),
         next_id: 0,
         pending: [None; 8],
-    };
+    })
+}
+
+fn run_inner(mode: AgentMode, opts: &Options, devices: &[Found]) -> Result<(), u32> {
+    let mut c = connect(devices)?;
     match mode {
         AgentMode::Hello => {
             c.hello()?;
@@ -381,6 +391,42 @@ fn offer(c: &mut Client, opts: &Options) -> Result<(), u32> {
         }
     }
     Ok(())
+}
+
+/// A session that holds a pin: the pin lasts as long as the session (the port stays open while this lives).
+pub struct HeldPin {
+    _client: Client,
+}
+
+/// For `hotplug-pin=1`: pins the whole of the last region the host lists (the one just added) through the
+/// agent, as a guest whose device DMAs there would, and keeps the session open.
+pub fn pin_last_region(devices: &[Found]) -> Result<HeldPin, u32> {
+    let mut c = connect(devices)?;
+    c.hello()?;
+    let region = match c.call(&Message::ListRegions)? {
+        Reply::Regions(_, _, Some(r)) => r,
+        r => return Err(unexpected("list regions", r)),
+    };
+    let owner = c.open_owner("testguest-hot")?;
+    let (lease, _) = c.acquire(owner, region.region, LeaseMode::Exclusive)?;
+    let range = RangeRequest {
+        owner,
+        region: region.region,
+        offset: 0,
+        len: 0,
+    };
+    match c.call(&Message::Prepare(range))? {
+        Reply::Ok(_) => {}
+        r => return Err(unexpected("prepare", r)),
+    }
+    match c.call(&Message::Pin(range))? {
+        Reply::Granted(pin, _) => say!(
+            "agent pinned {pin} on {} (lease {lease}, owner {owner})",
+            name_str(&region.name).unwrap_or("?")
+        ),
+        r => return Err(unexpected("pin", r)),
+    }
+    Ok(HeldPin { _client: c })
 }
 
 fn exclusive_pin(c: &mut Client, opts: &Options) -> Result<(), u32> {

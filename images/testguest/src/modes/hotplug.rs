@@ -7,10 +7,15 @@
 //! 3. `hotplug: waiting for an eject request`, then, when PCID has the slot's bit, it resets the device, writes
 //!    the bit to B0EJ (the guest's acknowledgement) and prints `hotplug: slot D ejected`.
 //!
+//! With `hotplug-pin=1`, in the first round, before it waits for the eject request, the guest pins the whole new
+//! region through the agent port (exclusive lease and pin, owner `testguest-hot`) and keeps that session open, as
+//! a guest whose device DMAs there would: the removal is refused until the operator revokes the owner.
+//!
 //! With `hotplug-ignore=1` it never acknowledges: `hotplug: eject of slot D requested, not acknowledging`, then
 //! it keeps flushing the device (which must stay usable) and prints `hotplug: slot D still served` once the
 //! host gave up (PCID read again after the host's timeout: the test removes with a short timeout).
 
+use super::probe::Found;
 use crate::cmdline::Options;
 use crate::exit::code;
 use crate::port::{inl, outl};
@@ -42,8 +47,9 @@ fn wait_bit(port: u16) -> Option<u32> {
     }
 }
 
-/// Run `rounds` rounds. `ecam` is the ECAM base; `first_n` the next pmem index.
-pub fn run(rounds: u64, opts: &Options, ecam_base: u64, first_n: usize) -> u32 {
+/// Run `rounds` rounds. `ecam` is the ECAM base; `first_n` the next pmem index; `devices` what the boot-time
+/// probe found (the console, for `hotplug-pin=1`).
+pub fn run(rounds: u64, opts: &Options, ecam_base: u64, first_n: usize, devices: &[Found]) -> u32 {
     // SAFETY: the VMM lists ECAM as a PciEcam range below 4 GiB, which the static page tables map.
     let ecam = unsafe { Ecam::new(ecam_base) };
     let mut next_vector = pci::MSI_VECTOR_BASE + 0x20;
@@ -96,6 +102,14 @@ pub fn run(rounds: u64, opts: &Options, ecam_base: u64, first_n: usize) -> u32 {
         if rc != 0 {
             return rc;
         }
+        let _pin = if opts.hotplug_pin && round == 0 {
+            match super::agent::pin_last_region(devices) {
+                Ok(held) => Some(held),
+                Err(rc) => return rc,
+            }
+        } else {
+            None
+        };
         say!("hotplug: waiting for an eject request");
         let Some(down) = wait_bit(PCID) else {
             say!("FAIL hotplug: no eject request in {WAIT_S} s");

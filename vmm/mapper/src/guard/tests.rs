@@ -128,15 +128,10 @@ fn the_mappers_own_changes_do_not_trip_the_guard() {
     let m = &t.mapper;
     let guard = HostGuard::lease_only(m.clone(), guard_signal()).unwrap();
     guard.arm(t.region, GuardPolicy::Hold).unwrap();
-    let t0 = Instant::now();
     m.punch(None, t.region, 0, t.page).unwrap();
     m.zero(None, t.region, t.page, t.page).unwrap();
     m.shrink(None, t.region, 4 * t.page).unwrap();
     m.grow(None, t.region, 8 * t.page).unwrap();
-    assert!(
-        t0.elapsed() < Duration::from_secs(5),
-        "a change waited on our own lease"
-    );
     assert!(
         !guard.wait(Duration::from_millis(100)),
         "our own change broke our lease"
