@@ -155,14 +155,7 @@ impl PciBus {
         let bar = range.start();
         // One vector per queue plus one for configuration changes.
         let vectors = device.queue_max_sizes().len() as u16 + 1;
-        let mut gsis = Vec::with_capacity(usize::from(vectors));
-        for _ in 0..vectors {
-            gsis.push(
-                self.gsis
-                    .allocate_id()
-                    .map_err(|source| PciError::Gsi { source })?,
-            );
-        }
+        let gsis = self.allocate_gsis(vectors)?;
         let first_gsi = gsis.first().copied().unwrap_or(0);
         let msi = DeviceMsi::new(self.routing.clone(), vm, gsis.clone()).map_err(PciError::Msi)?;
         let transport = VirtioPciDevice::new(mem.clone(), device, Arc::new(msi), bar)?;
@@ -200,6 +193,23 @@ impl PciBus {
         );
         let subscriber: Subscriber = Arc::new(Mutex::new(VirtioPciSubscriber::new(transport)));
         Ok((function, subscriber))
+    }
+
+    /// `n` GSIs for one function's MSI-X vectors; on failure the ones already taken go back.
+    fn allocate_gsis(&mut self, n: u16) -> Result<Vec<u32>, PciError> {
+        let mut gsis = Vec::with_capacity(usize::from(n));
+        for _ in 0..n {
+            match self.gsis.allocate_id() {
+                Ok(gsi) => gsis.push(gsi),
+                Err(source) => {
+                    for gsi in gsis {
+                        let _ = self.gsis.free_id(gsi);
+                    }
+                    return Err(PciError::Gsi { source });
+                }
+            }
+        }
+        Ok(gsis)
     }
 
     /// Take function `device` off the bus (hot remove): its queue notifications leave KVM, its BAR range and
@@ -257,14 +267,7 @@ impl PciBus {
             placed.push((b, range.start()));
         }
         let vectors = crate::vfio::pci_device::msix_table_size(&device);
-        let mut gsis = Vec::with_capacity(usize::from(vectors));
-        for _ in 0..vectors {
-            gsis.push(
-                self.gsis
-                    .allocate_id()
-                    .map_err(|source| PciError::Gsi { source })?,
-            );
-        }
+        let gsis = self.allocate_gsis(vectors)?;
         let first_gsi = gsis.first().copied().unwrap_or(0);
         let msi =
             Arc::new(DeviceMsi::new(self.routing.clone(), vm.fd(), gsis).map_err(PciError::Msi)?);

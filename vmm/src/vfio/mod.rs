@@ -243,32 +243,21 @@ impl Passthrough {
     /// Refuse a memlock limit too small for guest RAM plus the `dma=whole` regions (the kernel counts what a
     /// container pins against it unless the process has CAP_IPC_LOCK).
     pub fn check_memlock(needed: u64) -> Result<(), PassthroughError> {
-        if caps::has_cap(
+        let ipc_lock = caps::has_cap(
             None,
             caps::CapSet::Effective,
             caps::Capability::CAP_IPC_LOCK,
         )
-        .unwrap_or(false)
-        {
-            return Ok(());
-        }
+        .unwrap_or(false);
         let mut lim = libc::rlimit {
             rlim_cur: 0,
             rlim_max: 0,
         };
         // SAFETY: getrlimit writes the struct it is given, nothing else.
-        if unsafe { libc::getrlimit(libc::RLIMIT_MEMLOCK, &mut lim) } != 0
-            || lim.rlim_cur == libc::RLIM_INFINITY
-        {
-            return Ok(());
-        }
-        if lim.rlim_cur < needed {
-            return Err(PassthroughError::Memlock {
-                limit: lim.rlim_cur,
-                needed,
-            });
-        }
-        Ok(())
+        let limit = (unsafe { libc::getrlimit(libc::RLIMIT_MEMLOCK, &mut lim) } == 0
+            && lim.rlim_cur != libc::RLIM_INFINITY)
+            .then_some(lim.rlim_cur);
+        memlock_enough(limit, ipc_lock, needed)
     }
 
     /// Guest RAM at IOVA = guest physical address, as every VMM gives its devices.
@@ -351,6 +340,16 @@ impl Passthrough {
     }
 }
 
+/// The memlock rule: `limit` is RLIMIT_MEMLOCK (`None` when unlimited or unreadable); CAP_IPC_LOCK lifts it.
+fn memlock_enough(limit: Option<u64>, ipc_lock: bool, needed: u64) -> Result<(), PassthroughError> {
+    match limit {
+        Some(limit) if !ipc_lock && limit < needed => {
+            Err(PassthroughError::Memlock { limit, needed })
+        }
+        _ => Ok(()),
+    }
+}
+
 /// `r` pinned whole by `owner` (and mapped for DMA when `dma`): an exclusive lease over it (device-DAX has no
 /// layout to lease), its holes and unwritten extents written (a pin needs written extents, and a `create=on`
 /// file is all unwritten), then one pin.
@@ -375,6 +374,22 @@ mod tests {
     /// `dma=whole` on a file `create=on` just made (all unwritten extents): the extents are written first, so the
     /// pin holds, and a punch over it is refused naming the device's owner. (The DMA mapping itself needs VFIO,
     /// which this machine lacks: the lab's NVMe scenario maps it.)
+    #[test]
+    fn a_memlock_limit_below_what_passthrough_pins_is_refused_with_the_remedy_unless_ipc_lock() {
+        let mib = 1 << 20;
+        let e = memlock_enough(Some(8 * mib), false, 256 * mib)
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("8388608") && e.contains("268435456"), "{e}");
+        assert!(
+            e.contains("ulimit -l 262144") && e.contains("CAP_IPC_LOCK"),
+            "{e}"
+        );
+        assert!(memlock_enough(Some(8 * mib), true, 256 * mib).is_ok());
+        assert!(memlock_enough(Some(256 * mib), false, 256 * mib).is_ok());
+        assert!(memlock_enough(None, false, 256 * mib).is_ok());
+    }
+
     #[test]
     fn a_whole_pin_writes_a_new_files_extents_first_and_refuses_a_punch() {
         let dir = tempfile::tempdir_in("/var/tmp").unwrap();
