@@ -238,6 +238,7 @@ pub fn build(config: &VmConfig) -> Result<Vmm, StartError> {
             Some(Arc::new(crate::viommu::setup::attach(
                 dma,
                 &bdfs,
+                routes.clone(),
                 vm.fd(),
                 &mem,
                 &mut devices,
@@ -351,6 +352,9 @@ pub fn build(config: &VmConfig) -> Result<Vmm, StartError> {
         reclaim.clone(),
         state.clone(),
     );
+    if let Some(v) = &viommu {
+        actions.set_viommu(v.clone());
+    }
     let hotplug = hotplug.map(|(hp, server)| {
         actions.set_hotplug(hp);
         server

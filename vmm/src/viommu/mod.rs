@@ -4,12 +4,14 @@
 //! release ([`dma`]), so unmapped pmem stays free for layout changes while the device runs.
 //!
 //! - [`dma`]: what a MAP becomes on the host (container map for RAM, lease + pin for pmem) and the counters.
+//! - [`recall`]: `iommu=recall`: tell the guest, wait, fence at the deadline.
 //! - [`setup`]: checks the configuration, builds the device, puts it on PCI.
 //!
 //! All endpoints share the VM's one VFIO container, so one IOVA space: `iommu=on` takes exactly one passthrough
 //! device (refused otherwise at start).
 
 pub mod dma;
+pub mod recall;
 pub mod setup;
 
 pub use dma::{MapCounters, RamDma, ViommuDma};

@@ -72,6 +72,10 @@ pub struct Viommu {
     pub bdf: u16,
     /// The endpoints' requester ids (VIOT's PCI ranges).
     pub endpoints: Vec<u16>,
+    /// Where recall notices go (the agent channel).
+    pub routes: Arc<crate::agent::Routes>,
+    /// Recalls and fences.
+    pub counters: super::recall::RecallCounters,
 }
 
 /// The device config for `endpoints`.
@@ -91,6 +95,7 @@ pub fn device_config(endpoints: &[u16]) -> IommuConfig {
 pub fn attach(
     dma: Arc<ViommuDma>,
     endpoints: &[u16],
+    routes: Arc<crate::agent::Routes>,
     vm: &kvm_ioctls::VmFd,
     mem: &GuestMemoryMmap,
     devices: &mut crate::device_manager::DeviceManager,
@@ -118,5 +123,7 @@ pub fn attach(
         dma,
         bdf,
         endpoints: endpoints.to_vec(),
+        routes,
+        counters: Default::default(),
     })
 }
