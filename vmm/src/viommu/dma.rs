@@ -65,7 +65,17 @@ pub enum Held {
 }
 
 /// Bytes and counts per endpoint and per region (`None`: guest RAM).
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, serde::Serialize, utoipa::ToSchema)]
+#[derive(
+    Clone,
+    Copy,
+    Debug,
+    Default,
+    PartialEq,
+    Eq,
+    serde::Serialize,
+    serde::Deserialize,
+    utoipa::ToSchema,
+)]
 pub struct MapCounters {
     /// MAPs accepted.
     pub maps: u64,
