@@ -127,3 +127,64 @@ pub fn attach(
         counters: Default::default(),
     })
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn dev(s: &str) -> DeviceConfig {
+        s.parse().unwrap()
+    }
+
+    fn pmem(s: &str) -> PmemConfig {
+        s.parse().unwrap()
+    }
+
+    #[test]
+    fn the_virtual_iommu_is_asked_for_by_iommu_on_and_mixtures_are_refused_naming_why() {
+        let on = dev("vfio=/x,iommu=on,id=nvme0");
+        let off = dev("vfio=/y");
+        let recall = pmem("file=a,iommu=recall,id=data");
+        assert!(!wanted(std::slice::from_ref(&off), &[], true).unwrap());
+        assert!(wanted(
+            std::slice::from_ref(&on),
+            std::slice::from_ref(&recall),
+            true
+        )
+        .unwrap());
+        assert!(matches!(
+            wanted(&[on.clone(), off.clone()], &[], true),
+            Err(ViommuError::Mixed)
+        ));
+        assert!(matches!(
+            wanted(&[on.clone(), on.clone()], &[], true),
+            Err(ViommuError::TooMany(2))
+        ));
+        assert!(matches!(
+            wanted(std::slice::from_ref(&on), &[], false),
+            Err(ViommuError::NotPci)
+        ));
+        let e = wanted(&[off], std::slice::from_ref(&recall), true).unwrap_err();
+        assert!(
+            e.to_string().contains("id=data") && e.to_string().contains("iommu=recall"),
+            "{e}"
+        );
+        let e = wanted(&[on], &[pmem("file=b,dma=whole")], true).unwrap_err();
+        assert!(
+            e.to_string().contains("id=pmem0") && e.to_string().contains("dma=whole"),
+            "{e}"
+        );
+    }
+
+    #[test]
+    fn the_device_advertises_the_host_page_granule_39_bit_iovas_and_the_msi_doorbell() {
+        let c = device_config(&[4 << 3]);
+        assert_eq!(
+            c.page_size_mask.trailing_zeros(),
+            daxvisor_mapper::page_size().trailing_zeros()
+        );
+        assert_eq!(c.input_range, (0, (1 << 39) - 1));
+        assert_eq!(c.endpoints, vec![32]);
+        assert_eq!(c.msi_range, Some((0xfee0_0000, 0xfeef_ffff)));
+    }
+}
