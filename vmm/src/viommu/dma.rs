@@ -3,8 +3,8 @@
 //! - **guest RAM**: mapped directly in the VFIO container at the guest's IOVA (guest RAM is the VMM's anonymous
 //!   memory, mapped for the VM's life);
 //! - **pmem** of a region with `iommu=refuse|recall`: the endpoint's owner takes an exclusive lease of exactly
-//!   that extent, makes it pinnable (holes and unwritten extents written, data unchanged) and pins it for DMA at
-//!   the guest's IOVA (`Mapper::pin_dma_at`), which maps it in the container. UNMAP: unpin (container unmap,
+//!   that extent and pins it for DMA at the guest's IOVA (a range that cannot be pinned as it is, holes and
+//!   unwritten extents, is made pinnable first: written, data unchanged) (`Mapper::pin_dma_at`), which maps it in the container. UNMAP: unpin (container unmap,
 //!   munlock), then the lease goes. So the pinned bytes of an endpoint are exactly what its guest has mapped,
 //!   and a layout change over a mapped range meets a pin naming the endpoint;
 //! - anything else (MMIO, holes in the address space, a pmem region without `iommu=`, a range straddling two
@@ -246,13 +246,24 @@ impl ViommuDma {
             }
             err
         };
-        self.mapper
-            .prepare(e.owner, region.id, off, m.len, &mut |_| {})
-            .map_err(|err| undo(refusal("prepare", err)))?;
-        let pin = self
+        // Pin first: extents already written (the common case once the guest has used the file) need no
+        // prepare, whose writeback would cost two fdatasyncs on the event loop per MAP. Only a range that cannot
+        // be pinned as it is (holes, unwritten extents: a create=on file) is prepared, then pinned again.
+        let pin = match self
             .mapper
             .pin_dma_at(e.owner, region.id, off, m.len, m.iova)
-            .map_err(|err| undo(refusal("pin", err)))?;
+        {
+            Ok(p) => p,
+            Err(MapperError::Unpinnable { .. }) => {
+                self.mapper
+                    .prepare(e.owner, region.id, off, m.len, &mut |_| {})
+                    .map_err(|err| undo(refusal("prepare", err)))?;
+                self.mapper
+                    .pin_dma_at(e.owner, region.id, off, m.len, m.iova)
+                    .map_err(|err| undo(refusal("pin", err)))?
+            }
+            Err(err) => return Err(undo(refusal("pin", err))),
+        };
         Ok(Held::Pmem {
             region: region.id,
             lease,
@@ -448,6 +459,50 @@ mod tests {
             .unwrap()
             .leases
             .is_empty());
+    }
+
+    /// A `create=on` file on a disk filesystem is all unwritten: the first MAP of a range makes it pinnable
+    /// (written, still reading as zeros) and pins it; a second MAP of a range already written pins directly.
+    #[test]
+    fn a_map_of_unwritten_pmem_is_prepared_then_pinned() {
+        let dir = tempfile::tempdir_in("/var/tmp").unwrap();
+        let pmem_dma = Arc::new(RecordingDma::new());
+        let mapper = Mapper::new(
+            Arc::new(crate::lease_manager::LogNotifier),
+            Some(pmem_dma.clone() as Arc<dyn DmaMapper>),
+        );
+        let regions = RegionRegistry::new();
+        let r = regions.insert(crate::region_registry::test_region_with(
+            &mapper,
+            dir.path(),
+            "disk",
+            4 << 20,
+            ",iommu=recall",
+        ));
+        let ram = GuestMemoryMmap::<()>::from_ranges(&[(GuestAddress(0), 1 << 20)]).unwrap();
+        let v = ViommuDma::new(
+            mapper.clone(),
+            regions,
+            ram,
+            Arc::new(RamRecorder::default()),
+            &[(EP, "nvme0".into())],
+        );
+        v.map(&map(0x4000_0000, 16 * PG, r.guest_addr)).unwrap();
+        v.unmap(&map(0x4000_0000, 16 * PG, r.guest_addr));
+        v.map(&map(0x5000_0000, 16 * PG, r.guest_addr)).unwrap();
+        assert_eq!(v.pinned_bytes(EP), 16 * PG);
+        let maps: Vec<_> = pmem_dma
+            .mappings()
+            .into_iter()
+            .map(|(i, _, l)| (i, l))
+            .collect();
+        assert_eq!(maps, vec![(0x5000_0000, 16 * PG)]);
+        let mut b = vec![0xffu8; 16 * PG as usize];
+        std::os::unix::fs::FileExt::read_exact_at(r.backing.file(), &mut b, 0).unwrap();
+        assert!(
+            b.iter().all(|&x| x == 0),
+            "prepare changed what the range reads as"
+        );
     }
 
     #[test]
