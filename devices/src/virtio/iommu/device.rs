@@ -476,9 +476,12 @@ impl Iommu {
             return Err(status::INVAL);
         }
         let g = self.config.granule();
-        let len = end - start + 1; // end >= start, so no overflow unless the range is all of u64
         let (lo, hi) = self.config.input_range;
-        if start < lo || end > hi || len == 0 {
+        // end >= start; the whole of u64 has no length that fits.
+        let Some(len) = (end - start).checked_add(1) else {
+            return Err(status::RANGE);
+        };
+        if start < lo || end > hi {
             return Err(status::RANGE);
         }
         if start % g != 0 || len % g != 0 || phys % g != 0 || phys.checked_add(len - 1).is_none() {

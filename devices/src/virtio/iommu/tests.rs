@@ -377,6 +377,10 @@ fn out_of_range_and_misaligned_requests_map_nothing() {
     assert_eq!(g.map(1, 0x800, PAGE, 0), status::RANGE);
     assert_eq!(g.map(1, 0, PAGE + 1, 0), status::RANGE);
     assert_eq!(g.map(1, 0, PAGE, 0x10), status::RANGE);
+    // The whole of u64 (its length does not fit in 64 bits).
+    let mut whole = map_req(1, 0, 0, 0, 1);
+    whole[16..24].copy_from_slice(&u64::MAX.to_le_bytes());
+    assert_eq!(g.request(&whole, 0).0, status::RANGE);
     // virt_end before virt_start; unknown flags; MMIO (not offered).
     assert_eq!(g.request(&map_req(1, 0x2000, 0, 0, 1), 0).0, status::INVAL);
     assert_eq!(
