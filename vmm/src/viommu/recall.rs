@@ -27,6 +27,8 @@ pub struct RecallCounters {
 /// What happened to one endpoint's mappings over the range.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct RecallOutcome {
+    /// The endpoint's requester id.
+    pub endpoint: u32,
     /// The endpoint's owner (`viommu:NAME`) and its name.
     pub owner: OwnerId,
     pub name: String,
@@ -76,6 +78,7 @@ impl Viommu {
                 ..NewEvent::default()
             });
             out.push(RecallOutcome {
+                endpoint: ep,
                 owner: e.owner,
                 name: format!("viommu:{}", e.name),
                 told,
@@ -92,8 +95,8 @@ impl Viommu {
                 .iter()
                 .map(|m| m.endpoint)
                 .collect();
-            for (o, &ep) in out.iter_mut().zip(&endpoints) {
-                if o.released_after.is_none() && !still.contains(&ep) {
+            for o in out.iter_mut() {
+                if o.released_after.is_none() && !still.contains(&o.endpoint) {
                     o.released_after = Some(started.elapsed());
                 }
             }
@@ -106,8 +109,11 @@ impl Viommu {
         if !fenced.is_empty() {
             self.counters.fences.fetch_add(1, Ordering::Relaxed);
         }
-        for (o, &ep) in out.iter_mut().zip(&endpoints) {
-            let mine: Vec<_> = fenced.iter().filter(|f| f.map.endpoint == ep).collect();
+        for o in out.iter_mut() {
+            let mine: Vec<_> = fenced
+                .iter()
+                .filter(|f| f.map.endpoint == o.endpoint)
+                .collect();
             if mine.is_empty() {
                 continue;
             }

@@ -431,6 +431,11 @@ impl Iommu {
                 for m in &done {
                     self.mapper.unmap(m);
                 }
+                if dom.endpoints.is_empty() {
+                    // Created by this ATTACH (or left with no endpoint): a domain lives only while attached.
+                    let freed = st.domains.remove(&domain).map_or(0, |d| d.mappings.len());
+                    st.mappings = st.mappings.saturating_sub(freed);
+                }
                 tracing::warn!(device = %self.id, endpoint, domain, "ATTACH: cannot map the domain's mappings for the endpoint: {e}");
                 return Err(e.status());
             }
