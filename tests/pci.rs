@@ -224,4 +224,52 @@ fn passthrough_bad_input_is_a_start_error_naming_cause_and_remedy() {
     let r = daxvisor(&["run", "--device", &device]);
     assert_eq!(r.code, Some(2), "{r:?}");
     assert!(r.stderr.contains("needs --transport pci"), "{}", r.stderr);
+
+    // The virtual IOMMU: iommu= on a region without a device behind it; dma=agent beside it; two devices.
+    let recall = format!(
+        "file={},size=4M,create=on,iommu=recall,id=data",
+        img.display()
+    );
+    let r = daxvisor(&["run", "--transport", "pci", "--pmem", &recall]);
+    assert_eq!(r.code, Some(2), "{r:?}");
+    assert!(
+        r.stderr
+            .contains("--pmem id=data: iommu=recall needs a passthrough device with iommu=on"),
+        "{}",
+        r.stderr
+    );
+    let behind = format!("{device},iommu=on");
+    let r = daxvisor(&[
+        "run",
+        "--transport",
+        "pci",
+        "--device",
+        &behind,
+        "--pmem",
+        &pmem,
+    ]);
+    assert_eq!(r.code, Some(2), "{r:?}");
+    assert!(
+        r.stderr
+            .contains("dma=agent is for devices without the virtual IOMMU"),
+        "{}",
+        r.stderr
+    );
+    let other = format!("vfio={},id=other,iommu=on", dev.display());
+    let r = daxvisor(&[
+        "run",
+        "--transport",
+        "pci",
+        "--device",
+        &behind,
+        "--device",
+        &other,
+    ]);
+    assert_eq!(r.code, Some(2), "{r:?}");
+    assert!(
+        r.stderr.contains("exactly one passthrough device"),
+        "{}",
+        r.stderr
+    );
+    assert!(!img.exists(), "the create=on file was left behind");
 }

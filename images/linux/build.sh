@@ -6,6 +6,11 @@
 #   images/linux/build/vmlinuz     bzImage for `daxvisor run --kernel`
 #   images/linux/build/initrd.gz   for `daxvisor run --initrd`
 # The kernel download is shared with the lab (images/lab/build/). Repacks only what changed.
+#
+# GUEST_KERNEL=viommu builds the image of the virtual IOMMU scenario instead, into images/linux/build-viommu/: the
+# Debian 6.12 kernel of bookworm-backports (LINUX_VIOMMU_KERNEL_PIN in images/lab/lib/kernel.sh; 6.1 has no
+# CONFIG_VIRTIO_IOMMU) and the same initramfs plus virtio-iommu, loaded before nvme so the device it translates
+# for is probed behind it. The default image is unchanged.
 set -euo pipefail
 source "$(dirname "${BASH_SOURCE[0]}")/../lab/lib/common.sh"
 source "$LAB_DIR/lib/kernel.sh"
@@ -13,17 +18,25 @@ source "$LAB_DIR/lib/stage.sh"
 
 LINUX_DIR="$REPO_ROOT/images/linux"
 OUT="$LINUX_DIR/build"
+EXTRA_MODULES=()
+case "${GUEST_KERNEL:-default}" in
+default) [ -n "${KERNEL_VERSION:-}" ] || lab_fetch_kernel ;;
+viommu)
+    OUT="$LINUX_DIR/build-viommu"
+    lab_fetch_viommu_kernel
+    EXTRA_MODULES=(virtio-iommu)
+    ;;
+*) lab_die "GUEST_KERNEL=${GUEST_KERNEL}: expected default or viommu" ;;
+esac
 mkdir -p "$OUT"
-
-[ -n "${KERNEL_VERSION:-}" ] || lab_fetch_kernel
 cp -p "$KERNEL_IMAGE" "$OUT/vmlinuz"
 
 # virtio_mmio finds the devices daxvisor describes in ACPI (LNRO0005), virtio_pci the virtio-pci functions of
 # `--transport pci`; virtio_pmem makes the nd region that nd_pmem turns into /dev/pmem0; virtio_console carries
 # the agent channel; ext4 needs crc32c from the crypto API.
-GUEST_MODULES=(virtio_mmio virtio_pci virtio_pmem nd_pmem virtio_console crc16 crc32c_generic mbcache jbd2 ext4 nvme-core nvme)
+GUEST_MODULES=(virtio_mmio virtio_pci "${EXTRA_MODULES[@]}" virtio_pmem nd_pmem virtio_console crc16 crc32c_generic mbcache jbd2 ext4 nvme-core nvme)
 
-ROOT="$LAB_BUILD/stage/linux-guest"
+ROOT="$LAB_BUILD/stage/linux-guest${GUEST_KERNEL:+-$GUEST_KERNEL}"
 rm -rf "$ROOT"
 mkdir -p "$ROOT"
 lab_stage_busybox "$ROOT"

@@ -83,6 +83,8 @@ pub enum StartError {
     Hotplug(#[from] crate::hotplug::HotplugError),
     #[error(transparent)]
     Passthrough(#[from] crate::vfio::PassthroughError),
+    #[error(transparent)]
+    Viommu(#[from] crate::viommu::ViommuError),
 }
 
 /// The kernel the config names, read and classified up front so bad input fails before anything is created.
@@ -165,6 +167,11 @@ pub fn build(config: &VmConfig) -> Result<Vmm, StartError> {
     let regions = RegionRegistry::new();
     let routes = crate::agent::Routes::new();
     let agent_counters = Arc::new(crate::agent::AgentCounters::default());
+    let viommu_on = crate::viommu::setup::wanted(
+        &config.devices,
+        &config.pmem,
+        config.transport == crate::config::Transport::Pci,
+    )?;
     // Passthrough devices before the lease manager: its pins for DMA go through their container.
     let mut passthrough = crate::vfio::Passthrough::open(&config.devices, vm.fd())?;
     if let Some(p) = &passthrough {
@@ -177,7 +184,10 @@ pub fn build(config: &VmConfig) -> Result<Vmm, StartError> {
                     .filter_map(|c| c.size)
                     .sum::<u64>(),
         )?;
-        p.map_ram(&mem)?;
+        // Behind the virtual IOMMU nothing is mapped until the guest's driver maps it.
+        if !viommu_on {
+            p.map_ram(&mem)?;
+        }
     }
     let leases = LeaseManager::with_dma(
         Arc::new(crate::agent::AgentNotifier::new(routes.clone())),
@@ -210,6 +220,33 @@ pub fn build(config: &VmConfig) -> Result<Vmm, StartError> {
             p.place(&mut vm, pci)?;
         }
     }
+    let viommu = match (&passthrough, viommu_on) {
+        (Some(p), true) => {
+            let endpoints: Vec<(u32, String)> = p
+                .devices()
+                .iter()
+                .filter_map(|d| d.slot.map(|s| (u32::from(s) << 3, d.name.clone())))
+                .collect();
+            let dma = Arc::new(crate::viommu::ViommuDma::new(
+                leases.mapper().clone(),
+                regions.clone(),
+                mem.clone(),
+                p.dma(),
+                &endpoints,
+            ));
+            let bdfs: Vec<u16> = endpoints.iter().map(|(e, _)| *e as u16).collect();
+            Some(Arc::new(crate::viommu::setup::attach(
+                dma,
+                &bdfs,
+                routes.clone(),
+                vm.fd(),
+                &mem,
+                &mut devices,
+                &mut event_loop,
+            )?))
+        }
+        _ => None,
+    };
     let reclaim = Reclaim::start(leases.mapper().clone(), events.clone(), regions.clone())
         .map_err(StartError::Reclaim)?;
     // After the pmem devices, so their virtio-mmio windows keep their places.
@@ -288,6 +325,12 @@ pub fn build(config: &VmConfig) -> Result<Vmm, StartError> {
         if hotplug.is_some() {
             l.hotplug_irq = Some(layout::HOTPLUG_GED_IRQ);
         }
+        l.viot = viommu.as_ref().and_then(|v| {
+            v.endpoints.first().map(|&endpoint| acpi::viot::Topology {
+                iommu: v.bdf,
+                endpoint,
+            })
+        });
         l
     });
     let rsdp =
@@ -309,6 +352,9 @@ pub fn build(config: &VmConfig) -> Result<Vmm, StartError> {
         reclaim.clone(),
         state.clone(),
     );
+    if let Some(v) = &viommu {
+        actions.set_viommu(v.clone());
+    }
     let hotplug = hotplug.map(|(hp, server)| {
         actions.set_hotplug(hp);
         server

@@ -106,6 +106,9 @@ pub enum ConfigError {
     DeviceNeedsPci,
     #[error("--pmem id={0}: dma=agent|whole needs a passthrough device (--device vfio=...)")]
     DmaWithoutDevice(String),
+    /// A virtual IOMMU configuration that cannot work (`crate::viommu::setup::wanted` names why).
+    #[error("{0}")]
+    Viommu(String),
 }
 
 impl VmConfig {
@@ -165,6 +168,8 @@ impl VmConfig {
                 ));
             }
         }
+        crate::viommu::setup::wanted(&self.devices, &self.pmem, self.transport == Transport::Pci)
+            .map_err(|e| ConfigError::Viommu(e.to_string()))?;
         Ok(())
     }
 

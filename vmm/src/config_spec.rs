@@ -97,6 +97,10 @@ pub struct PmemView {
     /// Another process may keep the file open for writing at start (`shared=on`).
     #[serde(default)]
     pub shared: bool,
+    /// Mappable through the virtual IOMMU, and what a change over a mapped range does: `off` (default),
+    /// `refuse` or `recall`.
+    #[serde(default = "default_dma")]
+    pub iommu: String,
 }
 
 fn default_memory_mib() -> u64 {
@@ -209,6 +213,7 @@ impl VmConfig {
                     guard: p.guard.as_str().to_owned(),
                     dma: p.dma.as_str().to_owned(),
                     shared: p.shared,
+                    iommu: p.iommu.as_str().to_owned(),
                 })
                 .collect(),
             api_socket: path(&self.api_socket),
@@ -271,6 +276,15 @@ impl VmConfig {
                             )
                         })?,
                     shared: p.shared,
+                    iommu: crate::pmem::IommuPolicy::ALL
+                        .into_iter()
+                        .find(|d| d.as_str() == p.iommu)
+                        .ok_or_else(|| {
+                            bad(
+                                "pmem.iommu",
+                                format!("{:?}: expected off, refuse or recall", p.iommu),
+                            )
+                        })?,
                 })
             })
             .collect::<Result<Vec<_>, ConfigFileError>>()?;

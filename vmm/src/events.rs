@@ -45,6 +45,12 @@ pub enum EventKind {
     Revoked,
     /// The host guard saw a foreign access to a backing file.
     Guard,
+    /// A change met a range a device behind the virtual IOMMU has mapped (`iommu=recall`): the guest agent was
+    /// told (device, guest-physical range, deadline).
+    DmaRecall,
+    /// A recalled mapping was still there at the deadline: the VMM unmapped it itself and reported a fault to
+    /// the guest; the change proceeds.
+    DmaFenced,
     /// A region's flush rate limit changed.
     RateLimitSet,
     /// A guest offered a range back.
@@ -93,6 +99,8 @@ impl EventKind {
             EventKind::BreakNotice => "break-notice",
             EventKind::Revoked => "revoked",
             EventKind::Guard => "guard",
+            EventKind::DmaRecall => "dma-recall",
+            EventKind::DmaFenced => "dma-fenced",
             EventKind::RateLimitSet => "rate-limit-set",
             EventKind::Offer => "offer",
             EventKind::ReclaimPolicySet => "reclaim-policy-set",

@@ -63,5 +63,6 @@ pub mod signals;
 pub mod socket_dir;
 pub mod threads;
 pub mod vfio;
+pub mod viommu;
 pub mod vmm;
 pub mod vstate;

@@ -100,7 +100,7 @@ struct RunArgs {
     #[arg(long, value_enum, default_value_t = CpuidMask::Auto)]
     cpuid_mask: CpuidMask,
     /// Persistent memory backed by a host file or device-DAX, as a virtio-pmem device (repeatable):
-    /// file=PATH[,size=SIZE][,readonly=on][,discard_writes=on][,id=NAME][,create=on][,prefault=on][,guard=deny|hold|log][,shared=on][,dma=off|agent|whole].
+    /// file=PATH[,size=SIZE][,readonly=on][,discard_writes=on][,id=NAME][,create=on][,prefault=on][,guard=deny|hold|log][,shared=on][,dma=off|agent|whole][,iommu=refuse|recall].
     /// SIZE defaults to the file's size and must be a multiple of 2 MiB. prefault=on populates the whole
     /// region before the guest starts (slower start, no first-touch faults in the guest). guard= says what a
     /// foreign process opening the file for writing meets: deny (EPERM, the default), hold (a whole-file break
@@ -109,6 +109,9 @@ struct RunArgs {
     /// shared=on: the file may be open for writing elsewhere at start (under deny such a start is refused).
     /// dma= says what a passthrough device may reach: off (default), agent (ranges the guest agent pins with
     /// DMA), whole (the region, pinned at start); a backing the kernel will not pin for DMA is refused.
+    /// iommu= makes the region mappable by a device behind the virtual IOMMU (--device ...,iommu=on) and says
+    /// what a change over a mapped range does: refuse (ETXTBSY naming the device) or recall (the guest agent is
+    /// told; at the deadline daxvisor unmaps it itself and the change proceeds).
     #[arg(long, value_name = "file=PATH[,...]")]
     pmem: Vec<daxvisor::pmem::PmemConfig>,
     /// Seccomp filters per thread: on (a syscall outside the thread's list kills daxvisor), log (allowed and
@@ -123,10 +126,11 @@ struct RunArgs {
     /// default) or pci (virtio-pci functions on a PCI root bus with ECAM and MSI-X; docs/architecture.md).
     #[arg(long, value_enum, default_value_t = daxvisor::config::Transport::Mmio)]
     transport: daxvisor::config::Transport,
-    /// A host PCI device passed through to the guest (repeatable): vfio=SYSFS_PATH[,id=NAME]. The device
-    /// must be bound to vfio-pci, alone in its IOMMU group, and needs --transport pci. Guest RAM is mapped for
-    /// its DMA; pmem only as --pmem dma= says (docs/dma.md).
-    #[arg(long, value_name = "vfio=SYSFS_PATH[,id=NAME]")]
+    /// A host PCI device passed through to the guest (repeatable): vfio=SYSFS_PATH[,id=NAME][,iommu=on]. The
+    /// device must be bound to vfio-pci, alone in its IOMMU group, and needs --transport pci. Guest RAM is
+    /// mapped for its DMA; pmem only as --pmem dma= says (docs/dma.md). iommu=on (one device): behind a
+    /// virtio-iommu (ACPI VIOT) instead, nothing is mapped until the guest maps it; pmem as --pmem iommu= says.
+    #[arg(long, value_name = "vfio=SYSFS_PATH[,id=NAME][,iommu=on]")]
     device: Vec<daxvisor::vfio::DeviceConfig>,
     /// Also serve GET /metrics (Prometheus text, every series labelled with the VM's name) over HTTP on this
     /// loopback address, e.g. 127.0.0.1:9464, for a Prometheus scrape. Loopback only.

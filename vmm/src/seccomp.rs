@@ -184,6 +184,11 @@ pub fn allowed(kind: ThreadKind) -> Vec<(i64, &'static str)> {
             // At the end: closing a passthrough device finds its group from sysfs.
             (libc::SYS_readlink, "readlink"),
             (libc::SYS_readlinkat, "readlinkat"),
+            // The virtual IOMMU (`--device ...,iommu=on`): a guest's MAP of pmem is a pin (prepare, FIEMAP via
+            // ioctl, populate and lock), made where the device's requests are answered.
+            (libc::SYS_fadvise64, "fadvise64"),
+            (libc::SYS_mincore, "mincore"),
+            (libc::SYS_mlock2, "mlock2"),
         ],
         ThreadKind::FlushWorker => &[
             (libc::SYS_fdatasync, "fdatasync"),
@@ -398,6 +403,9 @@ pub fn allowed_ioctls(kind: ThreadKind) -> &'static [(u64, &'static str)] {
                 "VFIO_GROUP_UNSET_CONTAINER",
             ),
             (ioctl::KVM_SET_DEVICE_ATTR, "KVM_SET_DEVICE_ATTR"),
+            // The virtual IOMMU's MAP and UNMAP: container maps of guest RAM, DMA pins of pmem.
+            (ioctl::VFIO_IOMMU_MAP_DMA, "VFIO_IOMMU_MAP_DMA"),
+            (ioctl::FS_IOC_FIEMAP, "FS_IOC_FIEMAP"),
         ],
         // The API also asks the container whether an IOVA is mapped (a scratch page mapped and unmapped).
         ThreadKind::Api => &[

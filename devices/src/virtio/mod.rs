@@ -7,6 +7,7 @@
 //! - [`pci`]: the virtio-pci transport ([`pci::VirtioPciDevice`]): a PCI function with MSI-X, same devices.
 //! - [`console`]: virtio-console with multiport (device id 3): the guest console and the agent channel.
 //! - [`pmem`]: virtio-pmem (device id 27).
+//! - [`iommu`]: virtio-iommu (device id 23): maps and unmaps for the passthrough devices behind it.
 //!
 //! Adding a device is a new model implementing [`VirtioDevice`]; the transport, ioeventfd/irqfd plumbing and
 //! event-loop registration are shared.
@@ -26,6 +27,7 @@ pub mod console;
 pub mod device;
 mod device_state;
 pub mod interrupt;
+pub mod iommu;
 pub mod mmio;
 pub mod pci;
 pub mod pmem;

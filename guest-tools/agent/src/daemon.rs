@@ -233,6 +233,20 @@ fn handle_notices(shared: &Arc<Shared>, notices: &Receiver<Notice>) {
                         .spawn(move || run_added_hook(&shared, &hook, &info, &name));
                 }
             }
+            Notice::Break(b) if BreakReason::from_u32(b.reason) == BreakReason::DmaRecall => {
+                shared.lock().breaks_seen += 1;
+                let device = pci_name(b.lease);
+                eprintln!(
+                    "daxvisor-agent: DMA recall {} for device {device} guest-physical [{:#x}, +{:#x}) deadline {} ms",
+                    b.break_id, b.offset, b.len, b.deadline_ms
+                );
+                if let Some(hook) = shared.cfg.hook.clone() {
+                    let shared = shared.clone();
+                    let _ = std::thread::Builder::new()
+                        .name("hook".into())
+                        .spawn(move || run_recall_hook(&shared, &hook, &b, &device));
+                }
+            }
             Notice::Break(b) => {
                 let reason = BreakReason::from_u32(b.reason).name().to_owned();
                 let client = {
@@ -274,6 +288,38 @@ fn client_of(st: &State, owner: u64) -> Option<u64> {
         .iter()
         .find(|(_, c)| c.owner == Some(owner))
         .map(|(id, _)| *id)
+}
+
+/// A PCI requester id as Linux names the device (`0000:BB:DD.F`).
+fn pci_name(rid: u64) -> String {
+    format!(
+        "0000:{:02x}:{:02x}.{}",
+        (rid >> 8) & 0xff,
+        (rid >> 3) & 0x1f,
+        rid & 7
+    )
+}
+
+/// The hook for a DMA recall (`DAXVISOR_EVENT=dma-recall`): the device (`DAXVISOR_DEVICE`, its PCI name), the
+/// guest-physical range (`DAXVISOR_GUEST_ADDR`, `DAXVISOR_LENGTH`) and the deadline. The hook stops whatever does
+/// DMA there; the kernel's driver then unmaps it. Nothing is released afterwards: the host watches the mappings.
+fn run_recall_hook(shared: &Shared, hook: &str, b: &agent::BreakNotice, device: &str) {
+    shared.lock().hooks_run += 1;
+    let status = Command::new("sh")
+        .arg("-c")
+        .arg(hook)
+        .env("DAXVISOR_EVENT", "dma-recall")
+        .env("DAXVISOR_REASON", BreakReason::DmaRecall.name())
+        .env("DAXVISOR_BREAK_ID", b.break_id.to_string())
+        .env("DAXVISOR_DEVICE", device)
+        .env("DAXVISOR_GUEST_ADDR", format!("{:#x}", b.offset))
+        .env("DAXVISOR_LENGTH", b.len.to_string())
+        .env("DAXVISOR_DEADLINE_MS", b.deadline_ms.to_string())
+        .status();
+    match status {
+        Ok(s) => eprintln!("daxvisor-agent: dma-recall hook for {device} exited {s}"),
+        Err(e) => eprintln!("daxvisor-agent: cannot run the hook: {e}"),
+    }
 }
 
 /// The hook for a region added to the running VM: `DAXVISOR_EVENT=region-added` with the region's id, name,

@@ -256,3 +256,52 @@ fn a_break_runs_the_hook_with_the_range_and_releases_the_lease_then_the_close_en
     let mut host = hosts.recv_timeout(Duration::from_secs(10)).unwrap();
     assert_eq!(host.serve_one(), Seen::Hello);
 }
+
+/// A DMA recall runs the hook with the device's PCI name and the guest-physical range, and releases nothing
+/// (the host watches the device's mappings, not a lease).
+#[test]
+fn a_dma_recall_runs_the_hook_naming_the_device_and_releases_nothing() {
+    let dir = tempfile::tempdir().unwrap();
+    let socket = dir.path().join("agent.sock");
+    let hook_out = dir.path().join("hook.env");
+    let (opener, hosts) = opener();
+    let cfg = Config {
+        port: "test-port".into(),
+        socket: socket.clone(),
+        hook: Some(format!(
+            "echo \"$DAXVISOR_EVENT $DAXVISOR_DEVICE $DAXVISOR_GUEST_ADDR $DAXVISOR_LENGTH $DAXVISOR_DEADLINE_MS\" > {}.tmp && mv {0}.tmp {0}",
+            hook_out.display()
+        )),
+        reclaim: crate::config::ReclaimConfig::default(),
+    };
+    std::thread::spawn(move || run_with(cfg, opener));
+    let mut host = hosts.recv_timeout(Duration::from_secs(10)).unwrap();
+    assert_eq!(host.serve_one(), Seen::Hello);
+    host.send(
+        &Message::BreakNotice(BreakNotice {
+            break_id: 1,
+            owner: 0,
+            lease: 4 << 3,
+            region: 0,
+            offset: 0x1_0010_0000,
+            len: 0x8000,
+            deadline_ms: 2000,
+            reason: BreakReason::DmaRecall as u32,
+        }),
+        0,
+    );
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let env = loop {
+        if let Ok(s) = std::fs::read_to_string(&hook_out) {
+            break s;
+        }
+        assert!(Instant::now() < deadline, "the hook did not run");
+        std::thread::sleep(Duration::from_millis(10));
+    };
+    assert_eq!(env.trim(), "dma-recall 0000:00:04.0 0x100100000 32768 2000");
+    // Nothing is released: the next thing the host hears is the application's request, not a Release.
+    let (mut app, mut app_in) = connect(&socket);
+    send(&mut app, &Request::Regions);
+    assert_eq!(host.serve_one(), Seen::ListRegions);
+    let _ = line(&mut app_in);
+}

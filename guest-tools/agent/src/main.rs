@@ -59,6 +59,8 @@ enum Cmd {
         port: PathBuf,
         /// Run with `sh -c` on every break notice, with DAXVISOR_REGION, DAXVISOR_OFFSET, DAXVISOR_LENGTH,
         /// DAXVISOR_DEADLINE_MS, DAXVISOR_REASON, DAXVISOR_LEASE in its environment; exit 0 releases the lease.
+        /// On a DMA recall (DAXVISOR_EVENT=dma-recall): DAXVISOR_DEVICE (PCI name), DAXVISOR_GUEST_ADDR,
+        /// DAXVISOR_LENGTH, DAXVISOR_DEADLINE_MS; the hook stops the device's DMA there, nothing is released.
         #[arg(long, value_name = "COMMAND")]
         hook: Option<String>,
         /// The configuration file (periodic reclaim: `every=`, `mount=`, `min-size=`, `timeout=`); missing =

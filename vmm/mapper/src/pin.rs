@@ -102,6 +102,33 @@ impl Mapper {
         len: u64,
         dma: bool,
     ) -> Result<PinId> {
+        self.pin_inner(owner, region, off, len, dma, None)
+    }
+
+    /// A DMA pin of `[off, off+len)` of `region` mapped at `iova` instead of the region's own IOVA plus the
+    /// offset: a virtual IOMMU's MAP, where the guest chooses the I/O address. The pin records the IOVA, so its
+    /// unpin, a revoke or a fence unmaps exactly what was mapped. Overlapping DMA pins are refused as for
+    /// [`Mapper::pin_with`] (`EBUSY`): one guest physical page is mapped at most once.
+    pub fn pin_dma_at(
+        &self,
+        owner: OwnerId,
+        region: RegionId,
+        off: u64,
+        len: u64,
+        iova: u64,
+    ) -> Result<PinId> {
+        self.pin_inner(owner, region, off, len, true, Some(iova))
+    }
+
+    fn pin_inner(
+        &self,
+        owner: OwnerId,
+        region: RegionId,
+        off: u64,
+        len: u64,
+        dma: bool,
+        iova: Option<u64>,
+    ) -> Result<PinId> {
         let dma = match (dma, &self.dma) {
             (false, _) => None,
             (true, Some(d)) => Some(d.clone()),
@@ -114,7 +141,7 @@ impl Mapper {
             }
         };
         let dma = dma.as_deref();
-        let (id, plan) = self.claim_pin(owner, region, off, len, dma)?;
+        let (id, plan) = self.claim_pin(owner, region, off, len, dma, iova)?;
         match self.pin_unlocked(&plan, dma) {
             Ok(mapped) => {
                 let locked = Locked {
@@ -170,6 +197,7 @@ impl Mapper {
         off: u64,
         len: u64,
         dma: Option<&dyn DmaMapper>,
+        iova: Option<u64>,
     ) -> Result<(PinId, PinPlan)> {
         let mut st = self.lock();
         st.check_owner(owner)?;
@@ -237,7 +265,7 @@ impl Mapper {
             mapping,
             off: range.start as usize,
             len: range.len() as usize,
-            iova: desc.iova + range.start,
+            iova: iova.unwrap_or(desc.iova + range.start),
         };
         let key = reg.key;
         let id = PinId::from_raw(st.next_id());
@@ -784,6 +812,34 @@ mod tests {
             plain.pin_with(o, r, 0, pg, true).unwrap_err().errno(),
             libc::EINVAL
         );
+    }
+
+    /// A virtual IOMMU's MAP: the pin is mapped at the IOVA the guest chose, a layout change over it is refused
+    /// naming the owner, and its unpin unmaps that IOVA; a second DMA pin of the same pages is EBUSY.
+    #[test]
+    fn a_pin_at_a_chosen_iova_maps_there_and_unmaps_there() {
+        let dma = Arc::new(RecordingDma::new());
+        let (notifier, _rx) = ChannelNotifier::new();
+        let m = Mapper::new(Arc::new(notifier), Some(dma.clone()));
+        let r = region_of(&m, &memfd(8), 8, BackingKind::Ram, false);
+        let o = m.add_owner("viommu:0000:00:04.0");
+        let pg = page_size();
+        m.acquire(o, r, 2 * pg, 2 * pg, LeaseMode::Exclusive)
+            .unwrap();
+        let p = m.pin_dma_at(o, r, 2 * pg, 2 * pg, 0xfff0_0000).unwrap();
+        let maps: Vec<_> = dma.mappings().into_iter().map(|(i, _, l)| (i, l)).collect();
+        assert_eq!(maps, vec![(0xfff0_0000, 2 * pg)]);
+        let e = m.punch(None, r, 3 * pg, pg).unwrap_err();
+        assert_eq!(e.errno(), libc::ETXTBSY);
+        assert!(e.to_string().contains("viommu:0000:00:04.0"), "{e}");
+        // The rest of the region stays free for layout changes.
+        m.punch(None, r, 6 * pg, pg).unwrap();
+        assert_eq!(
+            m.pin_dma_at(o, r, 2 * pg, pg, 0x1000).unwrap_err().errno(),
+            libc::EBUSY
+        );
+        m.unpin(o, p).unwrap();
+        assert!(dma.mappings().is_empty());
     }
 
     /// A DMA mapper whose kernel refuses every pin (as a kernel newer than the rules would).

@@ -18,6 +18,7 @@ mod fadt;
 mod hotplug;
 mod madt;
 mod pci;
+pub mod viot;
 
 use acpi_tables::rsdp::Rsdp;
 use acpi_tables::xsdt::XSDT;
@@ -179,10 +180,16 @@ fn build_acpi_area(
     let fadt_addr = area.push(&fadt::build(dsdt_addr, pci.is_some()));
     let madt_addr = area.push(madt.as_slice());
     let mcfg_addr = pci.map(|p| area.push(&pci::mcfg(p)));
+    let viot_addr = pci
+        .and_then(|p| p.viot.as_ref())
+        .map(|t| area.push(&viot::build(t)));
     let mut xsdt = XSDT::new(OEM_ID, *b"DAXVXSDT", OEM_REVISION);
     xsdt.add_entry(fadt_addr);
     xsdt.add_entry(madt_addr);
     if let Some(a) = mcfg_addr {
+        xsdt.add_entry(a);
+    }
+    if let Some(a) = viot_addr {
         xsdt.add_entry(a);
     }
     let xsdt_addr = area.push(&aml_bytes(&xsdt));

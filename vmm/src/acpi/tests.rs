@@ -497,6 +497,7 @@ fn pci_layout() -> crate::pci::PciLayout {
         mmio32: (layout::PCI_MMIO32_BASE, layout::PCI_MMIO32_SIZE),
         mmio64: layout::pci_mmio64_window(5 << 30),
         hotplug_irq: None,
+        viot: None,
     }
 }
 
@@ -670,6 +671,7 @@ fn acpi_pci_hotplug_is_read_and_run_by_acpica() {
     let mem = guest_mem(64 * MIB);
     let pci = crate::pci::PciLayout {
         hotplug_irq: Some(layout::HOTPLUG_GED_IRQ),
+        viot: None,
         ..pci_layout()
     };
     let p = parse(

@@ -156,16 +156,42 @@ impl Actions {
             ..NewEvent::default()
         });
         let started = std::time::Instant::now();
+        // `iommu=recall`: mappings a device has over the range are recalled (and fenced at the deadline)
+        // before the mapper sees the change; their pins would refuse it otherwise.
+        let recalled = match self.viommu.get() {
+            Some(v) if reg.config.iommu == crate::pmem::IommuPolicy::Recall => {
+                let len = if length == 0 {
+                    reg.size() - offset
+                } else {
+                    length
+                };
+                v.recall(
+                    &name,
+                    reg.guest_addr + offset,
+                    len,
+                    Duration::from_millis(deadline_ms),
+                    &self.events,
+                )
+            }
+            _ => Vec::new(),
+        };
         let outcome = self.mapper.change(req);
         let elapsed = started.elapsed();
         let result = match outcome {
             Ok(report) => {
-                let holders = self.holder_outcomes(
+                let mut holders = self.holder_outcomes(
                     &name,
                     &report.notified,
                     &report.released,
                     &report.revoked,
                 );
+                holders.extend(recalled.iter().map(|r| HolderOutcome {
+                    owner: r.owner.to_raw(),
+                    name: r.name.clone(),
+                    released_after_ms: r.released_after.map(|d| d.as_millis() as u64),
+                    revoked: r.fenced,
+                }));
+                let fenced = recalled.iter().filter(|r| r.fenced).count();
                 let (checked_offset, checked_length) = report
                     .range
                     .map_or((offset, length), |r| (r.start, crate::api::range_len(&r)));
@@ -178,7 +204,7 @@ impl Actions {
                         "{what} done in {} ms ({} holder(s) asked, {} revoked)",
                         elapsed.as_millis(),
                         holders.len(),
-                        report.revoked.len()
+                        report.revoked.len() + fenced
                     ),
                     ..NewEvent::default()
                 });

@@ -76,6 +76,8 @@ pub struct Actions {
     jobs: Mutex<std::collections::BTreeMap<String, OwnerId>>,
     /// Live capacity, when the VM reserved hotplug space.
     pub(crate) hotplug: std::sync::OnceLock<Arc<crate::hotplug::Hotplug>>,
+    /// The virtual IOMMU, when the VM has one (`iommu=recall` regions recall through it).
+    pub(crate) viommu: std::sync::OnceLock<Arc<crate::viommu::Viommu>>,
 }
 
 impl Actions {
@@ -96,7 +98,18 @@ impl Actions {
             operator: Mutex::new(None),
             jobs: Mutex::new(std::collections::BTreeMap::new()),
             hotplug: std::sync::OnceLock::new(),
+            viommu: std::sync::OnceLock::new(),
         })
+    }
+
+    /// Give the actions the VM's virtual IOMMU (once, at build).
+    pub fn set_viommu(&self, viommu: Arc<crate::viommu::Viommu>) {
+        let _ = self.viommu.set(viommu);
+    }
+
+    /// The VM's virtual IOMMU, if it has one.
+    pub fn viommu(&self) -> Option<&Arc<crate::viommu::Viommu>> {
+        self.viommu.get()
     }
 
     /// Give the actions the VM's hotplug (once, at build).

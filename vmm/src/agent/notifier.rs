@@ -71,6 +71,38 @@ impl Routes {
         }
     }
 
+    /// Tell the current session's agent that the device with requester id `endpoint` has guest-physical
+    /// `[gpa, gpa + len)` mapped for DMA and the host needs it within `deadline_ms` (a recall: see
+    /// [`agent::BreakReason::DmaRecall`]). `true` when it was sent.
+    pub fn dma_recall(
+        &self,
+        recall: u64,
+        endpoint: u32,
+        gpa: u64,
+        len: u64,
+        deadline_ms: u32,
+    ) -> bool {
+        let target = self
+            .lock()
+            .current
+            .as_ref()
+            .map(|(s, out)| (*s, out.clone()));
+        let Some((session, out)) = target else {
+            return false;
+        };
+        let msg = Message::BreakNotice(agent::BreakNotice {
+            break_id: recall,
+            owner: 0,
+            lease: u64::from(endpoint),
+            region: 0,
+            offset: gpa,
+            len,
+            deadline_ms,
+            reason: BreakReason::DmaRecall as u32,
+        });
+        send(out.as_ref(), session, &msg)
+    }
+
     pub(crate) fn add_owner(&self, owner: OwnerId, session: u64) {
         self.lock().owners.insert(owner, session);
     }

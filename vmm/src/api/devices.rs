@@ -114,3 +114,123 @@ pub async fn probe(
         .map_err(|e| super::error::ApiError::internal(format!("probing IOVA {iova:#x}: {e}")))?;
     Ok(Json(IovaProbe { iova, mapped }))
 }
+
+/// One mapping the guest made through the virtual IOMMU.
+#[derive(Clone, Debug, Serialize, Deserialize, ToSchema, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct ViommuMappingView {
+    /// The endpoint's name (`--device id=`).
+    pub endpoint: String,
+    pub domain: u32,
+    pub iova: u64,
+    pub length: u64,
+    /// The guest-physical address it translates to.
+    pub guest_addr: u64,
+    pub write: bool,
+}
+
+/// One endpoint behind the virtual IOMMU.
+#[derive(Clone, Debug, Serialize, Deserialize, ToSchema, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct ViommuEndpointView {
+    pub name: String,
+    /// Its PCI name in the guest (`0000:00:DD.F`); VIOT names it by this requester id.
+    pub pci: String,
+    /// The owner its pins are held by (`viommu:NAME`).
+    pub owner: String,
+    /// pmem bytes pinned for it right now (the layout-lease manager's count).
+    pub pinned_bytes: u64,
+    pub counters: crate::viommu::MapCounters,
+}
+
+/// The virtual IOMMU: where it is, its endpoints, what the guest has mapped, and the counters.
+#[derive(Clone, Debug, Serialize, Deserialize, ToSchema, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct ViommuView {
+    /// The virtio-iommu's PCI name in the guest.
+    pub pci: String,
+    pub endpoints: Vec<ViommuEndpointView>,
+    /// Counters per region name (`ram` for guest RAM).
+    pub regions: std::collections::BTreeMap<String, crate::viommu::MapCounters>,
+    pub mappings: Vec<ViommuMappingView>,
+    /// Requests answered, by the status the guest read (`ok`, `inval`, `range`, `noent`, `nomem`, ...).
+    pub requests_by_status: std::collections::BTreeMap<String, u64>,
+    pub recalls: u64,
+    pub fences: u64,
+    pub fenced_bytes: u64,
+    pub faults_reported: u64,
+}
+
+fn pci_name(rid: u16) -> String {
+    format!(
+        "0000:{:02x}:{:02x}.{}",
+        rid >> 8,
+        (rid >> 3) & 0x1f,
+        rid & 7
+    )
+}
+
+/// The virtual IOMMU (`--device ...,iommu=on`).
+#[utoipa::path(get, operation_id = "get_viommu", path = "/devices/viommu", tag = "devices",
+    responses((status = 200, body = ViommuView), (status = 404, body = super::error::ErrorBody)))]
+pub async fn viommu(
+    State(ctx): State<Arc<ApiContext>>,
+) -> Result<Json<ViommuView>, super::error::ApiError> {
+    let Some(v) = ctx.actions.viommu() else {
+        return Err(super::error::ApiError::not_found(
+            "this VM has no virtual IOMMU (--device vfio=PATH,iommu=on)",
+        ));
+    };
+    let (eps, regions) = v.dma.counters();
+    let endpoints: Vec<_> = v.dma.endpoints();
+    let name_of = |id: u32| {
+        endpoints
+            .iter()
+            .find(|e| e.id == id)
+            .map_or_else(|| format!("{id:#x}"), |e| e.name.clone())
+    };
+    let m = v.handle.metrics();
+    let load = |c: &std::sync::atomic::AtomicU64| c.load(std::sync::atomic::Ordering::Relaxed);
+    Ok(Json(ViommuView {
+        pci: pci_name(v.bdf),
+        endpoints: endpoints
+            .iter()
+            .map(|e| ViommuEndpointView {
+                name: e.name.clone(),
+                pci: pci_name(e.id as u16),
+                owner: format!("viommu:{}", e.name),
+                pinned_bytes: v.dma.pinned_bytes(e.id),
+                counters: eps.get(&e.name).copied().unwrap_or_default(),
+            })
+            .collect(),
+        regions,
+        mappings: v
+            .handle
+            .mappings()
+            .into_iter()
+            .map(|d| ViommuMappingView {
+                endpoint: name_of(d.endpoint),
+                domain: d.domain,
+                iova: d.iova,
+                length: d.len,
+                guest_addr: d.phys,
+                write: d.write,
+            })
+            .collect(),
+        requests_by_status: m
+            .by_status
+            .iter()
+            .enumerate()
+            .map(|(i, &n)| {
+                (
+                    daxvisor_devices::virtio::iommu::status::name(i as u8).to_owned(),
+                    n,
+                )
+            })
+            .collect(),
+        recalls: load(&v.counters.recalls),
+        fences: load(&v.counters.fences),
+        fenced_bytes: m.fenced_bytes,
+        faults_reported: m.faults_reported,
+    }))
+}

@@ -78,6 +78,139 @@ struct Sample {
     reclaim_bytes_offered: u64,
     reclaim_bytes_reclaimed: u64,
     limits: LimitSample,
+    viommu: Option<ViommuSample>,
+}
+
+/// The virtual IOMMU's counters: per endpoint and per region (`ram` for guest RAM), the device's by status.
+#[derive(Debug)]
+struct ViommuSample {
+    endpoints: Vec<(String, crate::viommu::MapCounters, u64)>,
+    regions: Vec<(String, crate::viommu::MapCounters)>,
+    device: daxvisor_devices::virtio::iommu::IommuMetricsSnapshot,
+    recalls: u64,
+    fences: u64,
+}
+
+impl ViommuSample {
+    fn take(v: &crate::viommu::Viommu) -> Self {
+        let (eps, regions) = v.dma.counters();
+        let endpoints = v
+            .dma
+            .endpoints()
+            .into_iter()
+            .map(|e| {
+                let c = eps.get(&e.name).copied().unwrap_or_default();
+                (e.name.clone(), c, v.dma.pinned_bytes(e.id))
+            })
+            .collect();
+        let load = |c: &std::sync::atomic::AtomicU64| c.load(std::sync::atomic::Ordering::Relaxed);
+        ViommuSample {
+            endpoints,
+            regions: regions.into_iter().collect(),
+            device: v.handle.metrics(),
+            recalls: load(&v.counters.recalls),
+            fences: load(&v.counters.fences),
+        }
+    }
+
+    fn encode(&self, encoder: &mut DescriptorEncoder) -> Result<(), std::fmt::Error> {
+        type Get = fn(&crate::viommu::MapCounters) -> u64;
+        let per: [(&str, &str, Get, MetricType); 4] = [
+            ("maps", "MAPs accepted", |c| c.maps, MetricType::Counter),
+            (
+                "unmaps",
+                "Mappings removed (UNMAP, DETACH, reset, fence)",
+                |c| c.unmaps,
+                MetricType::Counter,
+            ),
+            (
+                "mapped_bytes",
+                "Bytes mapped right now",
+                |c| c.mapped_bytes,
+                MetricType::Gauge,
+            ),
+            (
+                "refused",
+                "MAPs the host refused (outside RAM and pmem, a pin refused)",
+                |c| c.refused,
+                MetricType::Counter,
+            ),
+        ];
+        for (suffix, help, get, kind) in per {
+            let name = format!("daxvisor_viommu_endpoint_{suffix}");
+            let mut family = encoder.encode_descriptor(&name, help, None, kind)?;
+            for (ep, c, _) in &self.endpoints {
+                let labels = [("endpoint", ep.as_str())];
+                let enc = family.encode_family(&labels)?;
+                match kind {
+                    MetricType::Gauge => ConstGauge::new(get(c) as i64).encode(enc)?,
+                    _ => ConstCounter::new(get(c)).encode(enc)?,
+                }
+            }
+            let name = format!("daxvisor_viommu_region_{suffix}");
+            let mut family = encoder.encode_descriptor(&name, help, None, kind)?;
+            for (region, c) in &self.regions {
+                let labels = [("region", region.as_str())];
+                let enc = family.encode_family(&labels)?;
+                match kind {
+                    MetricType::Gauge => ConstGauge::new(get(c) as i64).encode(enc)?,
+                    _ => ConstCounter::new(get(c)).encode(enc)?,
+                }
+            }
+        }
+        let mut family = encoder.encode_descriptor(
+            "daxvisor_viommu_endpoint_pinned_bytes",
+            "pmem bytes pinned for the endpoint, as the layout-lease manager counts its pins (equals its pmem mapped bytes)",
+            None,
+            MetricType::Gauge,
+        )?;
+        for (ep, _, pinned) in &self.endpoints {
+            ConstGauge::new(*pinned as i64)
+                .encode(family.encode_family(&[("endpoint", ep.as_str())])?)?;
+        }
+        let mut family = encoder.encode_descriptor(
+            "daxvisor_viommu_requests_answered",
+            "virtio-iommu requests answered, by the status the guest read",
+            None,
+            MetricType::Counter,
+        )?;
+        for (i, &n) in self.device.by_status.iter().enumerate() {
+            let st = daxvisor_devices::virtio::iommu::status::name(i as u8);
+            ConstCounter::new(n).encode(family.encode_family(&[("status", st)])?)?;
+        }
+        let counters: [(&str, &str, u64); 5] = [
+            (
+                "daxvisor_viommu_unanswerable",
+                "virtio-iommu chains with no room for a status",
+                self.device.unanswerable,
+            ),
+            (
+                "daxvisor_viommu_recalls",
+                "Layout changes that recalled mapped ranges (iommu=recall)",
+                self.recalls,
+            ),
+            (
+                "daxvisor_viommu_fences",
+                "Recalls that fenced mappings at the deadline",
+                self.fences,
+            ),
+            (
+                "daxvisor_viommu_fenced_bytes",
+                "Bytes of mappings fenced",
+                self.device.fenced_bytes,
+            ),
+            (
+                "daxvisor_viommu_faults_reported",
+                "Fault events written to the virtio-iommu event queue",
+                self.device.faults_reported,
+            ),
+        ];
+        for (name, help, v) in counters {
+            let enc = encoder.encode_descriptor(name, help, None, MetricType::Counter)?;
+            ConstCounter::new(v).encode(enc)?;
+        }
+        Ok(())
+    }
 }
 
 #[derive(Debug)]
@@ -126,6 +259,7 @@ impl Sample {
             .collect();
         let load = |c: &std::sync::atomic::AtomicU64| c.load(std::sync::atomic::Ordering::Relaxed);
         Sample {
+            viommu: ctx.actions.viommu().map(|v| ViommuSample::take(v)),
             regions,
             breaks_in_progress: snap.breaks.len() as u64,
             agent_sessions: load(&ctx.agent.sessions_open),
@@ -351,6 +485,9 @@ impl Collector for Sample {
         for (name, help, v) in counters {
             let enc = encoder.encode_descriptor(name, help, None, MetricType::Counter)?;
             ConstCounter::new(v).encode(enc)?;
+        }
+        if let Some(v) = &self.viommu {
+            v.encode(&mut encoder)?;
         }
         let mut info = encoder.encode_descriptor(
             "daxvisor_build_info",

@@ -56,6 +56,7 @@ fn build() -> OpenApiRouter<Arc<ApiContext>> {
         .routes(routes!(changes::evacuate))
         .routes(routes!(devices::list))
         .routes(routes!(devices::probe))
+        .routes(routes!(devices::viommu))
         .routes(routes!(reclaim::list))
         .routes(routes!(reclaim::stats))
         .routes(routes!(reclaim::region))

@@ -83,6 +83,8 @@ pub struct PciLayout {
     pub mmio64: (u64, u64),
     /// With `--pmem-hotplug`: the generic event device's interrupt (ACPI PCI hotplug, `acpi::hotplug`).
     pub hotplug_irq: Option<u32>,
+    /// With the virtual IOMMU: the topology ACPI VIOT describes (`acpi::viot`).
+    pub viot: Option<crate::acpi::viot::Topology>,
 }
 
 /// What a placed function holds on the bus, given back when it is removed.
@@ -327,6 +329,7 @@ impl PciBus {
             mmio32: (layout::PCI_MMIO32_BASE, layout::PCI_MMIO32_SIZE),
             mmio64: layout::pci_mmio64_window(highest_end),
             hotplug_irq: None,
+            viot: None,
         }
     }
 }

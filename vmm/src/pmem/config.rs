@@ -1,5 +1,5 @@
 //! `--pmem file=PATH[,size=SIZE][,readonly=on][,discard_writes=on][,id=NAME][,create=on][,prefault=on]
-//! [,guard=deny|hold|log][,shared=on][,dma=off|agent|whole]`.
+//! [,guard=deny|hold|log][,shared=on][,dma=off|agent|whole][,iommu=refuse|recall]`.
 //!
 //! Parsing only checks the syntax and combinations; the file itself is checked by [`super::backing`]. Paths
 //! containing a comma are written with the comma doubled (`file=a,,b` is the file `a,b`), as QEMU does.
@@ -33,6 +33,35 @@ pub struct PmemConfig {
     pub shared: bool,
     /// What of the region a passthrough device (`--device vfio=`) may reach by DMA (default off).
     pub dma: DmaPolicy,
+    /// Whether passthrough devices behind the virtual IOMMU (`--device ...,iommu=on`) may map it, and what a
+    /// layout change over a mapped range does (default off: a MAP of it is refused).
+    pub iommu: IommuPolicy,
+}
+
+/// `iommu=`: a region the guest's DMA API may map through the virtual IOMMU, and what happens when the operator
+/// changes the layout of a range a device has mapped.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum IommuPolicy {
+    /// Not reachable through the virtual IOMMU: a MAP of it is refused (status RANGE).
+    #[default]
+    Off,
+    /// Mappable; a change over a mapped range fails with ETXTBSY naming the endpoint.
+    Refuse,
+    /// Mappable; a change over a mapped range recalls it: the guest agent is told (device, range, deadline),
+    /// and at the deadline the VMM fences (unmaps itself, reports a fault) and the change proceeds.
+    Recall,
+}
+
+impl IommuPolicy {
+    pub const ALL: [IommuPolicy; 3] = [IommuPolicy::Off, IommuPolicy::Refuse, IommuPolicy::Recall];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            IommuPolicy::Off => "off",
+            IommuPolicy::Refuse => "refuse",
+            IommuPolicy::Recall => "recall",
+        }
+    }
 }
 
 /// `dma=`: how a region is mapped for passthrough devices. Guest RAM is always mapped; pmem only through the
@@ -72,7 +101,7 @@ pub enum PmemConfigError {
     #[error("--pmem: missing file=PATH")]
     MissingFile,
     #[error(
-        "--pmem: unknown key '{0}' (expected file, size, readonly, discard_writes, id, create, prefault, guard, shared, dma)"
+        "--pmem: unknown key '{0}' (expected file, size, readonly, discard_writes, id, create, prefault, guard, shared, dma, iommu)"
     )]
     UnknownKey(String),
     #[error("--pmem: '{0}' needs a value ({0}=...)")]
@@ -130,6 +159,17 @@ fn parse_dma(value: &str) -> Result<DmaPolicy, PmemConfigError> {
         })
 }
 
+fn parse_iommu(value: &str) -> Result<IommuPolicy, PmemConfigError> {
+    IommuPolicy::ALL
+        .into_iter()
+        .find(|p| p.as_str() == value)
+        .ok_or_else(|| PmemConfigError::BadValue {
+            key: "iommu",
+            value: value.to_owned(),
+            expected: "expected off (not mappable through the virtual IOMMU), refuse (changes over mapped ranges fail with ETXTBSY) or recall (the guest is asked to unmap; fenced at the deadline)",
+        })
+}
+
 fn parse_bool(key: &'static str, value: &str) -> Result<bool, PmemConfigError> {
     match value {
         "on" | "true" | "yes" | "1" => Ok(true),
@@ -166,6 +206,7 @@ impl FromStr for PmemConfig {
         let mut guard = None;
         let mut shared = None;
         let mut dma = None;
+        let mut iommu = None;
 
         fn set<T>(slot: &mut Option<T>, key: &str, v: T) -> Result<(), PmemConfigError> {
             if slot.is_some() {
@@ -182,7 +223,7 @@ impl FromStr for PmemConfig {
             let Some((key, value)) = part.split_once('=') else {
                 return Err(match part.as_str() {
                     "file" | "size" | "readonly" | "discard_writes" | "id" | "create"
-                    | "prefault" | "guard" | "shared" | "dma" => {
+                    | "prefault" | "guard" | "shared" | "dma" | "iommu" => {
                         PmemConfigError::MissingValue(part)
                     }
                     _ => PmemConfigError::UnknownKey(part),
@@ -207,6 +248,7 @@ impl FromStr for PmemConfig {
                 "guard" => set(&mut guard, key, parse_guard(value)?)?,
                 "shared" => set(&mut shared, key, parse_bool("shared", value)?)?,
                 "dma" => set(&mut dma, key, parse_dma(value)?)?,
+                "iommu" => set(&mut iommu, key, parse_iommu(value)?)?,
                 "id" => {
                     let ok = !value.is_empty()
                         && value.len() <= 32
@@ -237,6 +279,7 @@ impl FromStr for PmemConfig {
             guard: guard.unwrap_or_default(),
             shared: shared.unwrap_or(false),
             dma: dma.unwrap_or_default(),
+            iommu: iommu.unwrap_or_default(),
         };
         if cfg.readonly && cfg.discard_writes {
             return Err(PmemConfigError::Conflict(
@@ -271,6 +314,28 @@ impl FromStr for PmemConfig {
                 } else {
                     "dma=agent"
                 },
+                "a device's DMA writes would bypass the read-only mapping",
+            ));
+        }
+        if cfg.iommu != IommuPolicy::Off && cfg.dma != DmaPolicy::Off {
+            return Err(PmemConfigError::Conflict(
+                if cfg.iommu == IommuPolicy::Refuse {
+                    "iommu=refuse"
+                } else {
+                    "iommu=recall"
+                },
+                if cfg.dma == DmaPolicy::Whole {
+                    "dma=whole"
+                } else {
+                    "dma=agent"
+                },
+                "behind the virtual IOMMU the guest's own MAP requests decide what a device reaches",
+            ));
+        }
+        if cfg.readonly && cfg.iommu != IommuPolicy::Off {
+            return Err(PmemConfigError::Conflict(
+                "readonly=on",
+                "iommu=",
                 "a device's DMA writes would bypass the read-only mapping",
             ));
         }
@@ -343,6 +408,23 @@ mod tests {
         let c = p("file=n,prefault=on,readonly=on").unwrap();
         assert!(c.prefault && c.readonly);
         assert!(p("file=n,prefault=sometimes").is_err());
+    }
+
+    #[test]
+    fn iommu_defaults_to_off_lists_the_choices_and_excludes_dma_pins() {
+        assert_eq!(p("file=x").unwrap().iommu, IommuPolicy::Off);
+        assert_eq!(p("file=x,iommu=refuse").unwrap().iommu, IommuPolicy::Refuse);
+        assert_eq!(p("file=x,iommu=recall").unwrap().iommu, IommuPolicy::Recall);
+        let e = p("file=x,iommu=yes").unwrap_err().to_string();
+        assert!(e.contains("refuse") && e.contains("recall"), "{e}");
+        assert!(matches!(
+            p("file=x,iommu=recall,dma=agent"),
+            Err(PmemConfigError::Conflict("iommu=recall", "dma=agent", _))
+        ));
+        assert!(matches!(
+            p("file=x,readonly=on,iommu=refuse"),
+            Err(PmemConfigError::Conflict("readonly=on", "iommu=", _))
+        ));
     }
 
     #[test]

@@ -20,6 +20,6 @@ pub mod recovery;
 
 pub use attach::{attach, PmemError};
 pub use backing::{Backing, BackingError, PmemMemslot};
-pub use config::{DmaPolicy, PmemConfig};
+pub use config::{DmaPolicy, IommuPolicy, PmemConfig};
 pub use daxvisor_mapper::BackingKind;
 pub use flush::{BackingFlush, FlushAction};

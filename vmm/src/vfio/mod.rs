@@ -1,4 +1,4 @@
-//! PCI device passthrough through VFIO (`--device vfio=SYSFS_PATH[,id=NAME]`).
+//! PCI device passthrough through VFIO (`--device vfio=SYSFS_PATH[,id=NAME][,iommu=on]`).
 //!
 //! - [`preflight`]: the sysfs checks that name a cause and a remedy before anything is opened (bound to
 //!   vfio-pci, an IOMMU, a group of its own).
@@ -32,13 +32,15 @@ pub use preflight::PreflightError;
 use crate::pmem::DmaPolicy;
 use crate::region_registry::RegionRegistry;
 
-/// `--device vfio=SYSFS_PATH[,id=NAME]`.
+/// `--device vfio=SYSFS_PATH[,id=NAME][,iommu=on]`.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct DeviceConfig {
     /// The device's sysfs directory, e.g. /sys/bus/pci/devices/0000:01:00.0.
     pub path: PathBuf,
     /// Its name in logs, the API and as the owner of its pins; defaults to `vfioN`.
     pub id: Option<String>,
+    /// Behind the virtual IOMMU (`crate::viommu`): nothing is mapped for it until the guest's driver maps it.
+    pub iommu: bool,
 }
 
 impl FromStr for DeviceConfig {
@@ -47,6 +49,7 @@ impl FromStr for DeviceConfig {
     fn from_str(s: &str) -> Result<Self, String> {
         let mut path = None;
         let mut id = None;
+        let mut iommu = None;
         for part in s.split(',') {
             match part.split_once('=') {
                 Some(("vfio", p)) if !p.is_empty() && path.is_none() => path = Some(PathBuf::from(p)),
@@ -62,9 +65,16 @@ impl FromStr for DeviceConfig {
                     }
                     id = Some(v.to_owned());
                 }
+                Some(("iommu", v)) if iommu.is_none() => {
+                    iommu = Some(match v {
+                        "on" => true,
+                        "off" => false,
+                        _ => return Err(format!("--device: iommu={v}: expected on or off")),
+                    });
+                }
                 _ => {
                     return Err(format!(
-                        "--device: '{part}' not understood (expected vfio=SYSFS_PATH[,id=NAME], each key once)"
+                        "--device: '{part}' not understood (expected vfio=SYSFS_PATH[,id=NAME][,iommu=on], each key once)"
                     ))
                 }
             }
@@ -72,6 +82,7 @@ impl FromStr for DeviceConfig {
         Ok(DeviceConfig {
             path: path.ok_or("--device: missing vfio=SYSFS_PATH")?,
             id,
+            iommu: iommu.unwrap_or(false),
         })
     }
 }
@@ -410,12 +421,15 @@ mod tests {
         assert_eq!(c.path, PathBuf::from("/sys/bus/pci/devices/0000:00:04.0"));
         assert_eq!(c.id.as_deref(), Some("nvme0"));
         assert_eq!("vfio=/x".parse::<DeviceConfig>().unwrap().id, None);
+        assert!(!"vfio=/x".parse::<DeviceConfig>().unwrap().iommu);
+        assert!("vfio=/x,iommu=on".parse::<DeviceConfig>().unwrap().iommu);
         for bad in [
             "id=a",
             "vfio=",
             "vfio=/x,id=has space",
             "vfio=/x,colour=red",
             "vfio=/x,vfio=/y",
+            "vfio=/x,iommu=maybe",
         ] {
             assert!(bad.parse::<DeviceConfig>().is_err(), "{bad}");
         }

@@ -175,6 +175,11 @@ pub enum BreakReason {
     Evacuate = 5,
     /// The device is about to be hot-removed: give the whole region back (unmount, sync, release).
     Remove = 6,
+    /// A device behind the virtual IOMMU has the range mapped for DMA and the host needs it: stop the DMA there
+    /// (the guest's driver then unmaps it). In such a notice `owner` is 0, `lease` is the device's PCI requester
+    /// id (bus << 8 | device << 3 | function) and `offset`/`len` is the guest-physical range; nothing is to be
+    /// released. At the deadline the host unmaps it itself (later DMA there faults).
+    DmaRecall = 7,
 }
 
 impl BreakReason {
@@ -187,6 +192,7 @@ impl BreakReason {
             4 => BreakReason::HostOpen,
             5 => BreakReason::Evacuate,
             6 => BreakReason::Remove,
+            7 => BreakReason::DmaRecall,
             _ => BreakReason::Other,
         }
     }
@@ -198,6 +204,7 @@ impl BreakReason {
             BreakReason::Punch => "punch",
             BreakReason::Zero => "zero",
             BreakReason::Shrink => "shrink",
+            BreakReason::DmaRecall => "dma-recall",
             BreakReason::HostOpen => "host-open",
             BreakReason::Evacuate => "evacuate",
             BreakReason::Remove => "remove",
