@@ -1318,7 +1318,9 @@ fn peer_scenario_runs_daxvisor_and_qemu_and_prints_one_table() {
     }
     for figure in ["boot to init", "VMM peak RSS"] {
         assert_eq!(
-            t.lines().filter(|l| l.contains(figure)).count(),
+            t.lines()
+                .filter(|l| l.contains(figure) && l.contains("daxvisor-"))
+                .count(),
             2,
             "{figure} rows:\n{t}"
         );
