@@ -1233,3 +1233,96 @@ sed 's/\x1b\[[0-9;]*m//g' /tmp/guest.log
         "{o}"
     );
 }
+
+/// The peer table, one short round: the same Linux guest and fio jobs under daxvisor (virtio-mmio and
+/// `--transport pci`) and QEMU 7.2 (`-enable-kvm`, virtio-pmem-pci) inside the lab (images/lab/scenarios/peer.sh,
+/// one round of 1 s jobs on the tmpfs backing only, to keep the three nested boots within a few minutes; the
+/// benchmark's runs add fs-dax and page-cache); `scripts/peer-bench --table` turns the output into the table.
+/// Every VMM produced every figure; what the ratios are is the benchmark's business (docs/performance.md), not
+/// this test's.
+#[test]
+fn peer_scenario_runs_daxvisor_and_qemu_and_prints_one_table() {
+    let name = "peer";
+    let root = daxvisor_tests::lab::repo_root();
+    let body = std::fs::read_to_string(root.join("images/lab/scenarios/peer.sh"))
+        .expect("images/lab/scenarios/peer.sh");
+    let script = format!(
+        "PEER_ROUNDS=1 PEER_RUNTIME=1 PEER_BACKINGS=tmpfs\nexport PEER_ROUNDS PEER_RUNTIME PEER_BACKINGS\n{body}"
+    );
+    let opts = LabOptions {
+        peer: true,
+        timeout: Duration::from_secs(900),
+        ..LabOptions::default()
+    };
+    let Some(out) = run_scenario(name, &script, &opts) else {
+        return;
+    };
+    assert_ok(name, &out);
+    let o = &out.output;
+    assert!(o.contains("peer: QEMU emulator version 7.2"), "{o}");
+    assert!(o.contains("peer: done, 0 failed VM runs"), "{o}");
+    for vmm in ["daxvisor-mmio", "daxvisor-pci", "qemu"] {
+        for backing in ["tmpfs"] {
+            for job in ["fsync1", "fsync8", "seqwrite", "read"] {
+                let line = o
+                    .lines()
+                    .find(|l| {
+                        l.starts_with("peer-run ")
+                            && l.contains(&format!(" backing={backing} "))
+                            && l.contains(&format!(" vmm={vmm} "))
+                            && l.contains(&format!(" job={job} "))
+                    })
+                    .unwrap_or_else(|| panic!("no {vmm} {backing} {job} line:\n{o}"));
+                // Every figure is a number, and the job did some I/O.
+                let field = |k: &str| {
+                    line.split_whitespace()
+                        .find_map(|w| w.strip_prefix(&format!("{k}=")))
+                        .and_then(|v| v.parse::<u64>().ok())
+                        .unwrap_or_else(|| panic!("{k} is not a number in: {line}"))
+                };
+                assert!(field("kib") > 0, "{line}");
+                assert!(field("bw_kib") > 0, "{line}");
+                assert!(field("boot_cs") > 0, "{line}");
+                assert!(field("rss_kib") > 0, "{line}");
+            }
+        }
+    }
+    let mut table = std::process::Command::new("bash")
+        .arg(root.join("scripts/peer-bench"))
+        .arg("--table")
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .expect("scripts/peer-bench --table");
+    {
+        use std::io::Write;
+        let mut stdin = table.stdin.take().expect("stdin");
+        stdin.write_all(o.as_bytes()).expect("feed the table");
+    }
+    let t = table.wait_with_output().expect("peer-bench --table");
+    let t = String::from_utf8_lossy(&t.stdout);
+    println!("{t}");
+    assert!(t.starts_with("peer table: 1 rounds"), "{t}");
+    // One ratio row per backing, figure and daxvisor transport, plus boot and RSS, each with a number.
+    for backing in ["tmpfs"] {
+        for figure in ["fsync1 iops", "fsync8 iops", "seqwrite MiB/s", "read MiB/s"] {
+            for vmm in ["daxvisor-mmio", "daxvisor-pci"] {
+                let row = t
+                    .lines()
+                    .find(|l| l.starts_with(backing) && l.contains(figure) && l.contains(vmm))
+                    .unwrap_or_else(|| panic!("no {backing} {figure} {vmm} row:\n{t}"));
+                let median = row.split_whitespace().last().unwrap_or("-");
+                assert!(median.parse::<f64>().is_ok(), "no ratio in: {row}");
+            }
+        }
+    }
+    for figure in ["boot to init", "VMM peak RSS"] {
+        assert_eq!(
+            t.lines()
+                .filter(|l| l.contains(figure) && l.contains("daxvisor-"))
+                .count(),
+            2,
+            "{figure} rows:\n{t}"
+        );
+    }
+}

@@ -3,23 +3,29 @@
 #   build/out/vmlinuz        the generic Debian 6.1 kernel (bzImage)
 #   build/out/base.cpio.gz   busybox, kernel modules (NVDIMM, DAX, ext4, XFS, KVM, VFIO), mkfs tools, the lab's /init
 #   build/out/bins.cpio.gz   the project's static binaries (/usr/bin) and the Linux guest image (/images/linux)
+#   build/out/peer.cpio.gz   with --peer: the pinned QEMU with its libraries and firmware (lib/qemu.sh), added to the
+#                            lab only by `run-scenario.sh --peer`
 # run-scenario.sh concatenates the two archives with a small per-scenario one. Downloads are cached under build/;
 # every archive is repacked only when its content changed, so a second build with nothing changed takes seconds.
 #
-# Usage: images/lab/build.sh [--no-cargo]
+# Usage: images/lab/build.sh [--no-cargo] [--peer]
 #   --no-cargo   leave out the project binaries (the lab itself needs none of them)
+#   --peer       also build the peer archive (QEMU for the peer scenario, images/lab/scenarios/peer.sh)
 # Environment: CARGO_TARGET_DIR as for cargo; LAB_KERNEL_PACKAGE=NAME[=VERSION] overrides the pinned kernel
 # (LAB_KERNEL_PIN in lib/kernel.sh).
 set -euo pipefail
 source "$(dirname "${BASH_SOURCE[0]}")/lib/common.sh"
 source "$LAB_DIR/lib/kernel.sh"
 source "$LAB_DIR/lib/stage.sh"
+source "$LAB_DIR/lib/fio.sh"
+source "$LAB_DIR/lib/qemu.sh"
 
-WITH_CARGO=1
+WITH_CARGO=1 WITH_PEER=0
 for a in "$@"; do
     case "$a" in
     --no-cargo) WITH_CARGO=0 ;;
-    -h | --help) sed -n '2,13p' "$0"; exit 0 ;;
+    --peer) WITH_PEER=1 ;;
+    -h | --help) sed -n '2,17p' "$0"; exit 0 ;;
     *) lab_die "unknown argument $a" ;;
     esac
 done
@@ -83,11 +89,23 @@ if [ "$WITH_CARGO" = 1 ]; then
     done
 fi
 
+# fio for the guest image (the peer scenario's workload), static from Debian's source.
+lab_build_fio
+
 lab_log "linux guest image ($(lab_elapsed))"
-AGENT_BIN="$BINS/usr/bin/daxvisor-agent" DMA_READ_BIN="$BINS/usr/bin/dma-read" \
+AGENT_BIN="$BINS/usr/bin/daxvisor-agent" DMA_READ_BIN="$BINS/usr/bin/dma-read" FIO_BIN="$FIO_BIN" \
     KERNEL_VERSION="$KERNEL_VERSION" KERNEL_ROOT="$KERNEL_ROOT" KERNEL_IMAGE="$KERNEL_IMAGE" "$REPO_ROOT/images/linux/build.sh"
 cp -p "$REPO_ROOT/images/linux/build/vmlinuz" "$REPO_ROOT/images/linux/build/initrd.gz" "$BINS/images/linux/"
 lab_pack_initramfs "$BINS" "$OUT/bins.cpio.gz"
+
+if [ "$WITH_PEER" = 1 ]; then
+    lab_log "peer: staging QEMU ($(lab_elapsed))"
+    PEER="$LAB_BUILD/stage/peer"
+    rm -rf "$PEER"
+    mkdir -p "$PEER"
+    lab_stage_qemu "$PEER"
+    lab_pack_initramfs "$PEER" "$OUT/peer.cpio.gz"
+fi
 
 echo "$KERNEL_VERSION" >"$OUT/kernel-version"
 lab_log "lab image ready in $OUT ($(lab_elapsed))"

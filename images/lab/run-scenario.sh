@@ -1,11 +1,12 @@
 #!/usr/bin/env bash
 # Runs one scenario in the DAX lab and returns its exit status.
 #
-# Usage: images/lab/run-scenario.sh SCENARIO.sh [--xfs] [--iommu] [--timeout SECS] [--file PATH]... [--no-build] [--keep]
+# Usage: images/lab/run-scenario.sh SCENARIO.sh [--xfs] [--iommu] [--peer] [--timeout SECS] [--file PATH]... [--no-build] [--keep]
 #        images/lab/run-scenario.sh --shell [--xfs] [--iommu] [--file PATH]...
 #   --xfs          the fs-dax mount is XFS with -o dax=always (default: ext4 with -o dax)
 #   --iommu        q35 with an intel-iommu, an e1000e and an NVMe bound to vfio-pci (LAB_VFIO_GROUP=/dev/vfio/N,
 #                  LAB_NVME_DEVICE)
+#   --peer         add the peer archive (build.sh --peer): the pinned QEMU 7.2 for images/lab/scenarios/peer.sh
 #   --timeout S    hard limit for the whole QEMU run (default 600; none with --shell); QEMU is killed past it
 #   --file PATH    copy PATH into the lab as /lab/files/NAME (repeatable)
 #   --no-build     use the lab image as built (default: run build.sh first, seconds when nothing changed)
@@ -23,18 +24,19 @@
 set -euo pipefail
 source "$(dirname "${BASH_SOURCE[0]}")/lib/common.sh"
 
-SCENARIO='' FS=ext4 IOMMU=0 TIMEOUT='' BUILD=1 KEEP=0 SHELL_MODE=0
+SCENARIO='' FS=ext4 IOMMU=0 PEER=0 TIMEOUT='' BUILD=1 KEEP=0 SHELL_MODE=0
 FILES=()
 while [ $# -gt 0 ]; do
     case "$1" in
     --xfs) FS=xfs ;;
     --iommu) IOMMU=1 ;;
+    --peer) PEER=1 ;;
     --timeout) [ $# -ge 2 ] || lab_die "--timeout needs seconds"; TIMEOUT="$2"; shift ;;
     --file) [ $# -ge 2 ] && [ -f "$2" ] || lab_die "--file needs an existing file"; FILES+=("$2"); shift ;;
     --no-build) BUILD=0 ;;
     --keep) KEEP=1 ;;
     --shell) SHELL_MODE=1 ;;
-    -h | --help) sed -n '2,22p' "$0"; exit 0 ;;
+    -h | --help) sed -n '2,23p' "$0"; exit 0 ;;
     -*) lab_die "unknown option $1" ;;
     *) [ -z "$SCENARIO" ] || lab_die "one scenario at a time"; SCENARIO="$1" ;;
     esac
@@ -53,10 +55,14 @@ else
     NAME="$(basename "$SCENARIO" .sh)"
 fi
 
-[ "$BUILD" = 1 ] && "$LAB_DIR/build.sh"
+if [ "$BUILD" = 1 ]; then
+    if [ "$PEER" = 1 ]; then "$LAB_DIR/build.sh" --peer; else "$LAB_DIR/build.sh"; fi
+fi
 OUT="$LAB_BUILD/out"
-for f in vmlinuz base.cpio.gz bins.cpio.gz; do
-    [ -f "$OUT/$f" ] || lab_die "$OUT/$f missing: run images/lab/build.sh"
+ARCHIVES=(base.cpio.gz bins.cpio.gz)
+[ "$PEER" = 1 ] && ARCHIVES+=(peer.cpio.gz)
+for f in vmlinuz "${ARCHIVES[@]}"; do
+    [ -f "$OUT/$f" ] || lab_die "$OUT/$f missing: run images/lab/build.sh$([ "$PEER" = 1 ] && echo " --peer")"
 done
 command -v qemu-system-x86_64 >/dev/null || lab_die "qemu-system-x86_64 missing: run scripts/setup-host.sh"
 
@@ -79,7 +85,7 @@ for f in "${FILES[@]}"; do
     cp -L "$f" "$WORK/scenario/lab/files/"
 done
 (cd "$WORK/scenario" && find . | cpio --quiet -o -H newc -R 0:0 | gzip -1 -n) >"$WORK/scenario.cpio.gz"
-cat "$OUT/base.cpio.gz" "$OUT/bins.cpio.gz" "$WORK/scenario.cpio.gz" >"$WORK/initrd.gz"
+for f in "${ARCHIVES[@]}"; do cat "$OUT/$f"; done | cat - "$WORK/scenario.cpio.gz" >"$WORK/initrd.gz"
 
 FSDAX_SIZE=$((512 << 20))
 DEVDAX_SIZE=$((256 << 20))

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Builds the Linux guest image for guests under daxvisor: the lab's generic Debian 6.1 kernel and a tiny
-# initramfs (busybox, virtio_mmio, virtio_pci, virtio_pmem, nd_pmem, virtio_console, ext4, mke2fs, and daxvisor-agent when
-# AGENT_BIN names a static build of it) whose /init mounts the
+# initramfs (busybox, virtio_mmio, virtio_pci, virtio_pmem, nd_pmem, virtio_console, ext4, mke2fs, daxvisor-agent when
+# AGENT_BIN names a static build of it, fio when FIO_BIN does, and peer-fio) whose /init mounts the
 # virtio-pmem device with DAX and runs a command. Output:
 #   images/linux/build/vmlinuz     bzImage for `daxvisor run --kernel`
 #   images/linux/build/initrd.gz   for `daxvisor run --initrd`
@@ -51,6 +51,11 @@ install -D -m 0755 "$LINUX_DIR/agent-hook" "$ROOT/usr/lib/daxvisor-agent/hook"
 if [ -n "${AGENT_BIN:-}" ] && [ -x "$AGENT_BIN" ]; then
     install -D -m 0755 "$AGENT_BIN" "$ROOT/usr/bin/daxvisor-agent"
 fi
+# The peer scenario's workload (images/lab/scenarios/peer.sh): a static fio and the script that runs its jobs.
+if [ -n "${FIO_BIN:-}" ] && [ -x "$FIO_BIN" ]; then
+    install -D -m 0755 "$FIO_BIN" "$ROOT/usr/bin/fio"
+fi
+install -D -m 0755 "$LINUX_DIR/peer-fio" "$ROOT/usr/bin/peer-fio"
 # The passthrough scenario's guest side: O_DIRECT reads from a device into a mapped file.
 if [ -n "${DMA_READ_BIN:-}" ] && [ -x "$DMA_READ_BIN" ]; then
     install -D -m 0755 "$DMA_READ_BIN" "$ROOT/usr/bin/dma-read"

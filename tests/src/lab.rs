@@ -17,6 +17,8 @@ pub struct LabOptions {
     pub xfs: bool,
     /// An IOMMU: q35 with intel-iommu and an e1000e bound to vfio-pci, its group in `$LAB_VFIO_GROUP`.
     pub iommu: bool,
+    /// The peer archive (`run-scenario.sh --peer`): the pinned QEMU 7.2 for images/lab/scenarios/peer.sh.
+    pub peer: bool,
     /// Hard limit for the whole lab run; QEMU is killed past it and the scenario reports status 124.
     pub timeout: Duration,
     /// Host files the scenario needs, found in the lab as /lab/files/NAME.
@@ -28,6 +30,7 @@ impl Default for LabOptions {
         LabOptions {
             xfs: false,
             iommu: false,
+            peer: false,
             timeout: Duration::from_secs(300),
             files: Vec::new(),
         }
@@ -70,8 +73,10 @@ fn lab_ready() -> &'static Result<(), String> {
             ));
         }
         let started = Instant::now();
+        // With the peer archive (QEMU for the peer scenario): seconds once its packages are cached.
         let status = Command::new("bash")
             .arg(root.join("images/lab/build.sh"))
+            .arg("--peer")
             .status()
             .unwrap_or_else(|e| panic!("cannot run images/lab/build.sh: {e}"));
         assert!(status.success(), "images/lab/build.sh failed: {status}");
@@ -142,6 +147,9 @@ fn run_once(name: &str, script: &str, opts: &LabOptions) -> LabOutcome {
     }
     if opts.iommu {
         cmd.arg("--iommu");
+    }
+    if opts.peer {
+        cmd.arg("--peer");
     }
     for f in &opts.files {
         cmd.arg("--file").arg(f);

@@ -19,11 +19,16 @@ lab_stage_busybox() {
 # loader), so it runs in an initramfs without a distribution. Symlinked names (mkfs.ext4 -> mke2fs) are copied
 # as the file they resolve to.
 lab_stage_dynamic() {
-    local root="$1" exe="$2" lib
+    lab_stage_dynamic_as "$1" "$2" "$2"
+}
+
+# The same for an executable found at SRC (e.g. in an extracted package), installed as DEST under ROOT.
+lab_stage_dynamic_as() {
+    local root="$1" exe="$2" dest="$3" lib
     [ -x "$exe" ] || lab_die "$exe missing (scripts/setup-host.sh installs it)"
-    mkdir -p "$root$(dirname "$exe")"
-    rm -f "$root$exe"
-    cp -L "$exe" "$root$exe"
+    mkdir -p "$root$(dirname "$dest")"
+    rm -f "$root$dest"
+    cp -L "$exe" "$root$dest"
     for lib in $(ldd "$exe" | awk '/=> \//{print $3} /^[ \t]*\//{print $1}'); do
         mkdir -p "$root$(dirname "$lib")"
         [ -e "$root$lib" ] || cp -L "$lib" "$root$lib"

@@ -49,6 +49,31 @@ impl Mapper {
             });
         }
     }
+
+    /// As [`Mapper::transient`], but never waits for a change: `Ok(None)` when a change drains the range (the
+    /// caller then takes the waiting path, e.g. hands its flush to a worker thread).
+    pub fn try_transient(
+        &self,
+        region: RegionId,
+        off: u64,
+        len: u64,
+    ) -> Result<Option<TransientPin>> {
+        let mut st = self.lock();
+        let reg = st.region(region)?;
+        let range = reg.request(off, len)?;
+        let file_range = reg.to_file(range);
+        let key = reg.key;
+        if st.holds(reg)?.draining.any_overlap(file_range) {
+            return Ok(None);
+        }
+        let id = st.next_id();
+        st.insert_transient(id, key, file_range);
+        Ok(Some(TransientPin {
+            mapper: self.clone(),
+            id,
+            range,
+        }))
+    }
 }
 
 impl Drop for TransientPin {
@@ -101,6 +126,44 @@ mod tests {
             let r = t.mapper.punch(None, t.region, 0, t.page).unwrap();
             assert!(!r.waited_for_transient);
         }
+    }
+
+    /// try_transient takes a pin where nothing drains, and answers None (without waiting) over a range a
+    /// change is draining; the change still waits for the pins taken before it.
+    #[test]
+    fn try_transient_never_waits_for_a_draining_change() {
+        let t = TestRegion::on_tmp(8);
+        let held = t.mapper.transient(t.region, 0, t.page).unwrap();
+        let (tx, rx) = mpsc::channel();
+        let (m, region, page) = (t.mapper.clone(), t.region, t.page);
+        std::thread::spawn(move || tx.send(m.punch(None, region, 0, page)));
+        // The punch now drains page 0 (it waits for `held`): a new transient pin there would queue behind it.
+        let mut refused = false;
+        for _ in 0..3000 {
+            match t.mapper.try_transient(t.region, 0, t.page).unwrap() {
+                None => {
+                    refused = true;
+                    break;
+                }
+                Some(p) => drop(p),
+            }
+            std::thread::sleep(Duration::from_millis(1));
+        }
+        assert!(refused, "try_transient took a pin over a draining range");
+        // Elsewhere it is free.
+        assert!(t
+            .mapper
+            .try_transient(t.region, 4 * t.page, t.page)
+            .unwrap()
+            .is_some());
+        drop(held);
+        let report = rx.recv_timeout(Duration::from_secs(30)).unwrap().unwrap();
+        assert!(report.waited_for_transient);
+        assert!(t
+            .mapper
+            .try_transient(t.region, 0, t.page)
+            .unwrap()
+            .is_some());
     }
 
     /// Two flushers whose transient pins overlap in time, so the range is never free: without the queue a

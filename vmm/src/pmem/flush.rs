@@ -111,6 +111,37 @@ impl Flush for BackingFlush {
             ),
             None => None,
         };
+        #[cfg(test)]
+        if let Some(g) = &self.gate {
+            g.wait();
+            g.wait();
+        }
+        self.flush_fenced()
+    }
+
+    /// Answered on the device's queue path when the flush does nothing ([`FlushAction::Nothing`]) and the
+    /// region's transient pin is free to take (no change drains it): the same checks as [`Flush::flush`] (an
+    /// earlier failure, a shrunk file) under the same pin, without the worker thread. A change in progress sends
+    /// the request to the worker, which waits for it.
+    fn try_now(&self) -> Option<io::Result<()>> {
+        if self.action != FlushAction::Nothing {
+            return None;
+        }
+        let _transient = match &self.fence {
+            Some(f) => match f.mapper.try_transient(f.region, 0, 0) {
+                Ok(Some(pin)) => Some(pin),
+                Ok(None) => return None,
+                Err(e) => return Some(Err(io::Error::other(e.to_string()))),
+            },
+            None => None,
+        };
+        Some(self.flush_fenced())
+    }
+}
+
+impl BackingFlush {
+    /// The flush itself, under the region's transient pin (when it has one).
+    fn flush_fenced(&self) -> io::Result<()> {
         if self.failed.load(Ordering::Acquire) {
             return Err(io::Error::other(
                 "an earlier flush of this backing failed; durability can no longer be promised",
@@ -126,11 +157,6 @@ impl Flush for BackingFlush {
                 );
                 return Err(io::Error::other("backing file shrank under the VM"));
             }
-        }
-        #[cfg(test)]
-        if let Some(g) = &self.gate {
-            g.wait();
-            g.wait();
         }
         let result = match self.action {
             // sync_data is fdatasync(2) and retries on EINTR.
@@ -159,6 +185,69 @@ mod tests {
     use super::*;
     use crate::lease_manager::LeaseManager;
     use crate::pmem::PmemConfig;
+
+    /// On a tmpfs backing the flush does nothing, so the device may answer it on its queue path: try_now
+    /// answers OK under the region's transient pin, still EIO once the file shrank under the VM; while a
+    /// punch drains the region it declines (the worker waits instead). A page-cache file never answers inline:
+    /// its flush is an fdatasync.
+    #[test]
+    fn only_a_flush_with_nothing_to_write_back_answers_inline() {
+        let leases = LeaseManager::new(Default::default(), Default::default()).unwrap();
+        let dir = tempfile::tempdir_in("/dev/shm").unwrap();
+        let path = dir.path().join("vm.img");
+        let cfg: PmemConfig = format!("file={},size=4M,create=on", path.display())
+            .parse()
+            .unwrap();
+        let backing = Backing::open(&cfg, "pm0").unwrap();
+        let region = leases.add_pmem_region(&backing, 1 << 32).unwrap();
+        let flush = BackingFlush::new(&backing, Some(leases.fence(region))).unwrap();
+        assert_eq!(flush.action(), FlushAction::Nothing);
+        assert!(matches!(flush.try_now(), Some(Ok(()))));
+        assert_eq!(
+            leases.mapper().region(region).unwrap().in_flight_io,
+            0,
+            "pin dropped"
+        );
+
+        // A punch that waits for a transient pin drains the region: try_now declines rather than wait.
+        let held = leases.mapper().transient(region, 0, 0).unwrap();
+        let m = leases.mapper().clone();
+        let punch = std::thread::spawn(move || m.punch(None, region, 0, 8192));
+        let mut declined = false;
+        for _ in 0..3000 {
+            if flush.try_now().is_none() {
+                declined = true;
+                break;
+            }
+            std::thread::sleep(Duration::from_millis(1));
+        }
+        assert!(declined, "try_now answered over a draining region");
+        drop(held);
+        punch.join().unwrap().unwrap();
+        assert!(matches!(flush.try_now(), Some(Ok(()))));
+
+        std::fs::OpenOptions::new()
+            .write(true)
+            .open(&path)
+            .unwrap()
+            .set_len(1 << 20)
+            .unwrap();
+        assert!(
+            matches!(flush.try_now(), Some(Err(_))),
+            "a shrunk file is EIO inline too"
+        );
+
+        let dir = tempfile::tempdir_in("/var/tmp").unwrap();
+        let path = dir.path().join("vm.img");
+        let cfg: PmemConfig = format!("file={},size=4M,create=on", path.display())
+            .parse()
+            .unwrap();
+        let backing = Backing::open(&cfg, "pm1").unwrap();
+        let region = leases.add_pmem_region(&backing, 2 << 32).unwrap();
+        let flush = BackingFlush::new(&backing, Some(leases.fence(region))).unwrap();
+        assert_eq!(flush.action(), FlushAction::Fdatasync);
+        assert!(flush.try_now().is_none());
+    }
 
     /// A guest flush in flight holds its region: a punch asked meanwhile waits for it (the flush's fdatasync
     /// then answers the guest), and only then punches. The real flush worker, the real backing, a real file;

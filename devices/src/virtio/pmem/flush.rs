@@ -42,6 +42,14 @@ pub trait Flush: Send + Sync {
     fn on_worker_start(&self) -> io::Result<()> {
         Ok(())
     }
+
+    /// Flush on the caller's thread (the device's queue path) when that costs nothing and cannot block: there is
+    /// nothing to write back (MAP_SYNC fs-dax, device-DAX, RAM) and nothing to wait for. `Some(result)` is the
+    /// flush's answer, with the same meaning as [`Flush::flush`]'s; `None` sends the request the usual way, to
+    /// the worker. The default never answers inline.
+    fn try_now(&self) -> Option<io::Result<()>> {
+        None
+    }
 }
 
 impl<F: Fn() -> io::Result<()> + Send + Sync> Flush for F {

@@ -1,0 +1,154 @@
+#!/bin/sh
+# The peer scenario (run by scripts/peer-bench, needs `run-scenario.sh --peer`): the Linux guest image runs the same
+# fio jobs (images/linux/peer-fio) under daxvisor (virtio-mmio and --transport pci) and under QEMU 7.2
+# (-enable-kvm, virtio-pmem-pci). Each VM gets three pmem devices, one per backing (told apart in the guest by
+# their sizes: PEER_SIZE_MIB, +2, +4 MiB), each written in full before every VM so no VMM pays first-touch
+# allocation; the guest runs the jobs on one backing after the other, in an order rotated each round:
+#   fsdax      a file on the lab's ext4 -o dax (daxvisor maps it MAP_SYNC; QEMU fsyncs it on every guest flush)
+#   pagecache  a file on a page-cache ext4 (a loop device in the lab's RAM)
+#   tmpfs      a file in tmpfs (the host flush costs nothing for either VMM)
+# The VMMs too run in a different order each round (rotated). Per VM it prints one line per backing and fio job:
+#   peer-run round=R backing=B vmm=V job=J iops=N bw_kib=N kib=N exits=N|- boot_cs=N rss_kib=N
+# boot_cs: centiseconds from starting the VMM to the guest's "dvguest: init reached" line (watched from outside);
+# rss_kib: the VMM's peak resident set (VmHWM) as last read before it exited; exits: KVM exits (lab debugfs)
+# between the guest's peer-mark start/end of the job. Settings (environment, set by scripts/peer-bench):
+#   PEER_ROUNDS (1) PEER_RUNTIME (5 s per job) PEER_VMMS ("daxvisor-mmio daxvisor-pci qemu")
+#   PEER_BACKINGS ("fsdax pagecache tmpfs") PEER_SIZE_MIB (128) PEER_LIMIT (seconds per VM, 900)
+ROUNDS="${PEER_ROUNDS:-1}"
+RUNTIME="${PEER_RUNTIME:-5}"
+VMMS="${PEER_VMMS:-daxvisor-mmio daxvisor-pci qemu}"
+BACKINGS="${PEER_BACKINGS:-fsdax pagecache tmpfs}"
+SIZE_MIB="${PEER_SIZE_MIB:-128}"
+LIMIT="${PEER_LIMIT:-900}"
+CMDLINE="console=ttyS0 reboot=k panic=1 quiet -- peer-fio $RUNTIME"  # + the backings: NAME:MIB ...
+
+command -v qemu-system-x86_64 >/dev/null || { echo "peer: no qemu-system-x86_64 (run-scenario.sh --peer)"; exit 2; }
+echo "peer: $(qemu-system-x86_64 --version | head -n1)"
+echo "peer: rounds=$ROUNDS runtime=${RUNTIME}s vmms=$VMMS backings=$BACKINGS size=${SIZE_MIB}MiB"
+
+# KVM exit counts, when the lab kernel's debugfs has them.
+mount -t debugfs debugfs /sys/kernel/debug 2>/dev/null
+EXITS=/sys/kernel/debug/kvm/exits
+[ -r "$EXITS" ] || EXITS=
+echo "peer: kvm exit counter: ${EXITS:-none}"
+
+# The page-cache backing: ext4 on a loop device over a file in the lab's RAM.
+grep '/loop\.ko' /etc/modules.iommu.order | while read -r m; do insmod "$m" 2>/dev/null; done
+mkdir -p /mnt/pagecache /mnt/tmpfs
+if ! grep -q ' /mnt/pagecache ' /proc/mounts; then
+    dd if=/dev/zero of=/tmp/pagecache.img bs=1M count=0 seek=$((SIZE_MIB + 96)) 2>/dev/null &&
+        mkfs.ext4 -q -F -b 4096 /tmp/pagecache.img >/dev/null &&
+        mount -t ext4 -o loop /tmp/pagecache.img /mnt/pagecache || { echo "peer: page-cache ext4 failed"; exit 2; }
+fi
+mount -t tmpfs -o size=$((SIZE_MIB + 32))m tmpfs /mnt/tmpfs || { echo "peer: tmpfs failed"; exit 2; }
+
+backing_path() {
+    case "$1" in
+    fsdax) echo "$LAB_DAX_MNT/peer.img" ;;
+    pagecache) echo /mnt/pagecache/peer.img ;;
+    tmpfs) echo /mnt/tmpfs/peer.img ;;
+    esac
+}
+backing_mib() {
+    case "$1" in
+    fsdax) echo "$SIZE_MIB" ;;
+    pagecache) echo $((SIZE_MIB + 2)) ;;
+    tmpfs) echo $((SIZE_MIB + 4)) ;;
+    esac
+}
+# The first word of each line rotated left by $1 - 1 places.
+rotate() { echo $2 | awk -v r="$1" '{ for (i = 0; i < NF; i++) printf "%s ", $(((i + r - 1) % NF) + 1) }'; }
+
+uptime_cs() { awk '{ split($1, a, "."); print a[1] * 100 + a[2] }' /proc/uptime; }
+
+# One VM: $1 vmm, $2 round, $3 the backings in the order the guest runs them.
+run_vm() {
+    vmm="$1" round="$2" order="$3"
+    dx_pmem='' q_pmem='' specs='' i=0
+    for backing in $order; do
+        file="$(backing_path "$backing")" mib="$(backing_mib "$backing")"
+        rm -f "$file"
+        # Written in full (and synced) before the VM, so every VMM finds the same allocated file.
+        dd if=/dev/zero of="$file" bs=1M count="$mib" conv=fsync 2>/dev/null || { echo "peer: cannot write $file"; return 1; }
+        dx_pmem="$dx_pmem --pmem file=$file,size=${mib}M"
+        q_pmem="$q_pmem -object memory-backend-file,id=pm$i,share=on,mem-path=$file,size=${mib}M -device virtio-pmem-pci,memdev=pm$i,id=pmem$i"
+        specs="$specs $backing:$mib"
+        i=$((i + 1))
+    done
+    log=/tmp/peer-guest.log marks=/tmp/peer-marks
+    : >"$log"
+    : >"$marks"
+    t0="$(uptime_cs)"
+    case "$vmm" in
+    daxvisor-mmio | daxvisor-pci)
+        transport=mmio
+        [ "$vmm" = daxvisor-pci ] && transport=pci
+        daxvisor run --kernel "$LAB_LINUX_KERNEL" --initrd "$LAB_LINUX_INITRD" --memory 256 --cpus 1 \
+            --serial stdout --transport "$transport" $dx_pmem --cmdline "$CMDLINE$specs" >"$log" 2>&1 &
+        ;;
+    qemu)
+        # shellcheck disable=SC2086 # $q_pmem is a list of options
+        qemu-system-x86_64 -enable-kvm -cpu host -smp 1 -m 256M,slots=4,maxmem=2G -M pc \
+            -nodefaults -no-reboot -display none -serial "file:$log" \
+            -kernel "$LAB_LINUX_KERNEL" -initrd "$LAB_LINUX_INITRD" -append "$CMDLINE$specs" \
+            $q_pmem >/tmp/peer-qemu.out 2>&1 &
+        ;;
+    esac
+    pid=$!
+    boot= rss=0 nmarks=0
+    # Watch from outside: boot to init, the job marks (with the KVM exit counter at each), the peak RSS.
+    while kill -0 "$pid" 2>/dev/null; do
+        now="$(uptime_cs)"
+        if [ -z "$boot" ] && grep -q 'dvguest: init reached' "$log"; then boot=$((now - t0)); fi
+        if [ -n "$boot" ]; then
+            n="$(grep -c 'dvguest: peer-mark' "$log")"
+            if [ "$n" != "$nmarks" ]; then
+                e=-
+                [ -n "$EXITS" ] && e="$(cat "$EXITS")"
+                grep 'dvguest: peer-mark' "$log" | tail -n +$((nmarks + 1)) | while read -r line; do
+                    echo "${line##*peer-mark } $e"
+                done >>"$marks"
+                nmarks="$n"
+            fi
+        fi
+        h="$(awk '/^VmHWM:/ { print $2 }' "/proc/$pid/status" 2>/dev/null)"
+        [ -n "$h" ] && rss="$h"
+        if [ $(((now - t0) / 100)) -ge "$LIMIT" ]; then
+            echo "peer: $vmm: still running after ${LIMIT}s, stopped"
+            kill -9 "$pid"
+            break
+        fi
+        sleep 0.1
+    done
+    wait "$pid"
+    rc=$?
+    tr -d '\r' <"$log" | sed 's/\x1b\[[0-9;]*m//g' >"$log.txt"
+    if ! grep -q 'peer-result' "$log.txt" || ! grep -q 'dvguest: status 0' "$log.txt"; then
+        echo "peer: $vmm (round $round) failed (exit $rc); its log:"
+        sed 's/^/peer|   /' "$log.txt" | tail -n 60
+        [ "$vmm" = qemu ] && sed 's/^/peer|   qemu: /' /tmp/peer-qemu.out
+        return 1
+    fi
+    grep -o 'peer-result .*' "$log.txt" | while read -r _ backing job rest; do
+        # The exits over this job: the counter at its end mark minus at its start mark.
+        s="$(awk -v j="$backing/$job" '$1 == "start" && $2 == j { print $3 }' "$marks" | tail -n1)"
+        f="$(awk -v j="$backing/$job" '$1 == "end" && $2 == j { print $3 }' "$marks" | tail -n1)"
+        x=-
+        case "$s$f" in *-* | "") ;; *) x=$((f - s)) ;; esac
+        echo "peer-run round=$round backing=$backing vmm=$vmm job=$job $rest exits=$x boot_cs=${boot:--} rss_kib=$rss"
+    done
+}
+
+failed=0
+r=1
+while [ "$r" -le "$ROUNDS" ]; do
+    # Rotate the VMM order (and the backings' order in the guest) each round, so none is always first.
+    for vmm in $(rotate "$r" "$VMMS"); do
+        echo "peer: round $r, $vmm"
+        run_vm "$vmm" "$r" "$(rotate "$r" "$BACKINGS")" || failed=$((failed + 1))
+    done
+    r=$((r + 1))
+done
+rm -f "$LAB_DAX_MNT/peer.img" /mnt/pagecache/peer.img /mnt/tmpfs/peer.img
+echo "peer: done, $failed failed VM runs"
+[ "$failed" = 0 ]
