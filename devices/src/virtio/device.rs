@@ -8,7 +8,7 @@
 use std::sync::Arc;
 
 use event_manager::{EventOps, Events};
-use virtio_queue::Queue;
+use virtio_queue::{Queue, QueueT};
 
 use super::{GuestMemory, VirtioInterrupt};
 
@@ -98,4 +98,16 @@ pub fn read_config_bytes(cfg: &[u8], offset: u64, data: &mut [u8]) {
             .copied()
             .unwrap_or(0);
     }
+}
+
+/// The `N` queues a device runs on, each marked ready by the driver: the check a device's
+/// [`VirtioDevice::activate`] starts with.
+pub fn ready_queues<const N: usize>(queues: Vec<Queue>) -> Result<[Queue; N], ActivateError> {
+    let got = queues.len();
+    let queues = <[Queue; N]>::try_from(queues)
+        .map_err(|_| ActivateError::QueueCount { expected: N, got })?;
+    if let Some(i) = queues.iter().position(|q| !q.ready()) {
+        return Err(ActivateError::QueueNotReady(i));
+    }
+    Ok(queues)
 }

@@ -633,16 +633,7 @@ impl VirtioDevice for Iommu {
         interrupt: Arc<dyn VirtioInterrupt>,
         queues: Vec<Queue>,
     ) -> Result<(), ActivateError> {
-        let got = queues.len();
-        let Ok([requests, events]) = <[Queue; 2]>::try_from(queues) else {
-            return Err(ActivateError::QueueCount { expected: 2, got });
-        };
-        if !requests.ready() {
-            return Err(ActivateError::QueueNotReady(0));
-        }
-        if !events.ready() {
-            return Err(ActivateError::QueueNotReady(1));
-        }
+        let [requests, events] = crate::virtio::device::ready_queues(queues)?;
         lock(&self.state).active = Some(Active {
             mem,
             interrupt,

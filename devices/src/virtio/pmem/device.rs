@@ -279,13 +279,7 @@ impl VirtioDevice for Pmem {
         interrupt: Arc<dyn VirtioInterrupt>,
         queues: Vec<Queue>,
     ) -> Result<(), ActivateError> {
-        let got = queues.len();
-        let Ok([queue]) = <[Queue; 1]>::try_from(queues) else {
-            return Err(ActivateError::QueueCount { expected: 1, got });
-        };
-        if !queue.ready() {
-            return Err(ActivateError::QueueNotReady(0));
-        }
+        let [queue] = crate::virtio::device::ready_queues(queues)?;
         lock(&self.state).active = Some(Active {
             mem,
             interrupt,
