@@ -158,22 +158,23 @@ impl Actions {
         let started = std::time::Instant::now();
         // `iommu=recall`: mappings a device has over the range are recalled (and fenced at the deadline)
         // before the mapper sees the change; their pins would refuse it otherwise.
-        let recalled = match self.viommu.get() {
+        let (recalled, _held_off) = match self.viommu.get() {
             Some(v) if reg.config.iommu == crate::pmem::IommuPolicy::Recall => {
                 let len = if length == 0 {
                     reg.size() - offset
                 } else {
                     length
                 };
-                v.recall(
+                let (recalled, hold) = v.recall(
                     &name,
                     reg.guest_addr + offset,
                     len,
                     Duration::from_millis(deadline_ms),
                     &self.events,
-                )
+                );
+                (recalled, Some(hold))
             }
-            _ => Vec::new(),
+            _ => (Vec::new(), None),
         };
         let outcome = self.mapper.change(req);
         let elapsed = started.elapsed();

@@ -9,6 +9,11 @@
 //!   and a layout change over a mapped range meets a pin naming the endpoint;
 //! - anything else (MMIO, holes in the address space, a pmem region without `iommu=`, a range straddling two
 //!   regions or RAM and pmem): refused, the guest reads status RANGE.
+//!
+//! While a recall and the layout change behind it run over a range ([`ViommuDma::hold_off`]), a MAP of pmem
+//! there is refused with NOMEM: Linux's DMA API fails that mapping and the block layer retries the request
+//! later, once the change is done. Without it, a MAP between the fence and the change would pin the range again
+//! and the change would be refused by the very device it recalled.
 
 use std::collections::BTreeMap;
 use std::io;
@@ -104,6 +109,23 @@ pub struct ViommuDma {
     ram_dma: Arc<dyn RamDma>,
     endpoints: BTreeMap<u32, Endpoint>,
     book: Mutex<Book>,
+    /// Guest-physical ranges under a recall and its change (start, end), one entry per [`HoldOff`].
+    held_off: Arc<Mutex<Vec<(u64, u64)>>>,
+}
+
+/// MAPs over a guest-physical range are refused while this lives ([`ViommuDma::hold_off`]).
+pub struct HoldOff {
+    range: (u64, u64),
+    held_off: Arc<Mutex<Vec<(u64, u64)>>>,
+}
+
+impl Drop for HoldOff {
+    fn drop(&mut self) {
+        let mut h = self.held_off.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(i) = h.iter().position(|r| *r == self.range) {
+            h.swap_remove(i);
+        }
+    }
 }
 
 impl ViommuDma {
@@ -136,7 +158,29 @@ impl ViommuDma {
             ram_dma,
             endpoints,
             book: Mutex::default(),
+            held_off: Arc::default(),
         }
+    }
+
+    /// Refuses MAPs of pmem over guest-physical `[gpa, gpa + len)` until the returned guard is dropped.
+    pub fn hold_off(&self, gpa: u64, len: u64) -> HoldOff {
+        let range = (gpa, gpa.saturating_add(len));
+        self.held_off
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .push(range);
+        HoldOff {
+            range,
+            held_off: self.held_off.clone(),
+        }
+    }
+
+    fn is_held_off(&self, start: u64, end: u64) -> bool {
+        self.held_off
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .iter()
+            .any(|&(s, e)| start < e && s < end)
     }
 
     fn book(&self) -> MutexGuard<'_, Book> {
@@ -222,6 +266,13 @@ impl ViommuDma {
         if region.config.iommu == IommuPolicy::Off {
             tracing::debug!(region = %region.name(), "MAP of a region without iommu=: refused");
             return Err(MapRefusal::Outside);
+        }
+        if self.is_held_off(m.phys, end) {
+            tracing::debug!(region = %region.name(), phys = format_args!("{:#x}", m.phys), len = m.len, "MAP during a recall of that range: refused for now");
+            return Err(MapRefusal::NoResources(format!(
+                "{} is being recalled for a layout change: map it again when the change is done",
+                region.name()
+            )));
         }
         let off = m.phys - region.guest_addr;
         let refusal = |what: &str, err: MapperError| {

@@ -11,6 +11,7 @@ use std::time::{Duration, Instant};
 
 use daxvisor_mapper::OwnerId;
 
+use super::dma::HoldOff;
 use super::Viommu;
 use crate::events::{EventKind, EventLog, NewEvent};
 
@@ -41,8 +42,24 @@ pub struct RecallOutcome {
 }
 
 impl Viommu {
-    /// Recalls every mapping over guest-physical `[gpa, gpa + len)` of `region` (blocks up to `deadline`).
+    /// Recalls every mapping over guest-physical `[gpa, gpa + len)` of `region` (blocks up to `deadline`). New
+    /// MAPs over the range are refused until the returned guard goes: the caller keeps it until its layout
+    /// change is done, so the guest cannot map the range again between the fence and the change.
     pub fn recall(
+        &self,
+        region: &str,
+        gpa: u64,
+        len: u64,
+        deadline: Duration,
+        events: &EventLog,
+    ) -> (Vec<RecallOutcome>, HoldOff) {
+        // Before the mapped ranges are listed: a MAP the device is answering now is booked before the listing
+        // (both under the device's lock), and every later one is refused.
+        let hold = self.dma.hold_off(gpa, len);
+        (self.recall_held(region, gpa, len, deadline, events), hold)
+    }
+
+    fn recall_held(
         &self,
         region: &str,
         gpa: u64,
@@ -293,7 +310,7 @@ mod tests {
         let events = EventLog::default();
         // The "guest" unmaps 30 ms into the recall (its hook stopped the reader; its driver unmaps).
         let outcomes = std::thread::scope(|s| {
-            let recall = s.spawn(|| v.recall("data", at, 8 * PG, Duration::from_secs(5), &events));
+            let recall = s.spawn(|| v.recall("data", at, 8 * PG, Duration::from_secs(5), &events).0);
             std::thread::sleep(Duration::from_millis(30));
             let st = drv.send(
                 &map_unmap(req_type::UNMAP, 0x1000_0000, 8 * PG, 0),
@@ -356,7 +373,7 @@ mod tests {
             .unwrap();
         drv.dev.process_queue(1).unwrap();
         let events = EventLog::default();
-        let out = v.recall("data", at, 8 * PG, Duration::from_millis(50), &events);
+        let (out, held_off) = v.recall("data", at, 8 * PG, Duration::from_millis(50), &events);
         assert_eq!(out.len(), 1);
         assert!(out[0].fenced && out[0].released_after.is_none());
         assert_eq!(
@@ -364,7 +381,26 @@ mod tests {
             PG,
             "only the mapping outside the range stays"
         );
+        // Until the change is done the guest cannot map the range again (NOMEM: its DMA API retries later),
+        // so nothing between the fence and the punch pins it and refuses the punch; RAM and the rest map.
+        assert_eq!(
+            drv.send(
+                &map_unmap(req_type::MAP, 0x3000_0000, PG, at + PG),
+                &queues[0]
+            ),
+            status::NOMEM
+        );
+        assert_eq!(v.dma.pinned_bytes(u32::from(EP)), PG);
         mapper.punch(None, r.id, 1 << 20, 8 * PG).unwrap();
+        drop(held_off);
+        assert_eq!(
+            drv.send(
+                &map_unmap(req_type::MAP, 0x3000_0000, PG, at + PG),
+                &queues[0]
+            ),
+            status::OK,
+            "after the change the range maps again"
+        );
         let mut fault = [0u8; 24];
         mem.read_slice(&mut fault, GuestAddress(ev_buf)).unwrap();
         assert_eq!(fault[0], 2, "reason MAPPING");
