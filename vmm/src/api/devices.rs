@@ -181,7 +181,8 @@ pub async fn viommu(
             "this VM has no virtual IOMMU (--device vfio=PATH,iommu=on)",
         ));
     };
-    let (eps, regions) = v.dma.counters();
+    let moment = v.dma.sample();
+    let (eps, regions) = (moment.endpoints, moment.regions);
     let endpoints: Vec<_> = v.dma.endpoints();
     let name_of = |id: u32| {
         endpoints
@@ -199,7 +200,7 @@ pub async fn viommu(
                 name: e.name.clone(),
                 pci: pci_name(e.id as u16),
                 owner: format!("viommu:{}", e.name),
-                pinned_bytes: v.dma.pinned_bytes(e.id),
+                pinned_bytes: moment.pinned.get(&e.id).copied().unwrap_or_default(),
                 counters: eps.get(&e.name).copied().unwrap_or_default(),
             })
             .collect(),

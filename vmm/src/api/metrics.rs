@@ -93,16 +93,18 @@ struct ViommuSample {
 
 impl ViommuSample {
     fn take(v: &crate::viommu::Viommu) -> Self {
-        let (eps, regions) = v.dma.counters();
+        let moment = v.dma.sample();
         let endpoints = v
             .dma
             .endpoints()
             .into_iter()
             .map(|e| {
-                let c = eps.get(&e.name).copied().unwrap_or_default();
-                (e.name.clone(), c, v.dma.pinned_bytes(e.id))
+                let c = moment.endpoints.get(&e.name).copied().unwrap_or_default();
+                let pinned = moment.pinned.get(&e.id).copied().unwrap_or_default();
+                (e.name.clone(), c, pinned)
             })
             .collect();
+        let regions = moment.regions;
         let load = |c: &std::sync::atomic::AtomicU64| c.load(std::sync::atomic::Ordering::Relaxed);
         ViommuSample {
             endpoints,

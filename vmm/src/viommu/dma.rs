@@ -101,6 +101,16 @@ struct Book {
     by_region: BTreeMap<String, MapCounters>,
 }
 
+/// Counters and pinned bytes of one moment ([`ViommuDma::sample`]).
+pub struct ViommuSample {
+    /// Endpoint name -> counters.
+    pub endpoints: BTreeMap<String, MapCounters>,
+    /// Region name ("ram" for guest RAM) -> counters.
+    pub regions: BTreeMap<String, MapCounters>,
+    /// Endpoint id -> pmem bytes pinned.
+    pub pinned: BTreeMap<u32, u64>,
+}
+
 /// The virtual IOMMU's host side: pins and container mappings per endpoint.
 pub struct ViommuDma {
     mapper: Mapper,
@@ -109,6 +119,9 @@ pub struct ViommuDma {
     ram_dma: Arc<dyn RamDma>,
     endpoints: BTreeMap<u32, Endpoint>,
     book: Mutex<Book>,
+    /// Held across each MAP and UNMAP (pin and booking) and across [`ViommuDma::sample`], so a sample's pinned
+    /// bytes and mapped bytes are of one moment.
+    transition: Mutex<()>,
     /// Guest-physical ranges under a recall and its change (start, end), one entry per [`HoldOff`].
     held_off: Arc<Mutex<Vec<(u64, u64)>>>,
 }
@@ -158,6 +171,7 @@ impl ViommuDma {
             ram_dma,
             endpoints,
             book: Mutex::default(),
+            transition: Mutex::default(),
             held_off: Arc::default(),
         }
     }
@@ -212,6 +226,27 @@ impl ViommuDma {
             })
             .collect();
         (eps, b.by_region.clone())
+    }
+
+    /// Counters per endpoint and per region with the pmem bytes pinned per endpoint id, all of one moment (no
+    /// MAP or UNMAP halfway): an endpoint's pinned bytes equal its regions' mapped bytes in every sample.
+    pub fn sample(&self) -> ViommuSample {
+        let _moment = self.transition();
+        let (endpoints, regions) = self.counters();
+        let pinned = self
+            .endpoints
+            .keys()
+            .map(|&id| (id, self.pinned_bytes(id)))
+            .collect();
+        ViommuSample {
+            endpoints,
+            regions,
+            pinned,
+        }
+    }
+
+    fn transition(&self) -> MutexGuard<'_, ()> {
+        self.transition.lock().unwrap_or_else(|e| e.into_inner())
     }
 
     /// Bytes of pmem pinned for `endpoint` right now, as the layout-lease manager counts its pins.
@@ -325,6 +360,7 @@ impl ViommuDma {
 
 impl IommuMapper for ViommuDma {
     fn map(&self, m: &DmaMap) -> Result<(), MapRefusal> {
+        let _moment = self.transition();
         let Some(e) = self.endpoints.get(&m.endpoint) else {
             return Err(MapRefusal::Failed(format!("no endpoint {:#x}", m.endpoint)));
         };
@@ -358,6 +394,7 @@ impl IommuMapper for ViommuDma {
     }
 
     fn unmap(&self, m: &DmaMap) {
+        let _moment = self.transition();
         let Some((len, held)) = self.book().live.remove(&(m.endpoint, m.iova)) else {
             tracing::error!(
                 endpoint = m.endpoint,

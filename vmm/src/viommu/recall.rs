@@ -310,7 +310,10 @@ mod tests {
         let events = EventLog::default();
         // The "guest" unmaps 30 ms into the recall (its hook stopped the reader; its driver unmaps).
         let outcomes = std::thread::scope(|s| {
-            let recall = s.spawn(|| v.recall("data", at, 8 * PG, Duration::from_secs(5), &events).0);
+            let recall = s.spawn(|| {
+                v.recall("data", at, 8 * PG, Duration::from_secs(5), &events)
+                    .0
+            });
             std::thread::sleep(Duration::from_millis(30));
             let st = drv.send(
                 &map_unmap(req_type::UNMAP, 0x1000_0000, 8 * PG, 0),
