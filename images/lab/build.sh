@@ -96,6 +96,13 @@ lab_log "linux guest image ($(lab_elapsed))"
 AGENT_BIN="$BINS/usr/bin/daxvisor-agent" DMA_READ_BIN="$BINS/usr/bin/dma-read" FIO_BIN="$FIO_BIN" \
     KERNEL_VERSION="$KERNEL_VERSION" KERNEL_ROOT="$KERNEL_ROOT" KERNEL_IMAGE="$KERNEL_IMAGE" "$REPO_ROOT/images/linux/build.sh"
 cp -p "$REPO_ROOT/images/linux/build/vmlinuz" "$REPO_ROOT/images/linux/build/initrd.gz" "$BINS/images/linux/"
+# The virtual IOMMU scenario's guest (Debian 6.12 from bookworm-backports: 6.1 has no virtio-iommu).
+lab_log "linux guest image for the virtual IOMMU ($(lab_elapsed))"
+AGENT_BIN="$BINS/usr/bin/daxvisor-agent" DMA_READ_BIN="$BINS/usr/bin/dma-read" GUEST_KERNEL=viommu \
+    "$REPO_ROOT/images/linux/build.sh"
+mkdir -p "$BINS/images/linux-viommu"
+cp -p "$REPO_ROOT/images/linux/build-viommu/vmlinuz" "$REPO_ROOT/images/linux/build-viommu/initrd.gz" \
+    "$BINS/images/linux-viommu/"
 lab_pack_initramfs "$BINS" "$OUT/bins.cpio.gz"
 
 if [ "$WITH_PEER" = 1 ]; then

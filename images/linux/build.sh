@@ -60,4 +60,8 @@ install -D -m 0755 "$LINUX_DIR/peer-fio" "$ROOT/usr/bin/peer-fio"
 if [ -n "${DMA_READ_BIN:-}" ] && [ -x "$DMA_READ_BIN" ]; then
     install -D -m 0755 "$DMA_READ_BIN" "$ROOT/usr/bin/dma-read"
 fi
+# The virtual IOMMU scenario's guest side (images/lab/scenarios/viommu.sh runs it), in that image only.
+if [ "${GUEST_KERNEL:-default}" = viommu ]; then
+    install -D -m 0755 "$LINUX_DIR/viommu-scenario" "$ROOT/usr/bin/viommu-scenario"
+fi
 lab_pack_initramfs "$ROOT" "$OUT/initrd.gz"

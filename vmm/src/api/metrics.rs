@@ -117,7 +117,7 @@ impl ViommuSample {
 
     fn encode(&self, encoder: &mut DescriptorEncoder) -> Result<(), std::fmt::Error> {
         type Get = fn(&crate::viommu::MapCounters) -> u64;
-        let per: [(&str, &str, Get, MetricType); 4] = [
+        let per: [(&str, &str, Get, MetricType); 5] = [
             ("maps", "MAPs accepted", |c| c.maps, MetricType::Counter),
             (
                 "unmaps",
@@ -130,6 +130,12 @@ impl ViommuSample {
                 "Bytes mapped right now",
                 |c| c.mapped_bytes,
                 MetricType::Gauge,
+            ),
+            (
+                "bytes_mapped",
+                "Bytes mapped by all MAPs accepted",
+                |c| c.mapped_bytes_total,
+                MetricType::Counter,
             ),
             (
                 "refused",

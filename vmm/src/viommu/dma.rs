@@ -88,6 +88,8 @@ pub struct MapCounters {
     pub unmaps: u64,
     /// Bytes mapped right now.
     pub mapped_bytes: u64,
+    /// Bytes mapped by all MAPs accepted so far (what a guest's own trace of its maps adds up to).
+    pub mapped_bytes_total: u64,
     /// MAPs the host refused (outside RAM and pmem, a pin refused).
     pub refused: u64,
 }
@@ -381,6 +383,7 @@ impl IommuMapper for ViommuDma {
                 self.count(m.endpoint, &region, |c| {
                     c.maps += 1;
                     c.mapped_bytes += m.len;
+                    c.mapped_bytes_total += m.len;
                 });
                 tracing::debug!(endpoint = %e.name, iova = format_args!("{:#x}", m.iova), len = m.len, phys = format_args!("{:#x}", m.phys), %region, "viommu map");
                 Ok(())
@@ -529,6 +532,14 @@ mod tests {
         mapper.punch(None, r.id, 1 << 20, 2 * PG).unwrap();
         v.unmap(&map(0x1000_0000, 4 * PG, 0x10_0000));
         assert!(ram_dma.0.lock().unwrap().is_empty());
+        let moment = v.sample();
+        assert_eq!(moment.regions["data"].mapped_bytes, 0);
+        assert_eq!(
+            moment.regions["data"].mapped_bytes_total,
+            2 * PG,
+            "what was ever mapped stays counted"
+        );
+        assert_eq!(moment.pinned[&EP], 0);
 
         // Straddling the region's end, RAM's end, and nothing at all.
         let end = r.guest_addr + r.size();
