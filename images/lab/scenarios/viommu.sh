@@ -14,20 +14,25 @@
 # Throughout, each metrics sample's pinned bytes of the endpoint are checked against its pmem mapped bytes; at the
 # end the guest's own trace of its maps is compared with the VMM's counters. Lines for the test start `lab: `.
 ctl() { daxvisor-ctl --api-socket /tmp/api.sock "$@"; }
-metric() { # NAME{LABELS} from the last sample
-    grep -F "$1" /tmp/metrics | head -n 1 | awk '{ print $NF }'
+metric() { # NAME LABEL=VALUE: the value in the last scrape (labels also carry the VM's name)
+    grep "^$1{" /tmp/metrics | grep -F "$2" | head -n 1 | awk '{ print $NF }'
 }
 sample() { # WHEN: pinned bytes against the pmem regions' mapped bytes, from one scrape
     ctl metrics >/tmp/metrics 2>&1 || { echo "lab: sample $1: metrics failed"; return; }
-    p=$(metric 'daxvisor_viommu_endpoint_pinned_bytes{endpoint="nvme0"}')
-    a=$(metric 'daxvisor_viommu_region_mapped_bytes{region="rf"}')
-    b=$(metric 'daxvisor_viommu_region_mapped_bytes{region="rc"}')
+    p=$(metric daxvisor_viommu_endpoint_pinned_bytes 'endpoint="nvme0"')
+    a=$(metric daxvisor_viommu_region_mapped_bytes 'region="rf"')
+    b=$(metric daxvisor_viommu_region_mapped_bytes 'region="rc"')
     echo "lab: sample $1: pinned ${p:-none} mapped $(( ${a:-0} + ${b:-0} ))"
 }
-wait_for() { # PATTERN SECONDS
+log() { sed 's/\x1b\[[0-9;]*m//g' /tmp/guest.log | grep -E 'dvguest|daxvisor|WARN|ERROR' | tail -n "$1"; }
+wait_for() { # PATTERN SECONDS: the scenario ends here if the VM ends or the guest never gets there
     i=0
     while ! grep -q "$1" /tmp/guest.log && [ $i -lt "$2" ] && kill -0 $pid 2>/dev/null; do sleep 1; i=$((i + 1)); done
-    grep -q "$1" /tmp/guest.log || echo "lab: timed out waiting for '$1'"
+    grep -q "$1" /tmp/guest.log && return
+    echo "lab: no '$1' after $i s (daxvisor $(kill -0 $pid 2>/dev/null && echo running || echo gone))"
+    kill $pid 2>/dev/null
+    log 60
+    exit 1
 }
 field() { # WORD after which the number comes, in the guest's offsets line for REGION
     grep "dvguest: offsets $1 " /tmp/guest.log | head -n 1 | sed "s/.* $2 \([0-9]*\).*/\1/"
@@ -89,10 +94,12 @@ sample B2
 wait_for 'dvguest: phase C' 60
 sleep 2
 sample C1
+# The guest's driver unmaps each buffer as soon as its read completes, and no new MAP gets in while a recall
+# runs, so a deadline longer than one read always finds the range unmapped: a short one finds a read in flight.
 n=0
-while [ $n -lt 30 ] && ! ctl events 2>/dev/null | grep -q dma-fenced; do
+while [ $n -lt 40 ] && ! ctl events 2>/dev/null | grep -q dma-fenced; do
     n=$((n + 1))
-    ctl punch rc --offset "$buf" --length 2M --deadline 2s >/tmp/punch 2>&1
+    ctl punch rc --offset "$buf" --length 2M --deadline 1ms >/tmp/punch 2>&1
     echo "lab: fence punch $n: exit $?"
 done
 ctl events 2>&1 | grep -E 'dma-fenced' | sed 's/^/lab: C event /'
@@ -102,13 +109,17 @@ ctl vm >/dev/null 2>&1
 echo "lab: the API after the fence: exit $?"
 mailbox D
 
-wait_for 'dvguest: guest done' 120
+wait_for 'dvguest: trace: ' 120
 sample end
-grep -E 'daxvisor_viommu_(region_(maps|unmaps|bytes_mapped|refused)|fences|recalls|requests_answered)' /tmp/metrics |
-    grep -v '^#' | sed 's/^/lab: metric /'
+grep -E '^daxvisor_viommu_(region_(maps|unmaps|bytes_mapped|refused)|fences|recalls|requests_answered)' /tmp/metrics |
+    sed 's/^/lab: metric /'
+echo "lab: host bytes mapped rf+rc $(( $(metric daxvisor_viommu_region_bytes_mapped_total 'region="rf"') + \
+    $(metric daxvisor_viommu_region_bytes_mapped_total 'region="rc"') ))"
+mailbox E
+wait_for 'dvguest: guest done' 60
 i=0
 while kill -0 $pid 2>/dev/null && [ $i -lt 60 ]; do sleep 1; i=$((i + 1)); done
 kill $pid 2>/dev/null
 wait $pid
 echo "lab: daxvisor exit $? after $(( $(date +%s) - start )) s"
-sed 's/\x1b\[[0-9;]*m//g' /tmp/guest.log | grep -vE '^guest\| ' | grep -E 'dvguest|daxvisor|WARN|ERROR' | tail -n 80
+log 80

@@ -139,7 +139,8 @@ impl DmaMapper for VfioDma {
         }
         .map_err(|e| errno(&e))?;
         self.live().insert(iova, (len, MappingKind::Pin));
-        tracing::info!(iova = format_args!("{iova:#x}"), len, "VFIO DMA map");
+        // Debug: under a virtual IOMMU this is once per guest I/O; the pin's own line names who asked.
+        tracing::debug!(iova = format_args!("{iova:#x}"), len, "VFIO DMA map");
         Ok(())
     }
 
@@ -149,12 +150,12 @@ impl DmaMapper for VfioDma {
             .vfio_dma_unmap(iova, len as usize)
             .map_err(|e| errno(&e));
         self.live().remove(&iova);
-        tracing::info!(
-            iova = format_args!("{iova:#x}"),
-            len,
-            ok = r.is_ok(),
-            "VFIO DMA unmap"
-        );
+        match &r {
+            Ok(()) => tracing::debug!(iova = format_args!("{iova:#x}"), len, "VFIO DMA unmap"),
+            Err(e) => {
+                tracing::warn!(iova = format_args!("{iova:#x}"), len, error = %e, "VFIO DMA unmap failed")
+            }
+        }
         r
     }
 }
