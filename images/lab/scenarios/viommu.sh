@@ -12,7 +12,9 @@
 #   phase C  the hook ignores the recall: at the deadline the mapping is fenced and the punch proceeds; the VMM
 #            serves on
 # Throughout, each metrics sample's pinned bytes of the endpoint are checked against its pmem mapped bytes; at the
-# end the guest's own trace of its maps is compared with the VMM's counters. Lines for the test start `lab: `.
+# end the guest's own trace of its maps is compared with the VMM's counters (bytes mapped plus bytes refused: the
+# guest's driver records a map before the device answers, so a MAP refused while a recall runs is in its trace
+# too). Lines for the test start `lab: `.
 ctl() { daxvisor-ctl --api-socket /tmp/api.sock "$@"; }
 metric() { # NAME LABEL=VALUE: the value in the last scrape (labels also carry the VM's name)
     grep "^$1{" /tmp/metrics | grep -F "$2" | head -n 1 | awk '{ print $NF }'
@@ -111,10 +113,12 @@ mailbox D
 
 wait_for 'dvguest: trace: ' 120
 sample end
-grep -E '^daxvisor_viommu_(region_(maps|unmaps|bytes_mapped|refused)|fences|recalls|requests_answered)' /tmp/metrics |
+grep -E '^daxvisor_viommu_(region_(maps|unmaps|bytes_mapped|refused|bytes_refused)|fences|recalls|requests_answered)' /tmp/metrics |
     sed 's/^/lab: metric /'
-echo "lab: host bytes mapped rf+rc $(( $(metric daxvisor_viommu_region_bytes_mapped_total 'region="rf"') + \
-    $(metric daxvisor_viommu_region_bytes_mapped_total 'region="rc"') ))"
+for what in mapped refused; do
+    echo "lab: host bytes $what rf+rc $(( $(metric daxvisor_viommu_region_bytes_${what}_total 'region="rf"') + \
+        $(metric daxvisor_viommu_region_bytes_${what}_total 'region="rc"') ))"
+done
 mailbox E
 wait_for 'dvguest: guest done' 60
 i=0

@@ -117,7 +117,7 @@ impl ViommuSample {
 
     fn encode(&self, encoder: &mut DescriptorEncoder) -> Result<(), std::fmt::Error> {
         type Get = fn(&crate::viommu::MapCounters) -> u64;
-        let per: [(&str, &str, Get, MetricType); 5] = [
+        let per: [(&str, &str, Get, MetricType); 6] = [
             ("maps", "MAPs accepted", |c| c.maps, MetricType::Counter),
             (
                 "unmaps",
@@ -139,8 +139,14 @@ impl ViommuSample {
             ),
             (
                 "refused",
-                "MAPs the host refused (outside RAM and pmem, a pin refused)",
+                "MAPs the host refused (outside RAM and pmem, a pin refused, a range under recall)",
                 |c| c.refused,
+                MetricType::Counter,
+            ),
+            (
+                "bytes_refused",
+                "Bytes of the MAPs the host refused",
+                |c| c.refused_bytes,
                 MetricType::Counter,
             ),
         ];

@@ -90,8 +90,11 @@ pub struct MapCounters {
     pub mapped_bytes: u64,
     /// Bytes mapped by all MAPs accepted so far (what a guest's own trace of its maps adds up to).
     pub mapped_bytes_total: u64,
-    /// MAPs the host refused (outside RAM and pmem, a pin refused).
+    /// MAPs the host refused (outside RAM and pmem, a pin refused, a range under recall).
     pub refused: u64,
+    /// Bytes of the MAPs refused (a guest's trace of its maps counts them too: its driver records a map before
+    /// the device answers it).
+    pub refused_bytes: u64,
 }
 
 #[derive(Default)]
@@ -389,8 +392,19 @@ impl IommuMapper for ViommuDma {
                 Ok(())
             }
             Err(r) => {
-                let mut b = self.book();
-                b.by_endpoint.entry(m.endpoint).or_default().refused += 1;
+                // Counted per region too where the range lies in one (a refusal for being outside has none).
+                let region = self.regions.all().into_iter().find(|g| {
+                    g.guest_addr <= m.phys
+                        && m.phys.saturating_add(m.len) <= g.guest_addr + g.size()
+                });
+                let refused = |c: &mut MapCounters| {
+                    c.refused += 1;
+                    c.refused_bytes += m.len;
+                };
+                match region {
+                    Some(g) => self.count(m.endpoint, g.name(), refused),
+                    None => refused(self.book().by_endpoint.entry(m.endpoint).or_default()),
+                }
                 Err(r)
             }
         }

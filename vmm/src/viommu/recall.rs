@@ -394,6 +394,8 @@ mod tests {
             status::NOMEM
         );
         assert_eq!(v.dma.pinned_bytes(u32::from(EP)), PG);
+        let refused = v.dma.sample().regions["data"];
+        assert_eq!((refused.refused, refused.refused_bytes), (1, PG));
         mapper.punch(None, r.id, 1 << 20, 8 * PG).unwrap();
         drop(held_off);
         assert_eq!(
