@@ -617,7 +617,7 @@ echo "nonzero bytes in the punched range: $(dd if="$img" bs=1M skip=1 count=2 2>
         "\"kind\": \"fsdax\"",
         "refused: ETXTBSY",
         "holder: owner",
-        "(operator:backup) with a exclusive lease",
+        "(operator:backup) with an exclusive lease",
         "punch-held status: 3",
         "punch status: 0",
         "daxvisor exit status: 0",

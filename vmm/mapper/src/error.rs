@@ -18,6 +18,16 @@ pub enum HoldKind {
     ExclusiveLease,
 }
 
+impl HoldKind {
+    /// "a pin", "an exclusive lease": for messages that say "held ... with {}".
+    pub fn with_article(self) -> &'static str {
+        match self {
+            HoldKind::Pin => "a pin",
+            HoldKind::ExclusiveLease => "an exclusive lease",
+        }
+    }
+}
+
 impl fmt::Display for HoldKind {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.write_str(match self {
@@ -139,7 +149,7 @@ pub enum MapperError {
         transients: usize,
     },
     /// A layout change over a range another owner pinned or leased exclusively (ETXTBSY).
-    #[error("{range} is held by {holder} ({holder_name}) with a {kind}")]
+    #[error("{range} is held by {holder} ({holder_name}) with {}", kind.with_article())]
     TextBusy {
         /// Who holds it.
         holder: OwnerId,
@@ -152,7 +162,7 @@ pub enum MapperError {
     },
     /// A layout change over a range the requester itself pinned or leased exclusively; wins over ETXTBSY
     /// (EDEADLK).
-    #[error("{range} is held by the requester {holder} itself with a {kind}")]
+    #[error("{range} is held by the requester {holder} itself with {}", kind.with_article())]
     Deadlock {
         /// The requester.
         holder: OwnerId,

@@ -410,9 +410,14 @@ fn api_failure(status: StatusCode, bytes: &[u8]) -> Failure {
     };
     if let Some(h) = &err.holder {
         message.push_str(&format!(
-            "\nholder: owner {} ({}) with a {} on {}",
+            "\nholder: owner {} ({}) with {} {} on {}",
             h.owner,
             h.name,
+            if h.kind.starts_with(['a', 'e', 'i', 'o', 'u']) {
+                "an"
+            } else {
+                "a"
+            },
             h.kind,
             range(h.offset, h.length)
         ));
