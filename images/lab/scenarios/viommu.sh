@@ -40,6 +40,14 @@ field() { # WORD after which the number comes, in the guest's offsets line for R
     grep "dvguest: offsets $1 " /tmp/guest.log | head -n 1 | sed "s/.* $2 \([0-9]*\).*/\1/"
 }
 blocks() { stat -c %b "$1"; }
+punch_until() { # EVENT TRIES DEADLINE LABEL: punch rc's buffer until the event shows (a read was in flight)
+    n=0
+    while [ $n -lt "$2" ] && ! ctl events 2>/dev/null | grep -q "$1"; do
+        n=$((n + 1))
+        ctl punch rc --offset "$buf" --length 2M --deadline "$3" >/tmp/punch 2>&1
+        echo "lab: $4 punch $n: exit $?"
+    done
+}
 mailbox() { # LETTER: written through rf's backing file, seen by the guest through its DAX mapping
     printf '%s' "$1" | dd of="$rf" bs=1 seek="$(field rf mailbox)" conv=notrunc 2>/dev/null
 }
@@ -83,12 +91,7 @@ wait_for 'dvguest: phase B' 120
 sleep 2
 sample B1
 buf=$(field rc buf)
-n=0
-while [ $n -lt 30 ] && ! ctl events 2>/dev/null | grep -q dma-recall; do
-    n=$((n + 1))
-    ctl punch rc --offset "$buf" --length 2M --deadline 20s >/tmp/punch 2>&1
-    echo "lab: recall punch $n: exit $?"
-done
+punch_until dma-recall 30 20s recall
 wait_for 'dvguest: phase B: reader stopped' 60
 ctl events 2>&1 | grep -E 'dma-recall|dma-fenced' | sed 's/^/lab: B event /'
 sample B2
@@ -98,12 +101,7 @@ sleep 2
 sample C1
 # The guest's driver unmaps each buffer as soon as its read completes, and no new MAP gets in while a recall
 # runs, so a deadline longer than one read always finds the range unmapped: a short one finds a read in flight.
-n=0
-while [ $n -lt 40 ] && ! ctl events 2>/dev/null | grep -q dma-fenced; do
-    n=$((n + 1))
-    ctl punch rc --offset "$buf" --length 2M --deadline 1ms >/tmp/punch 2>&1
-    echo "lab: fence punch $n: exit $?"
-done
+punch_until dma-fenced 40 1ms fence
 ctl events 2>&1 | grep -E 'dma-fenced' | sed 's/^/lab: C event /'
 sleep 5
 sample C2

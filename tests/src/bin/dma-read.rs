@@ -71,18 +71,7 @@ fn main() -> ExitCode {
             ExitCode::SUCCESS
         }
         Some("read") if args.len() == 5 => {
-            let len: usize = args[4].parse().unwrap();
-            let dev = OpenOptions::new()
-                .read(true)
-                .custom_flags(libc::O_DIRECT)
-                .open(&args[2])
-                .unwrap();
-            let file = OpenOptions::new()
-                .read(true)
-                .write(true)
-                .open(&args[3])
-                .unwrap();
-            let p = map_shared(&file, len);
+            let (dev, len, p) = open_dev_and_map(&args);
             // SAFETY: the mapping is `len` bytes long; the device writes it by DMA during the call.
             let n = unsafe { libc::pread(dev.as_raw_fd(), p, len, 0) };
             assert_eq!(
@@ -102,18 +91,8 @@ fn main() -> ExitCode {
             ExitCode::SUCCESS
         }
         Some("loop") if args.len() == 6 => {
-            let len: usize = args[4].parse().unwrap();
-            let dev = OpenOptions::new()
-                .read(true)
-                .custom_flags(libc::O_DIRECT)
-                .open(&args[2])
-                .unwrap();
-            let file = OpenOptions::new()
-                .read(true)
-                .write(true)
-                .open(&args[3])
-                .unwrap();
-            read_loop(&dev, map_shared(&file, len), len, &args[5])
+            let (dev, len, p) = open_dev_and_map(&args);
+            read_loop(&dev, p, len, &args[5])
         }
         _ => {
             eprintln!(
@@ -122,6 +101,23 @@ fn main() -> ExitCode {
             ExitCode::from(2)
         }
     }
+}
+
+/// `DEV FILE LEN` of `read` and `loop`: the device opened for O_DIRECT reads, LEN, and FILE's first LEN bytes
+/// mapped shared.
+fn open_dev_and_map(args: &[String]) -> (std::fs::File, usize, *mut libc::c_void) {
+    let len: usize = args[4].parse().unwrap();
+    let dev = OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_DIRECT)
+        .open(&args[2])
+        .unwrap();
+    let file = OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open(&args[3])
+        .unwrap();
+    (dev, len, map_shared(&file, len))
 }
 
 /// A shared read-write mapping of the first `len` bytes of `file`, for the life of the process.
