@@ -13,9 +13,10 @@
 #   python3-fusepy   the FUSE file system with a slow fsync (tests/fixtures/slow_fsync_fs.py: the second-signal test)
 #   libfuse2         the library fusepy loads
 #   prometheus       a real Prometheus scrapes daxvisor --metrics-addr (tests/fleet.rs)
+#   strace           the peer scenario times each VMM's host syncs (images/lab/scenarios/peer.sh)
 set -euo pipefail
 
-PACKAGES=(qemu-system-x86 busybox-static cpio e2fsprogs xfsprogs kmod gzip acpica-tools python3-fusepy libfuse2 prometheus)
+PACKAGES=(qemu-system-x86 busybox-static cpio e2fsprogs xfsprogs kmod gzip acpica-tools python3-fusepy libfuse2 prometheus strace)
 
 missing=()
 for p in "${PACKAGES[@]}"; do

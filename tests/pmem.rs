@@ -429,8 +429,9 @@ fn a_failed_prefault_on_a_full_file_system_refuses_the_start_and_gives_the_block
 /// The panic policy: a panic in any VMM thread (injected here through the debug-build-only
 /// `DAXVISOR_TEST_PANIC`) stops the VM cleanly: one line naming the thread, the final flush, exit 1.
 #[test]
-fn a_panic_in_a_service_thread_stops_the_vm_cleanly_naming_the_thread() {
-    for thread in ["agent", "reclaim", "api"] {
+fn a_panic_in_any_thread_stops_the_vm_cleanly_naming_the_thread() {
+    // The service threads, the vCPU and the region's flush worker (a device thread, started by the device crate).
+    for thread in ["agent", "reclaim", "api", "vcpu0", "pmem-flush-pmem0"] {
         let dir = tempfile::tempdir().unwrap();
         let img = dir.path().join("vm.img");
         let sock = dir.path().join("api.sock");

@@ -111,6 +111,8 @@ if [ "$WITH_PEER" = 1 ]; then
     rm -rf "$PEER"
     mkdir -p "$PEER"
     lab_stage_qemu "$PEER"
+    # The peer scenario times each VMM's host syncs with it.
+    lab_stage_dynamic "$PEER" "$(command -v strace || echo /usr/bin/strace)"
     lab_pack_initramfs "$PEER" "$OUT/peer.cpio.gz"
 fi
 

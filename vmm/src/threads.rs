@@ -101,16 +101,17 @@ fn stop_target_now(reason: StopReason) {
 }
 
 /// Test-only fault injection (debug builds only; release builds do not have it): `DAXVISOR_TEST_PANIC=NAME`
-/// makes the thread named NAME panic as soon as it is set up, to prove the panic policy end to end.
+/// makes the thread named NAME panic as soon as it is set up, to prove the panic policy end to end. Threads not
+/// started here (a device's flush worker) call it from their own start.
 #[cfg(debug_assertions)]
-fn inject_test_panic(name: &str) {
+pub(crate) fn inject_test_panic(name: &str) {
     if std::env::var("DAXVISOR_TEST_PANIC").is_ok_and(|v| v == name) {
         panic!("injected by DAXVISOR_TEST_PANIC");
     }
 }
 
 #[cfg(not(debug_assertions))]
-fn inject_test_panic(_name: &str) {}
+pub(crate) fn inject_test_panic(_name: &str) {}
 
 /// Joins a thread started by [`spawn`]; a panic was already reported by the hook.
 pub fn join<T>(name: &str, handle: JoinHandle<Option<T>>) -> Option<T> {

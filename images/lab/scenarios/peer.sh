@@ -11,7 +11,10 @@
 #   peer-run round=R backing=B vmm=V job=J iops=N bw_kib=N kib=N exits=N|- boot_cs=N rss_kib=N
 # boot_cs: centiseconds from starting the VMM to the guest's "dvguest: init reached" line (watched from outside);
 # rss_kib: the VMM's peak resident set (VmHWM) as last read before it exited; exits: KVM exits (lab debugfs)
-# between the guest's peer-mark start/end of the job. Settings (environment, set by scripts/peer-bench):
+# between the guest's peer-mark start/end of the job; syncs and sync_us: the host syncs (fsync, fdatasync, msync)
+# the VMM made over the job and their summed duration, from `strace -f -T` (with --seccomp-bpf only those
+# calls stop the VMM, the same cost per sync for every VMM), so a guest fsync's time splits into the host sync
+# and everything else. Settings (environment, set by scripts/peer-bench):
 #   PEER_ROUNDS (1) PEER_RUNTIME (5 s per job) PEER_VMMS ("daxvisor-mmio daxvisor-pci qemu")
 #   PEER_BACKINGS ("fsdax pagecache tmpfs") PEER_SIZE_MIB (128) PEER_LIMIT (seconds per VM, 900)
 ROUNDS="${PEER_ROUNDS:-1}"
@@ -31,6 +34,12 @@ mount -t debugfs debugfs /sys/kernel/debug 2>/dev/null
 EXITS=/sys/kernel/debug/kvm/exits
 [ -r "$EXITS" ] || EXITS=
 echo "peer: kvm exit counter: ${EXITS:-none}"
+# Each VMM's host syncs, timed (PEER_STRACE=0 turns it off).
+STRACE=
+if [ "${PEER_STRACE:-1}" = 1 ] && command -v strace >/dev/null; then
+    STRACE="strace -f -qq -T --seccomp-bpf -e trace=fsync,fdatasync,msync"
+fi
+echo "peer: host syncs timed with: ${STRACE:-nothing}"
 
 # The page-cache backing: ext4 on a loop device over a file in the lab's RAM.
 grep '/loop\.ko' /etc/modules.iommu.order | while read -r m; do insmod "$m" 2>/dev/null; done
@@ -75,20 +84,21 @@ run_vm() {
         specs="$specs $backing:$mib"
         i=$((i + 1))
     done
-    log=/tmp/peer-guest.log marks=/tmp/peer-marks
+    log=/tmp/peer-guest.log marks=/tmp/peer-marks trace=/tmp/peer-strace
     : >"$log"
     : >"$marks"
+    : >"$trace"
     t0="$(uptime_cs)"
     case "$vmm" in
     daxvisor-mmio | daxvisor-pci)
         transport=mmio
         [ "$vmm" = daxvisor-pci ] && transport=pci
-        daxvisor run --kernel "$LAB_LINUX_KERNEL" --initrd "$LAB_LINUX_INITRD" --memory 256 --cpus 1 \
+        $STRACE -o "$trace" daxvisor run --kernel "$LAB_LINUX_KERNEL" --initrd "$LAB_LINUX_INITRD" --memory 256 --cpus 1 \
             --serial stdout --transport "$transport" $dx_pmem --cmdline "$CMDLINE$specs" >"$log" 2>&1 &
         ;;
     qemu)
         # shellcheck disable=SC2086 # $q_pmem is a list of options
-        qemu-system-x86_64 -enable-kvm -cpu host -smp 1 -m 256M,slots=4,maxmem=2G -M pc \
+        $STRACE -o "$trace" qemu-system-x86_64 -enable-kvm -cpu host -smp 1 -m 256M,slots=4,maxmem=2G -M pc \
             -nodefaults -no-reboot -display none -serial "file:$log" \
             -kernel "$LAB_LINUX_KERNEL" -initrd "$LAB_LINUX_INITRD" -append "$CMDLINE$specs" \
             $q_pmem >/tmp/peer-qemu.out 2>&1 &
@@ -105,17 +115,21 @@ run_vm() {
             if [ "$n" != "$nmarks" ]; then
                 e=-
                 [ -n "$EXITS" ] && e="$(cat "$EXITS")"
+                t="$(wc -l <"$trace")"
                 grep 'dvguest: peer-mark' "$log" | tail -n +$((nmarks + 1)) | while read -r line; do
-                    echo "${line##*peer-mark } $e"
+                    echo "${line##*peer-mark } $e $t"
                 done >>"$marks"
                 nmarks="$n"
             fi
         fi
-        h="$(awk '/^VmHWM:/ { print $2 }' "/proc/$pid/status" 2>/dev/null)"
+        # Under strace the VMM is strace's child.
+        vpid="$pid"
+        [ -n "$STRACE" ] && vpid="$(awk '{ print $1 }' "/proc/$pid/task/$pid/children" 2>/dev/null)"
+        h="$(awk '/^VmHWM:/ { print $2 }' "/proc/${vpid:-$pid}/status" 2>/dev/null)"
         [ -n "$h" ] && rss="$h"
         if [ $(((now - t0) / 100)) -ge "$LIMIT" ]; then
             echo "peer: $vmm: still running after ${LIMIT}s, stopped"
-            kill -9 "$pid"
+            kill -9 ${vpid:-} "$pid"
             break
         fi
         sleep 0.1
@@ -135,7 +149,16 @@ run_vm() {
         f="$(awk -v j="$backing/$job" '$1 == "end" && $2 == j { print $3 }' "$marks" | tail -n1)"
         x=-
         case "$s$f" in *-* | "") ;; *) x=$((f - s)) ;; esac
-        echo "peer-run round=$round backing=$backing vmm=$vmm job=$job $rest exits=$x boot_cs=${boot:--} rss_kib=$rss"
+        # The host syncs over this job: the strace lines between its marks that end with a duration.
+        ts="$(awk -v j="$backing/$job" '$1 == "start" && $2 == j { print $4 }' "$marks" | tail -n1)"
+        tf="$(awk -v j="$backing/$job" '$1 == "end" && $2 == j { print $4 }' "$marks" | tail -n1)"
+        sy="syncs=- sync_us=-"
+        if [ -n "$STRACE" ] && [ -n "$ts" ] && [ -n "$tf" ]; then
+            sy="$(sed -n "$((ts + 1)),${tf}p" "$trace" | awk '
+                match($0, /<[0-9.]+>$/) { n++; t += substr($0, RSTART + 1, RLENGTH - 2) }
+                END { printf "syncs=%d sync_us=%d", n, t * 1000000 }')"
+        fi
+        echo "peer-run round=$round backing=$backing vmm=$vmm job=$job $rest exits=$x $sy boot_cs=${boot:--} rss_kib=$rss"
     done
 }
 

@@ -99,7 +99,11 @@ impl Flush for BackingFlush {
         crate::seccomp::apply_for_thread(crate::seccomp::ThreadKind::FlushWorker).map_err(|e| {
             tracing::error!(path = %self.path.display(), "{e}; this region's flushes will fail");
             io::Error::other(e.to_string())
-        })
+        })?;
+        if let Some(name) = std::thread::current().name() {
+            crate::threads::inject_test_panic(name);
+        }
+        Ok(())
     }
 
     fn flush(&self) -> io::Result<()> {
