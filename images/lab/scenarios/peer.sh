@@ -154,7 +154,9 @@ run_vm() {
         tf="$(awk -v j="$backing/$job" '$1 == "end" && $2 == j { print $4 }' "$marks" | tail -n1)"
         sy="syncs=- sync_us=-"
         if [ -n "$STRACE" ] && [ -n "$ts" ] && [ -n "$tf" ]; then
-            sy="$(sed -n "$((ts + 1)),${tf}p" "$trace" | awk '
+            sy="syncs=0 sync_us=0"
+            # (sed would print line ts+1 even when tf is not past it.)
+            [ "$tf" -gt "$ts" ] && sy="$(sed -n "$((ts + 1)),${tf}p" "$trace" | awk '
                 match($0, /<[0-9.]+>$/) { n++; t += substr($0, RSTART + 1, RLENGTH - 2) }
                 END { printf "syncs=%d sync_us=%d", n, t * 1000000 }')"
         fi
