@@ -3,7 +3,7 @@
 #   build/out/vmlinuz        the generic Debian 6.1 kernel (bzImage)
 #   build/out/base.cpio.gz   busybox, kernel modules (NVDIMM, DAX, ext4, XFS, KVM, VFIO), mkfs tools, the lab's /init
 #   build/out/bins.cpio.gz   the project's static binaries (/usr/bin) and the Linux guest image (/images/linux)
-#   build/out/peer.cpio.gz   with --peer: the pinned QEMU with its libraries and firmware (lib/qemu.sh), added to the
+#   build/out/peer.cpio.gz   with --peer: the pinned QEMU with its libraries and firmware (lib/qemu.sh) and strace, added to the
 #                            lab only by `run-scenario.sh --peer`
 # run-scenario.sh concatenates the two archives with a small per-scenario one. Downloads are cached under build/;
 # every archive is repacked only when its content changed, so a second build with nothing changed takes seconds.
