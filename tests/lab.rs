@@ -1344,6 +1344,26 @@ fn a_passthrough_nvme_behind_the_virtual_iommu_pins_only_what_the_guest_maps_and
         assert_eq!(num(pinned), num(mapped), "{s}\n{o}");
     }
     has("lab: sample end: pinned 0 mapped 0");
+    // daxvisor-ctl's view of the same: the endpoint with its owner, both regions, the recall and the fence.
+    let viommu = lines("lab: viommu| ");
+    assert!(
+        viommu
+            .iter()
+            .any(|l| l.contains("nvme0") && l.contains("viommu:nvme0")),
+        "{o}"
+    );
+    for region in ["rf", "rc"] {
+        assert!(
+            viommu.iter().any(|l| l.contains(&format!(" {region} "))),
+            "{o}"
+        );
+    }
+    assert!(
+        viommu
+            .iter()
+            .any(|l| l.contains("; recalls ") && l.contains(", fences 1 (")),
+        "{o}"
+    );
     // The guest's trace of its own maps against the VMM's count.
     has("dvguest: trace overruns: 0");
     let trace = lines("dvguest: trace: ");

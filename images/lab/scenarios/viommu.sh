@@ -111,6 +111,7 @@ mailbox D
 
 wait_for 'dvguest: trace: ' 120
 sample end
+ctl viommu | sed 's/^/lab: viommu| /'
 grep -E '^daxvisor_viommu_(region_(maps|unmaps|bytes_mapped|refused|bytes_refused)|fences|recalls|requests_answered)' /tmp/metrics |
     sed 's/^/lab: metric /'
 for what in mapped refused; do

@@ -18,7 +18,7 @@ use std::time::Duration;
 
 use clap::{Parser, Subcommand, ValueEnum};
 use daxvisor::api::changes::{ChangeBody, ChangeResult, Policy};
-use daxvisor::api::devices::{DeviceView, IovaProbe};
+use daxvisor::api::devices::{DeviceView, IovaProbe, ViommuView};
 use daxvisor::api::error::ErrorBody;
 use daxvisor::api::holds::{BreakView, LeaseBody, LeaseView, Mode, OwnerView};
 use daxvisor::api::reclaim::{PolicyBody, ReclaimResult, ReclaimStats, RegionOffers};
@@ -92,6 +92,13 @@ enum Cmd {
         /// Instead, ask the VFIO container whether anything is mapped at this IOVA (decimal or 0x hex).
         #[arg(long, value_name = "IOVA", value_parser = parse_iova)]
         probe: Option<u64>,
+    },
+    /// The virtual IOMMU (`--device vfio=...,iommu=on`): per endpoint the pmem pinned for it and its maps; per
+    /// region what was mapped and refused; requests by status; recalls and fences; with --mappings every mapping
+    Viommu {
+        /// Also list every live mapping (endpoint, domain, IOVA range, guest address).
+        #[arg(long)]
+        mappings: bool,
     },
     /// The event log; with --follow, keep printing events as they happen (ends with exit 0 when the VM stops).
     Events {
@@ -718,6 +725,81 @@ async fn run(cli: Cli) -> Result<(), Failure> {
                     }
                 }
                 println!("{t}");
+            }
+        }
+        Cmd::Viommu { mappings } => {
+            let (v, raw): (ViommuView, _) =
+                c.call(Method::GET, "/devices/viommu", None::<&()>).await?;
+            if json {
+                print_json(&raw);
+            } else {
+                println!("virtual IOMMU at {}", v.pci);
+                let mut t = table(&[
+                    "endpoint", "pci", "owner", "pinned", "maps", "unmaps", "mapped", "refused",
+                ]);
+                for e in &v.endpoints {
+                    t.add_row(vec![
+                        e.name.clone(),
+                        e.pci.clone(),
+                        e.owner.clone(),
+                        sizes.bytes(e.pinned_bytes),
+                        e.counters.maps.to_string(),
+                        e.counters.unmaps.to_string(),
+                        sizes.bytes(e.counters.mapped_bytes),
+                        e.counters.refused.to_string(),
+                    ]);
+                }
+                println!("{t}");
+                let mut t = table(&[
+                    "region",
+                    "maps",
+                    "unmaps",
+                    "mapped",
+                    "mapped in all",
+                    "refused",
+                ]);
+                for (region, c) in &v.regions {
+                    t.add_row(vec![
+                        region.clone(),
+                        c.maps.to_string(),
+                        c.unmaps.to_string(),
+                        sizes.bytes(c.mapped_bytes),
+                        sizes.bytes(c.mapped_bytes_total),
+                        format!("{} ({})", c.refused, sizes.bytes(c.refused_bytes)),
+                    ]);
+                }
+                println!("{t}");
+                let by_status: Vec<String> = v
+                    .requests_by_status
+                    .iter()
+                    .filter(|(_, &n)| n > 0)
+                    .map(|(s, n)| format!("{s} {n}"))
+                    .collect();
+                println!(
+                    "requests: {}; recalls {}, fences {} ({} fenced), faults reported {}",
+                    if by_status.is_empty() {
+                        "none".to_owned()
+                    } else {
+                        by_status.join(", ")
+                    },
+                    v.recalls,
+                    v.fences,
+                    sizes.bytes(v.fenced_bytes),
+                    v.faults_reported
+                );
+                if mappings {
+                    let mut t = table(&["endpoint", "domain", "iova", "guest address", "write"]);
+                    for m in &v.mappings {
+                        t.add_row(vec![
+                            m.endpoint.clone(),
+                            m.domain.to_string(),
+                            range(m.iova, m.length),
+                            format!("{:#x}", m.guest_addr),
+                            if m.write { "yes" } else { "no" }.to_owned(),
+                        ]);
+                    }
+                    println!("{t}");
+                }
             }
         }
         Cmd::Breaks => {
