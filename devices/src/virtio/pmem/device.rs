@@ -392,6 +392,17 @@ mod tests {
         RawDescriptor::from(Descriptor::new(addr, len, flags, 0))
     }
 
+    /// Checks `done` every millisecond for up to 2 s: the flush worker answers on its own thread. The caller
+    /// asserts what it waited for.
+    fn poll_until(done: impl Fn() -> bool) {
+        for _ in 0..2000 {
+            if done() {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(1));
+        }
+    }
+
     /// fdatasync on a real temporary file, counted.
     struct FileFlush {
         file: std::fs::File,
@@ -468,13 +479,12 @@ mod tests {
         }
 
         fn wait_used(&self, n: u16) {
-            for _ in 0..2000 {
-                if self.used_idx() >= n {
-                    return;
-                }
-                std::thread::sleep(Duration::from_millis(1));
-            }
-            panic!("only {} of {n} requests answered", self.used_idx());
+            poll_until(|| self.used_idx() >= n);
+            assert!(
+                self.used_idx() >= n,
+                "only {} of {n} requests answered",
+                self.used_idx()
+            );
         }
 
         fn ret_at(&self, addr: u64) -> u32 {
@@ -579,12 +589,7 @@ mod tests {
         r.pmem.process_queue(0).unwrap();
         r.pmem.reset();
         // Wait until the worker has done its flush, then check it did not touch the used ring.
-        for _ in 0..2000 {
-            if r.pmem.metrics().snapshot().syncs == 1 {
-                break;
-            }
-            std::thread::sleep(Duration::from_millis(1));
-        }
+        poll_until(|| r.pmem.metrics().snapshot().syncs == 1);
         assert_eq!(r.pmem.metrics().snapshot().syncs, 1);
         assert_eq!(r.used_idx(), 0);
         // Notifications after reset are ignored (not activated).
@@ -611,12 +616,7 @@ mod tests {
         )
         .unwrap();
         pmem.process_queue(0).unwrap();
-        for _ in 0..2000 {
-            if vq.used().idx().load() == 1 {
-                break;
-            }
-            std::thread::sleep(Duration::from_millis(1));
-        }
+        poll_until(|| vq.used().idx().load() == 1);
         assert_eq!(vq.used().idx().load(), 1);
         let ret: u32 = m.read_obj(GuestAddress(0x2_0000)).unwrap();
         assert_eq!(u32::from_le(ret), VIRTIO_PMEM_RESP_TYPE_EIO);
@@ -710,12 +710,7 @@ mod tests {
         });
         offer_flush(&vq, 2, 0x2_0010);
         pmem.process_queue(0).unwrap();
-        for _ in 0..2000 {
-            if vq.used().idx().load() == 2 {
-                break;
-            }
-            std::thread::sleep(Duration::from_millis(1));
-        }
+        poll_until(|| vq.used().idx().load() == 2);
         assert_eq!(vq.used().idx().load(), 2);
         assert_eq!(
             flush.tried.load(Ordering::SeqCst),
@@ -746,12 +741,7 @@ mod tests {
         let (vq, mut pmem, flush) = free_rig(&m, None);
         offer_flush(&vq, 0, 0x2_0010);
         pmem.process_queue(0).unwrap();
-        for _ in 0..2000 {
-            if vq.used().idx().load() == 1 {
-                break;
-            }
-            std::thread::sleep(Duration::from_millis(1));
-        }
+        poll_until(|| vq.used().idx().load() == 1);
         assert_eq!(vq.used().idx().load(), 1);
         let ret: u32 = m.read_obj(GuestAddress(0x2_0010)).unwrap();
         assert_eq!(u32::from_le(ret), VIRTIO_PMEM_RESP_TYPE_OK);
