@@ -184,6 +184,12 @@ fn passthrough_bad_input_is_a_start_error_naming_cause_and_remedy() {
         return;
     };
     let device = format!("vfio={},id=nvme0", dev.display());
+    // Each start below is refused with exit 2, and its message names `want`.
+    let refused = |args: &[&str], want: &str| {
+        let r = daxvisor(args);
+        assert_eq!(r.code, Some(2), "{r:?}");
+        assert!(r.stderr.contains(want), "{}", r.stderr);
+    };
     let r = daxvisor(&[
         "run",
         "--transport",
@@ -202,74 +208,58 @@ fn passthrough_bad_input_is_a_start_error_naming_cause_and_remedy() {
     );
     assert!(!img.exists(), "the create=on file was left behind");
 
-    let r = daxvisor(&[
-        "run",
-        "--transport",
-        "pci",
-        "--device",
-        "vfio=/sys/bus/pci/devices/0000:ff:1f.7",
-    ]);
-    assert_eq!(r.code, Some(2), "{r:?}");
-    assert!(r.stderr.contains("no such PCI device"), "{}", r.stderr);
-
-    let r = daxvisor(&["run", "--transport", "pci", "--pmem", &pmem]);
-    assert_eq!(r.code, Some(2), "{r:?}");
-    assert!(
-        r.stderr
-            .contains("dma=agent|whole needs a passthrough device"),
-        "{}",
-        r.stderr
+    refused(
+        &[
+            "run",
+            "--transport",
+            "pci",
+            "--device",
+            "vfio=/sys/bus/pci/devices/0000:ff:1f.7",
+        ],
+        "no such PCI device",
     );
 
-    let r = daxvisor(&["run", "--device", &device]);
-    assert_eq!(r.code, Some(2), "{r:?}");
-    assert!(r.stderr.contains("needs --transport pci"), "{}", r.stderr);
+    refused(
+        &["run", "--transport", "pci", "--pmem", &pmem],
+        "dma=agent|whole needs a passthrough device",
+    );
+
+    refused(&["run", "--device", &device], "needs --transport pci");
 
     // The virtual IOMMU: iommu= on a region without a device behind it; dma=agent beside it; two devices.
     let recall = format!(
         "file={},size=4M,create=on,iommu=recall,id=data",
         img.display()
     );
-    let r = daxvisor(&["run", "--transport", "pci", "--pmem", &recall]);
-    assert_eq!(r.code, Some(2), "{r:?}");
-    assert!(
-        r.stderr
-            .contains("--pmem id=data: iommu=recall needs a passthrough device with iommu=on"),
-        "{}",
-        r.stderr
+    refused(
+        &["run", "--transport", "pci", "--pmem", &recall],
+        "--pmem id=data: iommu=recall needs a passthrough device with iommu=on",
     );
     let behind = format!("{device},iommu=on");
-    let r = daxvisor(&[
-        "run",
-        "--transport",
-        "pci",
-        "--device",
-        &behind,
-        "--pmem",
-        &pmem,
-    ]);
-    assert_eq!(r.code, Some(2), "{r:?}");
-    assert!(
-        r.stderr
-            .contains("dma=agent is for devices without the virtual IOMMU"),
-        "{}",
-        r.stderr
+    refused(
+        &[
+            "run",
+            "--transport",
+            "pci",
+            "--device",
+            &behind,
+            "--pmem",
+            &pmem,
+        ],
+        "dma=agent is for devices without the virtual IOMMU",
     );
     let other = format!("vfio={},id=other,iommu=on", dev.display());
-    let r = daxvisor(&[
-        "run",
-        "--transport",
-        "pci",
-        "--device",
-        &behind,
-        "--device",
-        &other,
-    ]);
-    assert_eq!(r.code, Some(2), "{r:?}");
-    assert!(
-        r.stderr.contains("exactly one passthrough device"),
-        "{}",
-        r.stderr
+    refused(
+        &[
+            "run",
+            "--transport",
+            "pci",
+            "--device",
+            &behind,
+            "--device",
+            &other,
+        ],
+        "exactly one passthrough device",
     );
     assert!(!img.exists(), "the create=on file was left behind");
 }
