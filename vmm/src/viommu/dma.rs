@@ -468,6 +468,44 @@ mod tests {
     }
 
     const EP: u32 = 0x20;
+
+    /// One `--pmem` region (`extra`: its options) of `size` bytes in `dir` and `ram_size` bytes of guest RAM, with
+    /// the endpoint `nvme0` behind a `ViommuDma`; the recorders stand in for the VFIO container.
+    struct Rig {
+        mapper: Mapper,
+        pmem_dma: Arc<RecordingDma>,
+        ram_dma: Arc<RamRecorder>,
+        region: Arc<crate::region_registry::Region>,
+        v: ViommuDma,
+    }
+
+    fn rig(dir: &std::path::Path, name: &str, size: u64, extra: &str, ram_size: usize) -> Rig {
+        let pmem_dma = Arc::new(RecordingDma::new());
+        let mapper = Mapper::new(
+            Arc::new(crate::lease_manager::LogNotifier),
+            Some(pmem_dma.clone() as Arc<dyn DmaMapper>),
+        );
+        let regions = RegionRegistry::new();
+        let region = regions.insert(crate::region_registry::test_region_with(
+            &mapper, dir, name, size, extra,
+        ));
+        let ram = GuestMemoryMmap::<()>::from_ranges(&[(GuestAddress(0), ram_size)]).unwrap();
+        let ram_dma = Arc::new(RamRecorder::default());
+        let v = ViommuDma::new(
+            mapper.clone(),
+            regions,
+            ram,
+            ram_dma.clone(),
+            &[(EP, "nvme0".to_owned())],
+        );
+        Rig {
+            mapper,
+            pmem_dma,
+            ram_dma,
+            region,
+            v,
+        }
+    }
     const PG: u64 = 4096;
 
     fn map(iova: u64, len: u64, phys: u64) -> DmaMap {
@@ -488,28 +526,13 @@ mod tests {
     #[test]
     fn maps_of_ram_go_to_the_container_and_maps_of_pmem_are_pins_of_exactly_that_extent() {
         let dir = tempfile::tempdir_in("/dev/shm").unwrap();
-        let pmem_dma = Arc::new(RecordingDma::new());
-        let mapper = Mapper::new(
-            Arc::new(crate::lease_manager::LogNotifier),
-            Some(pmem_dma.clone() as Arc<dyn DmaMapper>),
-        );
-        let regions = RegionRegistry::new();
-        let r = regions.insert(crate::region_registry::test_region_with(
-            &mapper,
-            dir.path(),
-            "data",
-            4 << 20,
-            ",iommu=refuse",
-        ));
-        let ram = GuestMemoryMmap::<()>::from_ranges(&[(GuestAddress(0), 16 << 20)]).unwrap();
-        let ram_dma = Arc::new(RamRecorder::default());
-        let v = ViommuDma::new(
-            mapper.clone(),
-            regions.clone(),
-            ram,
-            ram_dma.clone(),
-            &[(EP, "nvme0".to_owned())],
-        );
+        let Rig {
+            mapper,
+            pmem_dma,
+            ram_dma,
+            region: r,
+            v,
+        } = rig(dir.path(), "data", 4 << 20, ",iommu=refuse", 16 << 20);
         v.map(&map(0x1000_0000, 4 * PG, 0x10_0000)).unwrap();
         assert_eq!(
             *ram_dma.0.lock().unwrap(),
@@ -579,27 +602,12 @@ mod tests {
     #[test]
     fn a_map_of_unwritten_pmem_is_prepared_then_pinned() {
         let dir = tempfile::tempdir_in("/var/tmp").unwrap();
-        let pmem_dma = Arc::new(RecordingDma::new());
-        let mapper = Mapper::new(
-            Arc::new(crate::lease_manager::LogNotifier),
-            Some(pmem_dma.clone() as Arc<dyn DmaMapper>),
-        );
-        let regions = RegionRegistry::new();
-        let r = regions.insert(crate::region_registry::test_region_with(
-            &mapper,
-            dir.path(),
-            "disk",
-            4 << 20,
-            ",iommu=recall",
-        ));
-        let ram = GuestMemoryMmap::<()>::from_ranges(&[(GuestAddress(0), 1 << 20)]).unwrap();
-        let v = ViommuDma::new(
-            mapper.clone(),
-            regions,
-            ram,
-            Arc::new(RamRecorder::default()),
-            &[(EP, "nvme0".into())],
-        );
+        let Rig {
+            pmem_dma,
+            region: r,
+            v,
+            ..
+        } = rig(dir.path(), "disk", 4 << 20, ",iommu=recall", 1 << 20);
         v.map(&map(0x4000_0000, 16 * PG, r.guest_addr)).unwrap();
         v.unmap(&map(0x4000_0000, 16 * PG, r.guest_addr));
         v.map(&map(0x5000_0000, 16 * PG, r.guest_addr)).unwrap();
@@ -621,25 +629,7 @@ mod tests {
     #[test]
     fn a_region_without_iommu_is_not_reachable() {
         let dir = tempfile::tempdir_in("/dev/shm").unwrap();
-        let mapper = Mapper::new(
-            Arc::new(crate::lease_manager::LogNotifier),
-            Some(Arc::new(RecordingDma::new()) as Arc<dyn DmaMapper>),
-        );
-        let regions = RegionRegistry::new();
-        let r = regions.insert(crate::region_registry::test_region(
-            &mapper,
-            dir.path(),
-            "plain",
-            2 << 20,
-        ));
-        let ram = GuestMemoryMmap::<()>::from_ranges(&[(GuestAddress(0), 1 << 20)]).unwrap();
-        let v = ViommuDma::new(
-            mapper,
-            regions,
-            ram,
-            Arc::new(RamRecorder::default()),
-            &[(EP, "nvme0".into())],
-        );
+        let Rig { region: r, v, .. } = rig(dir.path(), "plain", 2 << 20, "", 1 << 20);
         assert_eq!(v.map(&map(0, PG, r.guest_addr)), Err(MapRefusal::Outside));
     }
 }
