@@ -197,14 +197,19 @@ mod tests {
     #[test]
     fn only_a_flush_with_nothing_to_write_back_answers_inline() {
         let leases = LeaseManager::new(Default::default(), Default::default()).unwrap();
-        let dir = tempfile::tempdir_in("/dev/shm").unwrap();
-        let path = dir.path().join("vm.img");
-        let cfg: PmemConfig = format!("file={},size=4M,create=on", path.display())
-            .parse()
-            .unwrap();
-        let backing = Backing::open(&cfg, "pm0").unwrap();
-        let region = leases.add_pmem_region(&backing, 1 << 32).unwrap();
-        let flush = BackingFlush::new(&backing, Some(leases.fence(region))).unwrap();
+        // A 4 MiB create=on region in a new directory under `parent`, at `gpa`, with its fenced flush.
+        let fenced_flush = |parent: &str, id: &str, gpa: u64| {
+            let dir = tempfile::tempdir_in(parent).unwrap();
+            let path = dir.path().join("vm.img");
+            let cfg: PmemConfig = format!("file={},size=4M,create=on", path.display())
+                .parse()
+                .unwrap();
+            let backing = Backing::open(&cfg, id).unwrap();
+            let region = leases.add_pmem_region(&backing, gpa).unwrap();
+            let flush = BackingFlush::new(&backing, Some(leases.fence(region))).unwrap();
+            (dir, path, backing, region, flush)
+        };
+        let (_dir, path, _backing, region, flush) = fenced_flush("/dev/shm", "pm0", 1 << 32);
         assert_eq!(flush.action(), FlushAction::Nothing);
         assert!(matches!(flush.try_now(), Some(Ok(()))));
         assert_eq!(
@@ -241,14 +246,7 @@ mod tests {
             "a shrunk file is EIO inline too"
         );
 
-        let dir = tempfile::tempdir_in("/var/tmp").unwrap();
-        let path = dir.path().join("vm.img");
-        let cfg: PmemConfig = format!("file={},size=4M,create=on", path.display())
-            .parse()
-            .unwrap();
-        let backing = Backing::open(&cfg, "pm1").unwrap();
-        let region = leases.add_pmem_region(&backing, 2 << 32).unwrap();
-        let flush = BackingFlush::new(&backing, Some(leases.fence(region))).unwrap();
+        let (_dir, _, _backing, _, flush) = fenced_flush("/var/tmp", "pm1", 2 << 32);
         assert_eq!(flush.action(), FlushAction::Fdatasync);
         assert!(flush.try_now().is_none());
     }
