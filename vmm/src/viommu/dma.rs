@@ -295,14 +295,18 @@ impl ViommuDma {
         Ok(Some(()))
     }
 
-    fn map_pmem(&self, e: &Endpoint, m: &DmaMap) -> Result<Held, MapRefusal> {
-        let end = m.phys.checked_add(m.len).ok_or(MapRefusal::Outside)?;
-        let region = self
-            .regions
+    /// The pmem region that holds all of guest-physical `[phys, phys + len)`, if one does.
+    fn region_at(&self, phys: u64, len: u64) -> Option<Arc<crate::region_registry::Region>> {
+        let end = phys.checked_add(len)?;
+        self.regions
             .all()
             .into_iter()
-            .find(|r| r.guest_addr <= m.phys && end <= r.guest_addr + r.size())
-            .ok_or(MapRefusal::Outside)?;
+            .find(|r| r.guest_addr <= phys && end <= r.guest_addr + r.size())
+    }
+
+    fn map_pmem(&self, e: &Endpoint, m: &DmaMap) -> Result<Held, MapRefusal> {
+        let region = self.region_at(m.phys, m.len).ok_or(MapRefusal::Outside)?;
+        let end = m.phys + m.len;
         if region.config.iommu == IommuPolicy::Off {
             tracing::debug!(region = %region.name(), "MAP of a region without iommu=: refused");
             return Err(MapRefusal::Outside);
@@ -393,10 +397,7 @@ impl IommuMapper for ViommuDma {
             }
             Err(r) => {
                 // Counted per region too where the range lies in one (a refusal for being outside has none).
-                let region = self.regions.all().into_iter().find(|g| {
-                    g.guest_addr <= m.phys
-                        && m.phys.saturating_add(m.len) <= g.guest_addr + g.size()
-                });
+                let region = self.region_at(m.phys, m.len);
                 let refused = |c: &mut MapCounters| {
                     c.refused += 1;
                     c.refused_bytes += m.len;
