@@ -8,10 +8,12 @@
 #   pagecache  a file on a page-cache ext4 (a loop device in the lab's RAM)
 #   tmpfs      a file in tmpfs (the host flush costs nothing for either VMM)
 # The VMMs too run in a different order each round (rotated). Per VM it prints one line per backing and fio job:
-#   peer-run round=R backing=B vmm=V job=J iops=N bw_kib=N kib=N exits=N|- boot_cs=N rss_kib=N
+#   peer-run round=R backing=B vmm=V job=J iops=N bw_kib=N kib=N exits=N|- by=halt:N,io:N,mmio:N,irq:N|-
+#            syncs=N sync_us=N boot_cs=N rss_kib=N
 # boot_cs: centiseconds from starting the VMM to the guest's "dvguest: init reached" line (watched from outside);
-# rss_kib: the VMM's peak resident set (VmHWM) as last read before it exited; exits: KVM exits (lab debugfs)
-# between the guest's peer-mark start/end of the job; syncs and sync_us: the host syncs (fsync, fdatasync, msync)
+# rss_kib: the VMM's peak resident set (VmHWM) as last read before it exited; exits and by: the VM's KVM exits
+# (lab debugfs) between the guest's peer-mark start/end of the job, in all and by reason (see vm_exits);
+# syncs and sync_us: the host syncs (fsync, fdatasync, msync)
 # the VMM made over the job and their summed duration, from `strace -f -T` (with --seccomp-bpf only those
 # calls stop the VMM, the same cost per sync for every VMM), so a guest fsync's time splits into the host sync
 # and everything else. Settings (environment, set by scripts/peer-bench):
@@ -29,11 +31,23 @@ command -v qemu-system-x86_64 >/dev/null || { echo "peer: no qemu-system-x86_64 
 echo "peer: $(qemu-system-x86_64 --version | head -n1)"
 echo "peer: rounds=$ROUNDS runtime=${RUNTIME}s vmms=$VMMS backings=$BACKINGS size=${SIZE_MIB}MiB"
 
-# KVM exit counts, when the lab kernel's debugfs has them.
+# KVM exit counts by reason, from the VM's own directory in the lab kernel's debugfs (kvm/PID-FD), so another
+# VM's exits never count and the counter cannot go back when a VM ends.
 mount -t debugfs debugfs /sys/kernel/debug 2>/dev/null
-EXITS=/sys/kernel/debug/kvm/exits
-[ -r "$EXITS" ] || EXITS=
-echo "peer: kvm exit counter: ${EXITS:-none}"
+KVMDBG=/sys/kernel/debug/kvm
+[ -r "$KVMDBG/exits" ] || KVMDBG=
+echo "peer: kvm exit counters: ${KVMDBG:-none}"
+# The counters of the VM of process $1 as exits:halt:io:mmio:irq ("-" when there are none):
+#   exits all exits to KVM; halt the guest's HLT; io and mmio port and MMIO accesses KVM passed to the VMM's
+#   user space (virtio-mmio registers, the serial port; not ioeventfd notifications, which KVM completes
+#   itself); irq host interrupts that stopped the guest.
+vm_exits() {
+    d="$(ls -d "$KVMDBG/$1"-* 2>/dev/null | head -n1)"
+    [ -n "$KVMDBG" ] && [ -n "$d" ] || { echo -; return; }
+    v=''
+    for f in exits halt_exits io_exits mmio_exits irq_exits; do v="$v:$(cat "$d/$f" 2>/dev/null || echo 0)"; done
+    echo "${v#:}"
+}
 # Each VMM's host syncs, timed (PEER_STRACE=0 turns it off).
 STRACE=
 if [ "${PEER_STRACE:-1}" = 1 ] && command -v strace >/dev/null; then
@@ -93,12 +107,12 @@ run_vm() {
     daxvisor-mmio | daxvisor-pci)
         transport=mmio
         [ "$vmm" = daxvisor-pci ] && transport=pci
-        $STRACE -o "$trace" daxvisor run --kernel "$LAB_LINUX_KERNEL" --initrd "$LAB_LINUX_INITRD" --memory 256 --cpus 1 \
+        $STRACE ${STRACE:+-o "$trace"} daxvisor run --kernel "$LAB_LINUX_KERNEL" --initrd "$LAB_LINUX_INITRD" --memory 256 --cpus 1 \
             --serial stdout --transport "$transport" $dx_pmem --cmdline "$CMDLINE$specs" >"$log" 2>&1 &
         ;;
     qemu)
         # shellcheck disable=SC2086 # $q_pmem is a list of options
-        $STRACE -o "$trace" qemu-system-x86_64 -enable-kvm -cpu host -smp 1 -m 256M,slots=4,maxmem=2G -M pc \
+        $STRACE ${STRACE:+-o "$trace"} qemu-system-x86_64 -enable-kvm -cpu host -smp 1 -m 256M,slots=4,maxmem=2G -M pc \
             -nodefaults -no-reboot -display none -serial "file:$log" \
             -kernel "$LAB_LINUX_KERNEL" -initrd "$LAB_LINUX_INITRD" -append "$CMDLINE$specs" \
             $q_pmem >/tmp/peer-qemu.out 2>&1 &
@@ -109,12 +123,14 @@ run_vm() {
     # Watch from outside: boot to init, the job marks (with the KVM exit counter at each), the peak RSS.
     while kill -0 "$pid" 2>/dev/null; do
         now="$(uptime_cs)"
+        # Under strace the VMM is strace's child.
+        vpid="$pid"
+        [ -n "$STRACE" ] && vpid="$(awk '{ print $1 }' "/proc/$pid/task/$pid/children" 2>/dev/null)"
         if [ -z "$boot" ] && grep -q 'dvguest: init reached' "$log"; then boot=$((now - t0)); fi
         if [ -n "$boot" ]; then
             n="$(grep -c 'dvguest: peer-mark' "$log")"
             if [ "$n" != "$nmarks" ]; then
-                e=-
-                [ -n "$EXITS" ] && e="$(cat "$EXITS")"
+                e="$(vm_exits "${vpid:-$pid}")"
                 t="$(wc -l <"$trace")"
                 grep 'dvguest: peer-mark' "$log" | tail -n +$((nmarks + 1)) | while read -r line; do
                     echo "${line##*peer-mark } $e $t"
@@ -122,9 +138,6 @@ run_vm() {
                 nmarks="$n"
             fi
         fi
-        # Under strace the VMM is strace's child.
-        vpid="$pid"
-        [ -n "$STRACE" ] && vpid="$(awk '{ print $1 }' "/proc/$pid/task/$pid/children" 2>/dev/null)"
         h="$(awk '/^VmHWM:/ { print $2 }' "/proc/${vpid:-$pid}/status" 2>/dev/null)"
         [ -n "$h" ] && rss="$h"
         if [ $(((now - t0) / 100)) -ge "$LIMIT" ]; then
@@ -147,8 +160,12 @@ run_vm() {
         # The exits over this job: the counter at its end mark minus at its start mark.
         s="$(awk -v j="$backing/$job" '$1 == "start" && $2 == j { print $3 }' "$marks" | tail -n1)"
         f="$(awk -v j="$backing/$job" '$1 == "end" && $2 == j { print $3 }' "$marks" | tail -n1)"
-        x=-
-        case "$s$f" in *-* | "") ;; *) x=$((f - s)) ;; esac
+        x="exits=- by=-"
+        case "$s$f" in *-* | "") ;; *) x="$(echo "$s $f" | awk '{
+            n = split($1, a, ":"); split($2, b, ":")
+            for (i = 1; i <= n; i++) d[i] = b[i] - a[i]
+            printf "exits=%d by=halt:%d,io:%d,mmio:%d,irq:%d", d[1], d[2], d[3], d[4], d[5] }')" ;;
+        esac
         # The host syncs over this job: the strace lines between its marks that end with a duration.
         ts="$(awk -v j="$backing/$job" '$1 == "start" && $2 == j { print $4 }' "$marks" | tail -n1)"
         tf="$(awk -v j="$backing/$job" '$1 == "end" && $2 == j { print $4 }' "$marks" | tail -n1)"
@@ -160,7 +177,7 @@ run_vm() {
                 match($0, /<[0-9.]+>$/) { n++; t += substr($0, RSTART + 1, RLENGTH - 2) }
                 END { printf "syncs=%d sync_us=%d", n, t * 1000000 }')"
         fi
-        echo "peer-run round=$round backing=$backing vmm=$vmm job=$job $rest exits=$x $sy boot_cs=${boot:--} rss_kib=$rss"
+        echo "peer-run round=$round backing=$backing vmm=$vmm job=$job $rest $x $sy boot_cs=${boot:--} rss_kib=$rss"
     done
 }
 
