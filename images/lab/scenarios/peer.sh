@@ -9,7 +9,7 @@
 #   tmpfs      a file in tmpfs (the host flush costs nothing for either VMM)
 # The VMMs too run in a different order each round (rotated). Per VM it prints one line per backing and fio job:
 #   peer-run round=R backing=B vmm=V job=J iops=N bw_kib=N kib=N exits=N|- by=halt:N,io:N,mmio:N,irq:N|-
-#            syncs=N sync_us=N boot_cs=N rss_kib=N
+#            npf=N tlbflush=N hostirq=loc:N,res:N,cal:N,tlb:N syncs=N sync_us=N boot_cs=N rss_kib=N
 # boot_cs: centiseconds from starting the VMM to the guest's "dvguest: init reached" line (watched from outside);
 # rss_kib: the VMM's peak resident set (VmHWM) as last read before it exited; exits and by: the VM's KVM exits
 # (lab debugfs) between the guest's peer-mark start/end of the job, in all and by reason (see vm_exits);
@@ -17,9 +17,10 @@
 # the VMM made over the job and their summed duration, from `strace -f -T` (with --seccomp-bpf only those
 # calls stop the VMM, the same cost per sync for every VMM), so a guest fsync's time splits into the host sync
 # and everything else. Settings (environment, set by scripts/peer-bench):
-#   PEER_ROUNDS (1) PEER_RUNTIME (5 s per job) PEER_VMMS ("daxvisor-mmio daxvisor-pci qemu")
+#   PEER_ROUNDS (1) PEER_FIRST_ROUND (1: its number, which sets the orders) PEER_RUNTIME (5 s per job) PEER_VMMS ("daxvisor-mmio daxvisor-pci qemu")
 #   PEER_BACKINGS ("fsdax pagecache tmpfs") PEER_SIZE_MIB (128) PEER_LIMIT (seconds per VM, 900)
 ROUNDS="${PEER_ROUNDS:-1}"
+FIRST_ROUND="${PEER_FIRST_ROUND:-1}"
 RUNTIME="${PEER_RUNTIME:-5}"
 VMMS="${PEER_VMMS:-daxvisor-mmio daxvisor-pci qemu}"
 BACKINGS="${PEER_BACKINGS:-fsdax pagecache tmpfs}"
@@ -37,17 +38,37 @@ mount -t debugfs debugfs /sys/kernel/debug 2>/dev/null
 KVMDBG=/sys/kernel/debug/kvm
 [ -r "$KVMDBG/exits" ] || KVMDBG=
 echo "peer: kvm exit counters: ${KVMDBG:-none}"
-# The counters of the VM of process $1 as exits:halt:io:mmio:irq ("-" when there are none):
+# The counters of the VM of process $1, then the lab's own interrupts (one VM runs at a time), joined by ":"
+# ("-" when there are none):
 #   exits all exits to KVM; halt the guest's HLT; io and mmio port and MMIO accesses KVM passed to the VMM's
 #   user space (virtio-mmio registers, the serial port; not ioeventfd notifications, which KVM completes
-#   itself); irq host interrupts that stopped the guest.
+#   itself); irq host interrupts that stopped the guest; pf_fixed guest page faults KVM fixed in its page
+#   tables (a mapping the host took away and the guest touched again); remote_tlb_flush KVM's flushes of the
+#   guest's TLB (the host changing the VMM's mappings under it);
+#   then the lab's interrupts summed over its CPUs: LOC local timer, RES rescheduling, CAL function call and
+#   TLB shootdown IPIs (/proc/interrupts).
+VM_STATS="exits halt_exits io_exits mmio_exits irq_exits pf_fixed remote_tlb_flush"
 vm_exits() {
     d="$(ls -d "$KVMDBG/$1"-* 2>/dev/null | head -n1)"
     [ -n "$KVMDBG" ] && [ -n "$d" ] || { echo -; return; }
     v=''
-    for f in exits halt_exits io_exits mmio_exits irq_exits; do v="$v:$(cat "$d/$f" 2>/dev/null || echo 0)"; done
-    echo "${v#:}"
+    for f in $VM_STATS; do v="$v:$(cat "$d/$f" 2>/dev/null || echo 0)"; done
+    h="$(awk '$1 ~ /^(LOC|RES|CAL|TLB):$/ { t = 0; for (i = 2; i <= NF && $i ~ /^[0-9]+$/; i++) t += $i; c[$1] = t }
+        END { printf "%d:%d:%d:%d", c["LOC:"], c["RES:"], c["CAL:"], c["TLB:"] }' /proc/interrupts)"
+    echo "${v#:}:$h"
 }
+# PEER_KVM_TRACE=1: KVM's trace events (exits, injected interrupts and exceptions, IRQ lines) kept in the lab's
+# trace buffer over each VM, and the last of them printed when a VM fails (what the guest did before it died).
+TRACEFS=
+if [ "${PEER_KVM_TRACE:-0}" = 1 ] && [ -d /sys/kernel/debug/tracing/events/kvm ]; then
+    TRACEFS=/sys/kernel/debug/tracing
+    echo 4096 >"$TRACEFS/buffer_size_kb"
+    for e in kvm_exit kvm_inj_virq kvm_inj_exception kvm_set_irq kvm_ioapic_set_irq kvm_pic_set_irq \
+        kvm_apic_accept_irq kvm_msi_set_irq kvm_userspace_exit kvm_eoi; do
+        echo 1 >"$TRACEFS/events/kvm/$e/enable" 2>/dev/null
+    done
+fi
+echo "peer: kvm trace: ${TRACEFS:-off}"
 # Each VMM's host syncs, timed (PEER_STRACE=0 turns it off).
 STRACE=
 if [ "${PEER_STRACE:-1}" = 1 ] && command -v strace >/dev/null; then
@@ -99,6 +120,7 @@ run_vm() {
         i=$((i + 1))
     done
     log=/tmp/peer-guest.log marks=/tmp/peer-marks trace=/tmp/peer-strace
+    [ -z "$TRACEFS" ] || : >"$TRACEFS/trace"
     : >"$log"
     : >"$marks"
     : >"$trace"
@@ -154,17 +176,19 @@ run_vm() {
         echo "peer: $vmm (round $round) failed (exit $rc); its log:"
         sed 's/^/peer|   /' "$log.txt" | tail -n 60
         [ "$vmm" = qemu ] && sed 's/^/peer|   qemu: /' /tmp/peer-qemu.out
+        [ -z "$TRACEFS" ] || grep -v '^#' "$TRACEFS/trace" | tail -n 150 | sed 's/^/peer|   kvm: /'
         return 1
     fi
     grep -o 'peer-result .*' "$log.txt" | while read -r _ backing job rest; do
         # The exits over this job: the counter at its end mark minus at its start mark.
         s="$(awk -v j="$backing/$job" '$1 == "start" && $2 == j { print $3 }' "$marks" | tail -n1)"
         f="$(awk -v j="$backing/$job" '$1 == "end" && $2 == j { print $3 }' "$marks" | tail -n1)"
-        x="exits=- by=-"
+        x="exits=- by=- npf=- tlbflush=- hostirq=-"
         case "$s$f" in *-* | "") ;; *) x="$(echo "$s $f" | awk '{
             n = split($1, a, ":"); split($2, b, ":")
             for (i = 1; i <= n; i++) d[i] = b[i] - a[i]
-            printf "exits=%d by=halt:%d,io:%d,mmio:%d,irq:%d", d[1], d[2], d[3], d[4], d[5] }')" ;;
+            printf "exits=%d by=halt:%d,io:%d,mmio:%d,irq:%d npf=%d tlbflush=%d hostirq=loc:%d,res:%d,cal:%d,tlb:%d",
+                d[1], d[2], d[3], d[4], d[5], d[6], d[7], d[8], d[9], d[10], d[11] }')" ;;
         esac
         # The host syncs over this job: the strace lines between its marks that end with a duration.
         ts="$(awk -v j="$backing/$job" '$1 == "start" && $2 == j { print $4 }' "$marks" | tail -n1)"
@@ -182,8 +206,8 @@ run_vm() {
 }
 
 failed=0
-r=1
-while [ "$r" -le "$ROUNDS" ]; do
+r="$FIRST_ROUND"
+while [ "$r" -lt $((FIRST_ROUND + ROUNDS)) ]; do
     # Rotate the VMM order (and the backings' order in the guest) each round, so none is always first.
     for vmm in $(rotate "$r" "$VMMS"); do
         echo "peer: round $r, $vmm"
