@@ -20,7 +20,8 @@
 #   LAB_LINUX_KERNEL, LAB_LINUX_INITRD (the Linux guest image)  and the project binaries in PATH (/usr/bin);
 #   with --iommu also LAB_VFIO_GROUP=/dev/vfio/N and LAB_VFIO_DEVICE=/sys/bus/pci/devices/BDF (the e1000e).
 # The scenario's output is printed between BEGIN/END lines; the lab console goes to a log whose path is printed.
-# Exit status: the scenario's; 124 when the timeout hit; 125 when the lab failed before or around the scenario.
+# Exit status: the scenario's; 124 when the timeout hit or the lab's kernel failed (soft lockup, panic, oops: it
+# is stopped then); 125 when the lab failed before or around the scenario.
 set -euo pipefail
 source "$(dirname "${BASH_SOURCE[0]}")/lib/common.sh"
 
@@ -135,7 +136,21 @@ lab_log "scenario $NAME: booting the lab ($FS$([ "$IOMMU" = 1 ] && echo ", IOMMU
 start=$SECONDS
 set +e
 timeout --kill-after=5 "$TIMEOUT" qemu-system-x86_64 "${QEMU_ARGS[@]}" -append "$APPEND" \
-    -serial file:"$CONSOLE" -serial file:"$SCEN_OUT" </dev/null >"$LOGS/qemu.log" 2>&1
+    -serial file:"$CONSOLE" -serial file:"$SCEN_OUT" </dev/null >"$LOGS/qemu.log" 2>&1 &
+qemu_pid=$!
+# The lab's own kernel can fail under the emulated SVM (a soft lockup in KVM, a panic, an oops) and then never
+# finishes the scenario: stop it when its console says so instead of waiting out the timeout. Only the lab
+# kernel's lines count ("[  12.3] ..."), not a nested guest's that a session copies there ("guest| ...").
+LAB_DEAD='^\[ *[0-9]+\.[0-9]+\] (watchdog: BUG: soft lockup|Kernel panic - not syncing|BUG: )'
+dead=''
+while kill -0 "$qemu_pid" 2>/dev/null; do
+    if [ -z "$dead" ] && dead="$(grep -a -m1 -E "$LAB_DEAD" "$CONSOLE" 2>/dev/null)"; then
+        sleep 5 # the rest of the report
+        kill "$qemu_pid" 2>/dev/null
+    fi
+    sleep 1
+done
+wait "$qemu_pid"
 qemu_rc=$?
 set -e
 took=$((SECONDS - start))
@@ -146,7 +161,12 @@ status_line="$(grep -a '^LAB-SCENARIO-STATUS: ' "$SCEN_OUT.txt" | tail -n1 || tr
 
 echo "===== BEGIN scenario $NAME ====="
 grep -a -v '^LAB-SCENARIO-STATUS: ' "$SCEN_OUT.txt" || true
-if [ "$qemu_rc" = 124 ] || [ "$qemu_rc" = 137 ]; then
+if [ -n "$dead" ]; then
+    status=124
+    echo "===== END scenario $NAME: THE LAB'S KERNEL FAILED after ${took}s (QEMU stopped): ${dead#*] } ====="
+    echo "lab: last console lines:"
+    tail -n 30 "$CONSOLE" | tr -d '\r' | sed 's/^/  | /'
+elif [ "$qemu_rc" = 124 ] || [ "$qemu_rc" = 137 ]; then
     status=124
     echo "===== END scenario $NAME: TIMEOUT after ${took}s (QEMU killed) ====="
     echo "lab: last console lines (where it stopped):"

@@ -261,6 +261,15 @@ impl Vcpu {
                     (Err(e), _) | (_, Err(e)) => format!("registers unavailable: {e}"),
                 };
                 let run = self.fd.get_kvm_run();
+                if run.exit_reason == kvm_bindings::KVM_EXIT_SHUTDOWN && super::cpuid::host_is_amd()
+                {
+                    // KVM on SVM puts the vCPU through INIT after a shutdown (the VMCB is undefined then), so
+                    // what it hands back is the reset state; only Intel's VMX keeps the registers of the fault.
+                    detail.push_str(
+                        "\n(on this AMD host KVM resets the vCPU after a triple fault: these are the reset \
+                         registers, not where the guest was)",
+                    );
+                }
                 if run.exit_reason == kvm_bindings::KVM_EXIT_INTERNAL_ERROR {
                     // SAFETY: exit_reason says the `internal` member of the union is the one KVM filled in.
                     let internal = unsafe { run.__bindgen_anon_1.internal };
