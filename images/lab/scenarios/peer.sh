@@ -137,8 +137,8 @@ run_vm() {
         # shellcheck disable=SC2086 # $q_pmem is a list of options
         # The guest CPU daxvisor gives on a nested host (its nested CPUID mask): no CMPXCHG16B, XSAVE or what
         # needs XSAVE. The same features for both guests, and with them visible the lab's emulated SVM broke its
-        # own kernel under QEMU's guest (stack overflows in KVM_RUN, soft lockups in KVM's APIC code; 4 of 6
-        # QEMU VMs on 2026-12-07), never under daxvisor's.
+        # own kernel under QEMU's guest in 4 of 6 VMs on 2026-12-07 (stack overflows in KVM_RUN, soft lockups
+        # in KVM's APIC code); masked, 1 of 7 lab boots. daxvisor's VMs met the same stack overflow once that day.
         $STRACE ${STRACE:+-o "$trace"} qemu-system-x86_64 -enable-kvm -cpu "$QEMU_CPU" -smp 1 -m 256M,slots=4,maxmem=2G -M pc \
             -nodefaults -no-reboot -display none -serial "file:$log" \
             -kernel "$LAB_LINUX_KERNEL" -initrd "$LAB_LINUX_INITRD" -append "$CMDLINE$specs" \
