@@ -256,19 +256,22 @@ impl Vcpu {
     fn with_registers(&mut self, reason: StopReason) -> StopReason {
         match reason {
             StopReason::GuestCrash { vcpu, reason, .. } => {
-                let mut detail = match (self.fd.get_regs(), self.fd.get_sregs()) {
-                    (Ok(r), Ok(s)) => format_registers(&r, &s),
+                let regs = (self.fd.get_regs(), self.fd.get_sregs());
+                let mut detail = match &regs {
+                    (Ok(r), Ok(s)) => format_registers(r, s),
                     (Err(e), _) | (_, Err(e)) => format!("registers unavailable: {e}"),
                 };
                 let run = self.fd.get_kvm_run();
-                if run.exit_reason == kvm_bindings::KVM_EXIT_SHUTDOWN && super::cpuid::host_is_amd()
+                if let (kvm_bindings::KVM_EXIT_SHUTDOWN, (Ok(r), Ok(s))) = (run.exit_reason, &regs)
                 {
-                    // KVM on SVM puts the vCPU through INIT after a shutdown (the VMCB is undefined then), so
-                    // what it hands back is the reset state; only Intel's VMX keeps the registers of the fault.
-                    detail.push_str(
-                        "\n(on this AMD host KVM resets the vCPU after a triple fault: these are the reset \
-                         registers, not where the guest was)",
-                    );
+                    // KVM on AMD's SVM puts the vCPU through INIT after a shutdown (its VMCB is undefined then),
+                    // so what it hands back is the reset state; Intel's VMX keeps the registers of the fault.
+                    if r.rip == 0xfff0 && s.cs.selector == 0xf000 {
+                        detail.push_str(
+                            "\n(these are the reset state: KVM reset the vCPU after the triple fault, as it \
+                             does on AMD hosts, so they do not say where the guest was)",
+                        );
+                    }
                 }
                 if run.exit_reason == kvm_bindings::KVM_EXIT_INTERNAL_ERROR {
                     // SAFETY: exit_reason says the `internal` member of the union is the one KVM filled in.
