@@ -17,7 +17,8 @@
 # the VMM made over the job and their summed duration, from `strace -f -T` (with --seccomp-bpf only those
 # calls stop the VMM, the same cost per sync for every VMM), so a guest fsync's time splits into the host sync
 # and everything else. Settings (environment, set by scripts/peer-bench):
-#   PEER_ROUNDS (1) PEER_FIRST_ROUND (1: its number, which sets the orders) PEER_RUNTIME (5 s per job) PEER_VMMS ("daxvisor-mmio daxvisor-pci qemu")
+#   PEER_ROUNDS (1) PEER_FIRST_ROUND (1: its number, which sets the orders) PEER_RUNTIME (5 s per job)
+#   PEER_VMMS ("daxvisor-mmio daxvisor-pci qemu")
 #   PEER_BACKINGS ("fsdax pagecache tmpfs") PEER_SIZE_MIB (128) PEER_LIMIT (seconds per VM, 900)
 ROUNDS="${PEER_ROUNDS:-1}"
 FIRST_ROUND="${PEER_FIRST_ROUND:-1}"
@@ -49,8 +50,9 @@ echo "peer: kvm exit counters: ${KVMDBG:-none}"
 #   TLB shootdown IPIs (/proc/interrupts).
 VM_STATS="exits halt_exits io_exits mmio_exits irq_exits pf_fixed remote_tlb_flush"
 vm_exits() {
-    d="$(ls -d "$KVMDBG/$1"-* 2>/dev/null | head -n1)"
-    [ -n "$KVMDBG" ] && [ -n "$d" ] || { echo -; return; }
+    d=''
+    [ -z "$KVMDBG" ] || d="$(ls -d "$KVMDBG/$1"-* 2>/dev/null | head -n1)"
+    [ -n "$d" ] || { echo -; return; }
     v=''
     for f in $VM_STATS; do v="$v:$(cat "$d/$f" 2>/dev/null || echo 0)"; done
     h="$(awk '$1 ~ /^(LOC|RES|CAL|TLB):$/ { t = 0; for (i = 2; i <= NF && $i ~ /^[0-9]+$/; i++) t += $i; c[$1] = t }
